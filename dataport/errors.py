@@ -1,0 +1,43 @@
+"""Expected failures, reported to clients as ``userErrors`` with a stable code."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UserError:
+    message: str
+    code: str
+    field: tuple[str, ...] | None = None
+
+
+class UserErrors(Exception):
+    """One or more user errors; nothing was changed."""
+
+    def __init__(self, errors: Sequence[UserError]):
+        super().__init__("; ".join(e.message for e in errors))
+        self.errors = list(errors)
+
+    @classmethod
+    def one(cls, message: str, code: str, *field: str) -> UserErrors:
+        return cls([UserError(message, code, tuple(field) or None)])
+
+
+# Stable codes, so that clients can translate and branch on them.
+DATASET_NOT_FOUND = "DATASET_NOT_FOUND"
+UNKNOWN_COLUMN = "UNKNOWN_COLUMN"
+DUPLICATE_COLUMN = "DUPLICATE_COLUMN"
+NO_COLUMNS = "NO_COLUMNS"
+INVALID_LIMIT = "INVALID_LIMIT"
+NOT_FILTERABLE = "NOT_FILTERABLE"
+NOT_SORTABLE = "NOT_SORTABLE"
+UNSUPPORTED_OPERATOR = "UNSUPPORTED_OPERATOR"
+INVALID_FILTER_VALUE = "INVALID_FILTER_VALUE"
+TOO_MANY_VALUES = "TOO_MANY_VALUES"
+TOO_MANY_ROWS = "TOO_MANY_ROWS"
+UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+NOT_FOUND = "NOT_FOUND"
+INVALID_STATUS = "INVALID_STATUS"
+SOURCE_UNAVAILABLE = "SOURCE_UNAVAILABLE"

@@ -1,0 +1,104 @@
+"""All of Dataport's settings, read from ``DATAPORT_*`` environment variables.
+
+One class, so that the api, the workers and the CLI agree on every value. Paths that are not set
+explicitly live under ``data_dir``, which is what makes ``dataport token`` and ``dataport dev``
+started with the same data dir agree on the signing secret.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DATAPORT_", extra="ignore")
+
+    # Where the embedded defaults keep everything: demo database, local files, Redis data, secret.
+    data_dir: Path = Path(".dataport")
+
+    # Queue and task store. Empty means "start the embedded Redis-compatible server" (dev only).
+    redis_url: str = ""
+    queue_name: str = "dataport:queue"
+
+    # Auth: HS256 JWT. Empty secret means "generate one and keep it in the data dir".
+    jwt_secret: str = ""
+    jwt_issuer: str = "dataport"
+    token_ttl_seconds: int = 12 * 3600
+    dev_mode: bool = False
+
+    # Public address of the api, used to build signed URLs for the local storage backend.
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Datasets. Empty means the SQLite demo dataset alone.
+    datasets: Path | None = None
+    demo_rows: int = 100_000
+
+    # Storage.
+    storage: Literal["local", "s3"] = "local"
+    files_dir: Path | None = None
+    s3_bucket: str = "dataport"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_sse: str = "AES256"  # "AES256", "aws:kms" or "" for none
+    s3_sse_kms_key_id: str | None = None
+    s3_part_size: int = 8 * 1024 * 1024
+    s3_create_bucket: bool = False
+
+    # Limits.
+    max_export_rows: int = 80_000
+    stream_max_rows: int = 10_000
+    max_upload_bytes: int = 1024**3
+    download_url_ttl_seconds: int = 15 * 60
+    retention_seconds: int = 7 * 24 * 3600
+    export_reuse_seconds: int = 600
+
+    # Worker.
+    worker_concurrency: int = 3
+    max_tries: int = 3
+    retry_delay_seconds: float = 1.0
+    job_timeout_seconds: int = 6 * 3600
+    # A running job renews its claim this often; a dead worker's job is picked up again once the
+    # claim lapses (lease), by whichever worker polls next.
+    worker_lease_seconds: float = 10.0
+    batch_rows: int = 2_000
+    sqlite_busy_timeout_seconds: float = 2.0
+
+    # Progress and polling.
+    progress_interval_seconds: float = Field(default=0.25, ge=0.25)
+    poll_base_seconds: float = 5.0
+
+    # Files.
+    csv_formula_guard: bool = True
+
+    @cached_property
+    def resolved_files_dir(self) -> Path:
+        return self.files_dir or self.data_dir / "files"
+
+    @cached_property
+    def signing_secret(self) -> str:
+        """The HMAC secret for tokens and signed URLs: the setting, else one kept in the data dir."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.data_dir / "secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            candidate = secrets.token_urlsafe(48)
+            try:
+                with path.open("x") as f:  # first writer wins; a racing process reads its secret
+                    f.write(candidate)
+                path.chmod(0o600)
+            except FileExistsError:
+                pass
+        return path.read_text().strip()
+
+
+def get_settings() -> Settings:
+    return Settings()

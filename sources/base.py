@@ -1,0 +1,71 @@
+"""The source seam: what a dataset is, and the one interface every data store implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sources.query import Query
+
+# Column types a dataset may declare. Readers and writers convert by these names.
+COLUMN_TYPES = ("string", "integer", "float", "boolean", "date", "datetime")
+NUMERIC_TYPES = ("integer", "float")
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str = "string"
+    filterable: bool = True
+    sortable: bool = True
+    required: bool = False
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str  # sqlite | postgres | opensearch
+    url: str
+    table: str
+    columns: tuple[Column, ...]
+    title: str | None = None
+    key: tuple[str, ...] = ()
+    importable: bool = False
+    max_export_rows: int = 80_000
+    stream_max_rows: int = 10_000
+    by_name: dict[str, Column] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {c.name: c for c in self.columns})
+
+    def column(self, name: str) -> Column | None:
+        return self.by_name.get(name)
+
+
+class SourceError(Exception):
+    """A read failed in a way the user can act on (bad data, missing table). Not retried."""
+
+
+class TransientSourceError(SourceError):
+    """A read failed for a reason that may pass (locked, unreachable). Retried by the worker."""
+
+
+class Source(Protocol):
+    """Reads one dataset. Implementations are small classes beside this file."""
+
+    dataset: Dataset
+
+    async def count(self, query: Query, cap: int | None = None) -> int:
+        """Rows matching ``query`` (ignoring its limit), counting no further than ``cap``."""
+        ...
+
+    def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+        """Matching rows in a stable order, as tuples in ``query.columns`` order, typed per column."""
+        ...
+
+    async def close(self) -> None: ...
