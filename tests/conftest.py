@@ -1,0 +1,7 @@
+"""Session fixtures: every server the tests talk to is real and started here (or named by a
+``DATAPORT_TEST_*`` URL)."""
+
+pytest_plugins = [
+    "tests.fixtures.redis",
+    "tests.fixtures.s3",
+]
