@@ -1,0 +1,103 @@
+"""The FastAPI app: GraphQL (HTTP + WebSocket, GraphiQL), signed downloads, health, dev tokens."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.requests import HTTPConnection, Request
+from strawberry.fastapi import GraphQLRouter
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+
+from api.auth import issue_token
+from api.context import Context
+from dataport.services import Services
+from dataport.settings import Settings, get_settings
+from schema import schema
+from storage.signing import verify
+from tasks.models import TaskStatus
+
+log = logging.getLogger("dataport.api")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.services = await Services.start(settings)
+        try:
+            yield
+        finally:
+            await app.state.services.close()
+
+    app = FastAPI(title="Dataport", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    async def context(connection: HTTPConnection) -> Context:
+        return Context(connection.app.state.services)
+
+    app.include_router(
+        GraphQLRouter(
+            schema,
+            context_getter=context,
+            graphql_ide="graphiql",
+            subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
+        ),
+        prefix="/graphql",
+    )
+
+    @app.get("/files/{task_id}")
+    async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)):
+        """Signed download for the local backend. A bad or expired signature is refused the same
+        way whether or not the task exists, so the route tells nothing about other owners' tasks."""
+        services: Services = request.app.state.services
+        if not verify(settings.signing_secret, "GET", task_id, expires, signature):
+            raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
+        task = await services.store.get(task_id)
+        if task is None or task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+            raise HTTPException(404, "There is no such file.")
+        path = services.storage.path_for(task.object_key)
+        if not path.exists():
+            raise HTTPException(404, "There is no such file.")
+        return FileResponse(path, filename=path.name, content_disposition_type="attachment")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        services: Services = request.app.state.services
+        checks: dict[str, str] = {}
+        try:
+            await services.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as e:  # readiness reports, it does not raise
+            checks["redis"] = f"error: {type(e).__name__}"
+        try:
+            await services.storage.check()
+            checks["storage"] = "ok"
+        except Exception as e:
+            checks["storage"] = f"error: {e}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    if settings.dev_mode:
+
+        @app.post("/dev/token", response_class=PlainTextResponse)
+        async def dev_token(user: str = "dev", email: str | None = None):
+            return issue_token(settings, user, email)
+
+    @app.get("/")
+    async def index():
+        page = WEB_DIR / "index.html"
+        if page.exists():
+            return FileResponse(page)
+        return PlainTextResponse("Dataport is running. GraphQL: /graphql\n")
+
+    return app

@@ -1,0 +1,137 @@
+"""The ``dataport`` command: run the service, its halves, and a client of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dataport.settings import Settings, get_settings
+
+app = typer.Typer(help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=os.environ.get("DATAPORT_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def dev(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """The api, one worker and the embedded defaults; Ctrl-C stops all of it."""
+    from dataport.dev import run_dev
+
+    raise typer.Exit(run_dev(get_settings(), host, port))
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """The GraphQL api (needs DATAPORT_REDIS_URL)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    _logging()
+    uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info", ws="websockets")
+
+
+@app.command()
+def worker() -> None:
+    """One worker (needs DATAPORT_REDIS_URL); run as many as you like."""
+    from workers.worker import run_worker
+
+    _logging()
+    settings = get_settings()
+    if not settings.redis_url:
+        console.print("[red]DATAPORT_REDIS_URL is not set.[/red]")
+        raise typer.Exit(2)
+    run_worker(settings)
+
+
+@app.command()
+def token(user: str, email: Annotated[str | None, typer.Option(help="E-mail for notifications")] = None) -> None:
+    """Print one signed token for USER, with the same settings the api uses."""
+    from api.auth import issue_token
+
+    print(issue_token(get_settings(), user, email))
+
+
+@app.command("demo-data")
+def demo_data(rows: int = typer.Option(None, help="Rows to generate (default DATAPORT_DEMO_ROWS)")) -> None:
+    """(Re)generate the SQLite demo dataset."""
+    from dataport.demo_data import FILE_NAME, generate
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / FILE_NAME
+    count = rows or settings.demo_rows
+    with console.status(f"Generating {count:,} rows…"):
+        generate(path, rows=count)
+    console.print(f"Wrote {count:,} rows to {path}")
+
+
+@app.command()
+def export(
+    dataset: str,
+    format: Annotated[str, typer.Option("--format", "-f")] = "CSV",
+    filter: Annotated[list[str] | None, typer.Option("--filter", help="field:op:value, repeatable")] = None,
+    columns: Annotated[str | None, typer.Option(help="comma-separated column names")] = None,
+    limit: int | None = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
+    url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: one for $USER")] = None,
+) -> None:
+    """Request an export over GraphQL, follow its progress, download the file."""
+    from dataport.client import ClientError, DataportClient, parse_filter
+
+    settings = get_settings()
+    client = DataportClient(url.rstrip("/"), token or _local_token(settings))
+    try:
+        export_input = {"dataset": dataset, "format": format.upper(),
+                        "filters": [parse_filter(f) for f in filter or []],
+                        "columns": columns.split(",") if columns else None, "limit": limit}
+        task = asyncio.run(_export(client, export_input, out))
+    except ClientError as e:
+        console.print(f"[red]Export failed:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print(f"{task['rowCount']:,} rows, {task['fileSize']:,} bytes, sha256 {task['checksumSha256']}")
+
+
+async def _export(client, export_input: dict, out: Path | None) -> dict:
+    from dataport.client import EXPORT_TASK, ClientError
+
+    task = await client.request_export(export_input)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        line = bar.add_task("waiting", total=None, rate="")
+        async for task in client.follow(task["id"]):
+            p = task["progress"]
+            bar.update(line, description=task["status"].lower(), completed=p["processedRows"],
+                       total=p["totalRows"], rate=f"{p['rowsPerSecond'] or 0:,.0f} rows/s")
+    if task["status"] != "SUCCEEDED":
+        reason = (task.get("error") or {}).get("message") or task["status"].lower()
+        raise ClientError(reason)
+    fresh = (await client.execute(EXPORT_TASK, {"id": task["id"]}))["exportTask"]  # a fresh URL
+    target = out or Path(f"{task['dataset']}-{task['run']}.{task['format'].lower()}")
+    await client.download(fresh["downloadUrl"], target)
+    console.print(f"Saved {target}")
+    return fresh
+
+
+def _local_token(settings: Settings) -> str:
+    from api.auth import issue_token
+
+    return issue_token(settings, os.environ.get("USER") or "dev")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,22 @@
+"""Subscription resolvers: the current snapshot first, then every change, then done."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import strawberry
+from graphql import GraphQLError
+
+from api.context import Info
+from schema.types import ExportTask
+from tasks import exports
+from tasks.watch import watch
+
+
+async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[ExportTask, None]:
+    services = info.context.services
+    if await exports.get_export(services, info.context.owner, id) is None:
+        # the same answer for a missing task and for someone else's
+        raise GraphQLError(f"There is no export '{id}'.", extensions={"code": "NOT_FOUND"})
+    async for task in watch(services, id):
+        yield ExportTask(task=task)

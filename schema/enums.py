@@ -1,0 +1,47 @@
+"""GraphQL enums, exactly as the contract names them (DESIGN.md)."""
+
+from __future__ import annotations
+
+import enum
+
+import strawberry
+
+from tasks.models import TaskStatus as _TaskStatus
+
+TaskStatus = strawberry.enum(_TaskStatus, name="TaskStatus")
+
+
+@strawberry.enum
+class FileFormat(enum.Enum):
+    CSV = "CSV"
+    JSON = "JSON"
+    NDJSON = "NDJSON"
+    XLSX = "XLSX"
+
+
+@strawberry.enum
+class FilterOp(enum.Enum):
+    EQ = "EQ"
+    NE = "NE"
+    GT = "GT"
+    GTE = "GTE"
+    LT = "LT"
+    LTE = "LTE"
+    IN = "IN"
+    NOT_IN = "NOT_IN"
+    CONTAINS = "CONTAINS"
+    PREFIX = "PREFIX"
+    IS_NULL = "IS_NULL"
+    BETWEEN = "BETWEEN"
+
+
+@strawberry.enum
+class SortDirection(enum.Enum):
+    ASC = "ASC"
+    DESC = "DESC"
+
+
+@strawberry.enum
+class ImportMode(enum.Enum):
+    INSERT = "INSERT"
+    UPSERT = "UPSERT"

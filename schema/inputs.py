@@ -1,0 +1,47 @@
+"""GraphQL inputs of the contract, and their conversion to plain data for the task service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import strawberry
+from strawberry.scalars import JSON
+
+from schema.enums import FileFormat, FilterOp, SortDirection
+
+
+@strawberry.input
+class FilterInput:
+    field: str
+    op: FilterOp
+    value: JSON | None = None
+    values: list[JSON] | None = None
+
+
+@strawberry.input
+class SortInput:
+    field: str
+    direction: SortDirection = SortDirection.ASC
+
+
+@strawberry.input
+class ExportInput:
+    dataset: str
+    format: FileFormat = FileFormat.CSV
+    columns: list[str] | None = None
+    filters: list[FilterInput] | None = None
+    sort: list[SortInput] | None = None
+    limit: int | None = None
+    notify: bool = False
+
+    def to_request(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "format": self.format.value,
+            "columns": self.columns,
+            "filters": [{"field": f.field, "op": f.op.value, "value": f.value, "values": f.values}
+                        for f in self.filters or []],
+            "sort": [{"field": s.field, "direction": s.direction.value} for s in self.sort or []],
+            "limit": self.limit,
+            "notify": self.notify,
+        }

@@ -1,0 +1,201 @@
+"""GraphQL object types of the contract. Each wraps a domain object; fields that need I/O (events,
+download URL, queue position) resolve only when a client asks for them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Generic, TypeVar
+
+import strawberry
+from graphql import OperationType
+
+from api.context import Info
+from dataport.errors import UserError as DomainUserError
+from schema.enums import FileFormat, TaskStatus
+from sources.base import Dataset as DomainDataset
+from tasks import exports
+from tasks.models import Progress as DomainProgress
+from tasks.models import Task
+
+
+@strawberry.type
+class Progress:
+    processed_rows: int
+    total_rows: int | None
+    percent: float | None
+    bytes: int
+    rows_per_second: float | None
+    eta_seconds: float | None
+
+    @classmethod
+    def of(cls, p: DomainProgress) -> Progress:
+        return cls(
+            processed_rows=p.processed_rows, total_rows=p.total_rows, percent=p.percent, bytes=p.bytes,
+            rows_per_second=p.rows_per_second, eta_seconds=p.eta_seconds,
+        )
+
+
+@strawberry.type
+class TaskError:
+    code: str
+    message: str
+
+
+@strawberry.type
+class TaskEvent:
+    at: dt.datetime
+    status: TaskStatus
+    message: str | None
+
+
+@strawberry.type
+class UserError:
+    field: list[str] | None
+    message: str
+    code: str
+
+    @classmethod
+    def of(cls, e: DomainUserError) -> UserError:
+        return cls(field=list(e.field) if e.field else None, message=e.message, code=e.code)
+
+
+@strawberry.type
+class ExportTask:
+    task: strawberry.Private[Task]
+
+    @strawberry.field
+    def id(self) -> strawberry.ID:
+        return strawberry.ID(self.task.id)
+
+    @strawberry.field
+    def status(self) -> TaskStatus:
+        return self.task.status
+
+    @strawberry.field
+    def dataset(self) -> str:
+        return self.task.dataset
+
+    @strawberry.field
+    def format(self) -> FileFormat:
+        return FileFormat(self.task.format)
+
+    @strawberry.field
+    def progress(self) -> Progress:
+        return Progress.of(self.task.progress)
+
+    @strawberry.field
+    async def queue_position(self, info: Info) -> int | None:
+        return await exports.queue_position(info.context.services, self.task)
+
+    @strawberry.field
+    def attempts(self) -> int:
+        return self.task.attempts
+
+    @strawberry.field
+    def run(self) -> int:
+        return self.task.run
+
+    @strawberry.field
+    def error(self) -> TaskError | None:
+        if not self.task.error_message:
+            return None
+        return TaskError(code=self.task.error_code or "ERROR", message=self.task.error_message)
+
+    @strawberry.field
+    async def events(self, info: Info) -> list[TaskEvent]:
+        events = await info.context.services.store.events(self.task.id)
+        return [TaskEvent(at=e.at, status=e.status, message=e.message) for e in events]
+
+    @strawberry.field
+    def created_at(self) -> dt.datetime:
+        return self.task.created_at
+
+    @strawberry.field
+    def started_at(self) -> dt.datetime | None:
+        return self.task.started_at
+
+    @strawberry.field
+    def finished_at(self) -> dt.datetime | None:
+        return self.task.finished_at
+
+    @strawberry.field
+    def expires_at(self) -> dt.datetime | None:
+        return self.task.expires_at
+
+    @strawberry.field
+    def row_count(self) -> int | None:
+        return self.task.row_count
+
+    @strawberry.field
+    def file_size(self) -> int | None:
+        return self.task.file_size
+
+    @strawberry.field
+    def checksum_sha256(self) -> str | None:
+        return self.task.checksum_sha256
+
+    @strawberry.field(description="A fresh signed URL on every read; it lives 15 minutes.")
+    async def download_url(self, info: Info) -> str | None:
+        return await exports.download_url(info.context.services, self.task)
+
+    @strawberry.field(description="Polling clients: wait this long before asking again. Grows with each poll.")
+    async def poll_after_seconds(self, info: Info) -> float | None:
+        if info.operation.operation is OperationType.SUBSCRIPTION:
+            return None  # subscribers are pushed every change; they do not poll
+        return await exports.poll_after_seconds(info.context.services, self.task)
+
+
+@strawberry.type
+class Column:
+    name: str
+    type: str
+    filterable: bool
+    sortable: bool
+
+
+@strawberry.type
+class Dataset:
+    name: str
+    title: str | None
+    source: str
+    columns: list[Column]
+    importable: bool
+    max_export_rows: int
+    stream_max_rows: int
+
+    @classmethod
+    def of(cls, d: DomainDataset) -> Dataset:
+        return cls(
+            name=d.name, title=d.title, source=d.source, importable=d.importable,
+            max_export_rows=d.max_export_rows, stream_max_rows=d.stream_max_rows,
+            columns=[Column(name=c.name, type=c.type, filterable=c.filterable, sortable=c.sortable)
+                     for c in d.columns],
+        )
+
+
+@strawberry.type
+class ExportPayload:
+    task: ExportTask | None
+    user_errors: list[UserError]
+
+
+NodeType = TypeVar("NodeType")
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class Edge(Generic[NodeType]):
+    cursor: str
+    node: NodeType
+
+
+@strawberry.type
+class ExportTaskConnection:
+    edges: list[Edge[ExportTask]]
+    page_info: PageInfo
+    total_count: int

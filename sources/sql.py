@@ -1,0 +1,123 @@
+"""Compile a ``Query`` to parameterised SQL.
+
+Identifiers come only from the dataset's registry and are quoted; every value is bound. The same
+compiler serves SQLite and PostgreSQL; a ``Dialect`` holds what differs between them. Semantics
+are chosen to match across all sources:
+
+- NE and NOT_IN keep NULL cells (a null is not equal to the value);
+- CONTAINS and PREFIX are case-sensitive substring / prefix tests;
+- ascending order puts NULLs last, descending first (PostgreSQL's default, made explicit);
+- the dataset's key (or the row id) ends every ORDER BY, so reruns produce the same file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sources.base import Column
+from sources.query import Filter, Query
+
+
+@dataclass(frozen=True)
+class Dialect:
+    placeholder: str
+    contains: str  # SQL with {col} and one placeholder
+    prefix: str  # SQL with {col} and placeholders for (value, length) as the dialect needs
+    prefix_args: Callable[[str], tuple[Any, ...]]
+    ne: str
+    bind: Callable[[Column, Any], Any]
+    row_id: str | None
+
+    def quote(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+
+def _sqlite_bind(column: Column, value: Any) -> Any:
+    # SQLite keeps dates and date-times as ISO text, so values compare as text in the same shape.
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+SQLITE = Dialect(
+    placeholder="?",
+    contains="instr({col}, ?) > 0",
+    prefix="substr({col}, 1, ?) = ?",
+    prefix_args=lambda v: (len(v), v),
+    ne="{col} IS NOT ?",
+    bind=_sqlite_bind,
+    row_id="rowid",
+)
+
+_COMPARISONS = {"EQ": "=", "GT": ">", "GTE": ">=", "LT": "<", "LTE": "<="}
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    select: str
+    count: str
+    params: tuple[Any, ...]
+
+
+def compile_query(query: Query, table: str, dialect: Dialect, count_cap: int | None = None) -> CompiledQuery:
+    q = dialect.quote
+    where, params = _where(query, dialect)
+    select_list = ", ".join(q(c.name) for c in query.columns)
+    sql = f"SELECT {select_list} FROM {q(table)}{where} ORDER BY {_order_by(query, dialect)}"
+    if query.limit is not None:
+        sql += f" LIMIT {int(query.limit)}"
+    # The count stops at the cap: "more than the maximum" needs no full scan of a huge table.
+    cap = count_cap if query.limit is None else min(query.limit, count_cap or query.limit)
+    inner = f"SELECT 1 FROM {q(table)}{where}" + (f" LIMIT {int(cap)}" if cap is not None else "")
+    return CompiledQuery(sql, f"SELECT count(*) FROM ({inner}) AS matching", tuple(params))
+
+
+def _where(query: Query, dialect: Dialect) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for f in query.filters:
+        clause, values = _condition(f, dialect)
+        clauses.append(clause)
+        params.extend(values)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _condition(f: Filter, dialect: Dialect) -> tuple[str, list[Any]]:
+    col = dialect.quote(f.column.name)
+    ph = dialect.placeholder
+    values = [dialect.bind(f.column, v) for v in f.values]
+    if f.op in _COMPARISONS:
+        return f"{col} {_COMPARISONS[f.op]} {ph}", values
+    if f.op == "NE":
+        return dialect.ne.format(col=col), values
+    if f.op == "BETWEEN":
+        return f"{col} BETWEEN {ph} AND {ph}", values
+    if f.op in ("IN", "NOT_IN"):
+        marks = ", ".join([ph] * len(values))
+        if f.op == "IN":
+            return f"{col} IN ({marks})", values
+        return f"({col} IS NULL OR {col} NOT IN ({marks}))", values
+    if f.op == "CONTAINS":
+        return dialect.contains.format(col=col), values
+    if f.op == "PREFIX":
+        return dialect.prefix.format(col=col), list(dialect.prefix_args(values[0]))
+    if f.op == "IS_NULL":
+        return (f"{col} IS NULL" if f.values[0] else f"{col} IS NOT NULL"), []
+    raise ValueError(f"operator {f.op} has no SQL form")  # build_query refuses these first
+
+
+def _order_by(query: Query, dialect: Dialect) -> str:
+    q = dialect.quote
+    parts = [f"{q(s.column.name)} {'DESC NULLS FIRST' if s.descending else 'ASC NULLS LAST'}" for s in query.sort]
+    sorted_on = {s.column.name for s in query.sort}
+    tiebreak = [q(k) for k in query.dataset.key if k not in sorted_on]
+    if not query.dataset.key and dialect.row_id:
+        tiebreak = [dialect.row_id]
+    return ", ".join(parts + tiebreak) or "1"

@@ -1,0 +1,193 @@
+"""Exports as the API sees them: request, read, cancel, retry, delete.
+
+The GraphQL resolvers call these functions and nothing else; every check that can fail with a
+``userErrors`` entry happens here, before anything is queued.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dataport import errors
+from dataport.errors import UserErrors
+from dataport.services import Services
+from formats import WRITERS
+from sources.base import SourceError
+from sources.query import build_query
+from tasks import queue
+from tasks.ids import task_id
+from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
+from tasks.store import Page
+
+EXPORT_JOB = "run_export"
+
+
+@dataclass(frozen=True)
+class Owner:
+    id: str
+    email: str | None = None
+
+
+def canonical_request(data: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an export request that decide its result (and so its id)."""
+    return {
+        "columns": data.get("columns"),
+        "filters": [
+            {k: f.get(k) for k in ("field", "op", "value", "values") if f.get(k) is not None}
+            for f in data.get("filters") or []
+        ],
+        "sort": [{"field": s["field"], "direction": str(s.get("direction") or "ASC")} for s in data.get("sort") or []],
+        "limit": data.get("limit"),
+        "format": data["format"],
+    }
+
+
+async def request_export(services: Services, owner: Owner, data: dict[str, Any]) -> Task:
+    """Validate, count, then create (or find) the task and queue it. Raises ``UserErrors``."""
+    dataset = services.registry.get(data["dataset"])
+    if dataset is None:
+        raise UserErrors.one(f"There is no dataset '{data['dataset']}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
+    if data["format"] not in WRITERS:
+        raise UserErrors.one(f"Format {data['format']} is not supported.", errors.UNSUPPORTED_FORMAT, "input", "format")
+    request = canonical_request(data)
+    query = build_query(dataset, request["columns"], request["filters"], request["sort"], request["limit"])
+    identifier = task_id(owner.id, TaskKind.EXPORT.value, dataset.name, request)
+
+    existing = await services.store.get(identifier)
+    if existing is None or existing.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+        source = services.registry.open(dataset)
+        try:
+            matching = await source.count(query, cap=dataset.max_export_rows + 1)
+        except SourceError as e:
+            raise UserErrors.one(f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE,
+                                 "input", "dataset") from None
+        finally:
+            await source.close()
+        if matching > dataset.max_export_rows:
+            raise UserErrors.one(
+                f"More than {dataset.max_export_rows:,} rows match; narrow the filters or set a limit.",
+                errors.TOO_MANY_ROWS, "input", "filters",
+            )
+
+    outcome = await services.store.request(
+        identifier,
+        {
+            "id": identifier,
+            "kind": TaskKind.EXPORT.value,
+            "owner": owner.id,
+            "email": owner.email,
+            "dataset": dataset.name,
+            "format": data["format"],
+            "request": _json(request),
+            "notify": bool(data.get("notify")),
+            "status": TaskStatus.PENDING.value,
+            "created_at": stamp(),
+            "attempts": 0,
+            "processed_rows": 0,
+            "bytes": 0,
+        },
+        reuse_seconds=services.settings.export_reuse_seconds,
+    )
+    if outcome.needs_job:
+        await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
+    return outcome.task
+
+
+async def get_export(services: Services, owner: Owner, identifier: str) -> Task | None:
+    task = await services.store.get(identifier, owner=owner.id)
+    return task if task and task.kind is TaskKind.EXPORT else None
+
+
+async def list_exports(
+    services: Services, owner: Owner, first: int, after: str | None, status: TaskStatus | None
+) -> Page:
+    first = max(0, min(first, 100))
+    return await services.store.page(owner.id, TaskKind.EXPORT, first, after, status)
+
+
+async def cancel_export(services: Services, owner: Owner, identifier: str) -> Task:
+    task = await _owned(services, owner, identifier)
+    result = await services.store.transition(
+        task.id, TaskStatus.CANCELLED, "cancelled by the owner",
+        allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
+        fields={"finished_at": stamp()},
+    )
+    if not result.ok:
+        raise UserErrors.one(
+            f"The export is {result.status.value if result.status else 'gone'} and can no longer be cancelled.",
+            errors.INVALID_STATUS, "id",
+        )
+    await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
+    return await _owned(services, owner, identifier)
+
+
+async def retry_export(services: Services, owner: Owner, identifier: str) -> Task:
+    task = await _owned(services, owner, identifier)
+    if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        raise UserErrors.one(
+            f"Only failed or cancelled exports can be retried; this one is {task.status.value}.",
+            errors.INVALID_STATUS, "id",
+        )
+    outcome = await services.store.request(
+        task.id,
+        {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
+         "dataset": task.dataset, "format": task.format, "request": _json(task.request),
+         "status": TaskStatus.PENDING.value, "attempts": 0, "processed_rows": 0, "bytes": 0},
+        reuse_seconds=-1,
+    )
+    if outcome.needs_job:
+        await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
+    return outcome.task
+
+
+async def delete_export(services: Services, owner: Owner, identifier: str) -> Task:
+    """Remove the task and its file. A running export is cancelled first."""
+    task = await _owned(services, owner, identifier)
+    if task.status not in FINAL_STATUSES:
+        await services.store.transition(task.id, TaskStatus.CANCELLED, "deleted by the owner",
+                                        fields={"finished_at": stamp()})
+        await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
+    if task.object_key:
+        await services.storage.delete(task.object_key)
+    await services.store.delete(task)
+    return task
+
+
+async def download_url(services: Services, task: Task) -> str | None:
+    """A fresh signed URL on every read, valid for the configured 15 minutes."""
+    if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+        return None
+    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
+    filename = task.object_key.rsplit("/", 1)[-1]
+    return await services.storage.download_url(task.object_key, task_id=task.id, filename=filename,
+                                               expires_at=expires_at)
+
+
+async def poll_after_seconds(services: Services, task: Task) -> float | None:
+    """x + n·ln 2 seconds, n = polls so far: polling clients back off as a task runs long."""
+    if task.status in FINAL_STATUSES:
+        return None
+    polls = await services.store.count_poll(task.id)
+    return round(services.settings.poll_base_seconds + polls * math.log(2), 3)
+
+
+async def queue_position(services: Services, task: Task) -> int | None:
+    if task.status is not TaskStatus.PENDING:
+        return None
+    return await queue.position(services.arq, services.settings.queue_name, queue.job_id_for(task))
+
+
+async def _owned(services: Services, owner: Owner, identifier: str) -> Task:
+    task = await get_export(services, owner, identifier)
+    if task is None:  # another owner's task is reported exactly as a missing one
+        raise UserErrors.one(f"There is no export '{identifier}'.", errors.NOT_FOUND, "id")
+    return task
+
+
+def _json(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()

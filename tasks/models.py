@@ -1,0 +1,161 @@
+"""The task model: one export or import, as kept in its Redis hash.
+
+Every field is stored as a string in ``dataport:task:{id}``; ``Task.from_hash`` reads it back into
+types. Snapshots published on the task's channel are the same hash, so a subscriber and a query
+see exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+class TaskStatus(enum.StrEnum):
+    WAITING_FOR_UPLOAD = "WAITING_FOR_UPLOAD"
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
+)
+ACTIVE_STATUSES = frozenset({TaskStatus.WAITING_FOR_UPLOAD, TaskStatus.PENDING, TaskStatus.PROCESSING})
+
+# Which status may follow which. The Lua transition script enforces this table atomically.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.WAITING_FOR_UPLOAD: frozenset({TaskStatus.PENDING, TaskStatus.CANCELLED, TaskStatus.EXPIRED}),
+    TaskStatus.PENDING: frozenset({TaskStatus.PROCESSING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    # PROCESSING -> PENDING is a retry after a transient error, or a dead worker's job claimed again.
+    TaskStatus.PROCESSING: frozenset(
+        {TaskStatus.PENDING, TaskStatus.PROCESSING, TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+    ),
+    # A finished task may run again (retryExport, or an export older than the reuse window).
+    TaskStatus.SUCCEEDED: frozenset({TaskStatus.PENDING, TaskStatus.EXPIRED}),
+    TaskStatus.FAILED: frozenset({TaskStatus.PENDING, TaskStatus.EXPIRED}),
+    TaskStatus.CANCELLED: frozenset({TaskStatus.PENDING, TaskStatus.EXPIRED}),
+    TaskStatus.EXPIRED: frozenset(),
+}
+
+
+class TaskKind(enum.StrEnum):
+    EXPORT = "export"
+    IMPORT = "import"
+
+
+@dataclass(frozen=True)
+class Progress:
+    processed_rows: int = 0
+    total_rows: int | None = None
+    bytes: int = 0
+    rows_per_second: float | None = None
+    eta_seconds: float | None = None
+
+    @property
+    def percent(self) -> float | None:
+        if not self.total_rows:
+            return 100.0 if self.total_rows == 0 else None
+        return round(min(100.0, 100.0 * self.processed_rows / self.total_rows), 2)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    kind: TaskKind
+    owner: str
+    dataset: str
+    format: str
+    status: TaskStatus
+    request: dict[str, Any]
+    run: int
+    attempts: int
+    progress: Progress
+    created_at: dt.datetime
+    version: int = 0
+    email: str | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    row_count: int | None = None
+    file_size: int | None = None
+    checksum_sha256: str | None = None
+    object_key: str | None = None
+    job_id: str | None = None
+    polls: int = 0
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Task:
+        return cls(
+            id=h["id"],
+            kind=TaskKind(h["kind"]),
+            owner=h["owner"],
+            dataset=h["dataset"],
+            format=h["format"],
+            status=TaskStatus(h["status"]),
+            request=orjson.loads(h.get("request") or "{}"),
+            run=int(h.get("run") or 1),
+            attempts=int(h.get("attempts") or 0),
+            version=int(h.get("version") or 0),
+            progress=Progress(
+                processed_rows=int(h.get("processed_rows") or 0),
+                total_rows=_int(h.get("total_rows")),
+                bytes=int(h.get("bytes") or 0),
+                rows_per_second=_float(h.get("rows_per_second")),
+                eta_seconds=_float(h.get("eta_seconds")),
+            ),
+            created_at=_time(h["created_at"]),
+            email=h.get("email") or None,
+            started_at=_time(h.get("started_at")),
+            finished_at=_time(h.get("finished_at")),
+            expires_at=_time(h.get("expires_at")),
+            error_code=h.get("error_code") or None,
+            error_message=h.get("error_message") or None,
+            row_count=_int(h.get("row_count")),
+            file_size=_int(h.get("file_size")),
+            checksum_sha256=h.get("checksum_sha256") or None,
+            object_key=h.get("object_key") or None,
+            job_id=h.get("job_id") or None,
+            polls=int(h.get("polls") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    at: dt.datetime
+    status: TaskStatus
+    message: str | None
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def stamp(moment: dt.datetime | None = None) -> str:
+    """The one way times are written into Redis: epoch seconds with milliseconds."""
+    return f"{(moment or now()).timestamp():.3f}"
+
+
+def _time(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(float(value), dt.UTC) if value else None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None

@@ -1,0 +1,242 @@
+"""The task store: tasks, their events, per-owner history and snapshots, all in Redis.
+
+Keys (DESIGN.md, "Tasks"):
+  dataport:task:{id}                   hash, the task
+  dataport:events:{id}                 stream, every transition with time and reason
+  dataport:history:{owner}:{kind}      sorted set of task ids by request time
+  dataport:channel:{id}                pub/sub, the whole snapshot after every change
+  dataport:dataset:{name}:written_at   when an import last wrote to the dataset (ends export reuse)
+
+Every write that changes a status goes through ``scripts.lua``, which checks the transition table
+and writes, records and publishes atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, _time, stamp
+
+_SCRIPT = files("tasks").joinpath("scripts.lua").read_text()
+
+
+def task_key(task_id: str) -> str:
+    return f"dataport:task:{task_id}"
+
+
+def events_key(task_id: str) -> str:
+    return f"dataport:events:{task_id}"
+
+
+def channel(task_id: str) -> str:
+    return f"dataport:channel:{task_id}"
+
+
+def history_key(owner: str, kind: TaskKind) -> str:
+    return f"dataport:history:{owner}:{kind.value}"
+
+
+def dataset_written_key(dataset: str) -> str:
+    return f"dataport:dataset:{dataset}:written_at"
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    task: Task
+    outcome: str  # created | existing | rerun
+
+    @property
+    def needs_job(self) -> bool:
+        return self.outcome != "existing"
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    ok: bool
+    status: TaskStatus | None  # the status now (None: the task is gone)
+
+
+@dataclass(frozen=True)
+class Page:
+    tasks: list[Task]
+    total: int
+    has_next: bool
+    end_cursor: str | None
+
+
+class TaskStore:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self._script = redis.register_script(_SCRIPT)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, task_id: str, owner: str | None = None) -> Task | None:
+        """The task, or None when it does not exist or belongs to someone else."""
+        h = await self.redis.hgetall(task_key(task_id))
+        if not h or (owner is not None and h.get("owner") != owner):
+            return None
+        return Task.from_hash(h)
+
+    async def events(self, task_id: str) -> list[TaskEvent]:
+        entries = await self.redis.xrange(events_key(task_id))
+        return [
+            TaskEvent(at=_time(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
+            for _, e in entries
+        ]
+
+    async def count_poll(self, task_id: str) -> int:
+        """Record one poll; returns how many polls came before it."""
+        return int(await self.redis.hincrby(task_key(task_id), "polls", 1)) - 1
+
+    async def page(
+        self,
+        owner: str,
+        kind: TaskKind,
+        first: int,
+        after: str | None = None,
+        status: TaskStatus | None = None,
+    ) -> Page:
+        """Newest first. The cursor names the last task seen, so new tasks never shift a page."""
+        key = history_key(owner, kind)
+        total = await self.redis.zcard(key)
+        start = 0
+        if after:
+            rank = await self.redis.zrevrank(key, decode_cursor(after))
+            start = rank + 1 if rank is not None else total
+        found: list[Task] = []
+        has_next = False
+        chunk = max(first * 2, 50)
+        while start < total and not has_next:
+            ids = await self.redis.zrevrange(key, start, start + chunk - 1)
+            if not ids:
+                break
+            hashes = await self._hashes(ids)
+            for h in hashes:
+                start += 1
+                if not h or (status is not None and h.get("status") != status.value):
+                    continue
+                if len(found) == first:
+                    has_next = True
+                    break
+                found.append(Task.from_hash(h))
+        if status is not None:
+            total = await self._count_status(key, status)
+        end = encode_cursor(found[-1].id) if found else None
+        return Page(found, total, has_next, end)
+
+    async def _hashes(self, ids: Iterable[str]) -> list[dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(task_key(task_id))
+        return await pipe.execute()
+
+    async def _count_status(self, key: str, status: TaskStatus) -> int:
+        count = 0
+        async for task_id, _ in self.redis.zscan_iter(key):
+            if await self.redis.hget(task_key(task_id), "status") == status.value:
+                count += 1
+        return count
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def request(
+        self, task_id: str, fields: Mapping[str, Any], reuse_seconds: float
+    ) -> RequestOutcome:
+        """Create the task, return the one already there, or start a new run of a finished one."""
+        now = time.time()
+        flat = _flatten(fields)
+        outcome, _run = await self._script(
+            keys=[
+                task_key(task_id),
+                events_key(task_id),
+                history_key(fields["owner"], TaskKind(fields["kind"])),
+                dataset_written_key(fields["dataset"]),
+            ],
+            args=["request", channel(task_id), f"{now:.3f}", reuse_seconds, int(now * 1000), len(flat), *flat],
+        )
+        task = await self.get(task_id)
+        assert task is not None
+        return RequestOutcome(task, outcome)
+
+    async def transition(
+        self,
+        task_id: str,
+        to: TaskStatus,
+        message: str,
+        *,
+        allowed_from: Iterable[TaskStatus] | None = None,
+        fence_attempt: int | None = None,
+        fields: Mapping[str, Any] | None = None,
+    ) -> TransitionResult:
+        """Move the task to ``to`` if its current status allows it (and, when fenced, only if
+        ``attempts`` still equals ``fence_attempt``); record the event and publish the snapshot."""
+        sources = allowed_from or [s for s, targets in TRANSITIONS.items() if to in targets]
+        sources = [s for s in sources if to in TRANSITIONS[s]]
+        flat = _flatten(fields or {})
+        result, status = await self._script(
+            keys=[task_key(task_id), events_key(task_id)],
+            args=[
+                "transition",
+                channel(task_id),
+                stamp(),
+                to.value,
+                " ".join(s.value for s in sources),
+                "" if fence_attempt is None else str(fence_attempt),
+                message,
+                len(flat),
+                *flat,
+            ],
+        )
+        return TransitionResult(result == "ok", TaskStatus(status) if status else None)
+
+    async def progress(self, task_id: str, attempt: int, fields: Mapping[str, Any]) -> bool:
+        """Write progress for a running attempt. False means the attempt should stop."""
+        flat = _flatten(fields)
+        written = await self._script(
+            keys=[task_key(task_id)], args=["progress", channel(task_id), str(attempt), len(flat), *flat]
+        )
+        return bool(written)
+
+    async def delete(self, task: Task) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(task_key(task.id), events_key(task.id))
+        pipe.zrem(history_key(task.owner, task.kind), task.id)
+        await pipe.execute()
+
+    async def mark_dataset_written(self, dataset: str) -> None:
+        await self.redis.set(dataset_written_key(dataset), f"{time.time():.3f}")
+
+
+def _flatten(fields: Mapping[str, Any]) -> list[str]:
+    """Field/value pairs as strings; None becomes '' which the scripts read as 'delete'."""
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat.append(name)
+        if value is None:
+            flat.append("")
+        elif isinstance(value, bool):
+            flat.append("1" if value else "0")
+        elif isinstance(value, float):
+            flat.append(f"{value:.3f}")
+        else:
+            flat.append(str(value))
+    return flat
+
+
+def encode_cursor(task_id: str) -> str:
+    return base64.urlsafe_b64encode(task_id.encode()).decode()
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor.encode()).decode()
+    except ValueError:
+        return ""

@@ -1,0 +1,183 @@
+"""The export job: source → writer → storage, with progress, retries and cancellation.
+
+One call of ``run_export`` is one attempt. It claims the task (PENDING, or PROCESSING left by a
+dead worker) by bumping ``attempts``; every later write is fenced on that number, so a stale
+attempt can never overwrite a newer one or revive a cancelled task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from arq import Retry
+
+from dataport.errors import UserErrors
+from dataport.services import Services
+from formats import writer_for
+from sources.base import SourceError, TransientSourceError
+from sources.query import build_query
+from storage.base import StorageError
+from tasks.models import Task, TaskStatus, stamp
+from workers.lease import renew_lease
+from workers.progress import ProgressReporter, TaskMovedOn
+
+log = logging.getLogger("dataport.worker")
+
+# Failures that may pass on their own: the next attempt runs after a short pause.
+TRANSIENT = (TransientSourceError, ConnectionError, TimeoutError, OSError)
+
+
+class _Failure(Exception):
+    """Not retried: the message is what the user sees."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
+    services: Services = ctx["services"]
+    store = services.store
+    attempt: int = ctx["job_try"]
+    task = await store.get(task_id)
+    if task is None or task.run != run or task.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+        return "nothing to do"  # cancelled while waiting, deleted, or superseded by a newer run
+
+    resumed = task.status is TaskStatus.PROCESSING
+    claimed = await store.transition(
+        task_id,
+        TaskStatus.PROCESSING,
+        f"attempt {attempt} started on {socket.gethostname()}"
+        + (" (the previous attempt's worker stopped)" if resumed else ""),
+        allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
+        fields={"attempts": attempt, "started_at": stamp(), "processed_rows": 0, "bytes": 0,
+                "rows_per_second": None, "eta_seconds": None},
+    )
+    if not claimed.ok:
+        return "nothing to do"
+
+    lease = asyncio.create_task(renew_lease(services, ctx["job_id"]))
+    try:
+        await _export(services, task, attempt)
+        return "succeeded"
+    except TaskMovedOn:
+        log.info("export %s stopped: the task moved on (cancelled or deleted)", task_id)
+        return "stopped"
+    except asyncio.CancelledError:
+        # arq cancels the job on abort (the task is CANCELLED already) and on worker shutdown
+        # (the task stays PROCESSING and is claimed again by the next worker).
+        raise
+    except (UserErrors, _Failure, SourceError) as e:
+        code = e.code if isinstance(e, _Failure) else "SOURCE_ERROR" if isinstance(e, SourceError) else "INVALID_REQUEST"
+        if isinstance(e, TransientSourceError):
+            return await _retry_or_fail(services, task, attempt, e)
+        await _fail(services, task, attempt, code, str(e))
+        return "failed"
+    except StorageError as e:
+        if e.transient:
+            return await _retry_or_fail(services, task, attempt, e)
+        await _fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
+        return "failed"
+    except TRANSIENT as e:
+        return await _retry_or_fail(services, task, attempt, e)
+    except Exception as e:
+        log.exception("export %s attempt %s crashed", task_id, attempt)
+        await _fail(services, task, attempt, "INTERNAL_ERROR",
+                    f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
+        return "failed"
+    finally:
+        lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lease
+
+
+async def _export(services: Services, task: Task, attempt: int) -> None:
+    settings = services.settings
+    dataset = services.registry.get(task.dataset)
+    if dataset is None:
+        raise _Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
+    r = task.request
+    query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
+    writer = writer_for(task.format, query.columns, formula_guard=settings.csv_formula_guard)
+    key = f"exports/{task.owner}/{task.id}/{dataset.name}-{task.run}.{writer.extension}"
+
+    source = services.registry.open(dataset)
+    try:
+        total = await source.count(query)
+        progress = ProgressReporter(services.store, task.id, attempt, total, settings.progress_interval_seconds)
+        await progress.flush()
+        await services.storage.discard_incomplete(key)  # a killed attempt's half-written parts
+        out = await services.storage.open_writer(key, writer.content_type)
+        try:
+            head = writer.begin()
+            await out.write(head)
+            size = len(head)
+            async for batch in source.batches(query, settings.batch_rows):
+                chunk = writer.write(batch)
+                await out.write(chunk)
+                size += len(chunk)
+                await progress.advance(len(batch), len(chunk))
+            for chunk in writer.finish():
+                await out.write(chunk)
+                size += len(chunk)
+            stored = await out.complete()
+        except BaseException:
+            await asyncio.shield(out.abort())
+            raise
+    finally:
+        await source.close()
+
+    verified = await services.storage.verify(key)
+    if verified is None or (verified.size, verified.sha256) != (stored.size, stored.sha256):
+        await services.storage.delete(key)
+        raise StorageError(f"the stored file does not match what was written ({verified})")
+
+    finished = await services.store.transition(
+        task.id,
+        TaskStatus.SUCCEEDED,
+        f"{progress.rows:,} rows, {stored.size:,} bytes written",
+        allowed_from=[TaskStatus.PROCESSING],
+        fence_attempt=attempt,
+        fields={
+            "finished_at": stamp(),
+            "expires_at": f"{float(stamp()) + settings.retention_seconds:.3f}",
+            "processed_rows": progress.rows,
+            "total_rows": progress.rows,
+            "bytes": stored.size,
+            "eta_seconds": 0,
+            "row_count": progress.rows,
+            "file_size": stored.size,
+            "checksum_sha256": stored.sha256,
+            "object_key": key,
+        },
+    )
+    if not finished.ok:  # cancelled at the last moment: the file must not outlive the task
+        await services.storage.delete(key)
+        raise TaskMovedOn(task.id)
+
+
+async def _retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:
+    reason = str(error) or type(error).__name__
+    if attempt >= services.settings.max_tries:
+        await _fail(services, task, attempt, "TRANSIENT_ERROR",
+                    f"Gave up after {attempt} attempts; the last one failed with: {reason}")
+        return "failed"
+    delay = services.settings.retry_delay_seconds * attempt
+    moved = await services.store.transition(
+        task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:g}s",
+        allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
+    )
+    if not moved.ok:
+        return "stopped"
+    raise Retry(defer=delay)
+
+
+async def _fail(services: Services, task: Task, attempt: int, code: str, message: str) -> None:
+    await services.store.transition(
+        task.id, TaskStatus.FAILED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
+        fields={"finished_at": stamp(), "error_code": code, "error_message": message},
+    )

@@ -1,0 +1,50 @@
+"""arq worker settings: which jobs run, how many at once, how often they are tried.
+
+Built from ``Settings`` rather than a class of constants, so ``dataport worker`` and the tests
+configure workers the same way as the api: through ``DATAPORT_*`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from arq import Worker, func
+from arq.connections import RedisSettings
+
+from dataport.services import Services
+from dataport.settings import Settings
+from tasks.exports import EXPORT_JOB
+from workers.export import run_export
+
+log = logging.getLogger("dataport.worker")
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    async def startup(ctx: dict[str, Any]) -> None:
+        ctx["services"] = await Services.start(settings)
+        log.info("worker ready: %s jobs at once on queue %s", settings.worker_concurrency, settings.queue_name)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        if "services" in ctx:
+            await ctx["services"].close()
+
+    return {
+        "functions": [func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_concurrency,
+        "job_timeout": settings.job_timeout_seconds,
+        "max_tries": settings.max_tries,
+        "allow_abort_jobs": True,
+        "poll_delay": 0.25,
+        "keep_result": 60,
+        "handle_signals": True,
+    }
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere."""
+    Worker(**worker_settings(settings)).run()
