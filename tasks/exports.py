@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from dataport import errors
 from dataport.errors import UserErrors
 from dataport.services import Services
@@ -135,7 +137,8 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
         task.id,
         {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
          "dataset": task.dataset, "format": task.format, "request": _json(task.request),
-         "status": TaskStatus.PENDING.value, "attempts": 0, "processed_rows": 0, "bytes": 0},
+         "status": TaskStatus.PENDING.value, "created_at": stamp(), "attempts": 0, "processed_rows": 0,
+         "bytes": 0},
         reuse_seconds=-1,
     )
     if outcome.needs_job:
@@ -188,6 +191,4 @@ async def _owned(services: Services, owner: Owner, identifier: str) -> Task:
 
 
 def _json(value: Any) -> str:
-    import orjson
-
     return orjson.dumps(value).decode()

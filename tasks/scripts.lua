@@ -60,11 +60,11 @@ if entry == 'request' then
   if status then
     outcome = 'rerun'
     run = tonumber(redis.call('HGET', KEYS[1], 'run') or '1') + 1
-    -- A new run starts clean: nothing of the previous run's progress, result or error remains.
-    local created = redis.call('HGET', KEYS[1], 'created_at')
+    -- A new run starts clean: nothing of the previous run's progress, result or error remains,
+    -- and createdAt is this run's request. Only the version keeps counting, for subscribers.
     local version = redis.call('HGET', KEYS[1], 'version')
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], 'created_at', created, 'version', version)
+    redis.call('HSET', KEYS[1], 'version', version)
   end
   apply(KEYS[1], fields)
   redis.call('HSET', KEYS[1], 'run', run)

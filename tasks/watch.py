@@ -7,12 +7,15 @@ two; snapshots carry a version, so one seen twice (or out of order) is dropped.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import orjson
 
-from dataport.services import Services
 from tasks.models import Task
 from tasks.store import channel
+
+if TYPE_CHECKING:
+    from dataport.services import Services
 
 # With no message for this long, read the task again: it may have been deleted (deletion does not
 # publish), and this also covers a message lost with a dropped connection.
