@@ -80,11 +80,14 @@ class SqliteSource:
 
 
 def discover_columns(path: str, table: str) -> tuple[Column, ...]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        info = conn.execute(f"PRAGMA table_info({SQLITE.quote(table)})").fetchall()
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            info = conn.execute(f"PRAGMA table_info({SQLITE.quote(table)})").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise SourceError(f"{path}: {e}") from None
     if not info:
         raise SourceError(f"table '{table}' not found in {path}")
     return tuple(

@@ -4,4 +4,5 @@
 pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.s3",
+    "tests.fixtures.stack",
 ]
