@@ -1,0 +1,20 @@
+"""The ``Content-Disposition`` of a download, shared by the S3 presigned URL and the local route."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")  # control characters and path separators
+_NOT_TOKEN_SAFE = re.compile(r'[^\x20-\x7e]|["]')  # what cannot go inside filename="..."
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment; filename="name"``; a name with non-ASCII characters also gets an RFC 6266
+    ``filename*`` (the plain ``filename`` then holds an ASCII stand-in), so the header stays ASCII."""
+    clean = _UNSAFE.sub("_", filename).strip() or "download"
+    fallback = _NOT_TOKEN_SAFE.sub("_", clean)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != clean:
+        value += f"; filename*=UTF-8''{quote(clean, safe='')}"
+    return value

@@ -1,0 +1,325 @@
+"""The local-directory backend (the default): files under one root, reached through signed URLs
+that the api serves (``GET /files/{task_id}``, ``PUT /uploads/{task_id}``).
+
+A file is written to ``<path>.partial-<random>`` and renamed into place only when complete, after
+an fsync, so a reader never sees half a file and a killed writer leaves only a ``.partial-`` file,
+which ``discard_incomplete`` removes. File I/O runs in worker threads, in batches, so the event
+loop is never blocked for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from storage.base import StorageError, StoredObject
+from storage.signing import signed_path
+
+if TYPE_CHECKING:
+    from dataport.settings import Settings
+
+PARTIAL = ".partial-"
+WRITE_BATCH = 1024 * 1024  # bytes gathered before one write (and hash update) in a thread
+READ_CHUNK = 1024 * 1024
+
+
+def _os_error(action: str, key: str, e: OSError) -> StorageError:
+    # A full disk or an I/O hiccup may pass; a permission problem will not.
+    return StorageError(
+        f"local storage: {action} {key!r} failed: {e}", transient=not isinstance(e, PermissionError)
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+class LocalWriter:
+    """Streams into ``<path>.partial-<random>``, hashing and counting as it goes."""
+
+    def __init__(self, key: str, path: Path, file: BinaryIO, partial: Path) -> None:
+        self.key = key
+        self.path = path
+        self.partial = partial
+        self._file: BinaryIO | None = file
+        self._buffer = bytearray()
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._state = "open"
+        self._renamed = False
+        self._op: asyncio.Future[None] | None = None  # the file operation running in a thread
+
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        # Shielded: a cancelled caller does not leave the thread racing with abort(), which waits
+        # for it before closing and removing the file.
+        self._op = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        await asyncio.shield(self._op)
+
+    async def write(self, chunk: bytes) -> None:
+        if self._state != "open":
+            raise StorageError(
+                f"local storage: write to {self.key!r} after it was {self._state}", transient=False
+            )
+        if not chunk:
+            return
+        self._buffer += chunk
+        if len(self._buffer) >= WRITE_BATCH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data, self._buffer = self._buffer, bytearray()
+        try:
+            await self._in_thread(self._write_sync, data)
+        except OSError as e:
+            raise _os_error("writing", self.key, e) from e
+
+    def _write_sync(self, data: bytearray) -> None:
+        assert self._file is not None
+        self._sha.update(data)
+        self._file.write(data)
+        self._size += len(data)
+
+    async def complete(self) -> StoredObject:
+        if self._state != "open":
+            raise StorageError(
+                f"local storage: complete {self.key!r} after it was {self._state}", transient=False
+            )
+        self._state = "completing"
+        try:
+            await self._flush()
+            await self._in_thread(self._complete_sync)
+        except BaseException as e:
+            await asyncio.shield(self._abort())
+            if isinstance(e, OSError):
+                raise _os_error("completing", self.key, e) from e
+            raise
+        self._state = "completed"
+        return StoredObject(self.key, self._size, self._sha.hexdigest())
+
+    def _complete_sync(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self.partial, self.path)
+        self._renamed = True
+        _fsync_dir(self.path.parent)
+
+    async def abort(self) -> None:
+        if self._state in ("completed", "aborted"):
+            return
+        await self._abort()
+
+    async def _abort(self) -> None:
+        self._state = "aborted"
+        self._buffer = bytearray()
+        if self._op is not None:
+            with contextlib.suppress(Exception):
+                await self._op
+        await asyncio.to_thread(self._abort_sync)
+
+    def _abort_sync(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.partial.unlink(missing_ok=True)
+        if self._renamed:  # complete() was cancelled after the rename: the caller saw no success
+            self.path.unlink(missing_ok=True)
+
+
+class LocalReader:
+    """An open stored file: its ``size``, then its bytes in chunks (``async for``). Closes itself
+    at the end; call ``aclose()`` (or use ``async with``) when stopping early."""
+
+    def __init__(self, file: BinaryIO, size: int, chunk_size: int = READ_CHUNK) -> None:
+        self._file: BinaryIO | None = file
+        self.size = size
+        self.chunk_size = chunk_size
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._file is None:
+            raise StopAsyncIteration
+        chunk = await asyncio.to_thread(self._file.read, self.chunk_size)
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            await asyncio.to_thread(file.close)
+
+    async def __aenter__(self) -> LocalReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class LocalStorage:
+    name = "local"
+
+    def __init__(self, root: Path, public_url: str, secret: str) -> None:
+        self.root = Path(root).absolute()
+        self.public_url = public_url.rstrip("/")
+        self.secret = secret
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalStorage:
+        return cls(settings.resolved_files_dir, settings.public_url, settings.signing_secret)
+
+    def path_for(self, key: str) -> Path:
+        """The file of ``key`` under the root. Refuses (``StorageError``, not transient) keys that
+        are absolute, contain ``..``, ``.`` or empty segments, backslashes or NUL, name a
+        ``.partial-`` file, or lead out of the root through a symlink."""
+        if not isinstance(key, str) or not key:
+            raise StorageError(f"local storage: invalid key {key!r}", transient=False)
+        parts = key.split("/")
+        if (
+            key.startswith("/")
+            or "\\" in key
+            or "\x00" in key
+            or any(part in ("", ".", "..") for part in parts)
+            or PARTIAL in parts[-1]
+        ):
+            raise StorageError(f"local storage: invalid key {key!r}", transient=False)
+        path = self.root.joinpath(*parts)
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise StorageError(f"local storage: key {key!r} leads outside the storage root", transient=False)
+        return path
+
+    async def open_writer(self, key: str, content_type: str) -> LocalWriter:
+        path = self.path_for(key)
+
+        def _open() -> tuple[BinaryIO, Path]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}{PARTIAL}{secrets.token_hex(8)}")
+            return partial.open("xb"), partial
+
+        try:
+            file, partial = await asyncio.to_thread(_open)
+        except OSError as e:
+            raise _os_error("opening", key, e) from e
+        return LocalWriter(key, path, file, partial)
+
+    async def discard_incomplete(self, key: str) -> None:
+        path = self.path_for(key)
+
+        def _discard() -> None:
+            try:
+                entries = list(path.parent.iterdir())
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            prefix = f"{path.name}{PARTIAL}"
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    entry.unlink(missing_ok=True)
+
+        try:
+            await asyncio.to_thread(_discard)
+        except OSError as e:
+            raise _os_error("discarding partial writes of", key, e) from e
+
+    async def verify(self, key: str) -> StoredObject | None:
+        path = self.path_for(key)
+
+        def _verify() -> StoredObject | None:
+            sha = hashlib.sha256()
+            size = 0
+            try:
+                with path.open("rb") as f:
+                    while chunk := f.read(READ_CHUNK):
+                        sha.update(chunk)
+                        size += len(chunk)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            return StoredObject(key, size, sha.hexdigest())
+
+        try:
+            return await asyncio.to_thread(_verify)
+        except OSError as e:
+            raise _os_error("reading", key, e) from e
+
+    async def open_read(self, key: str, chunk_size: int = READ_CHUNK) -> LocalReader | None:
+        """The stored file as a ``LocalReader`` (size + async chunks), or None when it is missing."""
+        path = self.path_for(key)
+
+        def _open() -> LocalReader | None:
+            try:
+                file = path.open("rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            return LocalReader(file, os.fstat(file.fileno()).st_size, chunk_size)
+
+        try:
+            return await asyncio.to_thread(_open)
+        except OSError as e:
+            raise _os_error("opening", key, e) from e
+
+    async def download_url(self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime) -> str:
+        # The route finds the file through the task; ``filename`` is its Content-Disposition there.
+        self.path_for(key)
+        return self.public_url + signed_path(
+            self.secret, "GET", "/files", task_id, int(expires_at.timestamp())
+        )
+
+    def upload_url(self, task_id: str, expires_at: dt.datetime) -> str:
+        """The signed ``PUT /uploads/{task_id}`` URL of an import file."""
+        return self.public_url + signed_path(
+            self.secret, "PUT", "/uploads", task_id, int(expires_at.timestamp())
+        )
+
+    async def delete(self, key: str) -> None:
+        path = self.path_for(key)
+
+        def _delete() -> None:
+            path.unlink(missing_ok=True)
+            parent = path.parent
+            while parent != self.root and parent.is_relative_to(self.root):
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
+                parent = parent.parent
+
+        try:
+            await asyncio.to_thread(_delete)
+        except OSError as e:
+            raise _os_error("deleting", key, e) from e
+
+    async def check(self) -> None:
+        def _check() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".check{PARTIAL}{secrets.token_hex(8)}"
+            with probe.open("xb") as f:
+                f.write(b"ok")
+            probe.unlink()
+
+        try:
+            await asyncio.to_thread(_check)
+        except OSError as e:
+            raise StorageError(f"local storage root {self.root} is not writable: {e}", transient=False) from e
