@@ -113,9 +113,10 @@ async def _export(client, export_input: dict, out: Path | None) -> dict:
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
         line = bar.add_task("waiting", total=None, rate="")
-        async for task in client.follow(task["id"]):
-            p = task["progress"]
-            bar.update(line, description=task["status"].lower(), completed=p["processedRows"],
+        async for snapshot in client.follow(task["id"]):
+            task = snapshot
+            p = snapshot["progress"]
+            bar.update(line, description=snapshot["status"].lower(), completed=p["processedRows"],
                        total=p["totalRows"], rate=f"{p['rowsPerSecond'] or 0:,.0f} rows/s")
     if task["status"] != "SUCCEEDED":
         reason = (task.get("error") or {}).get("message") or task["status"].lower()

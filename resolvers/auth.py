@@ -15,7 +15,7 @@ class IsAuthenticated(BasePermission):
 
     def has_permission(self, source: Any, info: Any, **kwargs: Any) -> bool:
         try:
-            info.context.owner
+            _ = info.context.owner  # reading it checks the token
         except AuthError as e:
             self.message = str(e)
             return False

@@ -91,7 +91,7 @@ def discover_columns(path: str, table: str) -> tuple[Column, ...]:
     if not info:
         raise SourceError(f"table '{table}' not found in {path}")
     return tuple(
-        Column(name=name, type=_DECLARED_TYPES.get((decl or "").split("(")[0].upper(), "string"), required=bool(notnull))
+        Column(name, _DECLARED_TYPES.get((decl or "").split("(")[0].upper(), "string"), required=bool(notnull))
         for _, name, decl, notnull, _, _ in info
     )
 

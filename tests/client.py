@@ -86,7 +86,7 @@ class Api:
         return task, response.content
 
     async def subscribe(self, task_id: str, protocol: str = "graphql-transport-ws",
-                        authorization: str | None = "default", timeout: float = 120) -> list[dict[str, Any]]:
+                        authorization: str | None = "default", within: float = 120) -> list[dict[str, Any]]:
         """All messages of one exportProgress subscription until it completes or errors."""
         auth = f"Bearer {self.token}" if authorization == "default" else authorization
         init = {"type": "connection_init", "payload": {"authorization": auth} if auth else {}}
@@ -94,7 +94,7 @@ class Api:
         legacy = protocol == "graphql-ws"
         url = self.url.replace("http", "ws", 1) + "/graphql"
         messages: list[dict[str, Any]] = []
-        async with asyncio.timeout(timeout), websockets.connect(url, subprotocols=[protocol]) as ws:
+        async with asyncio.timeout(within), websockets.connect(url, subprotocols=[protocol]) as ws:
             await ws.send(json.dumps(init))
             ack = json.loads(await ws.recv())
             assert ack["type"] == "connection_ack", ack

@@ -13,6 +13,7 @@ import logging
 import socket
 from typing import Any
 
+import redis.exceptions
 from arq import Retry
 
 from dataport.errors import UserErrors
@@ -28,7 +29,7 @@ from workers.progress import ProgressReporter, TaskMovedOn
 log = logging.getLogger("dataport.worker")
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
-TRANSIENT = (TransientSourceError, ConnectionError, TimeoutError, OSError)
+TRANSIENT = (TransientSourceError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class _Failure(Exception):
@@ -48,6 +49,15 @@ async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
         return "nothing to do"  # cancelled while waiting, deleted, or superseded by a newer run
 
     resumed = task.status is TaskStatus.PROCESSING
+    if attempt > services.settings.max_tries:
+        # arq grants one try beyond max_tries so that this, not a silent drop, ends the task
+        await store.transition(
+            task_id, TaskStatus.FAILED, f"gave up: the worker running attempt {attempt - 1} stopped",
+            allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
+            fields={"finished_at": stamp(), "error_code": "TRANSIENT_ERROR",
+                    "error_message": f"Gave up after {attempt - 1} attempts; the last worker stopped mid-export."},
+        )
+        return "failed"
     claimed = await store.transition(
         task_id,
         TaskStatus.PROCESSING,
@@ -71,24 +81,22 @@ async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
         # arq cancels the job on abort (the task is CANCELLED already) and on worker shutdown
         # (the task stays PROCESSING and is claimed again by the next worker).
         raise
-    except (UserErrors, _Failure, SourceError) as e:
-        code = e.code if isinstance(e, _Failure) else "SOURCE_ERROR" if isinstance(e, SourceError) else "INVALID_REQUEST"
-        if isinstance(e, TransientSourceError):
-            return await _retry_or_fail(services, task, attempt, e)
-        await _fail(services, task, attempt, code, str(e))
-        return "failed"
+    except TRANSIENT as e:
+        return await _retry_or_fail(services, task, attempt, e)
     except StorageError as e:
         if e.transient:
             return await _retry_or_fail(services, task, attempt, e)
-        await _fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
-        return "failed"
-    except TRANSIENT as e:
-        return await _retry_or_fail(services, task, attempt, e)
+        return await _fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
+    except SourceError as e:
+        return await _fail(services, task, attempt, "SOURCE_ERROR", str(e))
+    except UserErrors as e:  # the dataset changed under a queued request
+        return await _fail(services, task, attempt, "INVALID_REQUEST", str(e))
+    except _Failure as e:
+        return await _fail(services, task, attempt, e.code, str(e))
     except Exception as e:
         log.exception("export %s attempt %s crashed", task_id, attempt)
-        await _fail(services, task, attempt, "INTERNAL_ERROR",
-                    f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
-        return "failed"
+        return await _fail(services, task, attempt, "INTERNAL_ERROR",
+                           f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
     finally:
         lease.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -163,9 +171,8 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
 async def _retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:
     reason = str(error) or type(error).__name__
     if attempt >= services.settings.max_tries:
-        await _fail(services, task, attempt, "TRANSIENT_ERROR",
-                    f"Gave up after {attempt} attempts; the last one failed with: {reason}")
-        return "failed"
+        return await _fail(services, task, attempt, "TRANSIENT_ERROR",
+                           f"Gave up after {attempt} attempts; the last one failed with: {reason}")
     delay = services.settings.retry_delay_seconds * attempt
     moved = await services.store.transition(
         task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:g}s",
@@ -176,8 +183,9 @@ async def _retry_or_fail(services: Services, task: Task, attempt: int, error: Ba
     raise Retry(defer=delay)
 
 
-async def _fail(services: Services, task: Task, attempt: int, code: str, message: str) -> None:
+async def _fail(services: Services, task: Task, attempt: int, code: str, message: str) -> str:
     await services.store.transition(
         task.id, TaskStatus.FAILED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
         fields={"finished_at": stamp(), "error_code": code, "error_message": message},
     )
+    return "failed"

@@ -30,14 +30,14 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             await ctx["services"].close()
 
     return {
-        "functions": [func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries)],
+        # One try more than max_tries: run_export itself ends a task whose last worker died.
+        "functions": [func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_concurrency,
         "job_timeout": settings.job_timeout_seconds,
-        "max_tries": settings.max_tries,
         "allow_abort_jobs": True,
         "poll_delay": 0.25,
         "keep_result": 60,

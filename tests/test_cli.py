@@ -1,0 +1,114 @@
+"""The ``dataport`` command as a user runs it: dev with embedded defaults, token, export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import psutil
+import pytest
+
+from dataport.net import free_port, wait_for_port
+
+DEMO_ROWS = 3_000
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAPORT_")}
+    env.update({"DATAPORT_DATA_DIR": str(data_dir), "DATAPORT_DEMO_ROWS": str(DEMO_ROWS)})
+    return env
+
+
+def _dataport(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dataport.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    """``dataport dev`` with no settings but a data dir and a small demo dataset."""
+    data_dir = tmp_path_factory.mktemp("dev")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
+                               env=_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=90)
+        token = process.stdout.readline().strip()  # the token is the one line on stdout
+        yield process, port, data_dir, token
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    return [process, *process.children(recursive=True)]
+
+
+def test_token_prints_only_a_token_signed_with_the_data_dirs_secret(tmp_path):
+    result = _dataport("token", "alice", "--email", "alice@example.org", env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    secret = (tmp_path / "secret").read_text().strip()
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"], issuer="dataport")
+    assert claims["sub"] == "alice" and claims["email"] == "alice@example.org"
+
+
+def test_dev_serves_the_demo_dataset_with_its_printed_token(dev):
+    _, port, _, token = dev
+    body = httpx.post(f"http://127.0.0.1:{port}/graphql", headers={"Authorization": f"Bearer {token}"},
+                      json={"query": "{ datasets { name source importable columns { name type } } }"}).json()
+    (samples,) = body["data"]["datasets"]
+    assert samples["name"] == "samples" and samples["source"] == "sqlite" and samples["importable"]
+    types = {c["type"] for c in samples["columns"]}
+    assert len(samples["columns"]) >= 50 and {"string", "integer", "float", "boolean", "date", "datetime"} <= types
+    page = httpx.get(f"http://127.0.0.1:{port}/graphql", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "graphiql" in page.text.lower()
+
+
+def test_export_command_downloads_the_file(dev, tmp_path):
+    _, port, data_dir, _ = dev
+    env = _env(data_dir)  # same data dir: `dataport token` and `dataport dev` agree on the secret
+    out = tmp_path / "gold.csv"
+    result = _dataport("export", "samples", "--format", "csv", "--columns", "sample_id,site,au_ppm",
+                       "--filter", "sample_id:lte:500", "--out", str(out), "--url", f"http://127.0.0.1:{port}",
+                       env=env)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(out.read_text(), newline="")))
+    assert rows[0] == ["sample_id", "site", "au_ppm"] and len(rows) == 501
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 501))
+    failed = _dataport("export", "samples", "--columns", "nope", "--url", f"http://127.0.0.1:{port}", env=env)
+    assert failed.returncode == 1 and "nope" in failed.stderr
+
+
+def test_sigterm_stops_everything_dev_started(dev):
+    process, port, _, _ = dev
+    tree = _tree(psutil.Process(process.pid))
+    names = " ".join(" ".join(p.cmdline()) for p in tree)
+    assert "api" in names and "worker" in names and ("valkey-server" in names or "redis-server" in names)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
+
+
+def test_a_killed_dev_leaves_nothing_behind(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
+                               env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port("127.0.0.1", port, timeout=90)
+    time.sleep(0.5)
+    tree = _tree(psutil.Process(process.pid))
+    assert len(tree) >= 4  # dev, redis, api, worker
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(tree[1:], timeout=15)
+    assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
