@@ -197,7 +197,7 @@ def _normal_quantiles() -> tuple[float, ...]:
     return tuple(NormalDist().inv_cdf((k + 0.5) / _GRID) for k in range(_GRID))
 
 
-def demo_dataset(path: Path) -> Dataset:
+def demo_dataset(path: Path, max_export_rows: int = 80_000, stream_max_rows: int = 10_000) -> Dataset:
     return Dataset(
         name="samples",
         title="Rock samples",
@@ -207,8 +207,8 @@ def demo_dataset(path: Path) -> Dataset:
         columns=DEMO_COLUMNS,
         key=("sample_id",),
         importable=True,
-        max_export_rows=80_000,
-        stream_max_rows=10_000,
+        max_export_rows=max_export_rows,
+        stream_max_rows=stream_max_rows,
     )
 
 

@@ -50,7 +50,8 @@ def load_registry(settings: Settings) -> Registry:
         from dataport.demo_data import demo_dataset, ensure_demo_database
 
         path = ensure_demo_database(settings.data_dir, settings.demo_rows)
-        return Registry({"samples": demo_dataset(path)}, settings)
+        demo = demo_dataset(path, settings.max_export_rows, settings.stream_max_rows)
+        return Registry({"samples": demo}, settings)
     return Registry(load_datasets_file(settings.datasets, settings), settings)
 
 
