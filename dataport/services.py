@@ -33,7 +33,7 @@ class Services:
             settings=settings,
             redis=redis,
             arq=arq,
-            store=TaskStore(redis),
+            store=TaskStore(redis, settings.retention_seconds),
             storage=storage_from_settings(settings),
             registry=load_registry(settings),
         )

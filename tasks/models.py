@@ -117,11 +117,11 @@ class Task:
                 rows_per_second=_float(h.get("rows_per_second")),
                 eta_seconds=_float(h.get("eta_seconds")),
             ),
-            created_at=_time(h["created_at"]),
+            created_at=parse_time(h["created_at"]),
             email=h.get("email") or None,
-            started_at=_time(h.get("started_at")),
-            finished_at=_time(h.get("finished_at")),
-            expires_at=_time(h.get("expires_at")),
+            started_at=parse_time(h.get("started_at")),
+            finished_at=parse_time(h.get("finished_at")),
+            expires_at=parse_time(h.get("expires_at")),
             error_code=h.get("error_code") or None,
             error_message=h.get("error_message") or None,
             row_count=_int(h.get("row_count")),
@@ -149,7 +149,7 @@ def stamp(moment: dt.datetime | None = None) -> str:
     return f"{(moment or now()).timestamp():.3f}"
 
 
-def _time(value: str | None) -> dt.datetime | None:
+def parse_time(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), dt.UTC) if value else None
 
 

@@ -39,7 +39,7 @@ end
 
 local entry = ARGV[1]
 
--- KEYS: task, events, history, dataset-written-at
+-- KEYS: task, events, history, dataset-written-at, expiry schedule
 -- ARGV: 'request', channel, now, reuse_seconds, history_score, n, fields... (fields for a new task)
 -- Returns {outcome, run}: outcome is created | existing | rerun.
 if entry == 'request' then
@@ -62,7 +62,9 @@ if entry == 'request' then
     run = tonumber(redis.call('HGET', KEYS[1], 'run') or '1') + 1
     -- A new run starts clean: nothing of the previous run's progress, result or error remains,
     -- and createdAt is this run's request. Only the version keeps counting, for subscribers.
+    -- The previous run's retention clock stops too.
     local version = redis.call('HGET', KEYS[1], 'version')
+    redis.call('ZREM', KEYS[5], redis.call('HGET', KEYS[1], 'id'))
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[1], 'version', version)
   end
@@ -76,13 +78,14 @@ if entry == 'request' then
   return {outcome, tostring(run)}
 end
 
--- KEYS: task, events
+-- KEYS: task, events, expiry schedule
 -- ARGV: 'transition', channel, now, to, allowed_from (space separated), fence_attempt ('' = none),
---       message, n, fields...
+--       message, expire_at ('' = not scheduled), n, fields...
 -- Returns {'ok', status} or {'conflict', current status} or {'missing', ''}.
 if entry == 'transition' then
   local channel, now, to, allowed, fence, message = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-  local fields = list_from(9, tonumber(ARGV[8]))
+  local expire_at = ARGV[8]
+  local fields = list_from(10, tonumber(ARGV[9]))
   local status = redis.call('HGET', KEYS[1], 'status')
   if not status then return {'missing', ''} end
   if not string.find(' ' .. allowed .. ' ', ' ' .. status .. ' ', 1, true) then
@@ -93,6 +96,10 @@ if entry == 'transition' then
   end
   apply(KEYS[1], fields)
   redis.call('HSET', KEYS[1], 'status', to)
+  if expire_at ~= '' then
+    redis.call('HSET', KEYS[1], 'expires_at', expire_at)
+    redis.call('ZADD', KEYS[3], expire_at, redis.call('HGET', KEYS[1], 'id'))
+  end
   event(KEYS[2], now, to, message)
   publish(KEYS[1], channel)
   return {'ok', to}

@@ -6,6 +6,7 @@ Keys (DESIGN.md, "Tasks"):
   dataport:history:{owner}:{kind}      sorted set of task ids by request time
   dataport:channel:{id}                pub/sub, the whole snapshot after every change
   dataport:dataset:{name}:written_at   when an import last wrote to the dataset (ends export reuse)
+  dataport:expiry                      sorted set of finished task ids by the time they expire
 
 Every write that changes a status goes through ``scripts.lua``, which checks the transition table
 and writes, records and publishes atomically.
@@ -22,7 +23,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, _time, stamp
+from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, parse_time
 
 _SCRIPT = files("tasks").joinpath("scripts.lua").read_text()
 
@@ -41,6 +42,12 @@ def channel(task_id: str) -> str:
 
 def history_key(owner: str, kind: TaskKind) -> str:
     return f"dataport:history:{owner}:{kind.value}"
+
+
+EXPIRY_KEY = "dataport:expiry"
+
+# Reaching one of these starts the retention clock: the file and task are kept, then expired.
+_RETAINED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 def dataset_written_key(dataset: str) -> str:
@@ -72,8 +79,9 @@ class Page:
 
 
 class TaskStore:
-    def __init__(self, redis: Redis):
+    def __init__(self, redis: Redis, retention_seconds: float = 7 * 24 * 3600):
         self.redis = redis
+        self.retention_seconds = retention_seconds
         self._script = redis.register_script(_SCRIPT)
 
     # -- reads --------------------------------------------------------------------------------
@@ -88,7 +96,7 @@ class TaskStore:
     async def events(self, task_id: str) -> list[TaskEvent]:
         entries = await self.redis.xrange(events_key(task_id))
         return [
-            TaskEvent(at=_time(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
+            TaskEvent(at=parse_time(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
             for _, e in entries
         ]
 
@@ -159,6 +167,7 @@ class TaskStore:
                 events_key(task_id),
                 history_key(fields["owner"], TaskKind(fields["kind"])),
                 dataset_written_key(fields["dataset"]),
+                EXPIRY_KEY,
             ],
             args=["request", channel(task_id), f"{now:.3f}", reuse_seconds, int(now * 1000), len(flat), *flat],
         )
@@ -181,21 +190,37 @@ class TaskStore:
         sources = allowed_from or [s for s, targets in TRANSITIONS.items() if to in targets]
         sources = [s for s in sources if to in TRANSITIONS[s]]
         flat = _flatten(fields or {})
+        now = time.time()
+        expire_at = f"{now + self.retention_seconds:.3f}" if to in _RETAINED else ""
         result, status = await self._script(
-            keys=[task_key(task_id), events_key(task_id)],
+            keys=[task_key(task_id), events_key(task_id), EXPIRY_KEY],
             args=[
                 "transition",
                 channel(task_id),
-                stamp(),
+                f"{now:.3f}",
                 to.value,
                 " ".join(s.value for s in sources),
                 "" if fence_attempt is None else str(fence_attempt),
                 message,
+                expire_at,
                 len(flat),
                 *flat,
             ],
         )
         return TransitionResult(result == "ok", TaskStatus(status) if status else None)
+
+    async def due_for_expiry(self, limit: int = 500) -> list[str]:
+        return await self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)
+
+    async def expired(self, task: Task, message: str) -> TransitionResult:
+        """Mark a finished task EXPIRED; it stays readable as such for one more retention period."""
+        result = await self.transition(task.id, TaskStatus.EXPIRED, message, fields={"object_key": None})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(EXPIRY_KEY, task.id)
+        pipe.expire(task_key(task.id), int(self.retention_seconds))
+        pipe.expire(events_key(task.id), int(self.retention_seconds))
+        await pipe.execute()
+        return result
 
     async def progress(self, task_id: str, attempt: int, fields: Mapping[str, Any]) -> bool:
         """Write progress for a running attempt. False means the attempt should stop."""
@@ -209,6 +234,7 @@ class TaskStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(task_key(task.id), events_key(task.id))
         pipe.zrem(history_key(task.owner, task.kind), task.id)
+        pipe.zrem(EXPIRY_KEY, task.id)
         await pipe.execute()
 
     async def mark_dataset_written(self, dataset: str) -> None:

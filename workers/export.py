@@ -152,7 +152,6 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         fence_attempt=attempt,
         fields={
             "finished_at": stamp(),
-            "expires_at": f"{float(stamp()) + settings.retention_seconds:.3f}",
             "processed_rows": progress.rows,
             "total_rows": progress.rows,
             "bytes": stored.size,

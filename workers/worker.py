@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from arq import Worker, func
+from arq import Worker, cron, func
 from arq.connections import RedisSettings
 
 from dataport.services import Services
 from dataport.settings import Settings
 from tasks.exports import EXPORT_JOB
+from workers.cron import expire_tasks
 from workers.export import run_export
 
 log = logging.getLogger("dataport.worker")
@@ -32,6 +33,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     return {
         # One try more than max_tries: run_export itself ends a task whose last worker died.
         "functions": [func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1)],
+        # Every minute, on one worker only (arq's cron jobs are unique by default).
+        "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
