@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.jobs import Job
 
 from tasks.models import Task
@@ -26,9 +27,21 @@ async def enqueue(arq: ArqRedis, queue_name: str, function: str, task: Task) -> 
 
 
 async def position(arq: ArqRedis, queue_name: str, job_id: str) -> int | None:
-    """1 for the next job to start; None once the job is no longer waiting."""
+    """1 for the next job to start; None once the job is no longer waiting.
+
+    arq keeps a running job in the queue until it finishes, so the jobs ahead that hold an
+    in-progress key are running, not waiting, and do not count."""
     rank = await arq.zrank(queue_name, job_id)
-    return None if rank is None else rank + 1
+    if rank is None:
+        return None
+    ahead = await arq.zrange(queue_name, 0, rank)
+    pipe = arq.pipeline(transaction=False)
+    for job in ahead:
+        pipe.exists(in_progress_key_prefix + job.decode())
+    running = await pipe.execute()
+    if running[-1]:
+        return None
+    return sum(1 for r in running if not r)
 
 
 async def depth(arq: ArqRedis, queue_name: str) -> int:

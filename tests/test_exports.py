@@ -69,9 +69,8 @@ def test_export_over_http_from_request_to_download(local_stack):
     assert body.headers["content-disposition"].startswith("attachment")
     assert len(body.content) == done["fileSize"]
     assert hashlib.sha256(body.content).hexdigest() == done["checksumSha256"]
-    # a download URL is issued afresh on every read
-    assert api.task(task["id"])["downloadUrl"] != done["downloadUrl"] or time.sleep(1.1) or \
-        api.task(task["id"])["downloadUrl"] != done["downloadUrl"]
+    time.sleep(1.1)  # expiry has one-second resolution
+    assert api.task(task["id"])["downloadUrl"] != done["downloadUrl"], "download URLs are issued afresh"
 
 
 @pytest.mark.parametrize("fmt", ["CSV", "JSON", "NDJSON", "XLSX"])
@@ -398,6 +397,23 @@ def test_cancel_while_processing_stops_within_two_seconds(idle_queue):
     time.sleep(0.5)
     assert api.task(task["id"])["progress"]["processedRows"] == rows, "the worker kept writing progress"
     assert not list((idle_queue.data_dir / "files").rglob(f"*{task['id']}*/*.json"))
+
+
+def test_a_worker_runs_three_jobs_at_once_and_queues_the_rest_in_order(idle_queue):
+    api = idle_queue.api()
+    tasks = [api.export(dataset="samples", format="NDJSON", limit=50_000 + i) for i in range(5)]
+    assert [api.task(t["id"])["queuePosition"] for t in tasks] == [1, 2, 3, 4, 5]
+    idle_queue.start_worker()
+    deadline = time.monotonic() + 30
+    while True:
+        states = [api.task(t["id"]) for t in tasks]
+        if [s["status"] for s in states] == ["PROCESSING"] * 3 + ["PENDING"] * 2:
+            break
+        assert time.monotonic() < deadline, [s["status"] for s in states]
+        time.sleep(0.05)
+    assert [s["queuePosition"] for s in states] == [None, None, None, 1, 2]
+    for t in tasks:
+        api.mutate("cancelExport", t["id"])
 
 
 def test_a_transient_failure_succeeds_on_a_retry(idle_queue, test_data):
