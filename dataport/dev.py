@@ -28,7 +28,11 @@ console = Console(stderr=True)
 def run_dev(settings: Settings, host: str, port: int) -> int:
     redis = None
     if not settings.redis_url:
-        redis = EmbeddedRedis(settings.data_dir).start()
+        try:
+            redis = EmbeddedRedis(settings.data_dir).start()
+        except RuntimeError as e:
+            console.print(f"[red]Could not start the embedded Redis.[/red] {e}")
+            return 1
     env = {
         **os.environ,
         "DATAPORT_DEV_MODE": "true",

@@ -59,7 +59,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int | None = None, start_timeout: float = 15.0) -> None:
-        self.dir = Path(data_dir) / "redis"
+        self.dir = Path(data_dir).resolve() / "redis"  # the server runs in its own cwd
         self.port = port
         self.start_timeout = start_timeout
         self.log_path = self.dir / "server.log"

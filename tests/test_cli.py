@@ -21,9 +21,11 @@ from dataport.net import free_port, wait_for_port
 DEMO_ROWS = 3_000
 
 
-def _env(data_dir: Path) -> dict[str, str]:
+def _env(data_dir: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATAPORT_")}
-    env.update({"DATAPORT_DATA_DIR": str(data_dir), "DATAPORT_DEMO_ROWS": str(DEMO_ROWS)})
+    env["DATAPORT_DEMO_ROWS"] = str(DEMO_ROWS)
+    if data_dir is not None:
+        env["DATAPORT_DATA_DIR"] = str(data_dir)
     return env
 
 
@@ -34,19 +36,32 @@ def _dataport(*args: str, env: dict[str, str], **kwargs) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
-    """``dataport dev`` with no settings but a data dir and a small demo dataset."""
-    data_dir = tmp_path_factory.mktemp("dev")
+    """``dataport dev`` in a fresh directory with the default (relative) data dir, as a user runs it;
+    only the demo dataset is made smaller."""
+    workdir = tmp_path_factory.mktemp("dev")
+    data_dir = workdir / ".dataport"
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
-                               env=_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)], cwd=workdir,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_port("127.0.0.1", port, timeout=90)
+        _wait_for_dev(process, port)
         token = process.stdout.readline().strip()  # the token is the one line on stdout
         yield process, port, data_dir, token
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _wait_for_dev(process: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, f"dataport dev exited: {process.stderr.read() if process.stderr else ''}"
+        try:
+            wait_for_port("127.0.0.1", port, timeout=0.5)
+            return
+        except TimeoutError:
+            assert time.monotonic() < deadline, "dataport dev did not start in 90 s"
 
 
 def _tree(process: psutil.Process) -> list[psutil.Process]:
@@ -104,7 +119,7 @@ def test_a_killed_dev_leaves_nothing_behind(tmp_path):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
                                env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port("127.0.0.1", port, timeout=90)
+    _wait_for_dev(process, port)
     time.sleep(0.5)
     tree = _tree(psutil.Process(process.pid))
     assert len(tree) >= 4  # dev, redis, api, worker
