@@ -40,7 +40,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     from api.app import create_app
 
     _logging()
-    uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info", ws="websockets")
+    uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info", ws="websockets-sansio")
 
 
 @app.command()
