@@ -63,6 +63,7 @@ from dataport.client import DataportClient
 from dataport.demo_data import DEMO_COLUMNS, ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port, wait_for_port
+from dataport.processes import stop
 from dataport.settings import Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -187,18 +188,7 @@ class Stack:
 
     def stop(self) -> None:
         for process in (self.worker, self.api):
-            stop_process(process)
-
-
-def stop_process(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+            stop(process)
 
 
 def stack_env(rows: int, data_dir: Path, files_dir: Path, redis_url: str, secret: str, port: int,

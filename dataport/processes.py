@@ -1,0 +1,40 @@
+"""Child processes that never outlive their parent, and a polite way to stop them."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+# Resolved here, not in the forked child: a dlopen after fork can deadlock in a threaded parent.
+_prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: ask for SIGTERM when the parent goes away."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for Popen: the kernel sends the child SIGTERM when the starting thread dies,
+    so not even a SIGKILL of the parent leaves it behind (Linux; elsewhere a no-op)."""
+    return functools.partial(_die_with_parent, os.getpid())
+
+
+def stop(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
