@@ -488,3 +488,30 @@ async def test_retention_deletes_the_file_and_shows_the_task_expired(local_stack
     assert (await asyncio.to_thread(httpx.get, task["downloadUrl"])).status_code == 404
     again = await asyncio.to_thread(api.export, **request)
     assert again["id"] == task["id"] and again["run"] == 2 and again["status"] in ("PENDING", "PROCESSING")
+
+
+def test_cancel_on_s3_leaves_no_multipart_upload_and_no_object(s3_stack):
+    api = s3_stack.api()
+    task = api.export(dataset="samples", format="JSON")
+    deadline = time.monotonic() + 60
+    while api.task(task["id"])["progress"]["bytes"] < 20 * 1024 * 1024:  # some parts are uploaded
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    settings = s3_stack.settings
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, aws_access_key_id=settings.s3_access_key_id,
+                      aws_secret_access_key=settings.s3_secret_access_key, region_name=settings.s3_region)
+    prefix = f"exports/{_owner_of(api)}/{task['id']}/"
+    assert s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=prefix).get("Uploads")
+    assert api.mutate("cancelExport", task["id"])["task"]["status"] == "CANCELLED"
+    cancelled_at = time.monotonic()
+    while s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=prefix).get("Uploads"):
+        assert time.monotonic() - cancelled_at < 2.0, "the multipart upload outlived the cancel by 2 s"
+        time.sleep(0.05)
+    assert s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=prefix).get("KeyCount") == 0
+    assert api.task(task["id"])["status"] == "CANCELLED"
+
+
+def _owner_of(api: Api) -> str:
+    import jwt
+
+    return jwt.decode(api.token, options={"verify_signature": False})["sub"]
