@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +46,17 @@ class Dataset:
 
     def column(self, name: str) -> Column | None:
         return self.by_name.get(name)
+
+
+def iso_datetime(value: dt.datetime) -> str:
+    """The one text form of a date-time in every file, from every source: UTC, ISO 8601, ``Z``,
+    fractions of a second only when there are any."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC)
+    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    if value.microsecond:
+        text += f".{value.microsecond:06d}".rstrip("0")
+    return text + "Z"
 
 
 class SourceError(Exception):

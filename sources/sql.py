@@ -66,11 +66,19 @@ class CompiledQuery:
     params: tuple[Any, ...]
 
 
-def compile_query(query: Query, table: str, dialect: Dialect, count_cap: int | None = None) -> CompiledQuery:
+ColumnSql = Callable[[Column], str]
+
+
+def compile_query(
+    query: Query, table: str, dialect: Dialect, count_cap: int | None = None, column_sql: ColumnSql | None = None
+) -> CompiledQuery:
+    """``column_sql`` gives the SQL expression of a column (default: its quoted name); a source
+    whose columns live inside documents (PostgreSQL JSONB) passes its own."""
     q = dialect.quote
-    where, params = _where(query, dialect)
-    select_list = ", ".join(q(c.name) for c in query.columns)
-    sql = f"SELECT {select_list} FROM {q(table)}{where} ORDER BY {_order_by(query, dialect)}"
+    expr = column_sql or (lambda c: q(c.name))
+    where, params = _where(query, dialect, expr)
+    select_list = ", ".join(expr(c) for c in query.columns)
+    sql = f"SELECT {select_list} FROM {q(table)}{where} ORDER BY {_order_by(query, dialect, expr)}"
     if query.limit is not None:
         sql += f" LIMIT {int(query.limit)}"
     # The count stops at the cap: "more than the maximum" needs no full scan of a huge table.
@@ -79,18 +87,18 @@ def compile_query(query: Query, table: str, dialect: Dialect, count_cap: int | N
     return CompiledQuery(sql, f"SELECT count(*) FROM ({inner}) AS matching", tuple(params))
 
 
-def _where(query: Query, dialect: Dialect) -> tuple[str, list[Any]]:
+def _where(query: Query, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     for f in query.filters:
-        clause, values = _condition(f, dialect)
+        clause, values = _condition(f, dialect, expr)
         clauses.append(clause)
         params.extend(values)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-def _condition(f: Filter, dialect: Dialect) -> tuple[str, list[Any]]:
-    col = dialect.quote(f.column.name)
+def _condition(f: Filter, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[Any]]:
+    col = expr(f.column)
     ph = dialect.placeholder
     values = [dialect.bind(f.column, v) for v in f.values]
     if f.op in _COMPARISONS:
@@ -113,11 +121,10 @@ def _condition(f: Filter, dialect: Dialect) -> tuple[str, list[Any]]:
     raise ValueError(f"operator {f.op} has no SQL form")  # build_query refuses these first
 
 
-def _order_by(query: Query, dialect: Dialect) -> str:
-    q = dialect.quote
-    parts = [f"{q(s.column.name)} {'DESC NULLS FIRST' if s.descending else 'ASC NULLS LAST'}" for s in query.sort]
+def _order_by(query: Query, dialect: Dialect, expr: ColumnSql) -> str:
+    parts = [f"{expr(s.column)} {'DESC NULLS FIRST' if s.descending else 'ASC NULLS LAST'}" for s in query.sort]
     sorted_on = {s.column.name for s in query.sort}
-    tiebreak = [q(k) for k in query.dataset.key if k not in sorted_on]
+    tiebreak = [expr(query.dataset.by_name[k]) for k in query.dataset.key if k not in sorted_on]
     if not query.dataset.key and dialect.row_id:
         tiebreak = [dialect.row_id]
     return ", ".join(parts + tiebreak) or "1"
