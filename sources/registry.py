@@ -42,7 +42,15 @@ class Registry:
     def open(self, dataset: Dataset) -> Source:
         if dataset.source == "sqlite":
             return SqliteSource(dataset, busy_timeout=self.settings.sqlite_busy_timeout_seconds)
-        raise SourceError(f"dataset '{dataset.name}': source '{dataset.source}' is not available in this build")
+        if dataset.source == "postgres":
+            from sources.postgres import PostgresSource
+
+            return PostgresSource(dataset, self.settings)
+        if dataset.source == "opensearch":
+            from sources.opensearch import OpenSearchSource
+
+            return OpenSearchSource(dataset, self.settings)
+        raise SourceError(f"dataset '{dataset.name}': unknown source '{dataset.source}'")
 
 
 def load_registry(settings: Settings) -> Registry:
@@ -151,6 +159,13 @@ def _column(name: str, spec: Any, fail) -> Column:
 
 
 def _discover(source: str, url: str, table: str) -> tuple[Column, ...]:
+    """Columns read from the store at start-up (blocking, once)."""
     if source == "sqlite":
         return discover_columns(url, table)
-    raise SourceError(f"discovery for '{source}' sources is not available in this build")
+    if source == "postgres":
+        from sources import postgres
+
+        return postgres.discover_columns(url, table)
+    from sources import opensearch
+
+    return opensearch.discover_columns(url, table)

@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.s3",
     "tests.fixtures.stack",
+    "tests.fixtures.postgres",
+    "tests.fixtures.opensearch",
 ]
