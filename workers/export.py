@@ -18,7 +18,8 @@ from arq import Retry
 
 from dataport.errors import UserErrors
 from dataport.services import Services
-from formats import writer_for
+from formats import WRITERS
+from formats.pipeline import encode
 from sources.base import SourceError, TransientSourceError
 from sources.query import build_query
 from storage.base import StorageError
@@ -110,8 +111,8 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         raise _Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
     r = task.request
     query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
-    writer = writer_for(task.format, query.columns, formula_guard=settings.csv_formula_guard)
-    key = f"exports/{task.owner}/{task.id}/{dataset.name}-{task.run}.{writer.extension}"
+    file_format = WRITERS[task.format]
+    key = f"exports/{task.owner}/{task.id}/{dataset.name}-{task.run}.{file_format.extension}"
 
     source = services.registry.open(dataset)
     try:
@@ -119,19 +120,13 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         progress = ProgressReporter(services.store, task.id, attempt, total, settings.progress_interval_seconds)
         await progress.flush()
         await services.storage.discard_incomplete(key)  # a killed attempt's half-written parts
-        out = await services.storage.open_writer(key, writer.content_type)
+        out = await services.storage.open_writer(key, file_format.content_type)
         try:
-            head = writer.begin()
-            await out.write(head)
-            size = len(head)
-            async for batch in source.batches(query, settings.batch_rows):
-                chunk = writer.write(batch)
+            chunks = encode(source, query, task.format, batch_rows=settings.batch_rows,
+                            formula_guard=settings.csv_formula_guard)
+            async for chunk, rows in chunks:
                 await out.write(chunk)
-                size += len(chunk)
-                await progress.advance(len(batch), len(chunk))
-            for chunk in writer.finish():
-                await out.write(chunk)
-                size += len(chunk)
+                await progress.advance(rows, len(chunk))
             stored = await out.complete()
         except BaseException:
             await asyncio.shield(out.abort())

@@ -1,0 +1,31 @@
+"""Source → format: the one pipeline behind both the worker and the streaming route.
+
+Yields the file as ``(chunk, rows_in_chunk)`` pairs. A source that can render CSV itself (the
+PostgreSQL COPY fast path) does so for CSV; every other case goes through the format's writer.
+Because both callers use this function, a streamed file and a worker's file for the same query are
+the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from formats import writer_for
+from sources.base import Source
+from sources.query import Query
+
+
+async def encode(
+    source: Source, query: Query, file_format: str, *, batch_rows: int, formula_guard: bool
+) -> AsyncIterator[tuple[bytes, int]]:
+    render_csv = getattr(source, "csv_batches", None)
+    if file_format.upper() == "CSV" and render_csv is not None:
+        async for chunk, rows in render_csv(query, batch_rows, formula_guard=formula_guard):
+            yield chunk, rows
+        return
+    writer = writer_for(file_format, query.columns, formula_guard=formula_guard)
+    yield writer.begin(), 0
+    async for batch in source.batches(query, batch_rows):
+        yield writer.write(batch), len(batch)
+    for chunk in writer.finish():
+        yield chunk, 0
