@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import HTTPConnection, Request
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
+from api import stream
 from api.auth import issue_token
 from api.context import Context
 from dataport.services import Services
@@ -51,6 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prefix="/graphql",
     )
 
+    app.include_router(stream.router)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/files/{task_id}")
     async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)):
         """Signed download for the local backend. A bad or expired signature is refused the same
@@ -59,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not verify(settings.signing_secret, "GET", task_id, expires, signature):
             raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
         task = await services.store.get(task_id)
-        if task is None or task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+        if task is None or task.status is not TaskStatus.SUCCEEDED or not task.object_key \
+                or services.storage.name != "local":
             raise HTTPException(404, "There is no such file.")
         path = services.storage.path_for(task.object_key)
         if not path.exists():

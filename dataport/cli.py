@@ -90,13 +90,18 @@ def export(
     token: Annotated[str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: one for $USER")] = None,
 ) -> None:
     """Request an export over GraphQL, follow its progress, download the file."""
-    from dataport.client import ClientError, DataportClient, parse_filter
+    from dataport.client import ClientError, DataportClient
+    from sources.query import parse_filter_text
 
     settings = get_settings()
     client = DataportClient(url.rstrip("/"), token or _local_token(settings))
     try:
-        export_input = {"dataset": dataset, "format": format.upper(),
-                        "filters": [parse_filter(f) for f in filter or []],
+        filters = [parse_filter_text(f) for f in filter or []]
+    except ValueError as e:
+        console.print(f"[red]--filter:[/red] {e}")
+        raise typer.Exit(2) from None
+    try:
+        export_input = {"dataset": dataset, "format": format.upper(), "filters": filters,
                         "columns": columns.split(",") if columns else None, "limit": limit}
         task = asyncio.run(_export(client, export_input, out))
     except ClientError as e:

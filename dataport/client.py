@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -91,19 +90,3 @@ class DataportClient:
         partial.replace(out)
 
 
-def parse_filter(text: str) -> dict[str, Any]:
-    """``field:op:value`` (as on the streaming route); IN, NOT_IN and BETWEEN take a comma list."""
-    field, sep, rest = text.partition(":")
-    op, _, value = rest.partition(":")
-    if not sep or not field or not op:
-        raise ClientError(f"filter '{text}' is not field:op:value")
-    op = op.upper()
-    if op in ("IN", "NOT_IN", "BETWEEN"):
-        return {"field": field, "op": op, "values": value.split(",")}
-    if op == "IS_NULL":
-        return {"field": field, "op": op, "value": value.lower() != "false"}
-    return {"field": field, "op": op, "value": value}
-
-
-def run(coro):
-    return asyncio.run(coro)

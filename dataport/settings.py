@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(default=0.25, ge=0.25)
     poll_base_seconds: float = 5.0
 
+    # The streaming route: requests per minute, per user and per client address.
+    stream_rate_per_user: int = 30
+    stream_rate_per_ip: int = 120
+
     # Files.
     csv_formula_guard: bool = True
 

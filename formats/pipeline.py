@@ -9,6 +9,7 @@ the same bytes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from formats import writer_for
 from sources.base import Source
@@ -18,14 +19,18 @@ from sources.query import Query
 async def encode(
     source: Source, query: Query, file_format: str, *, batch_rows: int, formula_guard: bool
 ) -> AsyncIterator[tuple[bytes, int]]:
+    # aclosing: when this generator is closed early (cancel, client gone), the source's generator is
+    # closed right then, releasing its cursor or scroll, rather than whenever it is collected.
     render_csv = getattr(source, "csv_batches", None)
     if file_format.upper() == "CSV" and render_csv is not None:
-        async for chunk, rows in render_csv(query, batch_rows, formula_guard=formula_guard):
-            yield chunk, rows
+        async with aclosing(render_csv(query, batch_rows, formula_guard=formula_guard)) as rendered:
+            async for chunk, rows in rendered:
+                yield chunk, rows
         return
     writer = writer_for(file_format, query.columns, formula_guard=formula_guard)
     yield writer.begin(), 0
-    async for batch in source.batches(query, batch_rows):
-        yield writer.write(batch), len(batch)
+    async with aclosing(source.batches(query, batch_rows)) as batches:
+        async for batch in batches:
+            yield writer.write(batch), len(batch)
     for chunk in writer.finish():
         yield chunk, 0

@@ -217,3 +217,30 @@ def _coerce(column: Column, value: Any, where: str) -> Any:
                 return parsed.astimezone(dt.UTC)
         raise refuse("a date-time (ISO 8601)")
     raise refuse(kind)
+
+
+def parse_filter_text(text: str) -> dict[str, Any]:
+    """``field:op:value`` (the streaming route's and the CLI's filter syntax) as filter input.
+
+    The value is everything after the second colon, so date-times keep theirs; IN, NOT_IN and
+    BETWEEN take a comma-separated list; IS_NULL takes true (the default) or false. Raises
+    ``ValueError`` with a message that says what was wrong."""
+    field, sep, rest = text.partition(":")
+    op, _, value = rest.partition(":")
+    if not sep or not field or not op:
+        raise ValueError(f"filter '{text}' is not field:op:value")
+    op = op.upper()
+    if op in ("IN", "NOT_IN", "BETWEEN"):
+        return {"field": field, "op": op, "values": value.split(",") if value else []}
+    if op == "IS_NULL":
+        return {"field": field, "op": op, "value": value.lower() != "false"}
+    return {"field": field, "op": op, "value": value}
+
+
+def parse_sort_text(text: str) -> list[dict[str, str]]:
+    """``-collected_on,site``: comma-separated fields, a leading ``-`` for descending."""
+    return [
+        {"field": part.lstrip("-"), "direction": "DESC" if part.startswith("-") else "ASC"}
+        for part in (p.strip() for p in text.split(","))
+        if part
+    ]

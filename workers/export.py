@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from contextlib import aclosing
 from typing import Any
 
 import redis.exceptions
@@ -124,9 +125,10 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         try:
             chunks = encode(source, query, task.format, batch_rows=settings.batch_rows,
                             formula_guard=settings.csv_formula_guard)
-            async for chunk, rows in chunks:
-                await out.write(chunk)
-                await progress.advance(rows, len(chunk))
+            async with aclosing(chunks):
+                async for chunk, rows in chunks:
+                    await out.write(chunk)
+                    await progress.advance(rows, len(chunk))
             stored = await out.complete()
         except BaseException:
             await asyncio.shield(out.abort())

@@ -1,0 +1,857 @@
+"""OpenSearch source: the export query as query DSL, read in one pass (point in time or scroll).
+
+Semantics match ``sources.sql`` (read its docstring) so that one ``Query`` gives the same rows from
+every store:
+
+- EQ is a ``term``; NE and NOT_IN are ``must_not`` clauses, so documents without the field (SQL's
+  NULL) are kept, like ``IS DISTINCT FROM``;
+- GT/GTE/LT/LTE/BETWEEN are ``range`` queries (BETWEEN inclusive); dates and date-times carry an
+  explicit ``format`` and compare as instants in UTC (fractions finer than the field keeps are
+  rounded the way the comparison needs, so ``LT 09:00:00.1234`` still finds ``09:00:00.123``);
+- CONTAINS is a case-sensitive ``wildcard`` ``*value*`` with ``*``, ``?`` and ``\\`` escaped;
+  PREFIX a ``prefix`` query; IS_NULL ``must_not exists`` (false: ``exists``);
+- a ``text`` field is filtered and sorted through its ``keyword`` subfield; one without such a
+  subfield is refused with a user error instead of matching analysed tokens;
+- ascending sorts put missing values last, descending first; the dataset key (ascending) ends
+  every sort, so the order is total and a rerun writes the same file.
+
+Reading: with a total order (the dataset has a key) the source opens a point in time and pages
+with ``search_after``; a cluster without point-in-time support (or a dataset without a key, whose
+sort values need not be unique) is read with one scroll, sorted by ``_doc`` unless a sort is
+asked for. The point in time or scroll is released when the read ends, fails or is abandoned
+(the generator is closed, the task cancelled), and ``close()`` releases whatever is still open.
+
+Failures: 429, 5xx, connection errors and timeouts are retried with exponential backoff (4 tries
+over about 5 s), then raised as ``TransientSourceError``; the worker retries the whole export.
+A scroll page is only retried when the request cannot have reached the cluster (429, refused
+connection): a scroll cannot be rewound, and a replayed page would silently skip rows. Other
+4xx answers (missing index, bad credentials, refused query) are ``SourceError`` with a message
+that says what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+from opensearchpy import AsyncOpenSearch, OpenSearch
+from opensearchpy.exceptions import (
+    ConnectionError as OSConnectionError,
+)
+from opensearchpy.exceptions import (
+    ConnectionTimeout,
+    SerializationError,
+    TransportError,
+)
+from opensearchpy.serializer import JSONSerializer
+
+from dataport import errors
+from dataport.errors import UserError, UserErrors
+from sources.base import Column, Dataset, Row, SourceError, TransientSourceError, iso_datetime
+from sources.query import Filter, Query
+
+log = logging.getLogger("dataport.sources.opensearch")
+
+# Pauses between tries: 4 tries over about 5 seconds (each pause varies by up to ±20 %).
+RETRY_DELAYS = (0.7, 1.4, 2.8)
+REQUEST_TIMEOUT_SECONDS = 30.0
+RELEASE_TIMEOUT_SECONDS = 1.0  # a point in time or scroll is given up within this
+KEEP_ALIVE = "5m"  # between two pages; renewed by every page
+MAX_PAGE = 10_000  # index.max_result_window's default
+
+# OpenSearch field types, by the column type they hold.
+_INTEGER_TYPES = {"long", "integer", "short", "byte", "unsigned_long"}
+_FLOAT_TYPES = {"double", "float", "half_float", "scaled_float"}
+_KEYWORD_TYPES = {"keyword", "constant_keyword"}
+_TEXT_TYPES = {"text", "match_only_text"}
+# Kept as plain text but neither filtered nor sorted: their queries do not compare like SQL text.
+_OPAQUE_TEXT_TYPES = {"ip", "version", "wildcard", "binary"}
+_PLAIN_DATE_FORMATS = {"yyyy-MM-dd", "date", "strict_date"}
+_EPOCH_FORMATS = {"epoch_millis", "epoch_second"}
+# The OpenSearch type assumed for a declared column that the mapping does not know (yet).
+_DEFAULT_KINDS = {"string": "keyword", "integer": "long", "float": "double", "boolean": "boolean",
+                  "date": "date", "datetime": "date"}  # fmt: skip
+_PAGE_FIELDS = ("hits.hits._id,hits.hits._index,hits.hits._source,hits.hits.sort,_scroll_id,pit_id,"
+                "_shards.failed,_shards.failures,timed_out")  # fmt: skip
+# Shard failures that a later try can get past.
+_TRANSIENT_FAILURES = ("rejected", "node_not_connected", "no_shard_available", "node_disconnected",
+                       "circuit_breaking", "timeout")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Fields: where a column lives in the index
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where filters and sorts on a column look: ``path`` (a text field's keyword subfield) and
+    the OpenSearch type there. ``searchable`` is false for a text field without a keyword
+    subfield; ``mapped`` is false for a column the mapping does not know."""
+
+    path: str
+    kind: str
+    searchable: bool = True
+    mapped: bool = True
+
+
+def _default_field(column: Column) -> Field:
+    return Field(column.name, _DEFAULT_KINDS.get(column.type, "keyword"), mapped=False)
+
+
+def _mapping_properties(response: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The ``properties`` of each index in a get-mapping answer, indices in name order."""
+    for _, entry in sorted(response.items()):
+        mappings = (entry or {}).get("mappings") or {}
+        if "properties" not in mappings and len(mappings) == 1:  # a pre-7 mapping type level
+            mappings = next(iter(mappings.values())) or {}
+        yield mappings.get("properties") or {}
+
+
+def _leaves(properties: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Leaf fields as (dotted name, spec); object properties are walked, nested ones skipped
+    (plain queries cannot reach inside them)."""
+    for name, spec in properties.items():
+        if not isinstance(spec, dict):
+            continue
+        full = prefix + name
+        kind = spec.get("type", "object" if "properties" in spec else None)
+        if kind == "object":
+            if spec.get("enabled", True) is not False:
+                yield from _leaves(spec.get("properties") or {}, full + ".")
+        elif kind is not None and kind != "nested":
+            yield full, spec
+
+
+def _keyword_subfield(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    subs = [(n, s) for n, s in (spec.get("fields") or {}).items() if isinstance(s, dict) and s.get("type") == "keyword"]
+    subs.sort(key=lambda item: (item[0] != "keyword", item[0]))
+    return subs[0] if subs else None
+
+
+def _date_type(spec: Mapping[str, Any]) -> str:
+    formats = [f.strip() for f in str(spec.get("format") or "").split("||") if f.strip()]
+    if formats and formats[0] in _PLAIN_DATE_FORMATS and all(
+        f in _PLAIN_DATE_FORMATS or f in _EPOCH_FORMATS for f in formats
+    ):
+        return "date"
+    return "datetime"
+
+
+def _describe(name: str, spec: Mapping[str, Any]) -> tuple[Column, Field] | None:
+    """The column a mapped field becomes, and where its filters and sorts look."""
+    kind = spec.get("type")
+    indexed = spec.get("index", True) is not False
+    doc_values = spec.get("doc_values", True) is not False
+    if kind in _KEYWORD_TYPES:
+        plain = not spec.get("normalizer")  # a normalizer would make filters and sorts case-blind
+        return Column(name, "string", filterable=indexed and plain, sortable=doc_values and plain), Field(name, kind)
+    if kind in _TEXT_TYPES:
+        sub = _keyword_subfield(spec)
+        if sub is None:
+            return Column(name, "string", filterable=False, sortable=False), Field(name, kind, searchable=False)
+        sub_name, sub_spec = sub
+        plain = not sub_spec.get("normalizer")
+        return (
+            Column(name, "string", filterable=plain and sub_spec.get("index", True) is not False,
+                   sortable=plain and sub_spec.get("doc_values", True) is not False),
+            Field(f"{name}.{sub_name}", "keyword"),
+        )
+    if kind in _OPAQUE_TEXT_TYPES:
+        return Column(name, "string", filterable=False, sortable=False), Field(name, kind, searchable=False)
+    if kind in _INTEGER_TYPES:
+        column_type = "integer"
+    elif kind in _FLOAT_TYPES:
+        column_type = "float"
+    elif kind == "boolean":
+        column_type = "boolean"
+    elif kind == "date":
+        column_type = _date_type(spec)
+    elif kind == "date_nanos":
+        column_type = "datetime"
+    else:
+        return None  # geo, range, join, flat_object, alias, ...: not a column
+    return Column(name, column_type, filterable=indexed, sortable=doc_values), Field(name, kind)
+
+
+def _describe_mapping(response: Mapping[str, Any]) -> dict[str, tuple[Column, Field]]:
+    """Every field of every index in the answer, by dotted name; the first index (by name) to
+    map a field decides its type."""
+    described: dict[str, tuple[Column, Field]] = {}
+    for properties in _mapping_properties(response):
+        for name, spec in _leaves(properties):
+            if name not in described:
+                entry = _describe(name, spec)
+                if entry is not None:
+                    described[name] = entry
+    return described
+
+
+def discover_columns(url: str, index: str) -> tuple[Column, ...]:
+    """The index mapping as columns (object fields as dotted names, in name order). Blocking:
+    called once at start-up."""
+    client = OpenSearch(hosts=[url], timeout=10, max_retries=2, retry_on_timeout=True,
+                        retry_on_status=(429, 502, 503, 504))  # fmt: skip
+    try:
+        response = client.indices.get_mapping(index=index)
+    except TransportError as e:
+        raise SourceError(_explain(e, f"reading the mapping of index '{index}'", index, url)) from None
+    finally:
+        client.close()
+    described = _describe_mapping(response)
+    if not described:
+        raise SourceError(f"index '{index}' at {redact(url)} maps no fields that can be exported")
+    return tuple(column for _, (column, _) in sorted(described.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# The query DSL
+
+
+def compile_query(query: Query, fields: Mapping[str, Field] | None = None) -> dict[str, Any]:
+    """The search body for ``query``: ``query`` (bool filter / must_not), ``sort`` and ``_source``.
+
+    ``fields`` says where each column lives (from the index mapping); without it every column is
+    taken to be a field of its own name and of the usual type for its column type.
+    Raises ``UserErrors`` for a filter or sort on a text field that has no keyword subfield."""
+    return _compile(query, fields or {})[0]
+
+
+def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any], bool]:
+    """The body, and whether its sort is a total order (the dataset key ends it)."""
+
+    def field(column: Column) -> Field:
+        return fields.get(column.name) or _default_field(column)
+
+    problems: list[UserError] = []
+    must: list[dict[str, Any]] = []
+    must_not: list[dict[str, Any]] = []
+    for i, f in enumerate(query.filters):
+        where = field(f.column)
+        if not where.searchable and f.op != "IS_NULL":
+            problems.append(UserError(
+                f"Column '{f.column.name}' is full text in the index (no keyword subfield) and cannot be "
+                f"filtered with {f.op}.", errors.NOT_FILTERABLE, ("input", "filters", str(i), "field")))
+            continue
+        positive, negative = _condition(f, where)
+        must.extend(positive)
+        must_not.extend(negative)
+
+    sort: list[Any] = []
+    for i, s in enumerate(query.sort):
+        where = field(s.column)
+        if not where.searchable:
+            problems.append(UserError(
+                f"Column '{s.column.name}' is full text in the index (no keyword subfield) and cannot be sorted on.",
+                errors.NOT_SORTABLE, ("input", "sort", str(i), "field")))
+            continue
+        sort.append(_sort_clause(s.column, where, s.descending))
+    if problems:
+        raise UserErrors(problems)
+
+    sorted_on = {s.column.name for s in query.sort}
+    total = bool(query.dataset.key)
+    for name in query.dataset.key:
+        column = query.dataset.by_name.get(name)
+        if name in sorted_on:
+            continue
+        where = field(column) if column is not None else None
+        if where is None or not where.searchable:
+            total = False
+            continue
+        sort.append(_sort_clause(column, where, False))
+    if not query.dataset.key:
+        sort.append("_doc")  # index order: cheapest, and the order of a table without a key
+
+    if must or must_not:
+        body_query: dict[str, Any] = {"bool": {}}
+        if must:
+            body_query["bool"]["filter"] = must
+        if must_not:
+            body_query["bool"]["must_not"] = must_not
+    else:
+        body_query = {"match_all": {}}
+    body = {"query": body_query, "sort": sort, "_source": {"includes": [c.name for c in query.columns]}}
+    return body, total
+
+
+def _sort_clause(column: Column, where: Field, descending: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"order": "desc" if descending else "asc", "missing": "_first" if descending else "_last"}
+    if not where.mapped:
+        spec["unmapped_type"] = where.kind
+    return {where.path: spec}
+
+
+_MATCH_NONE: dict[str, Any] = {"match_none": {}}
+_RANGE_OPS = {"GT": "gt", "GTE": "gte", "LT": "lt", "LTE": "lte"}
+
+
+def _condition(f: Filter, where: Field) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(filter clauses, must_not clauses) for one filter."""
+    path, op = where.path, f.op
+    if op == "IS_NULL":
+        exists = {"exists": {"field": path}}
+        return ([], [exists]) if f.values[0] else ([exists], [])
+    if op == "CONTAINS":
+        return [{"wildcard": {path: {"value": f"*{_escape_wildcard(f.values[0])}*"}}}], []
+    if op == "PREFIX":
+        return [{"prefix": {path: {"value": f.values[0]}}}], []
+    if f.column.type in ("date", "datetime"):
+        return _date_condition(f, where)
+    if op == "EQ":
+        return [{"term": {path: f.values[0]}}], []
+    if op == "NE":
+        return [], [{"term": {path: f.values[0]}}]
+    if op == "IN":
+        return [{"terms": {path: list(f.values)}}], []
+    if op == "NOT_IN":
+        return [], [{"terms": {path: list(f.values)}}]
+    if op in _RANGE_OPS:
+        return [{"range": {path: {_RANGE_OPS[op]: f.values[0]}}}], []
+    if op == "BETWEEN":
+        return [{"range": {path: {"gte": f.values[0], "lte": f.values[1]}}}], []
+    raise ValueError(f"operator {op} has no OpenSearch form")  # build_query refuses these first
+
+
+def _escape_wildcard(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+
+
+def _date_condition(f: Filter, where: Field) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Dates and date-times. Comparisons are ranges with an explicit format, so they hold whatever
+    format the mapping declares. A ``date`` field keeps milliseconds: a filter value with finer
+    digits is rounded the way each comparison needs, so that the answer is the exact one."""
+    path, op, values = where.path, f.op, f.values
+    if f.column.type == "date":
+        fmt, encode = "strict_date", _encode_date
+        exact: Callable[[Any], bool] = lambda v: True  # noqa: E731
+    else:
+        fmt, encode = "strict_date_optional_time", _encode_datetime
+        exact = (lambda v: True) if where.kind == "date_nanos" else (lambda v: v.microsecond % 1000 == 0)
+
+    def rng(**bounds: Any) -> dict[str, Any]:
+        return {"range": {path: {**{k: encode(v) for k, v in bounds.items()}, "format": fmt}}}
+
+    if op in ("EQ", "NE"):
+        v = values[0]
+        if not exact(v):  # no stored value equals it
+            return ([_MATCH_NONE], []) if op == "EQ" else ([], [])
+        clause = rng(gte=v, lte=v)
+        return ([clause], []) if op == "EQ" else ([], [clause])
+    if op in ("IN", "NOT_IN"):
+        kept = [encode(v) for v in values if exact(v)]
+        if not kept:
+            return ([_MATCH_NONE], []) if op == "IN" else ([], [])
+        clause = {"terms": {path: kept}}
+        return ([clause], []) if op == "IN" else ([], [clause])
+    if op in _RANGE_OPS:
+        v = values[0]
+        if exact(v):
+            return [rng(**{_RANGE_OPS[op]: v})], []
+        # stored values are whole milliseconds: x > 9.1234 ⟺ x > 9.123, x < 9.1234 ⟺ x <= 9.123
+        return [rng(**{"gt" if op in ("GT", "GTE") else "lte": _floor_ms(v)})], []
+    if op == "BETWEEN":
+        low, high = values
+        lower = {"gte": low} if exact(low) else {"gt": _floor_ms(low)}
+        return [rng(**lower, lte=_floor_ms(high))], []
+    raise ValueError(f"operator {op} has no OpenSearch form for dates")
+
+
+def _floor_ms(value: Any) -> Any:
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+
+
+def _encode_date(value: dt.date) -> str:
+    return value.isoformat()
+
+
+def _encode_datetime(value: dt.datetime) -> str:
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond:06d}Z"
+
+
+# --------------------------------------------------------------------------------------------
+# Cells: _source values as the writers want them
+
+
+class _BadCell(Exception):
+    pass
+
+
+def _one(value: Any) -> Any:
+    """A list holds one value (or none) for a column; OpenSearch indexes [x] exactly as x."""
+    if value.__class__ is list:
+        if not value:
+            return None
+        if len(value) == 1:
+            return value[0]
+    raise _BadCell
+
+
+def _string(value: Any) -> Any:
+    if value is None or value.__class__ is str:
+        return value
+    if value.__class__ is list:
+        return _string(_one(value))
+    if value.__class__ is bool:
+        return "true" if value else "false"
+    if value.__class__ in (int, float):  # a keyword field indexes a number as its text
+        return json.dumps(value)
+    raise _BadCell
+
+
+def _integer(value: Any) -> Any:
+    if value is None or value.__class__ is int:
+        return value
+    if value.__class__ is float and value.is_integer():
+        return int(value)
+    if value.__class__ is list:
+        return _integer(_one(value))
+    raise _BadCell
+
+
+def _float(value: Any) -> Any:
+    if value is None or value.__class__ is float:
+        return value
+    if value.__class__ is int:
+        return float(value)
+    if value.__class__ is list:
+        return _float(_one(value))
+    raise _BadCell
+
+
+def _boolean(value: Any) -> Any:
+    if value is None or value.__class__ is bool:
+        return value
+    if value == "true" or value == "false":  # what OpenSearch itself accepts for a boolean
+        return value == "true"
+    if value.__class__ is list:
+        return _boolean(_one(value))
+    raise _BadCell
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _instant(value: Any) -> dt.datetime:
+    """A date-time as OpenSearch keeps it in _source: ISO text (no offset = UTC) or epoch millis."""
+    if value.__class__ is str:
+        if value.lstrip("-").isdigit():
+            return _EPOCH + dt.timedelta(milliseconds=int(value))
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise _BadCell from None
+        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+    if value.__class__ in (int, float):
+        return _EPOCH + dt.timedelta(milliseconds=value)
+    raise _BadCell
+
+
+def _datetime(value: Any) -> Any:
+    if value is None:
+        return None
+    if value.__class__ is list:
+        return _datetime(_one(value))
+    return iso_datetime(_instant(value))
+
+
+def _date(value: Any) -> Any:
+    if value is None:
+        return None
+    if value.__class__ is str and len(value) == 10:
+        try:
+            return dt.date.fromisoformat(value).isoformat()
+        except ValueError:
+            raise _BadCell from None
+    if value.__class__ is list:
+        return _date(_one(value))
+    return _instant(value).date().isoformat()
+
+
+_CELLS: dict[str, Callable[[Any], Any]] = {
+    "string": _string, "integer": _integer, "float": _float, "boolean": _boolean, "date": _date,
+    "datetime": _datetime,
+}  # fmt: skip
+
+
+class _Many(list):
+    """Values of one dotted name gathered from an array of objects."""
+
+
+def _flatten(source: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}. An array of objects gives each dotted name all its values."""
+    if out is None:
+        out = {}
+    for key, value in source.items():
+        name = prefix + key
+        if value.__class__ is dict:
+            _flatten(value, name + ".", out)
+        elif value.__class__ is list and value and all(v.__class__ is dict for v in value):
+            for item in value:
+                for sub, sub_value in _flatten(item, name + ".").items():
+                    out.setdefault(sub, _Many()).append(sub_value)
+        else:
+            out[name] = value
+    return out
+
+
+def _converter(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Row]]:
+    """Hits → tuples in column order, each cell of its column's type; a value of the wrong type
+    is a ``SourceError`` that names the document and the column."""
+    plan = [(c.name, _CELLS.get(c.type, _string)) for c in columns]
+    dotted = any("." in c.name for c in columns)
+
+    def convert(hits: list[dict[str, Any]]) -> list[Row]:
+        rows: list[Row] = []
+        append = rows.append
+        for hit in hits:
+            source = hit.get("_source") or {}
+            if dotted:
+                source = _flatten(source)
+            get = source.get
+            try:
+                append(tuple([cell(get(name)) for name, cell in plan]))
+            except _BadCell:
+                raise _bad_cell(hit, source, columns) from None
+        return rows
+
+    return convert
+
+
+def _bad_cell(hit: Mapping[str, Any], source: Mapping[str, Any], columns: tuple[Column, ...]) -> SourceError:
+    for column in columns:
+        value = source.get(column.name)
+        try:
+            _CELLS.get(column.type, _string)(value)
+        except _BadCell:
+            where = f"Document '{hit.get('_id')}' in index '{hit.get('_index')}'"
+            if isinstance(value, list) and len(value) > 1:
+                return SourceError(
+                    f"{where}: column '{column.name}' holds {len(value)} values {_clip(value)}; an export takes one "
+                    f"value per cell. Store a single value, or leave the column out of the export."
+                )
+            article = "an" if column.type[0] in "aeiou" else "a"
+            return SourceError(
+                f"{where}: column '{column.name}' holds {_clip(value)}, which is not {article} {column.type}. "
+                f"Correct the document, or declare the column as string."
+            )
+    return SourceError(f"Document '{hit.get('_id')}' in index '{hit.get('_index')}' could not be read.")
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    text = repr(list(value) if isinstance(value, _Many) else value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def redact(url: str) -> str:
+    """``url`` without its credentials, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _error_type(e: TransportError) -> str:
+    info = e.info if isinstance(e.info, dict) else {}
+    error = info.get("error")
+    if isinstance(error, dict):
+        return str(error.get("type") or "")
+    return str(e.error or "")
+
+
+def _reason(e: TransportError) -> str:
+    if isinstance(e, ConnectionTimeout):
+        return "no answer in time"
+    if isinstance(e, OSConnectionError):
+        return f"connection failed: {e.info}" if e.info else "connection failed"
+    info = e.info if isinstance(e.info, dict) else {}
+    error = info.get("error")
+    if isinstance(error, dict):
+        causes = error.get("root_cause") or []
+        cause = causes[0] if causes and isinstance(causes[0], dict) else error
+        return f"{cause.get('type') or error.get('type')}: {cause.get('reason') or error.get('reason')}"
+    if isinstance(error, str):
+        return error
+    return str(e.error or info or e.status_code)
+
+
+def _transient(e: TransportError) -> bool:
+    if isinstance(e, OSConnectionError):  # includes timeouts
+        return True
+    return isinstance(e.status_code, int) and (e.status_code == 429 or e.status_code >= 500)
+
+
+def _never_reached(e: TransportError) -> bool:
+    """True when the cluster cannot have acted on the request: it said "too many requests", or
+    no connection was made."""
+    if e.status_code == 429:
+        return True
+    return isinstance(e, OSConnectionError) and not isinstance(e, ConnectionTimeout) and isinstance(
+        e.info, aiohttp.ClientConnectorError
+    )
+
+
+def _context_gone(e: TransportError) -> bool:
+    text = f"{_error_type(e)} {_reason(e)}"
+    return e.status_code == 404 and ("search_context_missing" in text or "No search context found" in text)
+
+
+def _explain(e: TransportError, what: str, index: str, url: str) -> str:
+    """A message for a failure that a retry will not mend: what went wrong and what to change."""
+    where = redact(url)
+    kind = _error_type(e)
+    if isinstance(e, OSConnectionError):
+        return f"OpenSearch at {where} could not be reached while {what} ({_reason(e)})."
+    if "index_not_found" in kind:
+        return (f"Index '{index}' does not exist at {where}. Check `index` in the datasets file, or create "
+                f"the index.")  # fmt: skip
+    if e.status_code == 401:
+        return f"OpenSearch at {where} refused the credentials (401). Check the user and password in the dataset's url."
+    if e.status_code == 403:
+        return f"OpenSearch at {where} does not allow {what} (403: {_reason(e)}). Grant the user read access."
+    if e.status_code == 400:
+        return f"OpenSearch refused the request while {what} ({_reason(e)})."
+    return f"OpenSearch at {where} answered {e.status_code} while {what} ({_reason(e)})."
+
+
+def _shard_problem(response: Mapping[str, Any], what: str) -> SourceError | None:
+    """Partial answers are never exported: a failed shard or a timed-out search is an error."""
+    shards = response.get("_shards") or {}
+    if response.get("timed_out"):
+        return TransientSourceError(f"OpenSearch timed out while {what}; the answer would be incomplete.")
+    if not shards.get("failed"):
+        return None
+    reasons = []
+    for failure in shards.get("failures") or []:
+        reason = failure.get("reason") if isinstance(failure, dict) else None
+        if isinstance(reason, dict):
+            reasons.append(f"{reason.get('type')}: {reason.get('reason')}")
+    text = "; ".join(dict.fromkeys(reasons)) or "no reason given"
+    message = f"{shards['failed']} shard(s) failed while {what} ({text}); the answer would be incomplete."
+    if not reasons or any(any(t in r for t in _TRANSIENT_FAILURES) for r in reasons):
+        return TransientSourceError(message)
+    return SourceError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# The source
+
+
+class _OrjsonSerializer(JSONSerializer):
+    """orjson for the bulk of the bytes (search answers); the standard one for what it refuses
+    (integers beyond 64 bits)."""
+
+    def loads(self, s: str) -> Any:
+        try:
+            return orjson.loads(s)
+        except orjson.JSONDecodeError:
+            return super().loads(s)
+
+    def dumps(self, data: Any) -> Any:
+        if isinstance(data, str | bytes):
+            return data
+        try:
+            return orjson.dumps(data, default=self.default).decode()
+        except TypeError:
+            return super().dumps(data)
+
+
+@dataclass
+class _Cursor:
+    kind: str  # "pit" | "scroll"
+    id: str
+
+
+class OpenSearchSource:
+    def __init__(self, dataset: Dataset, settings: Any = None, *, retry_delays: tuple[float, ...] = RETRY_DELAYS,
+                 timeout: float = REQUEST_TIMEOUT_SECONDS):  # fmt: skip
+        self.dataset = dataset
+        self.index = dataset.table
+        self.retry_delays = tuple(retry_delays)
+        self.timeout = float(getattr(settings, "opensearch_timeout_seconds", timeout) or timeout)
+        self.client = AsyncOpenSearch(
+            hosts=[dataset.url], timeout=self.timeout, max_retries=0, retry_on_status=(),
+            serializer=_OrjsonSerializer(),
+        )  # fmt: skip
+        self._fields: dict[str, Field] | None = None
+        self._cursors: list[_Cursor] = []
+        self._pit_supported: bool | None = None
+
+    # -- the protocol
+
+    async def count(self, query: Query, cap: int | None = None) -> int:
+        fields = await self._mapping()
+        body, _ = _compile(query, fields)
+        limits = [n for n in (cap, query.limit) if n is not None]
+        track: int | bool = min(limits) if limits else True
+        what = f"counting documents in index '{self.index}'"
+        response = await self._call(what, lambda: self.client.search(
+            index=self.index, body={"query": body["query"], "size": 0, "track_total_hits": track},
+            params={"filter_path": "hits.total,_shards.failed,_shards.failures,timed_out"},
+        ))  # fmt: skip
+        problem = _shard_problem(response, what)
+        if problem:
+            raise problem
+        total = (response.get("hits") or {}).get("total")
+        found = total.get("value", 0) if isinstance(total, dict) else int(total or 0)
+        return min([found, *limits])
+
+    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+        fields = await self._mapping()
+        body, total_order = _compile(query, fields)
+        convert = _converter(query.columns)
+        remaining = query.limit
+        size = max(1, min(batch_rows, MAX_PAGE, remaining or MAX_PAGE))
+        body = {**body, "size": size, "track_total_hits": False}
+        cursor = await self._open_pit() if total_order else None
+        what = f"reading index '{self.index}'"
+        try:
+            if cursor is not None:
+                response = await self._call(what, lambda: self._pit_page(cursor, body, None))
+            else:
+                response = await self._call(what, lambda: self.client.search(
+                    index=self.index, body=body, scroll=KEEP_ALIVE, params={"filter_path": _PAGE_FIELDS}))
+                if response.get("_scroll_id"):
+                    cursor = _Cursor("scroll", response["_scroll_id"])
+                    self._cursors.append(cursor)
+            while True:
+                problem = _shard_problem(response, what)
+                if problem:
+                    raise problem
+                hits = (response.get("hits") or {}).get("hits") or []
+                if cursor is not None:
+                    cursor.id = response.get("pit_id" if cursor.kind == "pit" else "_scroll_id") or cursor.id
+                if remaining is not None:
+                    hits = hits[:remaining]
+                    remaining -= len(hits)
+                if hits:
+                    yield convert(hits)
+                if not hits or remaining == 0 or cursor is None:
+                    return
+                if cursor.kind == "pit":
+                    if len(hits) < size:  # search_after answers full pages until the end
+                        return
+                    after = hits[-1]["sort"]
+                    response = await self._call(what, lambda: self._pit_page(cursor, body, after))
+                else:
+                    response = await self._call(what, lambda: self.client.scroll(
+                        body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}, params={"filter_path": _PAGE_FIELDS}),
+                        replay_safe=False)  # fmt: skip
+        finally:
+            if cursor is not None:
+                await self._release(cursor)
+
+    async def close(self) -> None:
+        for cursor in list(self._cursors):
+            await self._release(cursor)
+        await self.client.close()
+
+    # -- reading
+
+    async def _mapping(self) -> dict[str, Field]:
+        """Where each column lives (a text column's keyword subfield), from the index mapping;
+        fetched once per source. Without the right to read mappings, columns are taken as named."""
+        if self._fields is None:
+            try:
+                response = await self._call(f"reading the mapping of index '{self.index}'",
+                                            lambda: self.client.indices.get_mapping(index=self.index))
+            except SourceError as e:
+                if not isinstance(e.__cause__, TransportError) or e.__cause__.status_code != 403:
+                    raise
+                response = {}
+            self._fields = {name: where for name, (_, where) in _describe_mapping(response).items()}
+        return self._fields
+
+    async def _open_pit(self) -> _Cursor | None:
+        """A point in time over the index, or None where the cluster has none (it is then read
+        with a scroll)."""
+        if self._pit_supported is False:
+            return None
+        try:
+            response = await self._call(f"opening a point in time on index '{self.index}'",
+                                        lambda: self.client.create_pit(index=self.index, keep_alive=KEEP_ALIVE))
+        except TransientSourceError:
+            raise
+        except SourceError as e:
+            cause = e.__cause__
+            if isinstance(cause, TransportError) and "index_not_found" in _error_type(cause):
+                raise
+            log.info("index '%s': no point in time (%s); reading with a scroll", self.index, e)
+            self._pit_supported = False
+            return None
+        self._pit_supported = True
+        cursor = _Cursor("pit", response["pit_id"])
+        self._cursors.append(cursor)
+        return cursor
+
+    def _pit_page(self, cursor: _Cursor, body: dict[str, Any], after: list[Any] | None) -> Awaitable[Any]:
+        page = {**body, "pit": {"id": cursor.id, "keep_alive": KEEP_ALIVE}}
+        if after is not None:
+            page["search_after"] = after
+        return self.client.search(body=page, params={"filter_path": _PAGE_FIELDS})
+
+    async def _release(self, cursor: _Cursor) -> None:
+        """Give the point in time or scroll back to the cluster, within a second; a failure is
+        logged (the cluster drops it when its keep-alive ends)."""
+        if cursor not in self._cursors:
+            return
+        self._cursors.remove(cursor)
+        if cursor.kind == "pit":
+            call = self.client.delete_pit(body={"pit_id": [cursor.id]})
+        else:
+            call = self.client.clear_scroll(body={"scroll_id": [cursor.id]}, ignore=(404,))
+        try:
+            await asyncio.wait_for(call, RELEASE_TIMEOUT_SECONDS)
+        except (TransportError, SerializationError, TimeoutError, aiohttp.ClientError, RuntimeError) as e:
+            log.warning("index '%s': could not release the %s (%s); it expires after %s", self.index,
+                        "point in time" if cursor.kind == "pit" else "scroll", e, KEEP_ALIVE)
+
+    async def _call(self, what: str, request: Callable[[], Awaitable[Any]], *, replay_safe: bool = True) -> Any:
+        """One request, retried with backoff while the failure may pass. ``replay_safe=False``
+        (a scroll page) retries only what cannot have reached the cluster."""
+        started = time.monotonic()
+        tries = len(self.retry_delays) + 1
+        for attempt in range(tries):
+            try:
+                return await request()
+            except TransportError as e:
+                if not _transient(e):
+                    if _context_gone(e):
+                        raise TransientSourceError(
+                            f"The point in time or scroll over index '{self.index}' expired while {what}; "
+                            f"the read has to start again.") from e
+                    raise SourceError(_explain(e, what, self.index, self.dataset.url)) from e
+                if not replay_safe and not _never_reached(e):
+                    raise TransientSourceError(
+                        f"OpenSearch failed while {what} ({_reason(e)}); a scroll cannot be resumed after an "
+                        f"unanswered page, so the read has to start again.") from e
+                if attempt == tries - 1:
+                    raise TransientSourceError(
+                        f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
+                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {_reason(e)}); it may be "
+                        f"overloaded or down.") from e
+                delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
+                log.info("index '%s': %s failed (%s %s); try %d of %d in %.1f s", self.index, what,
+                         e.status_code, _reason(e), attempt + 2, tries, delay)
+                await asyncio.sleep(delay)
+            except SerializationError as e:
+                raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
+        raise AssertionError("unreachable")
+
