@@ -1,0 +1,798 @@
+"""PostgreSQL source: psycopg 3 (async), server-side cursors, JSONB documents as columns.
+
+Reading
+    One connection per read. ``batches`` runs in ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY``
+    (one snapshot: rows committed by others during the export are not seen) and reads through a
+    named server-side cursor, ``FETCH``-ing one batch at a time; the next batch is already asked
+    for while the current one is converted and written, so PostgreSQL and Python work at once.
+    Memory holds about two batches, and batches of wide rows are made smaller (``_CELLS_PER_BATCH``).
+    Closing the generator early, or ``close()``, cancels a statement in flight and closes the
+    connection, so the server drops the cursor and the snapshot at once. Session settings are
+    ``SET LOCAL`` in that transaction (UTC time zone, ISO dates, shortest exact float text,
+    standard-conforming strings), so they also hold behind a transaction-pooling proxy.
+
+Queries
+    ``sources.sql.compile_query`` with ``POSTGRES`` and ``column_sql``: identifiers come only from
+    the registry and are quoted, every value is bound (the semantics of sources/sql.py: NE and
+    NOT_IN keep NULLs, CONTAINS and PREFIX are case-sensitive, NULLs last ascending, the dataset key
+    ends every ORDER BY). A dataset without a key is ordered by its sort alone: give PostgreSQL
+    datasets a key, or reruns may order ties differently.
+
+JSONB documents
+    A column ``data.a.b`` whose first segment is a JSONB column of the table is the expression
+    ``(("data" #>> ARRAY['a','b'])::<type>)`` (``->>`` for one level), cast to the column's type
+    (``double precision``, ``bigint``, ``boolean``, ``date``, ``timestamptz``) so that filters and
+    sorts compare typed values: sorting on a JSONB time stamp sorts time stamps, not text. Key names
+    come only from the registry and are written as SQL string literals with quotes doubled.
+    A value that does not cast (``"abc"`` in a float field) fails the read with a ``SourceError``
+    that names the column and, when it can be found, the row. Which top-level columns are JSONB is
+    read from ``pg_attribute`` once per source (one cheap query on the first connection).
+
+    PostgreSQL de-TOASTs (decompresses) a large document once per expression that reads it: a
+    field costs ~0.1 ms per row on a 2,897-key document. So when more than ``INLINE_FIELDS`` fields
+    of one document are selected, the document is fetched once as text, parsed with orjson and
+    flattened in Python (``_Extract``), with the same typing rules as the casts; filters and sorts
+    stay in SQL. This is also how a dataset wider than a SELECT list (1,664 entries) is read.
+
+CSV fast path (``csv_batches``)
+    ``COPY (SELECT …) TO STDOUT WITH (FORMAT csv)``, each cell rendered in SQL the way
+    formats/csv.py writes it, so the bytes stay in C from the server to the file:
+
+    - booleans ``true``/``false``; dates ``YYYY-MM-DD``; date-times as ``iso_datetime`` writes
+      them (UTC, ``T``, fractions only when present, ``Z``); NULL an empty field;
+    - floats as ``double precision`` text, with ``.0`` added to integral values (``3.0`` as in
+      Python); text cells by COPY's RFC 4180 quoting;
+    - the formula guard in SQL on text columns, with the writer's exact rule (``'*`` then one of
+      ``= + - @ tab CR`` at the start gets one more leading ``'``, so imports can undo it); header
+      names are guarded too. The header is the Python writer's own (``CsvWriter.begin()``), as
+      aliases longer than 63 bytes would be cut by PostgreSQL;
+    - PostgreSQL ends a row with ``\\n``; each row arrives as one CopyData message, so its ending is
+      replaced by ``\\r\\n`` as the Python writer has it, and rows are counted exactly per message.
+
+    Known differences from the Python writer (the cells parse back to the same values):
+    an empty text cell is ``""`` (PostgreSQL's way to tell it from NULL) where Python writes
+    nothing; floats of magnitude 1e15 to 1e16 print in exponent form (``1e+15`` against
+    ``1000000000000000.0``); ``NaN``/``Infinity`` against ``nan``/``inf``; years before 1000 have
+    four digits. COPY takes no server-side parameters: psycopg binds the filter values client-side
+    as escaped, typed literals (never raw text), which only this path does.
+
+    A plan that flattens documents in Python (see above) falls back to ``batches`` + the Python
+    writer inside ``csv_batches``: same signature, exact Python output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg.errors as pge
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+
+from sources.base import Column, Dataset, Row, SourceError, TransientSourceError, iso_datetime
+from sources.query import Query
+from sources.sql import Dialect, compile_query
+
+log = logging.getLogger("dataport.postgres")
+
+CONNECT_TIMEOUT_SECONDS = 10
+# More fields than this from one document: fetch the document once and flatten it in Python.
+INLINE_FIELDS = 12
+# A batch holds at most about this many cells (wide rows make smaller batches).
+_CELLS_PER_BATCH = 250_000
+# COPY rows are gathered into chunks of about this many bytes.
+_CSV_CHUNK_BYTES = 256 * 1024
+# Depth of nested JSONB objects that discovery flattens.
+_MAX_DEPTH = 8
+_DISCOVERY_SAMPLE = 1000
+_DISCOVERY_VALUES = 300_000
+
+_SESSION = (
+    "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'iso_8601'; "
+    "SET LOCAL extra_float_digits = 1; SET LOCAL standard_conforming_strings = on"
+)
+
+
+def _bind(column: Column, value: Any) -> Any:
+    # psycopg adapts date, datetime, bool, int, float and str itself. Date-times from build_query
+    # are aware (UTC); a naive one is taken as UTC, like the stored ones (the session is in UTC).
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+POSTGRES = Dialect(
+    placeholder="%s",
+    contains="strpos({col}, %s) > 0",
+    prefix="starts_with({col}, %s)",
+    prefix_args=lambda v: (v,),
+    ne="{col} IS DISTINCT FROM %s",
+    bind=_bind,
+    row_id=None,
+)
+
+# PostgreSQL types (base type names) → column types; anything else is read as its text.
+_PG_TYPES = {
+    "int2": "integer", "int4": "integer", "int8": "integer",
+    "float4": "float", "float8": "float", "numeric": "float",
+    "bool": "boolean", "date": "date", "timestamp": "datetime", "timestamptz": "datetime",
+}  # fmt: skip
+_TEXT_TYPES = {"text", "varchar", "bpchar", "name", "citext"}
+_CASTS = {
+    "integer": "bigint", "float": "double precision", "boolean": "boolean", "date": "date",
+    "datetime": "timestamptz", "string": "text",
+}  # fmt: skip
+_DATE_SQL = "to_char({v}, 'YYYY-MM-DD')"
+# iso_datetime in SQL: trailing zeros of the microseconds go, then the dot if nothing is left.
+_DATETIME_SQL = "(rtrim(rtrim(to_char({v}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '0'), '.') || 'Z')"
+
+
+# --------------------------------------------------------------------------------------------
+# SQL text
+
+
+def quote_ident(name: str) -> str:
+    """A quoted identifier, with ``%`` doubled for psycopg's placeholder parsing."""
+    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
+
+
+def quote_literal(text: str) -> str:
+    """A SQL string literal (standard-conforming strings are on in every session), ``%`` doubled."""
+    if "\0" in text:
+        raise SourceError(f"a name may not contain a NUL character: {text!r}")
+    return "'" + text.replace("'", "''").replace("%", "%%") + "'"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """The table's columns as PostgreSQL has them: base type name per column, in table order."""
+
+    types: dict[str, str]
+    not_null: frozenset[str] = frozenset()
+
+    @property
+    def documents(self) -> frozenset[str]:
+        return frozenset(n for n, t in self.types.items() if t == "jsonb")
+
+
+_TABLE_INFO_SQL = """
+SELECT a.attname, COALESCE(bt.typname, t.typname), a.attnotnull
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+def _regclass_arg(table: str) -> str:
+    return '"' + table.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where a dataset column lives: a table column, or a path inside a JSONB column."""
+
+    column: Column
+    source: str  # the table column
+    path: tuple[str, ...] = ()  # keys inside the document; () for a plain column
+    pg_type: str = "text"
+
+    @property
+    def raw_sql(self) -> str:
+        """The value as PostgreSQL holds it (JSONB fields: their text)."""
+        col = quote_ident(self.source)
+        if not self.path:
+            return col
+        if len(self.path) == 1:
+            return f"({col}->>{quote_literal(self.path[0])})"
+        return f"({col}#>>ARRAY[{', '.join(quote_literal(k) for k in self.path)}])"
+
+    @property
+    def needs_cast(self) -> bool:
+        kind = self.column.type
+        if self.path:
+            return kind != "string"
+        if kind == "string":
+            return self.pg_type not in _TEXT_TYPES
+        if kind == "float":
+            return self.pg_type not in ("float4", "float8", "numeric", "int2", "int4", "int8")
+        return _PG_TYPES.get(self.pg_type) != kind
+
+    @property
+    def value_sql(self) -> str:
+        """The typed expression filters and sorts compare."""
+        if not self.needs_cast:
+            return self.raw_sql
+        return f"({self.raw_sql})::{_CASTS[self.column.type]}"
+
+    @property
+    def out_sql(self) -> str:
+        """The expression read by ``batches``: already in the writers' cell types."""
+        v, kind = self.value_sql, self.column.type
+        if kind == "float" and not (self.needs_cast or self.pg_type == "float8"):
+            return f"({v})::double precision"
+        if kind == "date":
+            return _DATE_SQL.format(v=v)
+        if kind == "datetime":
+            return _DATETIME_SQL.format(v=v)
+        return v
+
+    def csv_sql(self, formula_guard: bool) -> str:
+        """The cell's CSV text, as formats/csv.py writes it (COPY adds the quoting)."""
+        kind = self.column.type
+        if kind == "string":
+            v = self.value_sql
+            if not formula_guard:
+                return v
+            # formats.csv.guard: quotes then a trigger at the start get one more leading quote.
+            return f"regexp_replace({v}, '^(''*[=+@\\t\\r-])', '''\\1')"
+        if kind == "float":
+            return f"regexp_replace((({self.value_sql})::double precision)::text, '^(-?[0-9]+)$', '\\1.0')"
+        if kind == "boolean":
+            return f"(CASE {self.value_sql} WHEN true THEN 'true' WHEN false THEN 'false' END)"
+        return self.out_sql
+
+
+def resolve(column: Column, info: TableInfo) -> Field:
+    """Where ``column`` lives in the table; a ``SourceError`` if nowhere."""
+    if column.name in info.types:
+        return Field(column, column.name, (), info.types[column.name])
+    head, _, rest = column.name.partition(".")
+    if rest and info.types.get(head) == "jsonb":
+        return Field(column, head, tuple(rest.split(".")), "jsonb")
+    raise SourceError(f"column '{column.name}' is neither a column of the table nor a field of one of its "
+                      f"JSONB columns ({', '.join(sorted(info.documents)) or 'it has none'})")
+
+
+def column_sql_for(info: TableInfo) -> Callable[[Column], str]:
+    """``column_sql`` for ``compile_query``: a column's typed SQL expression in this table."""
+    cache: dict[Column, str] = {}
+
+    def column_sql(column: Column) -> str:
+        if column not in cache:
+            cache[column] = resolve(column, info).value_sql
+        return cache[column]
+
+    return column_sql
+
+
+# --------------------------------------------------------------------------------------------
+# Read plans: which SQL expressions are read, and how rows are made from them
+
+
+class _Extract:
+    """Typing a JSON value the way the SQL casts do; a SourceError (row and column) otherwise."""
+
+    _TRUE = frozenset(("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"))
+    _FALSE = frozenset(("f", "fa", "fal", "fals", "false", "n", "no", "of", "off", "0"))
+
+    def __init__(self, field: Field):
+        self.name = field.column.name
+        self.kind = field.column.type
+        self.path = field.path
+        self.native = {"string": str, "integer": int, "float": float, "boolean": bool}.get(self.kind)
+        self.convert: Callable[[Any], Any] = getattr(self, "_" + self.kind)
+
+    def get(self, doc: Any) -> Any:
+        for key in self.path:
+            if doc.__class__ is dict:
+                doc = doc.get(key)
+            elif doc.__class__ is list and key.lstrip("-").isdigit():
+                i = int(key)
+                doc = doc[i] if -len(doc) <= i < len(doc) else None
+            else:
+                return None
+        return doc
+
+    @staticmethod
+    def _string(v: Any) -> Any:
+        if v is None or v.__class__ is str:
+            return v
+        if v is True or v is False:
+            return "true" if v else "false"
+        return json.dumps(v, ensure_ascii=False)  # jsonb's text of numbers, objects, arrays
+
+    def _float(self, v: Any) -> Any:
+        if v is None or v.__class__ is float:
+            return v
+        if v.__class__ is int:
+            return float(v)
+        if v.__class__ is str and "_" not in v:
+            with contextlib.suppress(ValueError):
+                return float(v)
+        raise self._refuse(v)
+
+    def _integer(self, v: Any) -> Any:
+        if v is None or v.__class__ is int:
+            return v
+        if v.__class__ is float and v.is_integer():
+            return int(v)
+        if v.__class__ is str and "_" not in v:
+            with contextlib.suppress(ValueError):
+                return int(v.strip())
+        raise self._refuse(v)
+
+    def _boolean(self, v: Any) -> Any:
+        if v is None or v is True or v is False:
+            return v
+        text = str(v).strip().lower() if v.__class__ in (str, int) else None
+        if text in self._TRUE:
+            return True
+        if text in self._FALSE:
+            return False
+        raise self._refuse(v)
+
+    def _date(self, v: Any) -> Any:
+        if v is None:
+            return None
+        if v.__class__ is str:
+            with contextlib.suppress(ValueError):
+                return dt.date.fromisoformat(v).isoformat()
+            with contextlib.suppress(ValueError):
+                return dt.datetime.fromisoformat(v).date().isoformat()
+        raise self._refuse(v)
+
+    def _datetime(self, v: Any) -> Any:
+        if v is None:
+            return None
+        if v.__class__ is str:
+            try:
+                parsed = dt.datetime.fromisoformat(v)
+            except ValueError:
+                pass
+            else:
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=dt.UTC)
+                return iso_datetime(parsed)
+        raise self._refuse(v)
+
+    def _refuse(self, v: Any) -> SourceError:
+        return _CellError(self.name, self.kind, v)
+
+
+class _CellError(SourceError):
+    def __init__(self, name: str, kind: str, value: Any):
+        super().__init__(name)
+        self.name, self.kind, self.value = name, kind, value
+
+
+@dataclass
+class _Plan:
+    """What one read selects and how its rows become the query's rows."""
+
+    exprs: list[str]  # the SELECT list (without documents' fields read in Python)
+    csv_exprs: list[str] | None  # the same, rendered as CSV text; None: no SQL fast path
+    build: Callable[[list[Row], int], list[Row]] | None  # None: rows are already right
+
+
+def _plan(fields: Sequence[Field], formula_guard: bool) -> _Plan:
+    per_document: dict[str, int] = {}
+    for f in fields:
+        if f.path:
+            per_document[f.source] = per_document.get(f.source, 0) + 1
+    flattened = {doc for doc, n in per_document.items() if n > INLINE_FIELDS}
+    if not flattened:
+        return _Plan([f.out_sql for f in fields], [f.csv_sql(formula_guard) for f in fields], None)
+
+    exprs: list[str] = []
+    doc_slot: dict[str, int] = {}
+    # ("sql", slot) for a value read by SQL, ("doc", slot of the document, extractor) otherwise
+    sources: list[tuple[int, _Extract | None]] = []
+    for f in fields:
+        if f.path and f.source in flattened:
+            if f.source not in doc_slot:
+                doc_slot[f.source] = len(exprs)
+                exprs.append(f"{quote_ident(f.source)}::text")
+            sources.append((doc_slot[f.source], _Extract(f)))
+        else:
+            sources.append((len(exprs), None))
+            exprs.append(f.out_sql)
+    doc_slots = sorted(doc_slot.values())
+    loads = orjson.loads
+
+    def build(rows: list[Row], offset: int) -> list[Row]:
+        out = []
+        for n, row in enumerate(rows):
+            cells = list(row)
+            for i in doc_slots:
+                if cells[i] is not None:
+                    cells[i] = loads(cells[i])
+            try:
+                out.append(tuple(
+                    cells[slot] if ex is None
+                    else (v if (v := ex.get(cells[slot])).__class__ is ex.native else ex.convert(v))
+                    for slot, ex in sources
+                ))
+            except _CellError as e:
+                raise SourceError(
+                    f"Row {offset + n + 1}: column '{e.name}' holds {e.value!r}, which is not "
+                    f"{'an' if e.kind == 'integer' else 'a'} {e.kind}. Correct the document in the source "
+                    f"table, or declare the column as string."
+                ) from None
+        return out
+
+    return _Plan(exprs, None, build)
+
+
+def _output_query(query: Query, exprs: list[str]) -> tuple[Query, Callable[[Column], str]]:
+    """``query`` with its SELECT list replaced by ``exprs``; filters, sort and limit unchanged.
+
+    compile_query takes one expression per column for both the SELECT list and the conditions;
+    here the SELECT list differs (text for dates, CSV renderings, whole documents), so stand-in
+    columns carry the output expressions and every other column compiles to its typed value."""
+    stand_ins = tuple(Column(f"\0{i}") for i in range(len(exprs)))
+    return replace(query, columns=stand_ins), lambda c: exprs[int(c.name[1:])] if c.name[:1] == "\0" else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+_TRANSIENT_CLASSES = ("08", "53", "57P", "40", "55P03", "58")
+
+
+def _translate(e: BaseException, dataset: Dataset) -> SourceError:
+    """psycopg's error as a source error that says whether a retry can help."""
+    name = dataset.name
+    if isinstance(e, SourceError):
+        return e
+    state = getattr(e, "sqlstate", None) or ""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, pge.QueryCanceled):
+        return SourceError(f"dataset '{name}': the server cancelled the read ({text}); ask your database "
+                           f"administrator about statement_timeout")
+    if state.startswith(_TRANSIENT_CLASSES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
+        if "password authentication failed" in text or "does not exist" in text or "no pg_hba.conf" in text:
+            return SourceError(f"dataset '{name}': cannot connect: {text}")
+        return TransientSourceError(f"dataset '{name}' is unavailable: {text}")
+    if isinstance(e, pge.UndefinedTable):
+        return SourceError(f"dataset '{name}': table '{dataset.table}' does not exist ({text})")
+    if isinstance(e, pge.UndefinedColumn):
+        return SourceError(f"dataset '{name}': a column is missing from table '{dataset.table}' ({text}); "
+                           f"correct the dataset's columns")
+    if isinstance(e, pge.InsufficientPrivilege):
+        return SourceError(f"dataset '{name}': the database user may not read table '{dataset.table}' ({text})")
+    return SourceError(f"dataset '{name}' could not be read: {text}")
+
+
+def _bad_value(message: str) -> str | None:
+    """The value quoted in a PostgreSQL data error (``…: "abc"``, ``value "1e999" is out of…``)."""
+    first, last = message.find('"'), message.rfind('"')
+    return message[first + 1 : last] if 0 <= first < last else None
+
+
+# --------------------------------------------------------------------------------------------
+# The source
+
+
+class PostgresSource:
+    def __init__(self, dataset: Dataset, settings: Any = None):
+        self.dataset = dataset
+        self.settings = settings
+        self._info: TableInfo | None = None
+        self._connections: set[psycopg.AsyncConnection] = set()
+        self._table = dataset.table.replace("%", "%%")  # compile_query quotes it; psycopg reads %%
+
+    # connections ----------------------------------------------------------------------------
+
+    async def _connect(self, *, snapshot: bool) -> psycopg.AsyncConnection:
+        params = conninfo_to_dict(self.dataset.url)
+        params.setdefault("application_name", "dataport")
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+        try:
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
+        except psycopg.Error as e:
+            raise _translate(e, self.dataset) from e
+        except OSError as e:
+            raise TransientSourceError(f"dataset '{self.dataset.name}' is unavailable: {e}") from e
+        self._connections.add(conn)
+        try:
+            begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if snapshot else "BEGIN READ ONLY"
+            await conn.execute(f"{begin}; {_SESSION}")
+            if self._info is None:
+                self._info = await self._read_info(conn)
+        except BaseException as e:
+            await self._release(conn)
+            if isinstance(e, psycopg.Error):
+                raise _translate(e, self.dataset) from e
+            raise
+        return conn
+
+    async def _read_info(self, conn: psycopg.AsyncConnection) -> TableInfo:
+        cur = await conn.execute(_TABLE_INFO_SQL, (_regclass_arg(self.dataset.table),))
+        rows = await cur.fetchall()
+        if not rows:
+            raise SourceError(f"dataset '{self.dataset.name}': table '{self.dataset.table}' does not exist")
+        return TableInfo({name: kind for name, kind, _ in rows}, frozenset(n for n, _, nn in rows if nn))
+
+    async def _release(self, conn: psycopg.AsyncConnection) -> None:
+        """Stop whatever runs on ``conn`` and close it: the server drops cursor and snapshot."""
+        self._connections.discard(conn)
+        if conn.closed:
+            return
+        with contextlib.suppress(Exception):
+            if conn.pgconn.transaction_status == TransactionStatus.ACTIVE:
+                await conn.cancel_safe(timeout=1.0)
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    async def close(self) -> None:
+        for conn in list(self._connections):
+            await self._release(conn)
+
+    async def table_info(self) -> TableInfo:
+        if self._info is None:
+            conn = await self._connect(snapshot=False)
+            await self._release(conn)
+        assert self._info is not None
+        return self._info
+
+    def _fields(self, columns: Sequence[Column]) -> list[Field]:
+        assert self._info is not None
+        return [resolve(c, self._info) for c in columns]
+
+    # reading ---------------------------------------------------------------------------------
+
+    async def count(self, query: Query, cap: int | None = None) -> int:
+        conn = await self._connect(snapshot=False)
+        try:
+            compiled = compile_query(query, self._table, POSTGRES, count_cap=cap,
+                                     column_sql=column_sql_for(self._info))
+            cur = await conn.execute(compiled.count, compiled.params)
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+        except psycopg.Error as e:
+            raise await self._explain(conn, query, e) from e
+        finally:
+            await self._release(conn)
+
+    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+        conn = await self._connect(snapshot=True)
+        pending: asyncio.Future | None = None
+        try:
+            plan = _plan(self._fields(query.columns), formula_guard=False)
+            out_query, out_sql = _output_query(query, plan.exprs)
+            column_sql = column_sql_for(self._info)
+            compiled = compile_query(out_query, self._table, POSTGRES,
+                                     column_sql=lambda c: out_sql(c) or column_sql(c))
+            size = max(1, min(batch_rows, _CELLS_PER_BATCH // max(1, len(query.columns))))
+            cur = conn.cursor(name=f"dataport_{uuid.uuid4().hex[:12]}", binary=True)
+            try:
+                await cur.execute(compiled.select, compiled.params)
+                offset = 0
+                pending = asyncio.ensure_future(cur.fetchmany(size))
+                while pending is not None:
+                    rows = await pending
+                    pending = None
+                    if not rows:
+                        break
+                    if len(rows) == size:  # ask for the next batch before converting this one
+                        pending = asyncio.ensure_future(cur.fetchmany(size))
+                        await asyncio.sleep(0)
+                    batch = plan.build(rows, offset) if plan.build else rows
+                    offset += len(rows)
+                    yield batch
+            except psycopg.Error as e:
+                raise await self._explain(conn, query, e) from e
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            await self._release(conn)
+
+    async def csv_batches(
+        self, query: Query, batch_rows: int, *, formula_guard: bool
+    ) -> AsyncIterator[tuple[bytes, int]]:
+        """The query as CSV bytes, like ``CsvWriter`` writes them: ``(header, 0)`` first, then
+        ``(chunk, rows in chunk)``. Through COPY when every cell can be rendered in SQL."""
+        from formats.csv import CsvWriter
+
+        writer = CsvWriter(query.columns, formula_guard=formula_guard)
+        await self.table_info()
+        plan = _plan(self._fields(query.columns), formula_guard)
+        if plan.csv_exprs is None:  # documents flattened in Python: the Python writer
+            yield writer.begin(), 0
+            async for batch in self.batches(query, batch_rows):
+                yield writer.write(batch), len(batch)
+            return
+
+        conn = await self._connect(snapshot=True)
+        try:
+            out_query, out_sql = _output_query(query, plan.csv_exprs)
+            column_sql = column_sql_for(self._info)
+            compiled = compile_query(out_query, self._table, POSTGRES,
+                                     column_sql=lambda c: out_sql(c) or column_sql(c))
+            statement = f"COPY ({compiled.select}) TO STDOUT WITH (FORMAT csv)"
+            params: tuple | None = compiled.params
+            if not params:  # psycopg reads no placeholders (nor %%) in a COPY without parameters
+                statement, params = statement.replace("%%", "%"), None
+            yield writer.begin(), 0
+            cur = conn.cursor(binary=False)
+            rows: list[bytes] = []
+            size = total = 0
+            try:
+                async with cur.copy(statement, params) as copy:
+                    # PostgreSQL sends one CopyData message per row, ending in "\n"; the Python
+                    # writer ends rows with "\r\n".
+                    async for data in copy:
+                        rows.append(bytes(data[:-1]))
+                        size += len(data)
+                        total += 1
+                        if size >= _CSV_CHUNK_BYTES or len(rows) >= batch_rows:
+                            yield b"\r\n".join(rows) + b"\r\n", len(rows)
+                            rows, size = [], 0
+            except psycopg.Error as e:
+                raise await self._explain(conn, query, e) from e
+            if rows:
+                yield b"\r\n".join(rows) + b"\r\n", len(rows)
+            if cur.rowcount >= 0 and cur.rowcount != total:  # "COPY n": one message per row, always
+                log.error("dataset %s: COPY reported %s rows, %s were counted", self.dataset.name, cur.rowcount, total)
+        finally:
+            await self._release(conn)
+
+    # errors ----------------------------------------------------------------------------------
+
+    async def _explain(self, conn: psycopg.AsyncConnection, query: Query, e: psycopg.Error) -> SourceError:
+        """A data error (a value that does not cast) names the column and the row if it can."""
+        error = _translate(e, self.dataset)
+        state = getattr(e, "sqlstate", None) or ""
+        if not state.startswith("22") or self._info is None:
+            return error
+        value = _bad_value(str(e).splitlines()[0])
+        seen: dict[str, Field] = {}
+        used = [*query.columns, *(f.column for f in query.filters), *(s.column for s in query.sort)]
+        for column in used:
+            with contextlib.suppress(SourceError):
+                field = resolve(column, self._info)
+                if field.needs_cast and field.column.type != "string":
+                    seen.setdefault(column.name, field)
+        candidates = list(seen.values())
+        if not candidates:
+            return error
+        where = ""
+        if value is not None and len(candidates) <= 200:
+            found = await self._find_value(conn, candidates, value)
+            if found is not None:
+                field, key = found
+                where = f" in the row with {key}" if key else ""
+                return SourceError(
+                    f"dataset '{self.dataset.name}': column '{field.column.name}' holds {value!r}{where}, which is "
+                    f"not {'an' if field.column.type == 'integer' else 'a'} {field.column.type}. Correct the "
+                    f"value in the source table, or declare the column as string. ({str(e).splitlines()[0]})"
+                )
+        if len(candidates) == 1:
+            c = candidates[0].column
+            return SourceError(f"dataset '{self.dataset.name}': column '{c.name}' holds a value that is not "
+                               f"{'an' if c.type == 'integer' else 'a'} {c.type}: {str(e).splitlines()[0]}")
+        names = ", ".join(f"'{f.column.name}'" for f in candidates[:20])
+        return SourceError(f"dataset '{self.dataset.name}': one of the columns {names} holds a value that does "
+                           f"not fit its type: {str(e).splitlines()[0]}")
+
+    async def _find_value(
+        self, conn: psycopg.AsyncConnection, candidates: list[Field], value: str
+    ) -> tuple[Field, str] | None:
+        """Which of ``candidates`` holds ``value`` as text, and the key of one such row."""
+        with contextlib.suppress(Exception):
+            if conn.pgconn.transaction_status == TransactionStatus.INERROR:
+                await conn.execute("ROLLBACK")
+            await conn.execute(f"BEGIN READ ONLY; {_SESSION}; SET LOCAL statement_timeout = '10s'")
+            key = [resolve(self.dataset.by_name[k], self._info) for k in self.dataset.key]
+            hit = " ".join(f"WHEN {f.raw_sql} = %s THEN {i}" for i, f in enumerate(candidates))
+            match = " OR ".join(f"{f.raw_sql} = %s" for f in candidates)
+            select = ", ".join([f"CASE {hit} END", *(f"({k.raw_sql})::text" for k in key)])
+            cur = await conn.execute(
+                f"SELECT {select} FROM {quote_ident(self.dataset.table)} WHERE {match} LIMIT 1",
+                (value,) * (2 * len(candidates)),
+            )
+            row = await cur.fetchone()
+            await conn.execute("ROLLBACK")
+            if row is not None and row[0] is not None:
+                described = ", ".join(f"{k.column.name} = {v}" for k, v in zip(key, row[1:], strict=True))
+                return candidates[row[0]], described
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+_DISCOVER_SQL = """
+WITH RECURSIVE sample AS (
+    SELECT {doc} AS doc FROM {table} WHERE jsonb_typeof({doc}) = 'object' LIMIT {limit}
+), fields(path, value) AS (
+    SELECT ARRAY[e.key], e.value FROM sample, jsonb_each(sample.doc) AS e
+    UNION ALL
+    SELECT f.path || e.key, e.value FROM fields AS f, jsonb_each(f.value) AS e
+    WHERE jsonb_typeof(f.value) = 'object' AND cardinality(f.path) < {depth}
+)
+SELECT path, kind,
+       bool_and(strpos(text, '.') = 0) FILTER (WHERE kind = 'number') AS integral,
+       bool_and(text ~ '^\\d{{4}}-\\d{{2}}-\\d{{2}}$') FILTER (WHERE kind = 'string') AS dates,
+       bool_and(text ~ {datetime_pattern}) FILTER (WHERE kind = 'string') AS datetimes
+FROM (SELECT path, jsonb_typeof(value) AS kind, value #>> '{{}}' AS text FROM fields) AS typed
+GROUP BY path, kind
+"""
+_DATETIME_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|z|[+-]\d{2}(:?\d{2})?)?)?$"
+
+
+def discover_columns(url: str, table: str) -> tuple[Column, ...]:
+    """The table's columns, typed; each JSONB column replaced by its fields (``data.a.b``), typed
+    from a sample of ``_DISCOVERY_SAMPLE`` documents. Blocking: called once at start-up."""
+    params = conninfo_to_dict(url)
+    params.setdefault("application_name", "dataport-discovery")
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+    try:
+        with psycopg.connect(autocommit=True, **params) as conn:
+            conn.execute(f"BEGIN READ ONLY; {_SESSION}")
+            rows = conn.execute(_TABLE_INFO_SQL, (_regclass_arg(table),)).fetchall()
+            if not rows:
+                raise SourceError(f"table '{table}' not found")
+            plain = {name for name, _, _ in rows}
+            columns: list[Column] = []
+            for name, kind, not_null in rows:
+                if kind != "jsonb":
+                    columns.append(Column(name, _PG_TYPES.get(kind, "string"), required=bool(not_null)))
+                    continue
+                fields = _discover_document(conn, table, name, plain)
+                columns.extend(fields or [Column(name, "string")])
+            return tuple(columns)
+    except SourceError:
+        raise
+    except psycopg.Error as e:
+        raise SourceError(f"{table}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
+def _discover_document(conn: psycopg.Connection, table: str, doc: str, taken: set[str]) -> list[Column]:
+    # Up to _DISCOVERY_SAMPLE documents, fewer when they are wide: about _DISCOVERY_VALUES values
+    # in all (at least 100 documents), which keeps 2,897-key documents to about a second.
+    keys = conn.execute(
+        f"SELECT avg((SELECT count(*) FROM jsonb_object_keys(d))) FROM (SELECT {quote_ident(doc)} AS d "
+        f"FROM {quote_ident(table)} WHERE jsonb_typeof({quote_ident(doc)}) = 'object' LIMIT 20) AS s", ()
+    ).fetchone()[0]
+    limit = max(100, min(_DISCOVERY_SAMPLE, int(_DISCOVERY_VALUES // max(1.0, float(keys or 1)))))
+    statement = _DISCOVER_SQL.format(
+        doc=quote_ident(doc), table=quote_ident(table), limit=limit, depth=_MAX_DEPTH,
+        datetime_pattern=quote_literal(_DATETIME_PATTERN),
+    )
+    seen: dict[tuple[str, ...], dict[str, tuple[bool, bool, bool]]] = {}
+    for path, kind, integral, dates, datetimes in conn.execute(statement, ()).fetchall():
+        seen.setdefault(tuple(path), {})[kind] = (bool(integral), bool(dates), bool(datetimes))
+    objects = {p for p, kinds in seen.items() if "object" in kinds}
+    columns = []
+    for path in sorted(seen):
+        kinds = {k: v for k, v in seen[path].items() if k != "null"}
+        if path in objects and set(kinds) == {"object"}:
+            continue  # its fields are columns of their own
+        if any(not key or "." in key for key in path):
+            log.warning("table %s, JSONB column %s: key path %r has an empty key or a dot; not a column",
+                        table, doc, path)
+            continue
+        name = ".".join((doc, *path))
+        if name in taken:
+            continue
+        columns.append(Column(name, _json_type(kinds)))
+    return columns
+
+
+def _json_type(kinds: dict[str, tuple[bool, bool, bool]]) -> str:
+    if set(kinds) == {"number"}:
+        return "integer" if kinds["number"][0] else "float"
+    if set(kinds) == {"boolean"}:
+        return "boolean"
+    if set(kinds) == {"string"}:
+        _, dates, datetimes = kinds["string"]
+        if dates:
+            return "date"
+        if datetimes:
+            return "datetime"
+    return "string"
+

@@ -1,0 +1,528 @@
+"""The PostgreSQL source on a real server: filter semantics like SQLite's, JSONB documents as typed
+columns, one snapshot per export, early close releases the server, the CSV fast path writes what
+the Python writer writes, and discovery of wide and nested documents."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import io
+import json
+import time
+import uuid
+from decimal import Decimal
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from dataport.errors import UserErrors
+from dataport.net import free_port
+from formats.csv import CsvWriter
+from sources.base import Column, Dataset, SourceError, TransientSourceError
+from sources.postgres import INLINE_FIELDS, POSTGRES, PostgresSource, TableInfo, column_sql_for, discover_columns
+from sources.query import build_query
+from sources.sql import compile_query
+
+# The rows of tests/test_query.py, once as table columns and once as JSONB documents.
+ROWS = [
+    (1, "alpha", 1.5, True, "2020-01-01", "2020-01-01T10:00:00Z", "x"),
+    (2, "beta", None, False, "2021-05-05", "2021-05-05T00:00:00Z", None),
+    (3, "Alphabet", 3.0, None, None, None, "y"),
+    (4, "gamma", -2.0, True, "2019-07-07", "2019-07-07T23:59:59Z", "z"),
+    (5, None, 1.5, False, "2020-01-01", "2020-01-01T09:00:00Z", "w"),
+]
+FIELDS = ("name", "score", "active", "born", "seen_at", "notes")
+TYPES = {"id": "integer", "name": "string", "score": "float", "active": "boolean", "born": "date",
+         "seen_at": "datetime", "notes": "string"}
+
+
+def _url(postgres_db: str, **extra: str) -> str:
+    return make_conninfo(**{**conninfo_to_dict(postgres_db), **extra})
+
+
+@pytest.fixture(scope="module")
+def tables(postgres_db: str):
+    """Two datasets over the same rows: ``plain`` (typed table columns) and ``docs`` (JSONB)."""
+    plain, docs = f"plain_{uuid.uuid4().hex[:8]}", f"docs_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_db, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {plain} (id int PRIMARY KEY, name text, score double precision, "
+                     f"active boolean, born date, seen_at timestamptz, notes text)")
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {plain} VALUES (%s, %s, %s, %s, %s, %s, %s)", ROWS)
+        conn.execute(f"CREATE TABLE {docs} (id int PRIMARY KEY, data jsonb)")
+        with conn.cursor() as cur:
+            for row in ROWS:
+                # a missing key and an explicit null must mean the same: row 3 omits, row 2 says null
+                doc = {k: v for k, v in zip(FIELDS, row[1:], strict=True) if v is not None or row[0] == 2}
+                cur.execute(f"INSERT INTO {docs} VALUES (%s, %s)", (row[0], json.dumps(doc)))
+    plain_ds = Dataset(name="plain", source="postgres", url=postgres_db, table=plain, key=("id",),
+                       columns=tuple(Column(n, t) for n, t in TYPES.items()))
+    docs_ds = Dataset(name="docs", source="postgres", url=postgres_db, table=docs, key=("id",),
+                      columns=discover_columns(postgres_db, docs))
+    yield {"plain": plain_ds, "docs": docs_ds}
+    with psycopg.connect(postgres_db, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {plain}, {docs}")
+
+
+def _name(kind: str, field: str) -> str:
+    return field if kind == "plain" or field == "id" else f"data.{field}"
+
+
+def _renamed(kind: str, items: list[dict] | None) -> list[dict] | None:
+    return None if items is None else [{**f, "field": _name(kind, f["field"])} for f in items]
+
+
+async def _rows(dataset: Dataset, batch_rows: int = 2, **kwargs) -> list[tuple]:
+    query = build_query(dataset, **kwargs)
+    source = PostgresSource(dataset)
+    try:
+        return [row async for batch in source.batches(query, batch_rows) for row in batch]
+    finally:
+        await source.close()
+
+
+async def _ids(dataset: Dataset, kind: str, filters=None, sort=None, limit=None) -> list[int]:
+    rows = await _rows(dataset, columns=["id"], filters=_renamed(kind, filters), sort=_renamed(kind, sort),
+                       limit=limit)
+    return [r[0] for r in rows]
+
+
+def test_discovered_document_columns_have_the_row_types(tables):
+    assert {c.name: c.type for c in tables["docs"].columns} == {
+        "id": "integer", **{f"data.{n}": TYPES[n] for n in FIELDS}}
+
+
+FILTER_CASES = [
+    ([{"field": "score", "op": "EQ", "value": 1.5}], [1, 5]),
+    ([{"field": "score", "op": "NE", "value": 1.5}], [2, 3, 4]),  # NE keeps nulls
+    ([{"field": "score", "op": "GT", "value": 1.5}], [3]),
+    ([{"field": "score", "op": "GTE", "value": "1.5"}], [1, 3, 5]),
+    ([{"field": "score", "op": "LT", "value": 0}], [4]),
+    ([{"field": "score", "op": "LTE", "value": -2}], [4]),
+    ([{"field": "score", "op": "BETWEEN", "values": [0, 2]}], [1, 5]),
+    ([{"field": "score", "op": "IN", "values": [3, -2.0]}], [3, 4]),
+    ([{"field": "score", "op": "NOT_IN", "values": [1.5]}], [2, 3, 4]),
+    ([{"field": "score", "op": "IS_NULL"}], [2]),
+    ([{"field": "id", "op": "IN", "values": [2, 4, 9]}], [2, 4]),
+    ([{"field": "id", "op": "NOT_IN", "values": [2, 4]}], [1, 3, 5]),
+    ([{"field": "id", "op": "BETWEEN", "values": [2, 3]}], [2, 3]),
+    ([{"field": "name", "op": "EQ", "value": "beta"}], [2]),
+    ([{"field": "name", "op": "NE", "value": "beta"}], [1, 3, 4, 5]),
+    ([{"field": "name", "op": "GT", "value": "beta"}], [4]),
+    ([{"field": "name", "op": "IN", "values": ["alpha", "gamma"]}], [1, 4]),
+    ([{"field": "name", "op": "NOT_IN", "values": ["alpha"]}], [2, 3, 4, 5]),
+    ([{"field": "name", "op": "CONTAINS", "value": "pha"}], [1, 3]),
+    ([{"field": "name", "op": "CONTAINS", "value": "PHA"}], []),  # case-sensitive
+    ([{"field": "name", "op": "CONTAINS", "value": "%"}], []),  # no LIKE wildcards
+    ([{"field": "name", "op": "PREFIX", "value": "Alph"}], [3]),  # case-sensitive
+    ([{"field": "name", "op": "PREFIX", "value": "_lpha"}], []),
+    ([{"field": "name", "op": "IS_NULL"}], [5]),
+    ([{"field": "name", "op": "IS_NULL", "value": False}], [1, 2, 3, 4]),
+    ([{"field": "active", "op": "EQ", "value": True}], [1, 4]),
+    ([{"field": "active", "op": "NE", "value": True}], [2, 3, 5]),
+    ([{"field": "active", "op": "IN", "values": [False]}], [2, 5]),
+    ([{"field": "active", "op": "IS_NULL"}], [3]),
+    ([{"field": "born", "op": "EQ", "value": "2020-01-01"}], [1, 5]),
+    ([{"field": "born", "op": "GTE", "value": "2020-01-01"}], [1, 2, 5]),
+    ([{"field": "born", "op": "LT", "value": "2020-01-01"}], [4]),
+    ([{"field": "born", "op": "NE", "value": "2020-01-01"}], [2, 3, 4]),
+    ([{"field": "born", "op": "BETWEEN", "values": ["2019-01-01", "2020-12-31"]}], [1, 4, 5]),
+    ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T09:30:00+00:00"}], [4, 5]),
+    ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T10:30:00+01:00"}], [4, 5]),  # = 09:30Z
+    ([{"field": "seen_at", "op": "EQ", "value": "2020-01-01T10:00:00"}], [1]),  # no offset: UTC
+    ([{"field": "seen_at", "op": "GT", "value": "2020-01-01T05:00:00-05:00"}], [2]),  # = 10:00Z
+    ([{"field": "seen_at", "op": "IS_NULL"}], [3]),
+    ([{"field": "seen_at", "op": "BETWEEN", "values": ["2020-01-01", "2021-01-01"]}], [1, 5]),
+    ([{"field": "name", "op": "EQ", "value": "x' OR '1'='1"}], []),  # bound, never spliced
+    ([{"field": "name", "op": "IN", "values": ["alpha'); DROP TABLE t; --"]}], []),
+    ([{"field": "score", "op": "GT", "value": 0}, {"field": "name", "op": "PREFIX", "value": "a"}], [1]),
+]
+
+
+@pytest.mark.parametrize("kind", ["plain", "docs"])
+@pytest.mark.parametrize(("filters", "expected"), FILTER_CASES)
+async def test_filters(tables, kind, filters, expected):
+    assert await _ids(tables[kind], kind, filters=filters) == expected
+
+
+@pytest.mark.parametrize("kind", ["plain", "docs"])
+async def test_sort_is_stable_with_nulls_last_ascending(tables, kind):
+    ds = tables[kind]
+    assert await _ids(ds, kind, sort=[{"field": "score"}]) == [4, 1, 5, 3, 2]
+    assert await _ids(ds, kind, sort=[{"field": "score", "direction": "DESC"}]) == [2, 3, 1, 5, 4]
+    assert await _ids(ds, kind, sort=[{"field": "born", "direction": "DESC"}], limit=2) == [3, 2]
+    assert await _ids(ds, kind, sort=[{"field": "seen_at", "direction": "DESC"}]) == [3, 2, 1, 5, 4]
+    assert await _ids(ds, kind, sort=[{"field": "active"}, {"field": "name"}]) == [2, 5, 1, 4, 3]
+
+
+@pytest.mark.parametrize("kind", ["plain", "docs"])
+async def test_cells_are_typed_and_counted(tables, kind):
+    ds = tables[kind]
+    names = ["id", *(_name(kind, f) for f in FIELDS)]
+    rows = await _rows(ds, columns=names)
+    assert rows == [
+        (1, "alpha", 1.5, True, "2020-01-01", "2020-01-01T10:00:00Z", "x"),
+        (2, "beta", None, False, "2021-05-05", "2021-05-05T00:00:00Z", None),
+        (3, "Alphabet", 3.0, None, None, None, "y"),
+        (4, "gamma", -2.0, True, "2019-07-07", "2019-07-07T23:59:59Z", "z"),
+        (5, None, 1.5, False, "2020-01-01", "2020-01-01T09:00:00Z", "w"),
+    ]
+    source = PostgresSource(ds)
+    assert await source.count(build_query(ds)) == 5
+    assert await source.count(build_query(ds), cap=3) == 3
+    assert await source.count(build_query(ds, limit=2)) == 2
+    assert await source.count(build_query(ds, filters=[{"field": _name(kind, "score"), "op": "GT", "value": 1}])) == 3
+
+
+async def test_sorting_by_a_jsonb_time_stamp_sorts_instants_not_text(pg, pg_table, postgres_db):
+    table = pg_table("events")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
+    stamps = {  # text order differs from time order once offsets differ
+        1: "2024-03-01T10:00:00+05:00",  # 05:00Z
+        2: "2024-03-01T06:00:00Z",
+        3: "2024-03-01T07:30:00.25+02:00",  # 05:30:00.25Z
+        4: "2024-02-29T23:00:00-08:00",  # 03-01 07:00Z
+        5: None,
+        6: "2024-03-01T05:00:00",  # no offset: UTC, ties with 1
+    }
+    with pg.cursor() as cur:
+        for i, stamp in stamps.items():
+            cur.execute(f"INSERT INTO {table} VALUES (%s, %s)",
+                        (i, json.dumps({"collected_at": stamp, "n": i} if stamp else {"n": i})))
+    ds = Dataset(name="events", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    assert ds.column("data.collected_at").type == "datetime"
+    rows = await _rows(ds, columns=["id", "data.collected_at"], sort=[{"field": "data.collected_at",
+                                                                        "direction": "DESC"}])
+    assert rows == [(5, None), (4, "2024-03-01T07:00:00Z"), (2, "2024-03-01T06:00:00Z"),
+                    (3, "2024-03-01T05:30:00.25Z"), (1, "2024-03-01T05:00:00Z"), (6, "2024-03-01T05:00:00Z")]
+    rows = await _rows(ds, columns=["id"], sort=[{"field": "data.collected_at"}], limit=3,
+                       filters=[{"field": "data.collected_at", "op": "GTE", "value": "2024-03-01T05:00:00Z"}])
+    assert rows == [(1,), (6,), (3,)]
+
+
+async def test_cells_of_every_postgres_type(pg, pg_table, postgres_db):
+    table = pg_table("typed")
+    pg.execute(f"""CREATE TABLE {table} (id bigint PRIMARY KEY, amount numeric(10, 2), ratio real,
+        small smallint, day date, local_ts timestamp, ts timestamptz, flag boolean, ref uuid, tags text[],
+        label varchar(20), doc jsonb)""")
+    ref = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    pg.execute(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", (
+        1, Decimal("12.50"), 0.25, -3, dt.date(2024, 2, 29), dt.datetime(2024, 1, 1, 12, 0, 0, 500000),
+        dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))), True, ref, ["a", "b,c"],
+        "x", json.dumps({"nested": {"deep": {"v": 7}}, "list": [1, {"a": 2}], "mixed": 1})))
+    pg.execute(f"INSERT INTO {table} (id, doc) VALUES (2, %s)", (json.dumps({"mixed": "text", "list": []}),))
+    columns = discover_columns(postgres_db, table)
+    assert {c.name: c.type for c in columns} == {
+        "id": "integer", "amount": "float", "ratio": "float", "small": "integer", "day": "date",
+        "local_ts": "datetime", "ts": "datetime", "flag": "boolean", "ref": "string", "tags": "string",
+        "label": "string", "doc.list": "string", "doc.mixed": "string", "doc.nested.deep.v": "integer"}
+    assert columns[0].required and not columns[1].required
+    ds = Dataset(name="typed", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
+    rows = await _rows(ds)
+    assert rows[0] == (1, 12.5, 0.25, -3, "2024-02-29", "2024-01-01T12:00:00.5Z", "2024-01-01T10:00:00Z", True,
+                       str(ref), "{a,\"b,c\"}", "x", '[1, {"a": 2}]', "1", 7)
+    assert rows[1] == (2, *([None] * 10), "[]", "text", None)
+    assert [type(v) for v in rows[0][:4]] == [int, float, float, int]
+    # filters compare in the column's type: a Decimal column against a float, a naive time stamp as UTC
+    assert await _rows(ds, columns=["id"], filters=[{"field": "amount", "op": "EQ", "value": 12.5}]) == [(1,)]
+    assert await _rows(ds, columns=["id"], filters=[
+        {"field": "local_ts", "op": "GT", "value": "2024-01-01T13:00:00+01:00"}]) == [(1,)]
+    assert await _rows(ds, columns=["id"], filters=[{"field": "doc.nested.deep.v", "op": "GTE", "value": 7}]) == [(1,)]
+
+
+async def test_names_come_only_from_the_registry_and_are_quoted(pg, pg_table, postgres_db):
+    table = pg_table("odd")
+    evil = "a'); DROP TABLE victim; --"
+    pg.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, "we""ird %s col" text, "50%" int, data jsonb)')
+    pg.execute(f"INSERT INTO {table} VALUES (1, 'w', 50, %s), (2, NULL, 7, %s)",
+               (json.dumps({evil: "boom", "dotted.key": 1, "%s": "pct"}), json.dumps({evil: "calm"})))
+    pg.execute("CREATE TABLE IF NOT EXISTS victim (x int)")
+    try:
+        columns = discover_columns(postgres_db, table)
+        names = [c.name for c in columns]
+        assert names == ["id", 'we"ird %s col', "50%", "data.%s", f"data.{evil}"]  # "dotted.key" is ambiguous
+        ds = Dataset(name="odd", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
+        rows = await _rows(ds, filters=[{"field": f"data.{evil}", "op": "EQ", "value": "boom"},
+                                        {"field": "50%", "op": "GT", "value": 8}],
+                           sort=[{"field": 'we"ird %s col'}])
+        assert rows == [(1, "w", 50, "pct", "boom")]
+        source = PostgresSource(ds)
+        chunks = [c async for c in source.csv_batches(build_query(ds, sort=[{"field": "data.%s"}]), 10,
+                                                      formula_guard=True)]
+        assert b"".join(c for c, _ in chunks).decode().splitlines()[1:] == ["1,w,50,pct,boom", "2,,7,,calm"]
+        assert pg.execute("SELECT to_regclass('victim') IS NOT NULL").fetchone()[0]
+        # a name that is not in the registry never reaches SQL
+        with pytest.raises(UserErrors) as e:
+            build_query(ds, filters=[{"field": "data.a'); DROP TABLE victim; --x", "op": "EQ", "value": 1}])
+        assert e.value.errors[0].code == "UNKNOWN_COLUMN"
+        # the compiled SQL carries the key as one literal, quotes doubled; values are parameters
+        info = TableInfo({"id": "int4", "data": "jsonb"})
+        compiled = compile_query(build_query(ds, columns=["id"], filters=[
+            {"field": f"data.{evil}", "op": "EQ", "value": "x' OR '1'='1"}]), table, POSTGRES,
+            column_sql=column_sql_for(info))
+        assert """("data"->>'a''); DROP TABLE victim; --') = %s""" in compiled.select
+        assert "x' OR" not in compiled.select and compiled.params == ("x' OR '1'='1",)
+    finally:
+        pg.execute("DROP TABLE IF EXISTS victim")
+
+
+async def test_an_export_reads_one_snapshot(pg, pg_table, postgres_db):
+    table = pg_table("snap")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    pg.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 10) g")
+    ds = Dataset(name="snap", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=(Column("id", "integer"), Column("v")))
+    source = PostgresSource(ds)
+    batches = source.batches(build_query(ds, columns=["id"]), 3)
+    seen = [r[0] for r in await anext(batches)]
+    pg.execute(f"INSERT INTO {table} VALUES (0, 'early'), (100, 'late')")  # committed by another connection
+    pg.execute(f"DELETE FROM {table} WHERE id = 9")
+    seen += [r[0] async for batch in batches for r in batch]
+    assert seen == list(range(1, 11))
+    assert await source.count(build_query(ds)) == 11  # the next read sees them
+
+
+async def _backends(pg: psycopg.Connection, app: str) -> list[tuple]:
+    return pg.execute("SELECT pid, state, query FROM pg_stat_activity WHERE application_name = %s",
+                      (app,)).fetchall()
+
+
+async def _gone_within(pg: psycopg.Connection, app: str, seconds: float) -> float:
+    started = time.monotonic()
+    while await _backends(pg, app):
+        assert time.monotonic() - started < seconds, await _backends(pg, app)
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_closing_early_releases_cursor_and_connection(pg, pg_table, postgres_db):
+    table = pg_table("big")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 20000) g")
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name="big", source="postgres", url=_url(postgres_db, application_name=app), table=table,
+                 key=("id",), columns=(Column("id", "integer"), Column("v")))
+    source = PostgresSource(ds)
+    batches = source.batches(build_query(ds), 100)
+    assert len(await anext(batches)) == 100
+    (pid, state, query), = await _backends(pg, app)
+    assert "dataport_" in query  # the named cursor's FETCH
+    await batches.aclose()
+    await _gone_within(pg, app, 1.0)
+
+    # the CSV fast path, left mid-COPY
+    chunks = source.csv_batches(build_query(ds), 100, formula_guard=True)
+    await anext(chunks)
+    await anext(chunks)
+    assert await _backends(pg, app)
+    await chunks.aclose()
+    await _gone_within(pg, app, 1.0)
+
+
+async def test_cancelling_a_slow_read_stops_the_statement_within_a_second(pg, pg_table, postgres_db):
+    view = pg_table("slow")
+    # 10 ms a row: the first batch of 1,000 rows would take 10 s
+    pg.execute(f"CREATE VIEW {view} AS SELECT g AS id FROM generate_series(1, 100000) g "
+               f"WHERE (SELECT g > 0 FROM pg_sleep(0.01 + 0 * g))")
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name="slow", source="postgres", url=_url(postgres_db, application_name=app), table=view,
+                 key=("id",), columns=(Column("id", "integer"),))
+    source = PostgresSource(ds)
+
+    async def read() -> None:
+        async for _ in source.batches(build_query(ds), 1000):
+            pass
+
+    task = asyncio.create_task(read())
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if any(state == "active" for _, state, _ in await _backends(pg, app)):
+            break
+    else:
+        pytest.fail("the read never started")
+    task.cancel()
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 1.0
+    await _gone_within(pg, app, 1.0)
+
+    # close() from elsewhere (the worker's finally) does the same for a read still in flight
+    task = asyncio.create_task(read())
+    await asyncio.sleep(0.5)
+    await source.close()
+    with pytest.raises((SourceError, asyncio.CancelledError)):
+        await asyncio.wait_for(task, 2)
+    await _gone_within(pg, app, 1.0)
+
+
+SPECIAL = [
+    (1, "plain", 1.5, 10, True, dt.date(2020, 1, 2), "2020-01-02T03:04:05Z"),
+    (2, "Zoë Ørsted 東京 🚀", -2.25, -3, False, dt.date(1999, 12, 31), "1999-12-31T23:59:59.123400Z"),
+    (3, 'say "hello", world', None, None, None, None, None),
+    (4, "line one\nline two\r\nline three", 0.1, 0, True, dt.date(2021, 6, 30), "2021-06-30T00:00:00+02:00"),
+    (5, "=SUM(A1:A2)", 1e-7, 2**40, False, dt.date(2000, 2, 29), "2000-02-29T12:00:00.000001Z"),
+    (6, "", 12345.678, 7, True, dt.date(2024, 1, 1), "2024-01-01T00:00:00Z"),
+    (7, "tab\tinside", 3.0, 1, True, dt.date(2010, 10, 10), "2010-10-10T10:10:10Z"),
+    (8, "'=already quoted", 1e22, None, None, None, None),
+    (9, "''+two quotes", -0.0, None, None, None, None),
+    (10, "-1.5", 123456789.125, None, None, None, None),
+    (11, "@home", 2.0**40, None, None, None, None),
+    (12, "\tlead tab", 5e-324, None, None, None, None),
+    (13, "\rlead cr", -7.0, None, None, None, None),
+    (14, "a'=not leading", 0.5, None, None, None, None),
+]
+
+
+def _parsed(data: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+
+
+async def _both_csvs(ds: Dataset, query, formula_guard: bool) -> tuple[bytes, bytes, list[int]]:
+    source = PostgresSource(ds)
+    fast = [c async for c in source.csv_batches(query, 5, formula_guard=formula_guard)]
+    writer = CsvWriter(query.columns, formula_guard=formula_guard)
+    slow = writer.begin() + b"".join([writer.write(b) async for b in source.batches(query, 5)])
+    return b"".join(c for c, _ in fast), slow, [n for _, n in fast]
+
+
+@pytest.mark.parametrize("formula_guard", [True, False])
+@pytest.mark.parametrize("kind", ["plain", "docs"])
+async def test_csv_fast_path_writes_what_the_python_writer_writes(pg, pg_table, postgres_db, kind, formula_guard,
+                                                                  monkeypatch):
+    table = pg_table("special")
+    if kind == "plain":
+        pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, score double precision, "
+                   f"count bigint, active boolean, born date, seen_at timestamptz)")
+        with pg.cursor() as cur:
+            cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s)", SPECIAL)
+        columns = discover_columns(postgres_db, table)
+    else:
+        pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
+        with pg.cursor() as cur:
+            for row in SPECIAL:
+                doc = dict(zip(("name", "score", "count", "active", "born", "seen_at"), row[1:], strict=True))
+                doc["born"] = doc["born"] and doc["born"].isoformat()
+                cur.execute(f"INSERT INTO {table} VALUES (%s, %s)", (row[0], json.dumps(doc)))
+        columns = discover_columns(postgres_db, table)
+    ds = Dataset(name="special", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
+    query = build_query(ds)
+    fast, slow, counts = await _both_csvs(ds, query, formula_guard)
+    assert counts[0] == 0 and sum(counts) == len(SPECIAL)
+    assert _parsed(fast) == _parsed(slow)
+    # the documented differences only: an empty text cell is quoted
+    assert fast.replace(b',"",', b",,") == slow
+    if formula_guard:
+        header = _parsed(fast)[0]
+        at = header.index("name" if kind == "plain" else "data.name")
+        cells = {row[0]: row[at] for row in _parsed(fast)[1:]}
+        assert cells["5"] == "'=SUM(A1:A2)" and cells["8"] == "''=already quoted"
+        assert cells["9"] == "'''+two quotes" and cells["10"] == "'-1.5" and cells["11"] == "'@home"
+        assert cells["12"] == "'\tlead tab" and cells["13"] == "'\rlead cr" and cells["14"] == "a'=not leading"
+        score = header.index("score" if kind == "plain" else "data.score")
+        assert _parsed(fast)[10][score] == "123456789.125"  # numbers are never guarded
+    if kind == "docs":  # documents flattened in Python type their fields as the SQL casts do
+        inline = await _rows(ds, batch_rows=5)
+        monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
+        assert await _rows(ds, batch_rows=5) == inline
+        assert (await _both_csvs(ds, query, formula_guard))[1] == slow
+        monkeypatch.undo()
+    # filters with values in the COPY path (bound client-side by psycopg as literals)
+    name = "name" if kind == "plain" else "data.name"
+    for value, expected in (("x' OR '1'='1", []), ("%", []), ("'", ["8", "9", "14"]), ("\\", [])):
+        q = build_query(ds, columns=["id"], filters=[{"field": name, "op": "CONTAINS", "value": value}])
+        fast, slow, _ = await _both_csvs(ds, q, formula_guard)
+        assert [r[0] for r in _parsed(fast)[1:]] == expected and fast == slow
+
+
+async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_table, postgres_db):
+    table = pg_table("hdr")
+    long = "x" * 80
+    pg.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, "=cmd" text, "{long[:63]}" int)')
+    pg.execute(f"INSERT INTO {table} VALUES (1, '+1', 2)")
+    ds = Dataset(name="hdr", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    fast, slow, _ = await _both_csvs(ds, build_query(ds), True)
+    assert fast == slow == f"id,'=cmd,{long[:63]}\r\n1,'+1,2\r\n".encode()
+
+
+@pytest.mark.parametrize("fields", [1, INLINE_FIELDS + 1])
+async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, postgres_db, fields):
+    table = pg_table("badcast")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
+    extra = {f"f{i:02d}": i for i in range(fields - 1)}
+    with pg.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)",
+                        [(i, json.dumps({"au_ppm": i * 0.5, **extra})) for i in range(1, 2000)])
+        cur.execute(f"INSERT INTO {table} VALUES (2000, %s)", (json.dumps({"au_ppm": "abc", **extra}),))
+    ds = Dataset(name="assays", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    assert ds.column("data.au_ppm").type == "float"  # the sample saw numbers; the last row is text
+    with pytest.raises(SourceError) as e:
+        await _rows(ds, batch_rows=500)
+    assert "'data.au_ppm'" in str(e.value) and "'abc'" in str(e.value) and "2000" in str(e.value)
+    assert not isinstance(e.value, TransientSourceError)
+    # a filter on it fails the same way, the count too
+    query = build_query(ds, filters=[{"field": "data.au_ppm", "op": "GT", "value": 1}])
+    with pytest.raises(SourceError, match=r"'data\.au_ppm' holds 'abc' in the row with id = 2000"):
+        await PostgresSource(ds).count(query)
+    with pytest.raises(SourceError, match=r"data\.au_ppm"):
+        async for _ in PostgresSource(ds).csv_batches(query, 100, formula_guard=True):
+            pass
+
+
+async def test_wide_jsonb_table_discovers_and_exports(pg, pg_table, postgres_db):
+    table = pg_table("wide")
+    keys = 2000
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, site text, data jsonb)")
+    pg.execute(f"""INSERT INTO {table}
+        SELECT i, 'site ' || (i % 7),
+               (SELECT jsonb_object_agg('f' || lpad(k::text, 4, '0'), (i * 10000 + k) / 4.0)
+                FROM generate_series(1, {keys}) k)
+               || jsonb_build_object('taken', (date '2024-01-01' + i)::text)
+        FROM generate_series(1, 200) i""")
+    started = time.monotonic()
+    columns = discover_columns(postgres_db, table)
+    assert time.monotonic() - started < 10
+    assert len(columns) == 2 + keys + 1 and columns[2].name == "data.f0001" and columns[2].type == "float"
+    assert {c.name: c.type for c in columns}["data.taken"] == "date"
+    ds = Dataset(name="wide", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
+    query = build_query(ds, filters=[{"field": "data.f0002", "op": "GT", "value": 125_000}],
+                        sort=[{"field": "data.taken", "direction": "DESC"}])
+    source = PostgresSource(ds)
+    rows = [r async for b in source.batches(query, 2000) for r in b]
+    assert [r[0] for r in rows] == list(range(200, 49, -1))
+    assert rows[0][:4] == (200, "site 4", 500000.25, 500000.5) and rows[0][-1] == "2024-07-19"
+    assert len(rows[0]) == len(columns)
+    chunks = [c async for c in source.csv_batches(query, 2000, formula_guard=True)]
+    assert sum(n for _, n in chunks) == 151
+    parsed = _parsed(b"".join(c for c, _ in chunks))
+    assert len(parsed[0]) == len(columns) and parsed[1][:4] == ["200", "site 4", "500000.25", "500000.5"]
+    assert await source.count(query) == 151
+
+
+async def test_errors_say_whether_a_retry_can_help(pg, pg_table, postgres_db):
+    ds = Dataset(name="gone", source="postgres", url=postgres_db, table="no_such_table", key=(),
+                 columns=(Column("id", "integer"),))
+    with pytest.raises(SourceError, match="no_such_table") as e:
+        await PostgresSource(ds).count(build_query(ds))
+    assert not isinstance(e.value, TransientSourceError)
+
+    table = pg_table("cols")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    ds = Dataset(name="cols", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=(Column("id", "integer"), Column("missing")))
+    with pytest.raises(SourceError, match="'missing'"):
+        await _rows(ds)
+
+    refused = Dataset(name="down", source="postgres", url=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+                      table="t", columns=(Column("id", "integer"),))
+    with pytest.raises(TransientSourceError, match="unavailable"):
+        await _rows(refused)
+    with pytest.raises(SourceError):
+        discover_columns(refused.url, "t")
+    with pytest.raises(SourceError, match="not found"):
+        discover_columns(postgres_db, "no_such_table")
