@@ -226,6 +226,10 @@ async def test_cells_of_every_postgres_type(pg, pg_table, postgres_db):
                        str(ref), "{a,\"b,c\"}", "x", '[1, {"a": 2}]', "1", 7)
     assert rows[1] == (2, *([None] * 10), "[]", "text", None)
     assert [type(v) for v in rows[0][:4]] == [int, float, float, int]
+    with pytest.MonkeyPatch.context() as patch:  # the same cells when the document is flattened in Python
+        patch.setattr("sources.postgres.INLINE_FIELDS", 0)
+        patch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+        assert await _rows(ds) == rows
     # filters compare in the column's type: a Decimal column against a float, a naive time stamp as UTC
     assert await _rows(ds, columns=["id"], filters=[{"field": "amount", "op": "EQ", "value": 12.5}]) == [(1,)]
     assert await _rows(ds, columns=["id"], filters=[
@@ -427,6 +431,7 @@ async def test_csv_fast_path_writes_what_the_python_writer_writes(pg, pg_table, 
     if kind == "docs":  # documents flattened in Python type their fields as the SQL casts do
         inline = await _rows(ds, batch_rows=5)
         monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
+        monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
         assert await _rows(ds, batch_rows=5) == inline
         assert (await _both_csvs(ds, query, formula_guard))[1] == slow
         monkeypatch.undo()
@@ -449,8 +454,11 @@ async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_tab
     assert fast == slow == f"id,'=cmd,{long[:63]}\r\n1,'+1,2\r\n".encode()
 
 
-@pytest.mark.parametrize("fields", [1, INLINE_FIELDS + 1])
-async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, postgres_db, fields):
+@pytest.mark.parametrize("flattened", [False, True])
+async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, postgres_db, flattened, monkeypatch):
+    fields = INLINE_FIELDS + 1 if flattened else 1
+    if flattened:  # documents this small are read in SQL unless told otherwise
+        monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
     table = pg_table("badcast")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
     extra = {f"f{i:02d}": i for i in range(fields - 1)}
@@ -526,3 +534,22 @@ async def test_errors_say_whether_a_retry_can_help(pg, pg_table, postgres_db):
         discover_columns(refused.url, "t")
     with pytest.raises(SourceError, match="not found"):
         discover_columns(postgres_db, "no_such_table")
+
+
+async def test_float_text_of_the_fast_path_is_pythons_repr(pg, pg_table, postgres_db):
+    table = pg_table("floats")
+    values = [0.0, -0.0, 3.0, -2.5, 0.1, 1 / 3, 1e-7, 5e-324, 123456789.125, 1e15, 2.0**53, 9999999999999998.0,
+              1e16, 1e22, -1.7976931348623157e308]
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, f8 double precision, f4 real, n numeric, "
+               f"ts timestamp, day date)")
+    with pg.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+                        [(i, v, v if v == 0 or 1e-30 < abs(v) < 1e30 else None, Decimal(repr(v)),
+                          dt.datetime(2020, 1, 1, 0, 0, 0, i * 10) if i else None, dt.date(2020, 1, 1 + i))
+                         for i, v in enumerate(values)])
+    ds = Dataset(name="floats", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    fast, slow, _ = await _both_csvs(ds, build_query(ds), True)
+    assert fast == slow
+    assert _parsed(fast)[2][1:4] == ["-0.0", "-0.0", "0.0"] and _parsed(fast)[11][1] == "9007199254740992.0"
+    assert _parsed(fast)[2][4] == "2020-01-01T00:00:00.00001Z"
