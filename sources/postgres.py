@@ -16,8 +16,9 @@ Queries
     the registry and are quoted, every value is bound (the semantics of sources/sql.py: NE and
     NOT_IN keep NULLs, CONTAINS and PREFIX are case-sensitive, NULLs last ascending, the dataset key
     ends every ORDER BY). A dataset without a key is ordered by its sort alone: give PostgreSQL
-    datasets a key, or reruns may order ties differently. Text compares and sorts in the
-    database's collation (SQLite compares bytes), which is the order the data's owners chose.
+    datasets a key, or reruns may order ties differently. Text compares and sorts in code-point
+    order (``COLLATE "C"``), as in SQLite and OpenSearch, whatever the column's collation; an
+    index on a text column helps those filters only if it is built ``COLLATE "C"`` as well.
 
 JSONB documents
     A column ``data.a.b`` whose first segment is a JSONB column of the table is the expression
@@ -222,7 +223,11 @@ class Field:
 
     @property
     def value_sql(self) -> str:
-        """The typed expression filters and sorts compare."""
+        """The typed expression filters and sorts compare. Text compares in code-point order
+        (``COLLATE "C"``, as SQLite and OpenSearch compare), whatever the column's collation."""
+        if self.column.type == "string":
+            text = f"({self.raw_sql})::text" if self.needs_cast else self.raw_sql
+            return f'({text} COLLATE "C")'
         if not self.needs_cast:
             return self.raw_sql
         return f"({self.raw_sql})::{_CASTS[self.column.type]}"

@@ -267,7 +267,7 @@ async def test_names_come_only_from_the_registry_and_are_quoted(pg, pg_table, po
         compiled = compile_query(build_query(ds, columns=["id"], filters=[
             {"field": f"data.{evil}", "op": "EQ", "value": "x' OR '1'='1"}]), table, POSTGRES,
             column_sql=column_sql_for(info))
-        assert """("data"->>'a''); DROP TABLE victim; --') = %s""" in compiled.select
+        assert """(("data"->>'a''); DROP TABLE victim; --') COLLATE "C") = %s""" in compiled.select
         assert "x' OR" not in compiled.select and compiled.params == ("x' OR '1'='1",)
     finally:
         pg.execute("DROP TABLE IF EXISTS victim")
@@ -553,3 +553,25 @@ async def test_float_text_of_the_fast_path_is_pythons_repr(pg, pg_table, postgre
     assert fast == slow
     assert _parsed(fast)[2][1:4] == ["-0.0", "-0.0", "0.0"] and _parsed(fast)[11][1] == "9007199254740992.0"
     assert _parsed(fast)[2][4] == "2020-01-01T00:00:00.00001Z"
+
+
+async def test_text_compares_in_code_point_order_whatever_the_collation(pg, pg_table, postgres_db):
+    table = pg_table("coll")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, s text, data jsonb)")
+    for collation in ("und-x-icu", "en-x-icu", "en_US.utf8"):  # a linguistic one: 'a' < 'B'
+        try:
+            pg.execute(f'ALTER TABLE {table} ALTER COLUMN s TYPE text COLLATE "{collation}"')
+            break
+        except psycopg.Error:
+            continue
+    texts = ["b", "A", "a", "B", "Ø", "z"]
+    with pg.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
+                        [(i, t, json.dumps({"s": t})) for i, t in enumerate(texts)])
+    ds = Dataset(name="coll", source="postgres", url=postgres_db, table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    for name in ("s", "data.s"):
+        rows = await _rows(ds, columns=[name], sort=[{"field": name}])
+        assert [r[0] for r in rows] == sorted(texts)
+        rows = await _rows(ds, columns=[name], filters=[{"field": name, "op": "GT", "value": "Z"}])
+        assert sorted(r[0] for r in rows) == ["a", "b", "z", "Ø"]
