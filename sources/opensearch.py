@@ -68,6 +68,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 RELEASE_TIMEOUT_SECONDS = 1.0  # a point in time or scroll is given up within this
 KEEP_ALIVE = "5m"  # between two pages; renewed by every page
 MAX_PAGE = 10_000  # index.max_result_window's default
+PAGE_CELLS = 200_000  # documents per page x columns: bounds the memory one page takes
 
 # OpenSearch field types, by the column type they hold.
 _INTEGER_TYPES = {"long", "integer", "short", "byte", "unsigned_long"}
@@ -81,8 +82,6 @@ _EPOCH_FORMATS = {"epoch_millis", "epoch_second"}
 # The OpenSearch type assumed for a declared column that the mapping does not know (yet).
 _DEFAULT_KINDS = {"string": "keyword", "integer": "long", "float": "double", "boolean": "boolean",
                   "date": "date", "datetime": "date"}  # fmt: skip
-_PAGE_FIELDS = ("hits.hits._id,hits.hits._index,hits.hits._source,hits.hits.sort,_scroll_id,pit_id,"
-                "_shards.failed,_shards.failures,timed_out")  # fmt: skip
 # Shard failures that a later try can get past.
 _TRANSIENT_FAILURES = ("rejected", "node_not_connected", "no_shard_available", "node_disconnected",
                        "circuit_breaking", "timeout")  # fmt: skip
@@ -272,15 +271,15 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     if not query.dataset.key:
         sort.append("_doc")  # index order: cheapest, and the order of a table without a key
 
-    if must or must_not:
-        body_query: dict[str, Any] = {"bool": {}}
+    body: dict[str, Any] = {}
+    if must or must_not:  # without filters, no query: match_all is the default (and costs some servers)
+        body["query"] = {"bool": {}}
         if must:
-            body_query["bool"]["filter"] = must
+            body["query"]["bool"]["filter"] = must
         if must_not:
-            body_query["bool"]["must_not"] = must_not
-    else:
-        body_query = {"match_all": {}}
-    body = {"query": body_query, "sort": sort, "_source": {"includes": [c.name for c in query.columns]}}
+            body["query"]["bool"]["must_not"] = must_not
+    body["sort"] = sort
+    body["_source"] = {"includes": [c.name for c in query.columns]}
     return body, total
 
 
@@ -315,11 +314,32 @@ def _condition(f: Filter, where: Field) -> tuple[list[dict[str, Any]], list[dict
         return [{"terms": {path: list(f.values)}}], []
     if op == "NOT_IN":
         return [], [{"terms": {path: list(f.values)}}]
+    if "" in f.values and op in ("GT", "GTE", "LT", "LTE", "BETWEEN"):
+        return _empty_text_bound(f, path)
     if op in _RANGE_OPS:
         return [{"range": {path: {_RANGE_OPS[op]: f.values[0]}}}], []
     if op == "BETWEEN":
         return [{"range": {path: {"gte": f.values[0], "lte": f.values[1]}}}], []
     raise ValueError(f"operator {op} has no OpenSearch form")  # build_query refuses these first
+
+
+def _empty_text_bound(f: Filter, path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A range bounded by the empty text, written without it: "" is the least text, and some
+    servers take an empty bound for no bound at all."""
+    empty = {"term": {path: ""}}
+    exists = {"exists": {"field": path}}
+    if f.op == "LT":
+        return [_MATCH_NONE], []
+    if f.op == "LTE":
+        return [empty], []
+    if f.op == "GT":
+        return [exists], [empty]
+    if f.op == "GTE":
+        return [exists], []
+    low, high = f.values  # BETWEEN
+    if high == "":
+        return ([empty], []) if low == "" else ([_MATCH_NONE], [])
+    return [{"range": {path: {"lte": high}}}], []
 
 
 def _escape_wildcard(value: str) -> str:
@@ -367,6 +387,8 @@ def _date_condition(f: Filter, where: Field) -> tuple[list[dict[str, Any]], list
 
 
 def _floor_ms(value: Any) -> Any:
+    if not isinstance(value, dt.datetime):
+        return value
     return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
 
 
@@ -460,6 +482,12 @@ def _instant(value: Any) -> dt.datetime:
 def _datetime(value: Any) -> Any:
     if value is None:
         return None
+    if value.__class__ is str and len(value) == 20 and value[19] == "Z" and value[10] == "T":
+        try:  # already the one text form (whole seconds, UTC): checked, kept
+            dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise _BadCell from None
+        return value
     if value.__class__ is list:
         return _datetime(_one(value))
     return iso_datetime(_instant(value))
@@ -484,10 +512,6 @@ _CELLS: dict[str, Callable[[Any], Any]] = {
 }  # fmt: skip
 
 
-class _Many(list):
-    """Values of one dotted name gathered from an array of objects."""
-
-
 def _flatten(source: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"a": {"b": 1}} → {"a.b": 1}. An array of objects gives each dotted name all its values."""
     if out is None:
@@ -499,30 +523,65 @@ def _flatten(source: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | 
         elif value.__class__ is list and value and all(v.__class__ is dict for v in value):
             for item in value:
                 for sub, sub_value in _flatten(item, name + ".").items():
-                    out.setdefault(sub, _Many()).append(sub_value)
+                    out.setdefault(sub, []).append(sub_value)
         else:
             out[name] = value
     return out
+
+
+_MISSING = object()
+
+
+def _walker(name: str) -> Callable[[dict[str, Any]], Any]:
+    """The value of a dotted column in a nested _source, or ``_MISSING`` when the path is not a
+    plain walk through objects (then the document is flattened: arrays, literal dotted keys)."""
+    parts = name.split(".")
+
+    def walk(source: dict[str, Any]) -> Any:
+        value: Any = source
+        for part in parts:
+            if value.__class__ is not dict:
+                return _MISSING
+            value = value.get(part, _MISSING)
+            if value is _MISSING:
+                return _MISSING
+        return value
+
+    return walk
 
 
 def _converter(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Row]]:
     """Hits → tuples in column order, each cell of its column's type; a value of the wrong type
     is a ``SourceError`` that names the document and the column."""
     plan = [(c.name, _CELLS.get(c.type, _string)) for c in columns]
+    walks = [(c.name, _walker(c.name) if "." in c.name else None, _CELLS.get(c.type, _string)) for c in columns]
     dotted = any("." in c.name for c in columns)
+
+    def cells_of_nested(source: dict[str, Any]) -> Row:
+        flat = None
+        cells = []
+        for name, walk, cell in walks:
+            value = source.get(name) if walk is None else walk(source)
+            if value is _MISSING:
+                if flat is None:
+                    flat = _flatten(source)
+                value = flat.get(name)
+            cells.append(cell(value))
+        return tuple(cells)
 
     def convert(hits: list[dict[str, Any]]) -> list[Row]:
         rows: list[Row] = []
         append = rows.append
         for hit in hits:
             source = hit.get("_source") or {}
-            if dotted:
-                source = _flatten(source)
-            get = source.get
             try:
-                append(tuple([cell(get(name)) for name, cell in plan]))
+                if dotted:
+                    append(cells_of_nested(source))
+                else:
+                    get = source.get
+                    append(tuple([cell(get(name)) for name, cell in plan]))
             except _BadCell:
-                raise _bad_cell(hit, source, columns) from None
+                raise _bad_cell(hit, _flatten(source), columns) from None
         return rows
 
     return convert
@@ -549,7 +608,7 @@ def _bad_cell(hit: Mapping[str, Any], source: Mapping[str, Any], columns: tuple[
 
 
 def _clip(value: Any, limit: int = 80) -> str:
-    text = repr(list(value) if isinstance(value, _Many) else value)
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -673,7 +732,7 @@ class _OrjsonSerializer(JSONSerializer):
             return super().dumps(data)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Cursor:
     kind: str  # "pit" | "scroll"
     id: str
@@ -681,8 +740,11 @@ class _Cursor:
 
 class OpenSearchSource:
     def __init__(self, dataset: Dataset, settings: Any = None, *, retry_delays: tuple[float, ...] = RETRY_DELAYS,
-                 timeout: float = REQUEST_TIMEOUT_SECONDS):  # fmt: skip
+                 timeout: float = REQUEST_TIMEOUT_SECONDS, page_rows: int | None = None):  # fmt: skip
+        """``page_rows`` fixes the documents per request (default: by a cell budget, at least a
+        batch); ``retry_delays`` are the pauses between tries."""
         self.dataset = dataset
+        self.page_rows = page_rows
         self.index = dataset.table
         self.retry_delays = tuple(retry_delays)
         self.timeout = float(getattr(settings, "opensearch_timeout_seconds", timeout) or timeout)
@@ -703,7 +765,8 @@ class OpenSearchSource:
         track: int | bool = min(limits) if limits else True
         what = f"counting documents in index '{self.index}'"
         response = await self._call(what, lambda: self.client.search(
-            index=self.index, body={"query": body["query"], "size": 0, "track_total_hits": track},
+            index=self.index, body={**({"query": body["query"]} if "query" in body else {}), "size": 0,
+                                    "track_total_hits": track},
             params={"filter_path": "hits.total,_shards.failed,_shards.failures,timed_out"},
         ))  # fmt: skip
         problem = _shard_problem(response, what)
@@ -718,16 +781,22 @@ class OpenSearchSource:
         body, total_order = _compile(query, fields)
         convert = _converter(query.columns)
         remaining = query.limit
-        size = max(1, min(batch_rows, MAX_PAGE, remaining or MAX_PAGE))
-        body = {**body, "size": size, "track_total_hits": False}
+        batch_rows = max(1, batch_rows)
+        # Pages larger than a batch save round trips (and, for search_after, the cluster's work per
+        # page); the cell budget keeps pages of wide documents as small as a batch.
+        size = min(MAX_PAGE, remaining or MAX_PAGE,
+                   self.page_rows or max(batch_rows, PAGE_CELLS // max(1, len(query.columns))))
+        body = {**body, "size": size}
         cursor = await self._open_pit() if total_order else None
+        if cursor is not None:
+            body["track_total_hits"] = False  # (a scroll refuses this)
         what = f"reading index '{self.index}'"
         try:
             if cursor is not None:
                 response = await self._call(what, lambda: self._pit_page(cursor, body, None))
             else:
-                response = await self._call(what, lambda: self.client.search(
-                    index=self.index, body=body, scroll=KEEP_ALIVE, params={"filter_path": _PAGE_FIELDS}))
+                response = await self._call(what, lambda: self.client.search(index=self.index, body=body,
+                                                                             scroll=KEEP_ALIVE))
                 if response.get("_scroll_id"):
                     cursor = _Cursor("scroll", response["_scroll_id"])
                     self._cursors.append(cursor)
@@ -741,19 +810,18 @@ class OpenSearchSource:
                 if remaining is not None:
                     hits = hits[:remaining]
                     remaining -= len(hits)
-                if hits:
-                    yield convert(hits)
+                for start in range(0, len(hits), batch_rows):
+                    yield convert(hits[start : start + batch_rows])
                 if not hits or remaining == 0 or cursor is None:
                     return
                 if cursor.kind == "pit":
                     if len(hits) < size:  # search_after answers full pages until the end
                         return
                     after = hits[-1]["sort"]
-                    response = await self._call(what, lambda: self._pit_page(cursor, body, after))
+                    response = await self._call(what, lambda after=after: self._pit_page(cursor, body, after))
                 else:
                     response = await self._call(what, lambda: self.client.scroll(
-                        body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}, params={"filter_path": _PAGE_FIELDS}),
-                        replay_safe=False)  # fmt: skip
+                        body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}), replay_safe=False)
         finally:
             if cursor is not None:
                 await self._release(cursor)
@@ -805,7 +873,7 @@ class OpenSearchSource:
         page = {**body, "pit": {"id": cursor.id, "keep_alive": KEEP_ALIVE}}
         if after is not None:
             page["search_after"] = after
-        return self.client.search(body=page, params={"filter_path": _PAGE_FIELDS})
+        return self.client.search(body=page)
 
     async def _release(self, cursor: _Cursor) -> None:
         """Give the point in time or scroll back to the cluster, within a second; a failure is
