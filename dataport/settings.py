@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     worker_lease_seconds: float = 10.0
     batch_rows: int = 2_000
     sqlite_busy_timeout_seconds: float = 2.0
+    opensearch_timeout_seconds: float = 30.0
 
     # Progress and polling.
     progress_interval_seconds: float = Field(default=0.25, ge=0.25)

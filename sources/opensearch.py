@@ -747,7 +747,7 @@ class OpenSearchSource:
         self.page_rows = page_rows
         self.index = dataset.table
         self.retry_delays = tuple(retry_delays)
-        self.timeout = float(getattr(settings, "opensearch_timeout_seconds", timeout) or timeout)
+        self.timeout = float(settings.opensearch_timeout_seconds if settings is not None else timeout)
         self.client = AsyncOpenSearch(
             hosts=[dataset.url], timeout=self.timeout, max_retries=0, retry_on_status=(),
             serializer=_OrjsonSerializer(),

@@ -5,7 +5,6 @@ and scrolls, and retries against a real HTTP proxy that fails on purpose."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -124,22 +123,15 @@ async def _ids(source: OpenSearchSource, **kwargs) -> list[int]:
     return [row[0] for row in await _rows(source, columns=["id"], **kwargs)]
 
 
-def _sqlite_cases() -> list:
-    """The operator x type cases of tests/test_query.py, read from its parametrize mark so that a
-    case added there is checked here too."""
-    mark = next(m for m in sql_cases.test_filters_on_sqlite.pytestmark if m.name == "parametrize")
-    return list(mark.args[1])
-
-
 # -- filters, sorts, limits: the same answers as SQL -------------------------------------------
 
 
-@pytest.mark.parametrize(("filters", "expected"), _sqlite_cases())
+@pytest.mark.parametrize(("filters", "expected"), sql_cases.FILTER_CASES)
 async def test_filters_match_sqlite(source, filters, expected):
     assert await _ids(source, filters=filters) == expected
 
 
-@pytest.mark.parametrize(("filters", "expected"), _sqlite_cases())
+@pytest.mark.parametrize(("filters", "expected"), sql_cases.FILTER_CASES)
 async def test_filters_match_sqlite_without_a_key(opensearch_url, index, filters, expected):
     # no key: no total order, so the scroll path (sorted by _doc) is taken
     s = OpenSearchSource(_dataset(opensearch_url, index, key=()), None, page_rows=2)
@@ -675,40 +667,3 @@ def test_the_query_dsl(dataset):
         "_source": {"includes": ["id", "loc.site"]},
     }  # fmt: skip
     assert "query" not in compile_query(build_query(dataset))  # no filters: match_all, the default
-
-
-# -- speed: DATAPORT_BENCH_OPENSEARCH=100000 python -m pytest tests/test_opensearch.py -k throughput -s --------
-
-
-@pytest.mark.skipif(not os.environ.get("DATAPORT_BENCH_OPENSEARCH"), reason="set DATAPORT_BENCH_OPENSEARCH=N to run")
-@pytest.mark.parametrize("key", [("id",), ()], ids=["point-in-time", "scroll"])
-async def test_throughput(opensearch_url, key):
-    count = int(os.environ["DATAPORT_BENCH_OPENSEARCH"])
-    index = f"dp-bench-{count}"
-    client = _client(opensearch_url)
-    if not client.indices.exists(index=index):
-        mapping = {"properties": {"id": {"type": "long"}, "name": {"type": "keyword"}, "score": {"type": "double"},
-                                  "n": {"type": "long"}, "active": {"type": "boolean"}, "seen_at": {"type": "date"},
-                                  "loc": {"properties": {"site": {"type": "keyword"}, "depth": {"type": "double"}}}}}
-        client.indices.create(index=index, body={"mappings": mapping})
-        helpers.bulk(client, ({"_index": index, "_id": str(i), "_source": {
-            "id": i, "name": f"sample {i % 977}", "score": i / 7, "n": i % 13, "active": i % 2 == 0,
-            "seen_at": f"2020-01-{1 + i % 28:02d}T{i % 24:02d}:00:00Z",
-            "loc": {"site": f"site {i % 31}", "depth": i % 100 / 3}}} for i in range(count)),
-            chunk_size=5000, refresh=True)  # fmt: skip
-    client.close()
-    columns = (Column("id", "integer"), Column("name"), Column("score", "float"), Column("n", "integer"),
-               Column("active", "boolean"), Column("seen_at", "datetime"), Column("loc.site"),
-               Column("loc.depth", "float"))  # fmt: skip
-    s = OpenSearchSource(_dataset(opensearch_url, index, key=key, columns=columns))
-    try:
-        started = time.perf_counter()
-        rows = 0
-        async for batch in s.batches(build_query(s.dataset), 2000):
-            rows += len(batch)
-        seconds = time.perf_counter() - started
-    finally:
-        await s.close()
-    assert rows == count
-    print(f"\n{'scroll' if not key else 'point in time'}: {rows:,} documents in {seconds:.2f} s = "
-          f"{rows / seconds:,.0f} documents/s")

@@ -10,6 +10,7 @@ import datetime as dt
 import random
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -71,7 +72,7 @@ def _dataset(name: str, source: str, url: str, table: str) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, postgres_url, opensearch_url) -> dict[str, Any]:
+async def sources(tmp_path_factory, postgres_db, opensearch_url) -> AsyncIterator[dict[str, Any]]:
     table = f"agree_{uuid.uuid4().hex[:8]}"
     # SQLite: the reference.
     path = tmp_path_factory.mktemp("agree") / "agree.sqlite3"
@@ -81,7 +82,7 @@ def sources(tmp_path_factory, postgres_url, opensearch_url) -> dict[str, Any]:
         conn.executemany(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?)", ROWS)
     # PostgreSQL, with a linguistic collation on the text column (ICU root: 'a' < 'B'), as many
     # production databases have: text order must still be code-point order, as in SQLite.
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
+    with psycopg.connect(postgres_db, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE {table} (id integer PRIMARY KEY, n integer, x double precision, '
                      f's text, b boolean, d date, t timestamptz)')
         for collation in ("und-x-icu", "en-x-icu", "en_US.utf8"):  # servers built without ICU have none
@@ -103,11 +104,14 @@ def sources(tmp_path_factory, postgres_url, opensearch_url) -> dict[str, Any]:
                           for row in ROWS), refresh=True)
     client.close()
     config = Settings()
-    return {
+    opened = {
         "sqlite": SqliteSource(_dataset("agree", "sqlite", str(path), table)),
-        "postgres": PostgresSource(_dataset("agree", "postgres", postgres_url, table), config),
+        "postgres": PostgresSource(_dataset("agree", "postgres", postgres_db, table), config),
         "opensearch": OpenSearchSource(_dataset("agree", "opensearch", opensearch_url, table), config),
     }
+    yield opened
+    for source in opened.values():
+        await source.close()
 
 
 # -- strategies: filters that make sense for each column type --------------------------------
