@@ -19,6 +19,7 @@ from api.context import Context
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
+from sources.registry import Registry
 from storage.signing import verify
 from tasks.models import TaskStatus
 
@@ -27,12 +28,12 @@ log = logging.getLogger("dataport.api")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.services = await Services.start(settings)
+        app.state.services = await Services.start(settings, registry)
         try:
             yield
         finally:

@@ -19,6 +19,18 @@ app = typer.Typer(help="Dataport: exports and imports as a GraphQL service.", no
 console = Console(stderr=True)
 
 
+def _registry(settings: Settings):
+    """The datasets, loaded once before serving: a mistake in the datasets file stops start-up
+    with a message that names the dataset and the key, not a traceback."""
+    from sources.registry import DatasetConfigError, load_registry
+
+    try:
+        return load_registry(settings)
+    except DatasetConfigError as e:
+        console.print(f"[red]Datasets file:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
 def _logging() -> None:
     logging.basicConfig(level=os.environ.get("DATAPORT_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -29,7 +41,10 @@ def dev(host: str = "127.0.0.1", port: int = 8000) -> None:
     """The api, one worker and the embedded defaults; Ctrl-C stops all of it."""
     from dataport.dev import run_dev
 
-    raise typer.Exit(run_dev(get_settings(), host, port))
+    settings = get_settings()
+    if settings.datasets is not None:
+        _registry(settings)  # fail here, once, rather than in each child
+    raise typer.Exit(run_dev(settings, host, port))
 
 
 @app.command()
@@ -40,7 +55,9 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     from api.app import create_app
 
     _logging()
-    uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info", ws="websockets-sansio")
+    settings = get_settings()
+    app = create_app(settings, _registry(settings))
+    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
 
 
 @app.command()
@@ -53,7 +70,7 @@ def worker() -> None:
     if not settings.redis_url:
         console.print("[red]DATAPORT_REDIS_URL is not set.[/red]")
         raise typer.Exit(2)
-    run_worker(settings)
+    run_worker(settings, _registry(settings))
 
 
 @app.command()

@@ -24,7 +24,7 @@ class Services:
     registry: Registry
 
     @classmethod
-    async def start(cls, settings: Settings) -> Services:
+    async def start(cls, settings: Settings, registry: Registry | None = None) -> Services:
         if not settings.redis_url:
             raise RuntimeError("DATAPORT_REDIS_URL is not set (dataport dev starts an embedded Redis for you)")
         redis = Redis.from_url(settings.redis_url, decode_responses=True)
@@ -35,7 +35,7 @@ class Services:
             arq=arq,
             store=TaskStore(redis, settings.retention_seconds),
             storage=storage_from_settings(settings),
-            registry=load_registry(settings),
+            registry=registry or load_registry(settings),
         )
 
     async def close(self) -> None:

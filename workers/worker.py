@@ -14,6 +14,7 @@ from arq.connections import RedisSettings
 
 from dataport.services import Services
 from dataport.settings import Settings
+from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
 from workers.cron import expire_tasks
 from workers.export import run_export
@@ -21,9 +22,9 @@ from workers.export import run_export
 log = logging.getLogger("dataport.worker")
 
 
-def worker_settings(settings: Settings) -> dict[str, Any]:
+def worker_settings(settings: Settings, registry: Registry | None = None) -> dict[str, Any]:
     async def startup(ctx: dict[str, Any]) -> None:
-        ctx["services"] = await Services.start(settings)
+        ctx["services"] = await Services.start(settings, registry)
         log.info("worker ready: %s jobs at once on queue %s", settings.worker_concurrency, settings.queue_name)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -48,6 +49,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, registry: Registry | None = None) -> None:
     """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere."""
-    Worker(**worker_settings(settings)).run()
+    Worker(**worker_settings(settings, registry)).run()
