@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import uuid
 
 import httpx
 import pytest
@@ -74,3 +75,30 @@ def test_the_streaming_route_serves_every_source(local_stack, dataset):
         assert streamed.status_code == 200, streamed.text
         _, from_worker = local_stack.api().run_export(dataset=dataset, format=fmt)
         assert streamed.content == from_worker, (dataset, fmt)
+
+
+EVIL_NAMES = ['id"; DROP TABLE special; --', "name') OR 1=1 --", "data->>'x'", "*", "_id"]
+EVIL_VALUES = ["x' OR '1'='1", 'x" OR "1"="1', "'; DROP TABLE special; --", "*", "?", "\\", "%", "_", "a*b"]
+
+
+@pytest.mark.parametrize("dataset", SOURCES)
+def test_injection_in_names_is_refused_and_in_values_is_bound(local_stack, dataset):
+    api = local_stack.api()
+    for name in EVIL_NAMES:
+        for attempt in ({"columns": ["id", name]}, {"sort": [{"field": name}]},
+                        {"filters": [{"field": name, "op": "EQ", "value": "x"}]}):
+            errors = api.request_export(dataset=dataset, **attempt)["userErrors"]
+            assert [e["code"] for e in errors] == ["UNKNOWN_COLUMN"], (name, attempt)
+        streamed = httpx.get(f"{local_stack.url}/exports/stream", params={"dataset": dataset, "sort": f"-{name}"},
+                             headers=api.headers)
+        assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "UNKNOWN_COLUMN"
+    for op in ("EQ", "CONTAINS", "PREFIX"):  # the streaming route runs the same compiled query, faster
+        headers = {"Authorization": f"Bearer {local_stack.token(f'evil-{dataset}-{op}')}",  # within rate limits
+                   "X-Forwarded-For": f"198.51.100.{uuid.uuid4().int % 250}"}
+        for value in EVIL_VALUES:
+            streamed = httpx.get(f"{local_stack.url}/exports/stream", headers=headers,
+                                 params={"dataset": dataset, "format": "ndjson", "columns": "id",
+                                         "filter": f"name:{op}:{value}"})
+            assert streamed.status_code == 200 and streamed.content == b"", (value, op, streamed.text)
+    task, _ = api.run_export(dataset=dataset, format="CSV", columns=["id"])
+    assert task["rowCount"] == len(SPECIAL_ROWS), "the table is intact"
