@@ -8,8 +8,12 @@ dataset's ``stream_max_rows`` (413, pointing to ``requestExport``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Gauge
@@ -21,7 +25,7 @@ from dataport.errors import UserError, UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from formats.pipeline import encode
-from sources.base import SourceError
+from sources.base import Source, SourceError
 from sources.query import build_query, parse_filter_text, parse_sort_text
 from storage import content_disposition
 
@@ -47,15 +51,40 @@ def _user_errors(problems: list[UserError]) -> JSONResponse:
     )
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator as soon as the response ends, however it ends: a client that goes
-    away releases the source's cursor or scroll now, not whenever the generator is collected."""
+async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]], source: Source) -> AsyncIterator[bytes]:
+    """The file's chunks, read from the source in a task of their own.
 
-    async def __call__(self, scope, receive, send) -> None:
+    Starlette stops a response whose client went away by cancelling an anyio scope, and that
+    cancellation holds for every later ``await`` in the scope: a source cut off in the middle of a
+    request could not then release its cursor, point in time or scroll, which takes a request too.
+    Read apart, the source is stopped by one plain task cancellation (as an arq abort stops the
+    worker's read) and its clean-up runs to the end."""
+    handoff: asyncio.Queue = asyncio.Queue(maxsize=1)
+    done = object()
+
+    async def read() -> None:
         try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
+            async with aclosing(chunks):
+                async for chunk, _ in chunks:
+                    await handoff.put(chunk)
+            await handoff.put(done)
+        except Exception as e:  # handed to the response, which fails the stream
+            await handoff.put(e)
+
+    reader = asyncio.create_task(read())
+    READS_IN_PROGRESS.inc()
+    try:
+        while (item := await handoff.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        with anyio.CancelScope(shield=True):
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await source.close()
+            READS_IN_PROGRESS.dec()
 
 
 @router.get("/exports/stream")
@@ -118,20 +147,8 @@ async def stream_export(
     chunks = encode(source, query, file_format, batch_rows=settings.batch_rows,
                     formula_guard=settings.csv_formula_guard)
 
-    async def body() -> AsyncIterator[bytes]:
-        READS_IN_PROGRESS.inc()
-        try:
-            async for chunk, _ in chunks:
-                yield chunk
-        finally:
-            try:
-                await chunks.aclose()
-                await source.close()
-            finally:
-                READS_IN_PROGRESS.dec()
-
     writer = WRITERS[file_format]
-    return ClosingStreamingResponse(
-        body(), media_type=writer.content_type,
+    return StreamingResponse(
+        _read_apart(chunks, source), media_type=writer.content_type,
         headers={"Content-Disposition": content_disposition(f"{ds.name}.{writer.extension}")},
     )

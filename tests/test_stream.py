@@ -134,3 +134,43 @@ def test_a_client_that_goes_away_releases_the_source_within_a_second(local_stack
         assert time.monotonic() - gone < 1.0, "the source read outlived the client by a second"
         time.sleep(0.02)
     assert DEMO_ROWS > 10_000
+
+
+def _cut_off_mid_stream(stack, dataset: str, token: str, while_open) -> None:
+    """Ask for a stream, read its first bytes, check the source is open, then go away while the
+    server is still sending."""
+    with socket.create_connection(("127.0.0.1", stack.port)) as sock:
+        sock.sendall(f"GET /exports/stream?dataset={dataset}&format=ndjson HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.5)  # the server is blocked on a full socket, with the source open
+        assert while_open(), "the source should be open while the response streams"
+
+
+def _released_within_a_second(check) -> None:
+    gone = time.monotonic()
+    while not check():
+        assert time.monotonic() - gone < 1.0, "the source outlived the client by a second"
+        time.sleep(0.02)
+
+
+def test_postgres_releases_the_cursor_when_the_client_goes_away(local_stack, test_data):
+    import psycopg
+
+    def busy() -> list:  # the api's reading connections (the worker is idle: no export runs)
+        with psycopg.connect(test_data.postgres_url, autocommit=True) as conn:
+            return conn.execute("SELECT pid, state, query FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND application_name = 'dataport' AND pid <> pg_backend_pid()").fetchall()
+
+    _cut_off_mid_stream(local_stack, "big_pg", _user(local_stack), while_open=lambda: busy() != [])
+    _released_within_a_second(lambda: busy() == [])
+
+
+def test_opensearch_releases_the_point_in_time_when_the_client_goes_away(local_stack, test_data):
+    def open_reads() -> int:
+        pits = httpx.get(f"{test_data.opensearch_url}/_search/point_in_time/_all").json().get("pits", [])
+        return len(pits)
+
+    before = open_reads()
+    _cut_off_mid_stream(local_stack, "big_os", _user(local_stack), while_open=lambda: open_reads() == before + 1)
+    _released_within_a_second(lambda: open_reads() == before)
