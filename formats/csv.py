@@ -1,9 +1,9 @@
 """CSV: UTF-8, a header row, RFC 4180 quoting, ``\\r\\n`` line endings.
 
-The stdlib ``csv`` module (C) does the quoting; it writes into one reused ``StringIO`` per batch.
-It already writes ``None`` as an empty field, ``int`` with ``str`` and ``float`` with ``repr``
-(the shortest text that reads back to the same float), so only two kinds of column need work
-in Python, and the work is done column-wise so that every other column pays nothing:
+What a cell becomes is what the stdlib ``csv`` module (``QUOTE_MINIMAL``) writes for it: ``None``
+an empty field, ``float`` its ``repr`` (the shortest text that reads back to the same float),
+anything else its ``str``; a field holding ``,``, ``"``, CR or LF is quoted, with ``"`` doubled; a
+row whose only field is empty is written ``""``. Two kinds of column get work first:
 
 * boolean columns: ``True``/``False`` become ``true``/``false`` (the JSON spelling);
 * string columns, when the formula guard is on: text a spreadsheet would run as a formula gets a
@@ -12,14 +12,40 @@ in Python, and the work is done column-wise so that every other column pays noth
 The guard is lossless: text that already starts with quotes followed by a trigger character
 (``'=x``) gets one more quote, so ``unguard`` (used by imports) can always drop exactly one and
 a round trip restores the original text.
+
+How the text is made (the bytes are the ``csv`` module's either way)
+    ``csv.writer`` spends most of its time on numbers: ``repr`` of one float, then a copy of it
+    character by character, costs 0.6-0.8 µs, and a wide export is mostly floats. So each batch
+    is rendered column by column, in C wherever the cells allow it:
+
+    - number columns (integer, float): the cells' exact types are checked (``int``, ``float``,
+      ``None``), then ``orjson.dumps`` writes the whole column, or for a run of adjacent number
+      columns (``ROW_RUN`` or more, as in wide exports) the run of every row, at once.
+      orjson writes a float as the shortest round-trip text, as ``repr`` does (the same digits),
+      and differs from ``repr`` only in spelling: ``1e-7`` for ``1e-07`` and ``0.00001`` for
+      ``1e-05``; those tokens are respelled. NaN and infinities, which orjson writes as
+      ``null``, integers beyond 64 bits and any other type send the column (or run) to the
+      ``csv`` module. ``orjson_writes_repr()`` checks at import that the installed orjson writes
+      as described; if not, every batch goes through the ``csv`` module;
+    - boolean columns of ``bool``/``None`` map to ``true``/``false``/empty;
+    - text columns of ``str``/``None``: one C-level scan of the whole column tells whether any
+      cell needs the guard or quotes (usually none does); only then is each cell looked at.
+
+    A column whose cells are of other types (a ``Decimal`` in a float column, a number in a text
+    column) is written by ``csv.writer`` itself, row by row, so its text is exactly the module's.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
+from operator import itemgetter
+
+import orjson
 
 from sources.base import Column, Row
 
@@ -74,6 +100,138 @@ def column_fixes(
     return fixes
 
 
+# --- number text in C ------------------------------------------------------------------------
+
+# A run of this many adjacent number columns or more is written row by row (one orjson call per
+# batch for all the rows' runs); shorter ones column by column.
+ROW_RUN = 8
+
+_NONE = type(None)
+_NUMBER_TYPES = frozenset((int, float, _NONE))
+_BOOL_TYPES = frozenset((bool, _NONE))
+_OPT = orjson.OPT_PASSTHROUGH_SUBCLASS
+_dumps = orjson.dumps
+_ENDS = (b",", b"]")
+_STARTS = (b"[", b",", b"-")
+_DIGITS = re.compile(rb"[0-9]*").match
+
+
+def _number_text(blob: bytes) -> bytes:
+    """orjson's text of a list of ints, floats and ``None`` (no NaN or infinity), with every
+    number spelled as ``str``/``repr`` spell it and every ``null`` an empty cell."""
+    if b"e" in blob:
+        # An exponent as repr writes it: a sign and at least two digits (orjson: "e-7", "e+16").
+        parts = blob.split(b"e")
+        for i in range(1, len(parts)):
+            p = parts[i]
+            if p[:1] not in (b"-", b"+"):
+                p = b"+" + p
+            if p[2:3] in _ENDS:
+                p = p[:1] + b"0" + p[1:]
+            parts[i] = p
+        blob = b"e".join(parts)
+    if b"0.0000" in blob:  # 1e-5 <= |x| < 1e-4: orjson writes it in full, repr with an exponent
+        parts = blob.split(b"0.0000")
+        out = [parts[0]]
+        for i in range(1, len(parts)):
+            rest = parts[i]
+            if parts[i - 1][-1:] in _STARTS:  # "0.0000" begins the number (after its sign)
+                digits = _DIGITS(rest).end()
+                out.append(repr(float(b"0.0000" + rest[:digits])).encode() + rest[digits:])
+            else:
+                out.append(b"0.0000" + rest)
+        blob = b"".join(out)
+    return blob.translate(None, b"nul") if b"n" in blob else blob
+
+
+def _finite(cells) -> bool:
+    """No NaN or infinity among ``cells`` (ints, floats and ``None``)."""
+    try:
+        return math.isfinite(sum(filter(None, cells)))
+    except OverflowError:  # an int beyond float range: orjson refuses it anyway
+        return False
+
+
+def _numbers(values: Sequence, *, rows: bool, checked: bool = False) -> bytes | None:
+    """``values`` (a column, or with ``rows`` a list of each row's run of cells) as number text;
+    ``None`` if a cell is not a plain int, float or ``None`` that orjson writes the way the csv
+    module would. ``checked``: the cells' types are known to be right."""
+    if not checked and not set(map(type, chain.from_iterable(values) if rows else values)) <= _NUMBER_TYPES:
+        return None
+    try:
+        blob = _dumps(values, option=_OPT)
+    except TypeError:  # an int beyond 64 bits
+        return None
+    if b"n" in blob and not _finite(chain.from_iterable(values) if rows else values):
+        return None  # orjson writes NaN and infinities as null, like None
+    return _number_text(blob)
+
+
+def orjson_writes_repr() -> bool:
+    """Whether the installed orjson writes numbers the way ``_number_text`` expects: checked on
+    values around every place where orjson's spelling and ``repr``'s part ways."""
+    values: list = [0.0, -0.0, 1.0, -1.5, 0.1, 1 / 3, 2.5e-8, 123456789.125, 5e-324, 1.7976931348623157e308,
+                    2.0**53, 9999999999999998.0, 1e15, 1e16, 1e22, 1e100, 1e-4, 1e-5, 1e-7, 1e-10,
+                    0, -7, 2**63 - 1, -(2**63), 2**64 - 1, None]
+    for e in range(-30, 30):
+        for m in (1.0, 1.5, 9.999999999999998, 4.35):
+            x = m * 10.0**e
+            values += [x, -x, math.nextafter(x, 0.0), math.nextafter(x, math.inf)]
+    try:
+        text = _numbers(values, rows=False)
+    except Exception:  # pragma: no cover - a broken orjson
+        return False
+    return text == ("[" + ",".join("" if v is None else repr(v) for v in values) + "]").encode()
+
+
+FAST = orjson_writes_repr()
+
+
+# --- text columns ----------------------------------------------------------------------------
+
+_SPECIAL = re.compile('[,"\r\n]')  # what makes the csv module quote a field (QUOTE_MINIMAL, this dialect)
+
+
+def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequence], str]) -> list[bytes] | None:
+    """A column of ``str``/``None`` as CSV fields in UTF-8 (guarded, quoted, ``None`` empty);
+    ``None`` if some cell is of another type or holds a NUL."""
+    if None in cells:
+        cells = ["" if v is None else v for v in cells]
+    try:
+        joined = "\0".join(cells)  # also the type check: only text joins
+    except TypeError:
+        return None
+    if joined.count("\0") != len(cells) - 1:  # a NUL inside a cell: it would split wrongly
+        return None
+    if formula_guard and _ANY_NEEDS_GUARD("\0" + joined) is not None:
+        cells = ["'" + v if v.__class__ is str and _NEEDS_GUARD(v) else v for v in cells]  # as guard_column
+        joined = "\0".join(cells)
+    specials = joined.count(",") + joined.count('"') + joined.count("\n") + joined.count("\r")
+    if specials * 8 > len(cells):  # many cells to quote: the csv module quotes the whole column
+        return quote_column(cells).encode("utf-8").split(b"\0")
+    fields = joined.encode("utf-8").split(b"\0")
+    if specials:  # a few: find them, counting the separators in front of each special character
+        at = last = 0
+        quoted = -1
+        for match in _SPECIAL.finditer(joined):
+            at += joined.count("\0", last, match.start())
+            last = match.start()
+            if at != quoted:
+                quoted = at
+                fields[at] = b'"' + fields[at].replace(b'"', b'""') + b'"'
+    return fields
+
+
+_BOOL_FIELD = {True: b"true", False: b"false", None: b""}
+_JOIN = 4096
+
+
+def _bools(cells: Sequence) -> list[bytes] | None:
+    if not set(map(type, cells)) <= _BOOL_TYPES:
+        return None
+    return list(map(_BOOL_FIELD.__getitem__, cells))
+
+
 class CsvWriter:
     extension = "csv"
     content_type = "text/csv; charset=utf-8"
@@ -84,6 +242,37 @@ class CsvWriter:
         self._fixes = column_fixes(self.columns, formula_guard)
         self._buffer = io.StringIO()
         self._csv = csv.writer(self._buffer, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+        # One column written as one row: fields apart by NUL (no cell holds one) and the line
+        # terminator made of the dialect's other special characters, so that the same cells are
+        # quoted in the same way as in the file.
+        self._column_buffer = io.StringIO()
+        self._column_csv = csv.writer(self._column_buffer, delimiter="\0", lineterminator="\r\n,",
+                                      quoting=csv.QUOTE_MINIMAL)
+        # The fast path's pieces: ("run", start, stop) for a long run of number columns, else
+        # (kind, index, index + 1) with kind "number", "boolean", "guarded" or "text".
+        self._segments: list[tuple[str, int, int]] = []
+        i, n = 0, len(self.columns)
+        while i < n:
+            kind = self._kind(self.columns[i])
+            j = i + 1
+            if kind == "number":
+                while j < n and self._kind(self.columns[j]) == "number":
+                    j += 1
+                if j - i >= ROW_RUN:
+                    self._segments.append(("run", i, j))
+                    i = j
+                    continue
+                j = i + 1
+            self._segments.append((kind, i, j))
+            i = j
+        self._runs = any(kind == "run" for kind, _, _ in self._segments)
+
+    def _kind(self, column: Column) -> str:
+        if column.type in ("integer", "float"):
+            return "number"
+        if column.type == "boolean":
+            return "boolean"
+        return "guarded" if column.type == "string" and self.formula_guard else "text"
 
     def begin(self) -> bytes:
         names = [c.name for c in self.columns]
@@ -93,6 +282,86 @@ class CsvWriter:
     def write(self, rows: Sequence[Row]) -> bytes:
         if not rows:
             return b""
+        n = len(self.columns)
+        if not FAST or n == 0 or set(map(len, rows)) != {n}:
+            return self._write_csv(rows)
+        columns = None if self._runs else list(zip(*rows, strict=True))
+        return self.render(
+            len(rows),
+            lambda i: columns[i] if columns is not None else list(map(itemgetter(i), rows)),
+            lambda start, stop: ([row[start:stop] for row in rows], False),
+        )
+
+    def render(
+        self,
+        count: int,
+        column: Callable[[int], Sequence],
+        run: Callable[[int, int], tuple[Sequence[Sequence], bool]],
+    ) -> bytes:
+        """``count`` rows given column-wise, as ``write`` writes them (only while ``FAST``).
+
+        ``column(i)`` is column ``i``'s cells; ``run(start, stop)`` each row's cells of columns
+        ``start`` to ``stop`` (a run of number columns), and whether every one of those cells is
+        known to be an ``int``, a ``float`` or ``None`` (its types are then not checked again).
+        For sources that hold their cells by column rather than as row tuples."""
+        pieces: list[list[bytes]] = []  # per segment, each row's fields of it (without the ",")
+        for kind, start, stop in self._segments:
+            if kind == "run":
+                runs, checked = run(start, stop)
+                blob = _numbers(runs, rows=True, checked=checked)
+                pieces.append(blob[2:-2].split(b"],[") if blob is not None else self._exact(runs, start))
+                continue
+            cells = column(start)
+            if kind == "number":
+                blob = _numbers(cells, rows=False)
+                done = None if blob is None else blob[1:-1].split(b",")
+            elif kind == "boolean":
+                done = _bools(cells)
+            else:
+                done = _texts(cells, kind == "guarded", self._quote_column)
+            pieces.append(done if done is not None else self._exact([(c,) for c in cells], start))
+        if len(self.columns) == 1:  # the csv module writes a row of one empty field as "" (else a blank line)
+            pieces[0] = [b'""' if field == b"" else field for field in pieces[0]]
+        # Interleave: field, ",", field, ..., field, "\r\n", then one join.
+        width = 2 * len(pieces)
+        out = [b","] * (width * count)
+        for k, fields in enumerate(pieces):
+            out[2 * k :: width] = fields
+        out[width - 1 :: width] = [b"\r\n"] * count
+        if len(out) <= _JOIN:
+            return b"".join(out)
+        # bytes.join sets up 80 bytes per item first: in slices it stays in the cache.
+        return b"".join([b"".join(out[i : i + _JOIN]) for i in range(0, len(out), _JOIN)])
+
+    def _quote_column(self, cells: Sequence[str]) -> str:
+        """``cells`` as the csv module writes them, apart by NUL."""
+        self._column_csv.writerow((*cells, None))  # one more field: a lone empty one is not quoted
+        text = self._column_buffer.getvalue()[:-4]  # without it and the line terminator
+        self._column_buffer.seek(0)
+        self._column_buffer.truncate()
+        return text
+
+    def _exact(self, parts: Sequence[Sequence], start: int) -> list[bytes]:
+        """Each row's cells ``parts`` (the columns from ``start`` on) as the csv module writes them
+        within a row: fixed first, then written with one more empty field so that a lone empty
+        field is not quoted, which is taken off again."""
+        fixes = [(i - start, fix) for i, fix in self._fixes if start <= i < start + len(parts[0])]
+        if fixes:
+            columns = list(zip(*parts, strict=True))
+            for i, fix in fixes:
+                columns[i] = fix(columns[i])
+            parts = list(zip(*columns, strict=True))
+        out = []
+        writerow, buffer = self._csv.writerow, self._buffer
+        for cells in parts:
+            writerow((*cells, None))
+            out.append(buffer.getvalue()[:-3].encode("utf-8"))  # without the extra "," and "\r\n"
+            buffer.seek(0)
+            buffer.truncate()
+        return out
+
+    def _write_csv(self, rows: Sequence[Row]) -> bytes:
+        """The whole batch through the csv module (and the column fixes)."""
         if self._fixes:
             # Transpose, fix the few columns that need it, transpose back: cheaper than
             # looking at every cell of every row.

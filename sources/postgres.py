@@ -80,6 +80,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -401,6 +402,17 @@ _FAST_TYPES = {
 }  # fmt: skip
 
 
+_INT_FLOAT = frozenset((int, float, _NONE))
+
+
+def _getter(keys: list[str]) -> Callable[[dict], tuple]:
+    """The values of ``keys`` in a document, as a tuple; ``KeyError`` if one is missing."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda doc: (doc[key],)
+    return itemgetter(*keys)
+
+
 class _CellError(SourceError):
     def __init__(self, name: str, kind: str, value: Any):
         super().__init__(name)
@@ -414,6 +426,8 @@ class _Plan:
     exprs: list[str]  # the SELECT list (without documents' fields read in Python)
     csv_exprs: list[str] | None  # the same, rendered as CSV text; None: no SQL fast path
     build: Callable[[list[Row], int], list[Row]] | None  # None: rows are already right
+    # The rows as CSV, from the fetched rows (documents flattened in Python), for CsvWriter.render.
+    csv_build: Callable[[Any, list[Row], int], bytes] | None = None
 
 
 def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Plan:
@@ -456,8 +470,8 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             where.append(("sql", None, len(sql_cells)))
             sql_cells.append(len(exprs))
             exprs.append(f.out_sql)
-    group_list = [(slot, kind, [ex.path[0] for ex in members], members, _FAST_TYPES.get(kind, frozenset()))
-                  for (slot, kind), members in groups.items()]
+    group_list = [(slot, _getter(keys), keys, members, _FAST_TYPES.get(kind, frozenset()), kind == "float")
+                  for (slot, kind), members in groups.items() for keys in [[ex.path[0] for ex in members]]]
     starts, at = {}, len(sql_cells)
     for key, members in groups.items():
         starts[key] = at
@@ -472,31 +486,109 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     loads = orjson.loads
     empty: dict = {}
 
+    def group_values(doc: Any, get: Callable, keys: list[str], members: list[_Extract], fast: frozenset,
+                     to_float: bool) -> Sequence:
+        if doc.__class__ is dict:
+            try:  # every key there (the common case): one C-level lookup per key
+                values = get(doc)
+            except KeyError:
+                values = tuple(map(doc.get, keys))
+        else:
+            values = (None,) * len(keys)
+        types = set(map(type, values))
+        if types <= fast:
+            return values
+        if to_float and types <= _INT_FLOAT:  # integral numbers in a float field
+            return [float(v) if v.__class__ is int else v for v in values]
+        return [ex.convert(v) for ex, v in zip(members, values, strict=True)]
+
+    def refuse(e: _CellError, row_number: int) -> SourceError:
+        return SourceError(
+            f"Row {row_number}: column '{e.name}' holds {e.value!r}, which is not "
+            f"{'an' if e.kind == 'integer' else 'a'} {e.kind}. Correct the document in the source "
+            f"table, or declare the column as string."
+        )
+
     def build(rows: list[Row], offset: int) -> list[Row]:
         out = []
         for n, row in enumerate(rows):
             docs = {i: (loads(row[i]) if row[i] is not None else empty) for i in doc_slots}
             combined = list(take_sql(row))
             try:
-                for slot, _kind, keys, members, fast in group_list:
-                    doc = docs[slot]
-                    values = list(map(doc.get, keys)) if doc.__class__ is dict else [None] * len(keys)
-                    if not set(map(type, values)) <= fast:
-                        values = [ex.convert(v) for ex, v in zip(members, values, strict=True)]
-                    combined += values
+                for slot, *group in group_list:
+                    combined += group_values(docs[slot], *group)
                 for slot, ex in nested:
                     v = ex.get(docs[slot])
                     combined.append(v if v.__class__ is ex.native else ex.convert(v))
             except _CellError as e:
-                raise SourceError(
-                    f"Row {offset + n + 1}: column '{e.name}' holds {e.value!r}, which is not "
-                    f"{'an' if e.kind == 'integer' else 'a'} {e.kind}. Correct the document in the source "
-                    f"table, or declare the column as string."
-                ) from None
+                raise refuse(e, offset + n + 1) from None
             out.append(pick(combined))
         return out
 
-    return _Plan(exprs, None, build)
+    # CSV: the same cells, kept by group rather than gathered into row tuples, so that a run of
+    # number columns goes to the writer as the groups' values (or slices of them) as they are.
+    group_index = {key: g for g, key in enumerate(groups)}
+    group_size = [len(members) for members in groups.values()]
+    run_pieces: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+
+    def pieces_of(start: int, stop: int) -> list[tuple[int, int, int]]:
+        """Columns start..stop as pieces: (group, first member, members) for consecutive members
+        of one group, (-1, column, 1) for any other column."""
+        if (start, stop) not in run_pieces:
+            pieces, i = [], start
+            while i < stop:
+                kind, key, first = where[i]
+                j = i + 1
+                if kind == "group":
+                    while j < stop and where[j] == ("group", key, first + j - i):
+                        j += 1
+                    pieces.append((group_index[key], first, j - i))
+                else:
+                    pieces.append((-1, i, 1))
+                i = j
+            run_pieces[start, stop] = pieces
+        return run_pieces[start, stop]
+
+    def csv_build(writer: Any, rows: list[Row], offset: int) -> bytes:
+        by_group: list[list[Sequence]] = [[] for _ in group_list]
+        by_nested: list[list[Any]] = [[] for _ in nested]
+        for n, row in enumerate(rows):
+            docs = {i: (loads(row[i]) if row[i] is not None else empty) for i in doc_slots}
+            try:
+                for values, (slot, *group) in zip(by_group, group_list, strict=True):
+                    values.append(group_values(docs[slot], *group))
+                for values, (slot, ex) in zip(by_nested, nested, strict=True):
+                    v = ex.get(docs[slot])
+                    values.append(v if v.__class__ is ex.native else ex.convert(v))
+            except _CellError as e:
+                raise refuse(e, offset + n + 1) from None
+
+        def column(i: int) -> Sequence:
+            kind, key, j = where[i]
+            if kind == "sql":
+                return list(map(itemgetter(sql_cells[j]), rows))
+            if kind == "group":
+                return list(map(itemgetter(j), by_group[group_index[key]]))
+            return by_nested[j]
+
+        def run(start: int, stop: int) -> tuple[Sequence[Sequence], bool]:
+            # The cells of number columns are ints, floats and None: the SQL casts, the groups'
+            # type checks and the conversions see to that.
+            parts = []
+            for g, first, size in pieces_of(start, stop):
+                if g < 0:
+                    parts.append([(v,) for v in column(first)])
+                elif first == 0 and size == group_size[g]:
+                    parts.append(by_group[g])
+                else:
+                    parts.append([values[first : first + size] for values in by_group[g]])
+            if len(parts) == 1:
+                return parts[0], True
+            return [tuple(chain.from_iterable(cells)) for cells in zip(*parts, strict=True)], True
+
+        return writer.render(len(rows), column, run)
+
+    return _Plan(exprs, None, build, csv_build)
 
 
 def _output_query(query: Query, exprs: list[str]) -> tuple[Query, Callable[[Column], str]]:
@@ -640,10 +732,19 @@ class PostgresSource:
             await self._release(conn)
 
     async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+        async with contextlib.aclosing(self._fetched(query, batch_rows, False)) as fetched:
+            async for plan, rows, offset in fetched:
+                yield plan.build(rows, offset) if plan.build else rows
+
+    async def _fetched(
+        self, query: Query, batch_rows: int, formula_guard: bool
+    ) -> AsyncIterator[tuple[_Plan, list[Row], int]]:
+        """The read plan's SELECT list as fetched, in batches, each with the plan and the number of
+        rows before it."""
         conn = await self._connect(snapshot=True)
         pending: asyncio.Future | None = None
         try:
-            plan = _plan(self._fields(query.columns), False, self._info)
+            plan = _plan(self._fields(query.columns), formula_guard, self._info)
             out_query, out_sql = _output_query(query, plan.exprs)
             column_sql = column_sql_for(self._info)
             compiled = compile_query(out_query, self._table, POSTGRES,
@@ -662,9 +763,8 @@ class PostgresSource:
                     if len(rows) == size:  # ask for the next batch before converting this one
                         pending = asyncio.ensure_future(cur.fetchmany(size))
                         await asyncio.sleep(0)
-                    batch = plan.build(rows, offset) if plan.build else rows
+                    yield plan, rows, offset
                     offset += len(rows)
-                    yield batch
             except psycopg.Error as e:
                 raise await self._explain(conn, query, e) from e
         finally:
@@ -679,15 +779,19 @@ class PostgresSource:
     ) -> AsyncIterator[tuple[bytes, int]]:
         """The query as CSV bytes, like ``CsvWriter`` writes them: ``(header, 0)`` first, then
         ``(chunk, rows in chunk)``. Through COPY when every cell can be rendered in SQL."""
-        from formats.csv import CsvWriter
+        from formats import csv as csv_format
 
-        writer = CsvWriter(query.columns, formula_guard=formula_guard)
+        writer = csv_format.CsvWriter(query.columns, formula_guard=formula_guard)
         await self.table_info()
         plan = _plan(self._fields(query.columns), formula_guard, self._info)
         if plan.csv_exprs is None:  # documents flattened in Python: the Python writer
             yield writer.begin(), 0
-            async for batch in self.batches(query, batch_rows):
-                yield writer.write(batch), len(batch)
+            async with contextlib.aclosing(self._fetched(query, batch_rows, formula_guard)) as fetched:
+                async for read, rows, offset in fetched:
+                    if csv_format.FAST and read.csv_build is not None:
+                        yield read.csv_build(writer, rows, offset), len(rows)
+                    else:
+                        yield writer.write(read.build(rows, offset) if read.build else rows), len(rows)
             return
 
         conn = await self._connect(snapshot=True)

@@ -6,15 +6,19 @@ No servers needed. ``python tests/test_formats.py`` times the CSV writer on 100,
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import enum
 import gc
 import io
 import json
 import math
 import os
 import random
+import struct
 import time
 import tracemalloc
 import zipfile
+from decimal import Decimal
 
 import openpyxl
 import pytest
@@ -22,6 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openpyxl.utils.escape import unescape
 
+import formats.csv
 import formats.xlsx
 from formats import WRITERS, writer_for
 from formats.csv import GUARD_TRIGGERS, CsvWriter, guard, unguard
@@ -168,6 +173,138 @@ def test_guard_catches_every_trigger_behind_any_quotes(trigger, rest, quotes):
     text = "'" * quotes + trigger + rest
     assert guard(text) == "'" + text
     assert unguard(guard(text)) == text
+
+
+# --- CSV: the fast path writes what the csv module writes --------------------------------------
+
+
+def csv_module_bytes(columns, batches, formula_guard: bool = True) -> bytes:
+    """The file as the stdlib csv module writes it, cell by cell: the reference for CsvWriter."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    names = [c.name for c in columns]
+    writer.writerow([guard(n) for n in names] if formula_guard else names)
+    for batch in batches:
+        for row in batch:
+            cells = []
+            for column, cell in zip(columns, row, strict=True):
+                if column.type == "boolean":
+                    cell = {True: "true", False: "false"}.get(cell, cell)
+                elif column.type == "string" and formula_guard and cell.__class__ is str:
+                    cell = guard(cell)
+                cells.append(cell)
+            writer.writerow(cells)
+    return buffer.getvalue().encode("utf-8")
+
+
+def assert_writes_as_the_csv_module(columns, batches, formula_guard: bool = True) -> None:
+    """CsvWriter's bytes are the csv module's; where the csv module fails, CsvWriter fails alike."""
+    try:
+        expected = csv_module_bytes(columns, batches, formula_guard)
+    except Exception as e:  # e.g. an unhashable cell in a boolean column
+        with pytest.raises(type(e)):
+            encode(CsvWriter(columns, formula_guard=formula_guard), batches)
+        return
+    got = encode(CsvWriter(columns, formula_guard=formula_guard), batches)
+    assert got == expected, (columns, batches)
+
+
+class Flavour(enum.Enum):
+    SALTY = 1.5
+
+
+class FloatFlavour(float, enum.Enum):
+    SWEET = 2.5
+
+
+# Cells the fast path must get right, by the column type they sit in (some of them belong to
+# another type: the writer must still write what the csv module writes for them).
+ODD_NUMBERS = [
+    1e-07, 1e-7 * 1.5, -1e-9, 1e16, -1e16, 1e22, 1.5e300, 5e-324, 1e-300, 1.5e-05, -2.5e-05, 9.99e-05, 1e-05,
+    0.0001, 0.00012, 10.00001, -0.0, 0.0, 3.0, 1e15, 123456789012345.6, 2.0**53, 9999999999999998.0, 0.1 + 0.2,
+    math.nan, math.inf, -math.inf, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 10**30,
+    None, True, False, "1.5", "", Decimal("1.25"), Flavour.SALTY, FloatFlavour.SWEET, [1], {"a": 1},
+    dt.date(2024, 1, 2),
+]  # fmt: skip
+ODD_TEXTS = [
+    "plain", "", None, "a,b", 'say "hi"', "line\nfeed", "cr\rhere", "crlf\r\n", "=1+2", "-2", "+x", "@a", "\tx",
+    "\rx", "'=q", "''+q", "a=b", "\x00", "nul\x00inside", " lead", "trail ", "日本 🎉", "é", 7, 1.5, True, b"raw",
+]  # fmt: skip
+ODD_BOOLS = [True, False, None, 1, 0, 1.0, 2, "yes", math.nan]
+
+
+def odd_table(width: int, seed: int) -> tuple[list[Column], list[list[tuple]]]:
+    """Columns of every type (with runs of number columns longer than ``ROW_RUN``) and batches of
+    rows holding odd cells among ordinary ones."""
+    rng = random.Random(seed)
+    kinds = ["float"] * (formats.csv.ROW_RUN + 2) + ["integer", "string", "boolean", "date", "datetime", "float"]
+    columns = [Column(f"c{i}", kinds[i % len(kinds)] if width > 3 else rng.choice(kinds)) for i in range(width)]
+
+    def cell(kind: str):
+        if rng.random() < 0.15:
+            return rng.choice(ODD_NUMBERS + ODD_TEXTS + ODD_BOOLS)
+        if kind == "float":
+            return rng.choice([None, rng.uniform(-1e3, 1e3), round(rng.uniform(-1e3, 1e3), 3),
+                               rng.uniform(0, 1) * 10.0 ** rng.randint(-12, 20)])
+        if kind == "integer":
+            return rng.choice([None, rng.randint(-1000, 1000), rng.randint(-(2**63), 2**64 - 1)])
+        if kind == "boolean":
+            return rng.choice([True, False, None])
+        return rng.choice(ODD_TEXTS[:-4])
+
+    batches = [[tuple(cell(c.type) for c in columns) for _ in range(rng.randint(0, 12))] for _ in range(3)]
+    return columns, batches
+
+
+def test_csv_fast_path_is_on():
+    # The installed orjson spells numbers the way the fast path expects (else it stays off).
+    assert formats.csv.orjson_writes_repr() and formats.csv.FAST
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 16, 40])
+@pytest.mark.parametrize("formula_guard", [True, False])
+def test_csv_fast_path_writes_what_the_csv_module_writes(width, formula_guard):
+    for seed in range(40):
+        columns, batches = odd_table(width, seed)
+        assert_writes_as_the_csv_module(columns, batches, formula_guard)
+
+
+@pytest.mark.parametrize("value", ODD_NUMBERS + ODD_TEXTS + ODD_BOOLS, ids=repr)
+@pytest.mark.parametrize("kind", ["float", "integer", "boolean", "string", "date"])
+def test_csv_each_odd_cell_alone_and_inside_a_run(value, kind):
+    run = formats.csv.ROW_RUN + 1
+    for columns in ([Column("x", kind)], [Column("id", "integer"), Column("x", kind)],
+                    [Column(f"f{i}", kind if i == 3 else "float") for i in range(run)]):
+        at = next(i for i, c in enumerate(columns) if c.name in ("x", "f3"))
+        plain = tuple(1.5 if c.type == "float" else 7 for c in columns)
+        rows = [plain, plain[:at] + (value,) + plain[at + 1 :], plain]
+        assert_writes_as_the_csv_module(columns, [rows])
+
+
+def test_csv_floats_of_every_magnitude_are_repr():
+    rng = random.Random(11)
+    values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(20_000)]
+    values += [rng.uniform(0, 1) * 10.0 ** rng.randint(-330, 308) * rng.choice((1, -1)) for _ in range(20_000)]
+    values += [float(f"{m}e{e}") for e in range(-324, 309) for m in (1, 1.5, 9.999999999999999, 5) if
+               math.isfinite(float(f"{m}e{e}"))]
+    width = formats.csv.ROW_RUN * 2
+    columns = [Column(f"f{i}", "float") for i in range(width)]
+    rows = [tuple(values[i : i + width]) for i in range(0, len(values) - width, width)]
+    assert encode(CsvWriter(columns), [rows]) == csv_module_bytes(columns, [rows])
+    column = [Column("x", "float")]
+    assert encode(CsvWriter(column), [[(v,) for v in values]]) == csv_module_bytes(column, [[(v,) for v in values]])
+
+
+@given(st.lists(st.tuples(st.floats(), st.integers(), st.one_of(st.none(), st.text()), st.booleans()), max_size=30))
+def test_csv_random_rows_match_the_csv_module(rows):
+    columns = [Column("f", "float"), Column("i", "integer"), Column("s"), Column("b", "boolean")]
+    assert encode(CsvWriter(columns), [rows]) == csv_module_bytes(columns, [rows])
+
+
+def test_csv_ragged_rows_are_left_to_the_csv_module():
+    columns = [Column("a", "integer"), Column("b", "integer")]
+    assert encode(CsvWriter(columns), [[(1, 2), (3,)]]) == b"a,b\r\n1,2\r\n3\r\n"
+    assert encode(CsvWriter([]), [[(), ()]]) == b"\r\n\r\n\r\n"
 
 
 # --- JSON and NDJSON ---------------------------------------------------------------------------

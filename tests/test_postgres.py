@@ -9,6 +9,7 @@ import csv
 import datetime as dt
 import io
 import json
+import random
 import time
 import uuid
 from decimal import Decimal
@@ -19,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dataport.errors import UserErrors
 from dataport.net import free_port
-from formats.csv import CsvWriter
+from formats.csv import CsvWriter, guard
 from sources.base import Column, Dataset, SourceError, TransientSourceError
 from sources.postgres import INLINE_FIELDS, POSTGRES, PostgresSource, TableInfo, column_sql_for, discover_columns
 from sources.query import build_query
@@ -441,6 +442,112 @@ async def test_csv_fast_path_writes_what_the_python_writer_writes(pg, pg_table, 
         q = build_query(ds, columns=["id"], filters=[{"field": name, "op": "CONTAINS", "value": value}])
         fast, slow, _ = await _both_csvs(ds, q, formula_guard)
         assert [r[0] for r in _parsed(fast)[1:]] == expected and fast == slow
+
+
+def _csv_module_bytes(columns, rows, formula_guard: bool) -> bytes:
+    """The rows (as ``batches`` reads them) written by the stdlib csv module cell by cell, with the
+    writer's two column rules: the reference for every CSV path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow([guard(c.name) if formula_guard else c.name for c in columns])
+    for row in rows:
+        writer.writerow([{True: "true", False: "false"}.get(v, v) if c.type == "boolean" else
+                         guard(v) if c.type == "string" and formula_guard and v.__class__ is str else v
+                         for c, v in zip(columns, row, strict=True)])
+    return buffer.getvalue().encode()
+
+
+FLOAT_KEYS = [f"f{i:02d}" for i in range(20)]
+# Values of float fields beside ordinary ones: exponents, integral numbers (JSON ints), text that
+# casts (and "nan"/"inf", which cast to NaN and infinity), nulls.
+ODD_FLOATS = [1e-07, 1.5e-05, -2.5e-05, 1e16, 1e22, 5e-324, -0.0, 0, 100, -7, 2**60, "1.5", " 2.5 ", "nan", "inf",
+              "-Infinity", "1e400", None]
+
+
+def _odd_document(i: int, rng) -> object:
+    if i % 97 == 0:
+        return rng.choice([[1, 2], "text", 5, None])  # not an object: every field is empty
+    doc: dict = {k: rng.choice(ODD_FLOATS) if rng.random() < 0.2 else rng.uniform(-1e3, 1e3) for k in FLOAT_KEYS}
+    for k in rng.sample(FLOAT_KEYS, rng.choice([0, 0, 0, 1, 3])):
+        del doc[k]  # missing keys
+    if rng.random() < 0.1:
+        doc["zz_extra"] = "not a column"
+    doc.update(
+        n=rng.choice([1, -5, 2**63 - 1, 2**64, None, 3.0, "12"]),
+        ok=rng.choice([True, False, None, "yes", "off", 1]),
+        s=rng.choice(["plain", "", "=1+2", "'=q", "a,b", 'say "hi"', "line\nfeed", "-1", "日本", None, 5, 2.5]),
+        at=rng.choice(["2024-01-01T00:00:00Z", "2024-03-01T07:30:00.25+02:00", "2024-03-01", None]),
+        day=rng.choice(["2024-02-29", "2024-02-29T10:00:00Z", None]),
+        deep={"x": rng.choice([0.1, 1e-7, 3, None]), "y": {"z": rng.choice(["a", "b,c", None])}},
+    )
+    return doc
+
+
+@pytest.mark.parametrize("formula_guard", [True, False])
+async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, pg_table, postgres_db,
+                                                                          formula_guard, monkeypatch):
+    """Documents flattened in Python go to CSV column-wise (runs of float fields in one orjson call):
+    the bytes are those of the csv module over the rows ``batches`` reads."""
+    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    rng = random.Random(5)
+    table = pg_table("flat")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
+    with pg.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
+                        [(i, rng.choice(["n", "=n", None]), None if i % 89 == 0 else json.dumps(_odd_document(i, rng)))
+                         for i in range(1, 801)])
+    columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.day", "date"),
+               Column("data.deep.x", "float"), Column("data.deep.y.z"),
+               *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
+               Column("data.n", "integer"), Column("data.ok", "boolean"), Column("data.s"))
+    ds = Dataset(name="flat", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
+    source = PostgresSource(ds)
+    for query in (build_query(ds), build_query(ds, columns=["data.f03", "data.f04", "id", *(
+            f"data.{k}" for k in FLOAT_KEYS[5:])], sort=[{"field": "id", "direction": "DESC"}])):
+        rows = [r async for b in source.batches(query, 50) for r in b]
+        chunks = [c async for c in source.csv_batches(query, 50, formula_guard=formula_guard)]
+        assert b"".join(c for c, _ in chunks) == _csv_module_bytes(query.columns, rows, formula_guard)
+        assert [n for _, n in chunks][0] == 0 and sum(n for _, n in chunks) == len(rows) == 800
+    # the cells are typed as the SQL casts would type them: integral JSON numbers in float fields are
+    # floats, text that casts is cast; repr's spelling throughout
+    pg.execute(f"INSERT INTO {table} VALUES (900, 'x', %s)", (json.dumps(
+        {"f00": 100, "f01": "1.5", "f02": 1e-07, "f03": -0.0, "f04": 1.5e-05, "f05": 1e16, "f06": " -2 ", "f07": 2**60,
+         "n": 3.0, "ok": "yes", "s": "=cmd"}),))
+    query = build_query(ds, filters=[{"field": "id", "op": "EQ", "value": 900}])
+    data = b"".join([c async for c, _ in source.csv_batches(query, 50, formula_guard=formula_guard)])
+    cells = dict(zip(*_parsed(data), strict=True))
+    assert [cells[f"data.f{i:02d}"] for i in range(8)] == [
+        "100.0", "1.5", "1e-07", "0.0", "1.5e-05", "1e+16", "-2.0", "1.152921504606847e+18"]  # jsonb has no -0
+    assert (cells["data.n"], cells["data.ok"], cells["data.s"]) == ("3", "true", "'=cmd" if formula_guard else "=cmd")
+    pg.execute(f"INSERT INTO {table} VALUES (901, 'x', %s)", (json.dumps({k: 7 for k in FLOAT_KEYS}),))
+    query = build_query(ds, filters=[{"field": "id", "op": "EQ", "value": 901}])
+    data = b"".join([c async for c, _ in source.csv_batches(query, 50, formula_guard=formula_guard)])
+    assert {v for k, v in zip(*_parsed(data), strict=True) if k.startswith("data.f")} == {"7.0"}
+    # a value that does not cast fails both reads with the same message (row and column)
+    pg.execute(f"UPDATE {table} SET data = jsonb_set(data, '{{f07}}', '\"abc\"') WHERE id = 430")
+    with pytest.raises(SourceError) as from_rows:
+        [r async for b in source.batches(build_query(ds), 50) for r in b]
+    with pytest.raises(SourceError) as from_csv:
+        [c async for c in source.csv_batches(build_query(ds), 50, formula_guard=True)]
+    assert str(from_csv.value) == str(from_rows.value) and "'data.f07' holds 'abc'" in str(from_csv.value)
+
+
+async def test_flattened_csv_read_closed_early_releases_the_connection(pg, pg_table, postgres_db, monkeypatch):
+    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    table = pg_table("flatclose")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
+    pg.execute(f"INSERT INTO {table} SELECT g, (SELECT jsonb_object_agg('k' || k, g * k) FROM generate_series(1, 20) k)"
+               f" FROM generate_series(1, 5000) g")
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name="flatclose", source="postgres", url=_url(postgres_db, application_name=app), table=table,
+                 key=("id",), columns=discover_columns(postgres_db, table))
+    chunks = PostgresSource(ds).csv_batches(build_query(ds), 100, formula_guard=True)
+    assert (await anext(chunks))[1] == 0
+    assert (await anext(chunks))[1] == 100
+    assert await _backends(pg, app)
+    await chunks.aclose()
+    await _gone_within(pg, app, 1.0)
 
 
 async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_table, postgres_db):
