@@ -38,45 +38,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import hashlib
-import json
 import os
-import platform
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-import httpx
 import psutil
-from rich.console import Console
+from _common import (
+    OUT_DIR,
+    SAMPLE_SECONDS,
+    MiB,
+    PeakRss,
+    Stack,
+    console,
+    download,
+    export_and_follow,
+    high_water_mark,
+    rss,
+    seconds_between,
+    warm,
+    write_json,
+)
+from _common import stack_env as common_stack_env
 from rich.table import Table
 
 from api.auth import issue_token
 from dataport.client import DataportClient
 from dataport.demo_data import DEMO_COLUMNS, ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
-from dataport.net import free_port, wait_for_port
-from dataport.processes import stop
+from dataport.net import free_port
 from dataport.settings import Settings
 
-BENCH_DIR = Path(__file__).resolve().parent
-OUT_DIR = BENCH_DIR / "out"
 RSS_LIMIT = 1.2  # peak RSS of the largest N over the first N
-SAMPLE_SECONDS = 0.01
-MiB = 1024 * 1024
-FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
-# After the subscription: the signed link, the checksum and when the worker started and finished.
-FINISHED_TASK = """query($id: ID!) { exportTask(id: $id) {
-  id status rowCount fileSize checksumSha256 downloadUrl createdAt startedAt finishedAt error { code message } } }"""
-
-console = Console(width=None if sys.stdout.isatty() else 132)  # a pipe or file gets the whole table
 
 # The peer: the least a program can do to turn the table into the same kind of file.
 PEER = """
@@ -97,143 +95,16 @@ with open(out, "w", newline="", encoding="utf-8") as f:
 """
 
 
-# --- memory ----------------------------------------------------------------------------------
-
-
-def rss(process: psutil.Process, children: list[psutil.Process]) -> int:
-    """Resident bytes of ``process`` and ``children`` (those that still run)."""
-    total = process.memory_info().rss
-    for child in children:
-        try:
-            total += child.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-class PeakRss(threading.Thread):
-    """Samples a process tree's RSS every ``interval`` seconds until ``stop()`` or the process ends."""
-
-    def __init__(self, pid: int, interval: float = SAMPLE_SECONDS) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        children: list[psutil.Process] = []
-        next_scan = 0.0
-        try:
-            while not self._done.is_set():
-                now = time.monotonic()
-                if now >= next_scan:  # listing children scans /proc: twice a second is enough
-                    children = self.process.children(recursive=True)
-                    next_scan = now + 0.5
-                self.peak = max(self.peak, rss(self.process, children))
-                self.samples += 1
-                self._done.wait(self.interval)
-        except psutil.NoSuchProcess:  # also a zombie: the process is done
-            pass
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        return self.peak
-
-
-def high_water_mark(pid: int) -> int | None:
-    """The kernel's own peak RSS of ``pid`` (Linux ``VmHWM``): a check on the sampled peak."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 # --- processes -------------------------------------------------------------------------------
-
-
-@dataclass
-class Stack:
-    """``dataport api`` + ``dataport worker`` for one row count."""
-
-    env: dict[str, str]
-    port: int
-    logs: Path
-    api: subprocess.Popen | None = None
-    worker: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _spawn(self, *args: str, log: Path) -> subprocess.Popen:
-        with log.open("wb") as out:
-            return subprocess.Popen([sys.executable, "-m", "dataport.cli", *args], env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def start(self, timeout: float = 60) -> None:
-        self.api = self._spawn("api", "--port", str(self.port), log=self.logs / "api.log")
-        self.worker = self._spawn("worker", log=self.logs / "worker.log")
-        wait_for_port("127.0.0.1", self.port, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while "worker ready" not in (self.logs / "worker.log").read_text(errors="replace"):
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start; see {self.logs / 'worker.log'}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        for process in (self.worker, self.api):
-            stop(process)
 
 
 def stack_env(rows: int, data_dir: Path, files_dir: Path, redis_url: str, secret: str, port: int,
               storage: str) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DATAPORT_")},
-        "DATAPORT_DATA_DIR": str(data_dir),
-        "DATAPORT_FILES_DIR": str(files_dir),
-        "DATAPORT_REDIS_URL": redis_url,
-        "DATAPORT_DEMO_ROWS": str(rows),
-        "DATAPORT_MAX_EXPORT_ROWS": str(rows),
-        "DATAPORT_JWT_SECRET": secret,
-        "DATAPORT_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "DATAPORT_QUEUE_NAME": f"dataport:bench:{secrets.token_hex(4)}",
-        "DATAPORT_STORAGE": storage,
-    }
+    return common_stack_env(data_dir, files_dir, redis_url, secret, port, storage=storage,
+                            demo_rows=str(rows), max_export_rows=str(rows))
 
 
 # --- one export through Dataport -------------------------------------------------------------
-
-
-async def export_and_follow(client: DataportClient, file_format: str) -> tuple[dict, float]:
-    """requestExport, then the subscription until a final status: (final task, seconds)."""
-    started = time.perf_counter()
-    task = await client.request_export({"dataset": "samples", "format": file_format})
-    seconds = None
-    async for snapshot in client.follow(task["id"]):
-        task = snapshot
-        if task["status"] in FINAL and seconds is None:
-            seconds = time.perf_counter() - started
-    if seconds is None:
-        raise RuntimeError(f"the subscription ended before a final status: {task}")
-    task = (await client.execute(FINISHED_TASK, {"id": task["id"]}))["exportTask"]
-    return task, seconds
-
-
-def download(url: str, path: Path) -> str:
-    """Stream ``url`` into ``path``; its SHA-256."""
-    sha = hashlib.sha256()
-    with httpx.stream("GET", url, timeout=None) as response, path.open("wb") as f:
-        response.raise_for_status()
-        for chunk in response.iter_bytes(1024 * 1024):
-            sha.update(chunk)
-            f.write(chunk)
-    return sha.hexdigest()
 
 
 def count_records(path: Path, file_format: str) -> int:
@@ -305,21 +176,13 @@ class Result:
                 "ratio_to_peer": self.ratio, "ok": self.ok}
 
 
-def seconds_between(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
 def prepare_database(rows: int) -> tuple[Path, Path]:
     """``bench/out/data-N`` and its demo database, generated once and then reused (not timed)."""
     data_dir = OUT_DIR / f"data-{rows}"
     if not (data_dir / "demo.sqlite3").exists():
         console.print(f"[dim]generating the {rows:,}-row demo database (once, not timed)…[/dim]")
     db = ensure_demo_database(data_dir, rows)
-    with db.open("rb") as f:  # into the page cache, so neither Dataport nor the peer reads it cold
-        while f.read(8 * MiB):
-            pass
+    warm(db)  # into the page cache, so neither Dataport nor the peer reads it cold
     return data_dir, db
 
 
@@ -345,7 +208,8 @@ def measure(rows: int, args: argparse.Namespace, redis_url: str, scratch: Path) 
         sampler = PeakRss(stack.worker.pid)
         sampler.start()
         try:
-            task, result.seconds = asyncio.run(export_and_follow(client, args.format))
+            task, result.seconds = asyncio.run(export_and_follow(client, {"dataset": "samples",
+                                                                           "format": args.format}))
         finally:
             result.worker_peak_rss = sampler.stop()
             result.rss_samples = sampler.samples
@@ -430,30 +294,12 @@ def print_verdict(results: list[Result], ratio: float | None, passed: bool) -> N
                   f"{ratio:.3f}x (limit {RSS_LIMIT}x) {verdict}")
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def write_json(path: Path, results: list[Result], args: argparse.Namespace, ratio: float | None,
-               passed: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "bench": "export_demo",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git_commit(),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
-        "settings": {"format": args.format, "storage": args.storage, "sample_seconds": SAMPLE_SECONDS},
-        "results": [r.as_json() for r in results],
-        "peak_rss_ratio": ratio,
-        "peak_rss_limit": RSS_LIMIT,
-        "passed": passed,
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+def write_report(path: Path, results: list[Result], args: argparse.Namespace, ratio: float | None,
+                 passed: bool) -> None:
+    write_json(path, "export_demo",
+               settings={"format": args.format, "storage": args.storage, "sample_seconds": SAMPLE_SECONDS},
+               results=[r.as_json() for r in results], peak_rss_ratio=ratio, peak_rss_limit=RSS_LIMIT,
+               passed=passed)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -487,7 +333,7 @@ def main() -> int:
     ratio, passed = rss_verdict(results)
     print_table(results, args)
     print_verdict(results, ratio, passed)
-    write_json(args.out, results, args, ratio, passed)
+    write_report(args.out, results, args, ratio, passed)
     console.print(f"numbers in {args.out}")
     return 0 if passed and all(r.ok for r in results) else 1
 
