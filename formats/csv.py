@@ -111,36 +111,25 @@ _NUMBER_TYPES = frozenset((int, float, _NONE))
 _BOOL_TYPES = frozenset((bool, _NONE))
 _OPT = orjson.OPT_PASSTHROUGH_SUBCLASS
 _dumps = orjson.dumps
-_ENDS = (b",", b"]")
-_STARTS = (b"[", b",", b"-")
 _DIGITS = re.compile(rb"[0-9]*").match
+_SHORT_EXPONENT = re.compile(rb"e-(?=[1-9][,\]])").sub  # a literal replacement: no Python call per match
 
 
 def _number_text(blob: bytes) -> bytes:
     """orjson's text of a list of ints, floats and ``None`` (no NaN or infinity), with every
     number spelled as ``str``/``repr`` spell it and every ``null`` an empty cell."""
-    if b"e" in blob:
-        # An exponent as repr writes it: a sign and at least two digits (orjson: "e-7", "e+16").
-        parts = blob.split(b"e")
-        for i in range(1, len(parts)):
-            p = parts[i]
-            if p[:1] not in (b"-", b"+"):
-                p = b"+" + p
-            if p[2:3] in _ENDS:
-                p = p[:1] + b"0" + p[1:]
-            parts[i] = p
-        blob = b"e".join(parts)
-    if b"0.0000" in blob:  # 1e-5 <= |x| < 1e-4: orjson writes it in full, repr with an exponent
-        parts = blob.split(b"0.0000")
-        out = [parts[0]]
-        for i in range(1, len(parts)):
-            rest = parts[i]
-            if parts[i - 1][-1:] in _STARTS:  # "0.0000" begins the number (after its sign)
-                digits = _DIGITS(rest).end()
-                out.append(repr(float(b"0.0000" + rest[:digits])).encode() + rest[digits:])
-            else:
-                out.append(b"0.0000" + rest)
-        blob = b"".join(out)
+    if b"e-" in blob:  # repr writes an exponent with at least two digits: "e-07" where orjson has "e-7"
+        blob = _SHORT_EXPONENT(b"e-0", blob)
+    at = blob.find(b"0.0000")
+    if at >= 0:  # 1e-5 <= |x| < 1e-4: orjson writes it in full, repr with an exponent ("1e-05")
+        out, done = [], 0
+        while at >= 0:
+            if blob[at - 1 : at] in b"[,-":  # the number begins there (after its sign)
+                end = _DIGITS(blob, at + 6).end()
+                out += (blob[done:at], repr(float(blob[at:end])).encode())
+                done = end
+            at = blob.find(b"0.0000", at + 6)
+        blob = b"".join([*out, blob[done:]])
     return blob.translate(None, b"nul") if b"n" in blob else blob
 
 
@@ -152,17 +141,22 @@ def _finite(cells) -> bool:
         return False
 
 
-def _numbers(values: Sequence, *, rows: bool, checked: bool = False) -> bytes | None:
+# What the caller of CsvWriter.render knows about the cells of a run: nothing; that each is an
+# int, a float or None; that, besides, no float is NaN or infinite.
+UNKNOWN, NUMBERS, FINITE = 0, 1, 2
+
+
+def _numbers(values: Sequence, *, rows: bool, known: int = UNKNOWN) -> bytes | None:
     """``values`` (a column, or with ``rows`` a list of each row's run of cells) as number text;
     ``None`` if a cell is not a plain int, float or ``None`` that orjson writes the way the csv
-    module would. ``checked``: the cells' types are known to be right."""
-    if not checked and not set(map(type, chain.from_iterable(values) if rows else values)) <= _NUMBER_TYPES:
+    module would."""
+    if known < NUMBERS and not set(map(type, chain.from_iterable(values) if rows else values)) <= _NUMBER_TYPES:
         return None
     try:
         blob = _dumps(values, option=_OPT)
     except TypeError:  # an int beyond 64 bits
         return None
-    if b"n" in blob and not _finite(chain.from_iterable(values) if rows else values):
+    if known < FINITE and b"n" in blob and not _finite(chain.from_iterable(values) if rows else values):
         return None  # orjson writes NaN and infinities as null, like None
     return _number_text(blob)
 
@@ -189,7 +183,13 @@ FAST = orjson_writes_repr()
 
 # --- text columns ----------------------------------------------------------------------------
 
-_SPECIAL = re.compile('[,"\r\n]')  # what makes the csv module quote a field (QUOTE_MINIMAL, this dialect)
+# What makes the csv module quote a field (QUOTE_MINIMAL, this dialect), marked as ","; a cell that
+# may need the guard (it begins with a trigger or a quote), marked by "=" after its separator.
+_SPECIAL = re.compile(b'[,"\r\n]')
+_SPECIAL_MARK = bytes.maketrans(b'"\r\n', b",,,")
+_GUARD_FIRST = b"'" + GUARD_TRIGGERS.encode()
+_GUARD_MARK = bytes.maketrans(_GUARD_FIRST, b"=" * len(_GUARD_FIRST))
+_GUARD_ALL = re.compile(rb"\0(?='*[=+\-@\t\r])").sub  # a literal replacement: no Python call per cell
 
 
 def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequence], str]) -> list[bytes] | None:
@@ -198,23 +198,30 @@ def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequenc
     if None in cells:
         cells = ["" if v is None else v for v in cells]
     try:
-        joined = "\0".join(cells)  # also the type check: only text joins
+        data = "\0".join(cells).encode("utf-8")  # also the type check: only text joins
     except TypeError:
         return None
-    if joined.count("\0") != len(cells) - 1:  # a NUL inside a cell: it would split wrongly
+    count = len(cells)
+    if data.count(b"\0") != count - 1:  # a NUL inside a cell: it would split wrongly
         return None
-    if formula_guard and _ANY_NEEDS_GUARD("\0" + joined) is not None:
-        cells = ["'" + v if v.__class__ is str and _NEEDS_GUARD(v) else v for v in cells]  # as guard_column
-        joined = "\0".join(cells)
-    specials = joined.count(",") + joined.count('"') + joined.count("\n") + joined.count("\r")
-    if specials * 8 > len(cells):  # many cells to quote: the csv module quotes the whole column
-        return quote_column(cells).encode("utf-8").split(b"\0")
-    fields = joined.encode("utf-8").split(b"\0")
+    if formula_guard and b"\0=" in b"\0" + data.translate(_GUARD_MARK):
+        # Some cell begins with a trigger or a quote: it may need the guard.
+        if set(map(type, cells)) == {str}:  # guard_column guards exact str cells only
+            data = _GUARD_ALL(b"\0'", b"\0" + data)[1:]
+            cells = None
+        else:
+            cells = ["'" + v if v.__class__ is str and _NEEDS_GUARD(v) else v for v in cells]
+            data = "\0".join(cells).encode("utf-8")
+    specials = data.translate(_SPECIAL_MARK).count(b",")
+    if specials * 8 > count:  # many cells to quote: the csv module quotes the whole column
+        text = quote_column(data.decode("utf-8").split("\0") if cells is None else cells)
+        return text.encode("utf-8").split(b"\0")
+    fields = data.split(b"\0")
     if specials:  # a few: find them, counting the separators in front of each special character
         at = last = 0
         quoted = -1
-        for match in _SPECIAL.finditer(joined):
-            at += joined.count("\0", last, match.start())
+        for match in _SPECIAL.finditer(data):
+            at += data.count(b"\0", last, match.start())
             last = match.start()
             if at != quoted:
                 quoted = at
@@ -289,27 +296,33 @@ class CsvWriter:
         return self.render(
             len(rows),
             lambda i: columns[i] if columns is not None else list(map(itemgetter(i), rows)),
-            lambda start, stop: ([row[start:stop] for row in rows], False),
+            lambda start, stop: ([row[start:stop] for row in rows], UNKNOWN),
         )
 
     def render(
         self,
         count: int,
         column: Callable[[int], Sequence],
-        run: Callable[[int, int], tuple[Sequence[Sequence], bool]],
+        run: Callable[[int, int], tuple[Sequence[Sequence], int]],
     ) -> bytes:
         """``count`` rows given column-wise, as ``write`` writes them (only while ``FAST``).
 
         ``column(i)`` is column ``i``'s cells; ``run(start, stop)`` each row's cells of columns
-        ``start`` to ``stop`` (a run of number columns), and whether every one of those cells is
-        known to be an ``int``, a ``float`` or ``None`` (its types are then not checked again).
-        For sources that hold their cells by column rather than as row tuples."""
+        ``start`` to ``stop`` (a run of number columns), with what is known about them
+        (``UNKNOWN``, ``NUMBERS`` or ``FINITE``: that much is not checked again). For sources that
+        hold their cells by column rather than as row tuples."""
         pieces: list[list[bytes]] = []  # per segment, each row's fields of it (without the ",")
         for kind, start, stop in self._segments:
             if kind == "run":
-                runs, checked = run(start, stop)
-                blob = _numbers(runs, rows=True, checked=checked)
-                pieces.append(blob[2:-2].split(b"],[") if blob is not None else self._exact(runs, start))
+                runs, known = run(start, stop)
+                blob = _numbers(runs, rows=True, known=known)
+                if blob is None:
+                    pieces.append(self._exact(runs, start))
+                    continue
+                fields = blob.split(b"],[")
+                fields[0] = fields[0][2:]  # without "[[" and "]]"
+                fields[-1] = fields[-1][:-2]
+                pieces.append(fields)
                 continue
             cells = column(start)
             if kind == "number":

@@ -66,8 +66,12 @@ CSV fast path (``csv_batches``)
     rows/s through ``csv_batches`` against ~80,000-95,000 through ``batches`` + ``CsvWriter``; a
     ``psql \\copy`` of the same rendered SELECT takes about as long as ``csv_batches``.
 
-    A plan that flattens documents in Python (see above) falls back to ``batches`` + the Python
-    writer inside ``csv_batches``: same signature, exact Python output.
+    A plan that flattens documents in Python (see above) uses the Python writer inside
+    ``csv_batches`` instead: same signature, exact Python output. Its cells go to the writer by
+    column (``CsvWriter.render``) rather than as row tuples: a run of float fields of a document
+    is handed over as each row's looked-up values, already type-checked, and written by one
+    orjson call per batch. Most of the time of such an export is orjson parsing the documents
+    (~0.15 µs a field, dict building included) and looking the fields up (``itemgetter``, ~0.03 µs).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ import psycopg.errors as pge
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
+import formats.csv as csv_format
 from sources.base import Column, Dataset, Row, SourceError, TransientSourceError, iso_datetime
 from sources.query import Query
 from sources.sql import Dialect, compile_query
@@ -426,8 +431,8 @@ class _Plan:
     exprs: list[str]  # the SELECT list (without documents' fields read in Python)
     csv_exprs: list[str] | None  # the same, rendered as CSV text; None: no SQL fast path
     build: Callable[[list[Row], int], list[Row]] | None  # None: rows are already right
-    # The rows as CSV, from the fetched rows (documents flattened in Python), for CsvWriter.render.
-    csv_build: Callable[[Any, list[Row], int], bytes] | None = None
+    # The fetched rows as CSV through the given writer (documents flattened in Python), by column.
+    csv_build: Callable[[csv_format.CsvWriter, list[Row], int], bytes] | None = None
 
 
 def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Plan:
@@ -487,7 +492,9 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     empty: dict = {}
 
     def group_values(doc: Any, get: Callable, keys: list[str], members: list[_Extract], fast: frozenset,
-                     to_float: bool) -> Sequence:
+                     to_float: bool) -> tuple[Sequence, bool]:
+        """The group's values in ``doc``, typed, and whether some were converted from text (a
+        float from text may be NaN or infinite, one from a JSON number never is)."""
         if doc.__class__ is dict:
             try:  # every key there (the common case): one C-level lookup per key
                 values = get(doc)
@@ -497,10 +504,10 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             values = (None,) * len(keys)
         types = set(map(type, values))
         if types <= fast:
-            return values
+            return values, False
         if to_float and types <= _INT_FLOAT:  # integral numbers in a float field
-            return [float(v) if v.__class__ is int else v for v in values]
-        return [ex.convert(v) for ex, v in zip(members, values, strict=True)]
+            return [float(v) if v.__class__ is int else v for v in values], False
+        return [ex.convert(v) for ex, v in zip(members, values, strict=True)], True
 
     def refuse(e: _CellError, row_number: int) -> SourceError:
         return SourceError(
@@ -516,7 +523,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             combined = list(take_sql(row))
             try:
                 for slot, *group in group_list:
-                    combined += group_values(docs[slot], *group)
+                    combined += group_values(docs[slot], *group)[0]
                 for slot, ex in nested:
                     v = ex.get(docs[slot])
                     combined.append(v if v.__class__ is ex.native else ex.convert(v))
@@ -549,14 +556,17 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             run_pieces[start, stop] = pieces
         return run_pieces[start, stop]
 
-    def csv_build(writer: Any, rows: list[Row], offset: int) -> bytes:
+    def csv_build(writer: csv_format.CsvWriter, rows: list[Row], offset: int) -> bytes:
         by_group: list[list[Sequence]] = [[] for _ in group_list]
         by_nested: list[list[Any]] = [[] for _ in nested]
+        converted = [False] * len(group_list)
         for n, row in enumerate(rows):
             docs = {i: (loads(row[i]) if row[i] is not None else empty) for i in doc_slots}
             try:
-                for values, (slot, *group) in zip(by_group, group_list, strict=True):
-                    values.append(group_values(docs[slot], *group))
+                for g, (slot, *group) in enumerate(group_list):
+                    values, text = group_values(docs[slot], *group)
+                    by_group[g].append(values)
+                    converted[g] = converted[g] or text
                 for values, (slot, ex) in zip(by_nested, nested, strict=True):
                     v = ex.get(docs[slot])
                     values.append(v if v.__class__ is ex.native else ex.convert(v))
@@ -571,20 +581,25 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
                 return list(map(itemgetter(j), by_group[group_index[key]]))
             return by_nested[j]
 
-        def run(start: int, stop: int) -> tuple[Sequence[Sequence], bool]:
+        def run(start: int, stop: int) -> tuple[Sequence[Sequence], int]:
             # The cells of number columns are ints, floats and None: the SQL casts, the groups'
-            # type checks and the conversions see to that.
-            parts = []
+            # type checks and the conversions see to that. A document's numbers are finite unless
+            # converted from text ("nan"); SQL cells may be NaN.
+            parts, known = [], csv_format.FINITE
             for g, first, size in pieces_of(start, stop):
                 if g < 0:
                     parts.append([(v,) for v in column(first)])
-                elif first == 0 and size == group_size[g]:
+                    known = csv_format.NUMBERS
+                    continue
+                if converted[g]:
+                    known = csv_format.NUMBERS
+                if first == 0 and size == group_size[g]:
                     parts.append(by_group[g])
                 else:
                     parts.append([values[first : first + size] for values in by_group[g]])
             if len(parts) == 1:
-                return parts[0], True
-            return [tuple(chain.from_iterable(cells)) for cells in zip(*parts, strict=True)], True
+                return parts[0], known
+            return [tuple(chain.from_iterable(cells)) for cells in zip(*parts, strict=True)], known
 
         return writer.render(len(rows), column, run)
 
@@ -779,8 +794,6 @@ class PostgresSource:
     ) -> AsyncIterator[tuple[bytes, int]]:
         """The query as CSV bytes, like ``CsvWriter`` writes them: ``(header, 0)`` first, then
         ``(chunk, rows in chunk)``. Through COPY when every cell can be rendered in SQL."""
-        from formats import csv as csv_format
-
         writer = csv_format.CsvWriter(query.columns, formula_guard=formula_guard)
         await self.table_info()
         plan = _plan(self._fields(query.columns), formula_guard, self._info)
