@@ -28,11 +28,18 @@ How the text is made (the bytes are the ``csv`` module's either way)
       ``csv`` module. ``orjson_writes_repr()`` checks at import that the installed orjson writes
       as described; if not, every batch goes through the ``csv`` module;
     - boolean columns of ``bool``/``None`` map to ``true``/``false``/empty;
-    - text columns of ``str``/``None``: one C-level scan of the whole column tells whether any
-      cell needs the guard or quotes (usually none does); only then is each cell looked at.
+    - text columns of ``str``/``None`` are joined with NUL and encoded once; a translated copy of
+      those bytes tells whether any cell may need the guard (guarded, if so, by one regex
+      substitution) or quotes (usually none or a few, found and quoted one by one; when many,
+      the ``csv`` module writes the column as one NUL-delimited row, so its quoting is its own).
 
     A column whose cells are of other types (a ``Decimal`` in a float column, a number in a text
-    column) is written by ``csv.writer`` itself, row by row, so its text is exactly the module's.
+    column), or holding a NUL, is written by ``csv.writer`` itself, row by row, so its text is
+    exactly the module's; a batch of rows of other lengths than the columns' goes to it whole.
+    The fields are then interleaved with ``,`` and ``\\r\\n`` and joined once. ``render`` is the
+    same path for a source that holds its cells by column (the PostgreSQL source's flattened
+    documents). Measured (2 cores, busy): 100,000 rows × 55 mixed columns in 1.3-1.8 s instead of
+    2.1-3.1 s; 40,000 rows of 2,897 floats (JSONB fields) in 10-13 s instead of 64-108 s.
 """
 
 from __future__ import annotations
