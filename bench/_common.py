@@ -213,6 +213,22 @@ async def export_and_follow(client: DataportClient, export_input: dict[str, Any]
     return task, seconds
 
 
+class PeerComparison:
+    """For a bench result with ``seconds``, ``peers`` (dicts with ``name`` and ``seconds``), ``error``
+    and ``checks``: its ratio to each peer, and whether every check passed."""
+
+    def ratio_to(self, peer: dict) -> float | None:
+        return self.seconds / peer["seconds"] if self.seconds and peer.get("seconds") else None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ratio_to(self.peers[0]) if self.peers else None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.checks) and all(self.checks.values())
+
+
 @dataclass
 class Followed:
     """One export through the whole path, with the worker's memory sampled meanwhile."""

@@ -76,6 +76,7 @@ from pathlib import Path
 from _common import (
     OUT_DIR,
     SAMPLE_SECONDS,
+    PeerComparison,
     Stack,
     console,
     csv_records,
@@ -214,7 +215,7 @@ def load_index(url: str, docs: int) -> float:
 
 
 @dataclass
-class Result:
+class Result(PeerComparison):
     docs: int
     columns: int = 0
     seconds: float = 0.0
@@ -237,17 +238,6 @@ class Result:
     @property
     def docs_per_second(self) -> float:
         return self.docs / self.seconds if self.seconds else 0.0
-
-    def ratio_to(self, peer: dict) -> float | None:
-        return self.seconds / peer["seconds"] if self.seconds and peer.get("seconds") else None
-
-    @property
-    def ratio(self) -> float | None:
-        return self.ratio_to(self.peers[0]) if self.peers else None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.checks) and all(self.checks.values())
 
     def as_json(self) -> dict:
         return {**asdict(self), "docs_per_second": self.docs_per_second, "ratio_to_peer": self.ratio,

@@ -72,6 +72,7 @@ from _common import (
     OUT_DIR,
     SAMPLE_SECONDS,
     MiB,
+    PeerComparison,
     Stack,
     console,
     csv_records,
@@ -292,7 +293,7 @@ class Case:
 
 
 @dataclass
-class Result:
+class Result(PeerComparison):
     case: str
     rows: int
     columns: int
@@ -320,17 +321,6 @@ class Result:
     @property
     def mb_per_second(self) -> float:
         return self.file_bytes / 1e6 / self.seconds if self.seconds else 0.0
-
-    def ratio_to(self, peer: dict) -> float | None:
-        return self.seconds / peer["seconds"] if self.seconds and peer.get("seconds") else None
-
-    @property
-    def ratio(self) -> float | None:
-        return self.ratio_to(self.peers[0]) if self.peers else None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.checks) and all(self.checks.values())
 
     def as_json(self) -> dict:
         extra = {"rows_per_second": self.rows_per_second, "mb_per_second": self.mb_per_second,
