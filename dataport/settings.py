@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     # Files.
     csv_formula_guard: bool = True
 
+    # Imports. Browsers upload straight to storage: on S3 through a presigned POST (its policy caps
+    # the size) or a presigned PUT (content type fixed); on the local backend through a signed PUT.
+    s3_upload_method: Literal["POST", "PUT"] = "POST"
+    upload_url_ttl_seconds: int = 60 * 60
+    # S3 bucket notifications (POST /storage-events) must carry this secret; empty turns the route off.
+    storage_events_secret: str = ""
+    # A cell larger than this fails its row (a 10 MB cell is a mistake, not data).
+    import_max_cell_bytes: int = 1024 * 1024
+    import_batch_rows: int = 5_000
+    # An import stops as FAILED once this many rows have failed, unless the request sets maxErrors.
+    import_max_errors: int = 1_000
+
     @cached_property
     def resolved_files_dir(self) -> Path:
         return self.files_dir or self.data_dir / "files"
