@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from storage.base import ObjectWriter, Storage, StorageError, StoredObject
+from storage.base import (
+    ObjectWriter,
+    ReadStream,
+    Storage,
+    StorageError,
+    StoredObject,
+    UploadTarget,
+    UploadTooLarge,
+)
 from storage.disposition import content_disposition
 
 if TYPE_CHECKING:
@@ -12,9 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ObjectWriter",
+    "ReadStream",
     "Storage",
     "StorageError",
     "StoredObject",
+    "UploadTarget",
+    "UploadTooLarge",
     "content_disposition",
     "storage_from_settings",
 ]

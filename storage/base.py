@@ -3,6 +3,10 @@
 A file is written as a stream through an ``ObjectWriter`` (never whole in memory, never a second
 pass), verified by reading it back before a task may succeed, and reached through short-lived
 signed URLs issued afresh on every read.
+
+Imports go the other way: the browser uploads straight to storage through an ``UploadTarget``
+(a presigned S3 POST or PUT, or the api's signed ``PUT /uploads/{task_id}`` for the local
+backend), and the worker reads the file back as a ``ReadStream``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,55 @@ class StorageError(Exception):
     def __init__(self, message: str, *, transient: bool = True):
         super().__init__(message)
         self.transient = transient
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """How a browser uploads one import file. ``method`` "PUT": send the file as the body of a PUT
+    to ``url`` with exactly ``headers`` (they are signed). ``method`` "POST": send a
+    multipart/form-data POST to ``url`` with ``fields`` first, in order, then the file as the last
+    field, named ``file``; ``headers`` is then empty (the browser sets the multipart Content-Type).
+    """
+
+    url: str
+    method: str
+    headers: dict[str, str]
+    fields: dict[str, str] | None
+    expires_at: dt.datetime
+
+
+def describe_bytes(n: int) -> str:
+    """``1,000 bytes``, or ``1 GiB``-scale sizes as ``1,024 MiB (1,073,741,824 bytes)``."""
+    if n < MiB:
+        return f"{n:,} bytes"
+    mib = f"{n / MiB:,.1f}".removesuffix(".0")
+    return f"{mib} MiB ({n:,} bytes)"
+
+
+class UploadTooLarge(StorageError):
+    """An upload had more bytes than allowed. Never transient: the same file is refused again."""
+
+    def __init__(self, max_bytes: int, *, key: str | None = None, size: int | None = None) -> None:
+        where = f" for {key!r}" if key else ""
+        larger = f"is {size:,} bytes, more" if size is not None else "is larger"
+        super().__init__(
+            f"the uploaded file{where} {larger} than the limit of {describe_bytes(max_bytes)}", transient=False
+        )
+        self.max_bytes = max_bytes
+        self.size = size
+
+
+class ReadStream(Protocol):
+    """A stored file opened for reading: a synchronous, binary, forward-only file object, meant for
+    a worker thread (the file parsers are synchronous). Not seekable on S3: a format that needs
+    seeking (XLSX, a zip) must be copied to a local temporary file first."""
+
+    def read(self, n: int = -1) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class ObjectWriter(Protocol):
@@ -55,6 +108,22 @@ class Storage(Protocol):
     async def download_url(
         self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime
     ) -> str: ...
+
+    async def upload_target(
+        self, key: str, *, task_id: str, content_type: str, max_bytes: int, expires_at: dt.datetime
+    ) -> UploadTarget:
+        """Where and how the browser uploads the file stored under ``key``, valid until
+        ``expires_at``. Only a presigned S3 POST caps the size (``max_bytes``) at upload time; the
+        others cannot, so whoever starts the import checks ``size_of`` against the limit."""
+        ...
+
+    async def size_of(self, key: str) -> int | None:
+        """The stored object's size in bytes, or None when it is missing."""
+        ...
+
+    async def open_stream(self, key: str) -> ReadStream:
+        """The stored object as a ``ReadStream``; ``StorageError`` (not transient) when missing."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 

@@ -5,6 +5,9 @@ A file is written to ``<path>.partial-<random>`` and renamed into place only whe
 an fsync, so a reader never sees half a file and a killed writer leaves only a ``.partial-`` file,
 which ``discard_incomplete`` removes. File I/O runs in worker threads, in batches, so the event
 loop is never blocked for long.
+
+Import files arrive through the api's signed ``PUT /uploads/{task_id}``, whose body ``receive``
+streams to disk the same way (partial file, fsync, atomic rename), refusing it past the limit.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import datetime as dt
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from storage.base import StorageError, StoredObject
+from storage.base import StorageError, StoredObject, UploadTarget, UploadTooLarge
 from storage.signing import signed_path
 
 if TYPE_CHECKING:
@@ -292,6 +296,65 @@ class LocalStorage:
         return self.public_url + signed_path(
             self.secret, "PUT", "/uploads", task_id, int(expires_at.timestamp())
         )
+
+    async def upload_target(
+        self, key: str, *, task_id: str, content_type: str, max_bytes: int, expires_at: dt.datetime
+    ) -> UploadTarget:
+        """A signed ``PUT /uploads/{task_id}``; the route finds ``key`` through the task and passes
+        the body to ``receive``, which enforces ``max_bytes``."""
+        self.path_for(key)  # a bad key is refused now, not when the file arrives
+        return UploadTarget(
+            url=self.upload_url(task_id, expires_at),
+            method="PUT",
+            headers={"Content-Type": content_type},
+            fields=None,
+            # The signature carries whole seconds and is valid through that second.
+            expires_at=expires_at.replace(microsecond=0),
+        )
+
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> StoredObject:
+        """Store an uploaded body under ``key`` as it arrives: never whole in memory, visible only
+        when complete (a second upload replaces the first at once). More than ``max_bytes`` raises
+        ``UploadTooLarge`` as soon as they arrive, and nothing of the upload is kept."""
+        writer = await self.open_writer(key, "application/octet-stream")
+        received = 0
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > max_bytes:
+                    # Stop reading here: the rest of an oversized body is never written.
+                    raise UploadTooLarge(max_bytes, key=key)
+                await writer.write(chunk)
+            return await writer.complete()
+        except BaseException:
+            # Also on cancellation (the client went away): the partial file must not stay.
+            await asyncio.shield(writer.abort())
+            raise
+
+    async def size_of(self, key: str) -> int | None:
+        path = self.path_for(key)
+
+        def _size() -> int | None:
+            try:
+                info = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+        try:
+            return await asyncio.to_thread(_size)
+        except OSError as e:
+            raise _os_error("inspecting", key, e) from e
+
+    async def open_stream(self, key: str) -> BinaryIO:
+        """The stored file, opened for reading (a plain, seekable file object)."""
+        path = self.path_for(key)
+        try:
+            return await asyncio.to_thread(path.open, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageError(f"local storage: {key!r} does not exist", transient=False) from None
+        except OSError as e:
+            raise _os_error("opening", key, e) from e
 
     async def delete(self, key: str) -> None:
         path = self.path_for(key)

@@ -6,6 +6,11 @@ A file is written as a real multipart upload while it is produced: bytes gather 
 part in flight at most, so memory stays at about two parts), and ``complete()`` sends the rest and
 completes the upload. A file smaller than one part is sent with one ``PutObject``. SHA-256 and size
 are computed on the way. Server-side encryption is asked for on every object when ``sse`` is set.
+
+Import files are uploaded by the browser straight to the bucket, through a presigned POST (its
+policy caps the size, fixes the key and the Content-Type, and demands the SSE header) or a
+presigned PUT (Content-Type and SSE headers signed; S3 cannot cap a PUT's size). The worker reads
+them back through ``open_stream``, a forward-only stream of the GetObject body.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import io
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,7 +34,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from storage.base import StorageError, StoredObject
+from storage.base import StorageError, StoredObject, UploadTarget
 from storage.disposition import content_disposition
 
 if TYPE_CHECKING:
@@ -39,6 +45,11 @@ MAX_PARTS = 10_000
 HASH_IN_THREAD = 1024 * 1024  # chunks at least this big are hashed off the event loop
 READ_CHUNK = 1024 * 1024
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
+UPLOAD_METHODS = ("POST", "PUT")
+# A presigned POST accepts empty files: the import then fails with a clear "the file is empty",
+# as it must anyway for a PUT upload (which S3 cannot size-check), instead of the browser getting
+# S3's bare EntityTooSmall and the task waiting for a file that never comes.
+MIN_UPLOAD_BYTES = 0
 
 T = TypeVar("T")
 
@@ -93,6 +104,40 @@ def storage_error(e: BaseException, action: str) -> StorageError:
     if isinstance(e, ConnectionError | HTTPClientError | IncompleteReadError | ResponseStreamingError):
         return StorageError(f"S3 {action}: {e}", transient=True)
     return StorageError(f"S3 {action}: {e}", transient=False)
+
+
+def _presign_seconds(expires_at: dt.datetime) -> int:
+    """Seconds from now to ``expires_at``, within what SigV4 allows (at least 1, at most 7 days)."""
+    now = dt.datetime.now(expires_at.tzinfo or None)
+    seconds = math.ceil((expires_at - now).total_seconds())
+    return min(max(seconds, 1), MAX_PRESIGN_SECONDS)
+
+
+class S3ReadStream(io.RawIOBase):
+    """A GetObject body as a raw stream whose errors are ``StorageError``s (a dropped connection
+    is transient), so the worker's retry logic sees storage failures, not botocore's. Wrapped in
+    an ``io.BufferedReader`` by ``open_stream``; forward-only."""
+
+    def __init__(self, body: Any, where: str) -> None:
+        super().__init__()
+        self._body = body
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            # StreamingBody checks the byte count against Content-Length at the end: a body cut
+            # short raises IncompleteReadError instead of passing for a shorter file.
+            return self._body.readinto(buffer)
+        except (BotoCoreError, ClientError) as e:
+            raise storage_error(e, f"reading {self._where}") from e
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
 
 
 class S3Writer:
@@ -274,8 +319,12 @@ class S3Storage:
         sse: str | None = "AES256",
         sse_kms_key_id: str | None = None,
         part_size: int = 8 * 1024 * 1024,
+        upload_method: str = "POST",
     ) -> None:
+        if upload_method not in UPLOAD_METHODS:
+            raise ValueError(f"unknown S3 upload method {upload_method!r} (expected 'POST' or 'PUT')")
         self.bucket = bucket
+        self.upload_method = upload_method
         self.region = region or "us-east-1"
         self.part_size = max(int(part_size), MIN_PART_SIZE)
         self.sse_args: dict[str, str] = {}
@@ -311,6 +360,7 @@ class S3Storage:
             sse=settings.s3_sse,
             sse_kms_key_id=settings.s3_sse_kms_key_id,
             part_size=settings.s3_part_size,
+            upload_method=settings.s3_upload_method,
         )
         if settings.s3_create_bucket:
             storage.ensure_bucket()
@@ -412,9 +462,7 @@ class S3Storage:
         return await self._call("verify", key, _verify)
 
     async def download_url(self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime) -> str:
-        now = dt.datetime.now(expires_at.tzinfo or None)
-        seconds = math.ceil((expires_at - now).total_seconds())
-        seconds = min(max(seconds, 1), MAX_PRESIGN_SECONDS)
+        seconds = _presign_seconds(expires_at)
         return await self._call(
             "presign GetObject",
             key,
@@ -427,6 +475,65 @@ class S3Storage:
             },
             ExpiresIn=seconds,
         )
+
+    def _header_names(self, params: dict[str, str]) -> dict[str, str]:
+        """PutObject parameters (``ContentType``, ``ServerSideEncryption``, ``SSEKMSKeyId``...) as
+        the HTTP headers (and POST form fields) that carry them, named by botocore's own model."""
+        members = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        return {members[name].serialization["name"]: value for name, value in params.items()}
+
+    async def upload_target(
+        self, key: str, *, task_id: str, content_type: str, max_bytes: int, expires_at: dt.datetime
+    ) -> UploadTarget:
+        """A presigned POST or PUT (``upload_method``) for ``key``. Only POST can cap the size: with
+        PUT, whoever starts the import must compare ``size_of`` with ``max_bytes``."""
+        seconds = _presign_seconds(expires_at)
+        # What the signature really allows: the requested time unless SigV4's limit cut it short.
+        expires_at = min(expires_at, dt.datetime.now(expires_at.tzinfo or None) + dt.timedelta(seconds=seconds))
+        headers = self._header_names({"ContentType": content_type, **self.sse_args})
+        if self.upload_method == "PUT":
+            url = await self._call(
+                "presign PutObject",
+                key,
+                self.client.generate_presigned_url,
+                ClientMethod="put_object",
+                Params={"Bucket": self.bucket, "Key": key, "ContentType": content_type, **self.sse_args},
+                ExpiresIn=seconds,
+            )
+            # Content-Type and SSE headers are signed: the browser must send exactly these.
+            return UploadTarget(url=url, method="PUT", headers=headers, fields=None, expires_at=expires_at)
+        # Every field the browser sends must be matched by a condition (S3 refuses extra fields),
+        # and each condition pins the value: the stored object gets our Content-Type and SSE.
+        conditions: list[Any] = [["content-length-range", MIN_UPLOAD_BYTES, max_bytes]]
+        conditions += [{name: value} for name, value in headers.items()]
+        post = await self._call(
+            "presign PostObject",
+            key,
+            self.client.generate_presigned_post,
+            Bucket=self.bucket,
+            Key=key,  # boto3 adds the {"key": key} condition itself
+            Fields=headers,
+            Conditions=conditions,
+            ExpiresIn=seconds,
+        )
+        return UploadTarget(url=post["url"], method="POST", headers={}, fields=post["fields"], expires_at=expires_at)
+
+    async def size_of(self, key: str) -> int | None:
+        def _size() -> int | None:
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+            except ClientError as e:
+                if _status(e) == 404 and _error_code(e) in _MISSING:
+                    return None
+                raise
+
+        return await self._call("HeadObject", key, _size)
+
+    async def open_stream(self, key: str) -> io.BufferedReader:
+        """The object's body as a synchronous, forward-only stream, for a worker thread. A missing
+        object is a ``StorageError`` (not transient) naming the key."""
+        response = await self._call("GetObject", key, self.client.get_object, Bucket=self.bucket, Key=key)
+        return io.BufferedReader(S3ReadStream(response["Body"], f"{self.bucket}/{key}"), READ_CHUNK)
 
     async def delete(self, key: str) -> None:
         await self._call("DeleteObject", key, self.client.delete_object, Bucket=self.bucket, Key=key)
