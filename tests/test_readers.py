@@ -854,3 +854,12 @@ def bench(rows: int) -> None:
 
 if __name__ == "__main__":
     bench(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000)
+
+
+def test_iso_datetime_pads_early_years_so_imports_read_them_back():
+    from sources.base import iso_datetime
+
+    early = dt.datetime(999, 1, 2, 3, 4, 5, 500000, tzinfo=dt.UTC)
+    assert iso_datetime(early) == "0999-01-02T03:04:05.5Z"
+    row, errors = RowConverter([Column("t", "datetime")], unguard_text=True).convert({"t": iso_datetime(early)})
+    assert errors == [] and row == ("0999-01-02T03:04:05.5Z",)
