@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection, Request
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
-from api import stream
+from api import stream, uploads
 from api.auth import issue_token
 from api.context import Context
 from dataport.services import Services
@@ -21,7 +21,7 @@ from dataport.settings import Settings, get_settings
 from schema import schema
 from sources.registry import Registry
 from storage.signing import verify
-from tasks.models import TaskStatus
+from tasks.models import TaskKind, TaskStatus
 
 log = logging.getLogger("dataport.api")
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
 
     app.include_router(stream.router)
+    app.include_router(uploads.router)
 
     @app.get("/metrics")
     async def metrics():
@@ -68,10 +69,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         if not verify(settings.signing_secret, "GET", task_id, expires, signature):
             raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
         task = await services.store.get(task_id)
-        if task is None or task.status is not TaskStatus.SUCCEEDED or not task.object_key \
-                or services.storage.name != "local":
+        # An export's file once it succeeded; an import's error report once it finished.
+        key = (task.report_key if task.kind is TaskKind.IMPORT else task.object_key) if task else None
+        ready = task is not None and (task.status.is_final if task.kind is TaskKind.IMPORT
+                                      else task.status is TaskStatus.SUCCEEDED)
+        if not ready or not key or services.storage.name != "local":
             raise HTTPException(404, "There is no such file.")
-        path = services.storage.path_for(task.object_key)
+        path = services.storage.path_for(key)
         if not path.exists():
             raise HTTPException(404, "There is no such file.")
         return FileResponse(path, filename=path.name, content_disposition_type="attachment")

@@ -8,9 +8,9 @@ import strawberry
 
 from api.context import Info
 from dataport.errors import UserErrors
-from schema.inputs import ExportInput
-from schema.types import ExportPayload, ExportTask, UserError
-from tasks import exports
+from schema.inputs import ExportInput, ImportInput
+from schema.types import ExportPayload, ExportTask, ImportPayload, ImportTask, UserError
+from tasks import exports, imports
 from tasks.models import Task
 
 
@@ -20,6 +20,14 @@ async def _payload(call: Awaitable[Task]) -> ExportPayload:
     except UserErrors as e:
         return ExportPayload(task=None, user_errors=[UserError.of(x) for x in e.errors])
     return ExportPayload(task=ExportTask(task=task), user_errors=[])
+
+
+async def _import_payload(call: Awaitable[Task]) -> ImportPayload:
+    try:
+        task = await call
+    except UserErrors as e:
+        return ImportPayload(task=None, user_errors=[UserError.of(x) for x in e.errors])
+    return ImportPayload(task=ImportTask(task=task), user_errors=[])
 
 
 async def request_export(info: Info, input: ExportInput) -> ExportPayload:
@@ -37,3 +45,16 @@ async def retry_export(info: Info, id: strawberry.ID) -> ExportPayload:
 
 async def delete_export(info: Info, id: strawberry.ID) -> ExportPayload:
     return await _payload(exports.delete_export(info.context.services, info.context.owner, id))
+
+
+async def request_import(info: Info, input: ImportInput) -> ImportPayload:
+    ctx = info.context
+    return await _import_payload(imports.request_import(ctx.services, ctx.owner, input.to_request()))
+
+
+async def start_import(info: Info, id: strawberry.ID) -> ImportPayload:
+    return await _import_payload(imports.start_import(info.context.services, info.context.owner, id))
+
+
+async def cancel_import(info: Info, id: strawberry.ID) -> ImportPayload:
+    return await _import_payload(imports.cancel_import(info.context.services, info.context.owner, id))

@@ -8,8 +8,8 @@ import strawberry
 from graphql import GraphQLError
 
 from api.context import Info
-from schema.types import ExportTask
-from tasks import exports
+from schema.types import ExportTask, ImportTask
+from tasks import exports, imports
 from tasks.watch import watch
 
 
@@ -20,3 +20,11 @@ async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Expor
         raise GraphQLError(f"There is no export '{id}'.", extensions={"code": "NOT_FOUND"})
     async for task in watch(services, id):
         yield ExportTask(task=task)
+
+
+async def import_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[ImportTask, None]:
+    services = info.context.services
+    if await imports.get_import(services, info.context.owner, id) is None:
+        raise GraphQLError(f"There is no import '{id}'.", extensions={"code": "NOT_FOUND"})
+    async for task in watch(services, id):
+        yield ImportTask(task=task)

@@ -8,7 +8,15 @@ from strawberry.extensions import MaskErrors
 
 from resolvers import mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
-from schema.types import Dataset, ExportPayload, ExportTask, ExportTaskConnection
+from schema.types import (
+    Dataset,
+    ExportPayload,
+    ExportTask,
+    ExportTaskConnection,
+    ImportPayload,
+    ImportTask,
+    ImportTaskConnection,
+)
 
 _auth = [IsAuthenticated]
 
@@ -18,6 +26,8 @@ class Query:
     datasets: list[Dataset] = strawberry.field(resolver=queries.datasets, permission_classes=_auth)
     export_task: ExportTask | None = strawberry.field(resolver=queries.export_task, permission_classes=_auth)
     export_tasks: ExportTaskConnection = strawberry.field(resolver=queries.export_tasks, permission_classes=_auth)
+    import_task: ImportTask | None = strawberry.field(resolver=queries.import_task, permission_classes=_auth)
+    import_tasks: ImportTaskConnection = strawberry.field(resolver=queries.import_tasks, permission_classes=_auth)
 
 
 @strawberry.type
@@ -26,12 +36,18 @@ class Mutation:
     cancel_export: ExportPayload = strawberry.mutation(resolver=mutations.cancel_export, permission_classes=_auth)
     retry_export: ExportPayload = strawberry.mutation(resolver=mutations.retry_export, permission_classes=_auth)
     delete_export: ExportPayload = strawberry.mutation(resolver=mutations.delete_export, permission_classes=_auth)
+    request_import: ImportPayload = strawberry.mutation(resolver=mutations.request_import, permission_classes=_auth)
+    start_import: ImportPayload = strawberry.mutation(resolver=mutations.start_import, permission_classes=_auth)
+    cancel_import: ImportPayload = strawberry.mutation(resolver=mutations.cancel_import, permission_classes=_auth)
 
 
 @strawberry.type
 class Subscription:
     export_progress: ExportTask = strawberry.subscription(
         resolver=subscriptions.export_progress, permission_classes=_auth
+    )
+    import_progress: ImportTask = strawberry.subscription(
+        resolver=subscriptions.import_progress, permission_classes=_auth
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import strawberry
 from strawberry.scalars import JSON
 
-from schema.enums import FileFormat, FilterOp, SortDirection
+from schema.enums import FileFormat, FilterOp, ImportMode, SortDirection
 
 
 @strawberry.input
@@ -44,4 +44,26 @@ class ExportInput:
             "sort": [{"field": s.field, "direction": s.direction.value} for s in self.sort or []],
             "limit": self.limit,
             "notify": self.notify,
+        }
+
+
+@strawberry.input
+class ImportInput:
+    dataset: str
+    file_name: str
+    format: FileFormat = FileFormat.CSV
+    mode: ImportMode = ImportMode.INSERT
+    file_size: int | None = None
+    dry_run: bool = False
+    max_errors: int | None = None
+
+    def to_request(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "format": self.format.value,
+            "mode": self.mode.value,
+            "fileName": self.file_name,
+            "fileSize": self.file_size,
+            "dryRun": self.dry_run,
+            "maxErrors": self.max_errors,
         }

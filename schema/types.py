@@ -8,12 +8,14 @@ from typing import Generic, TypeVar
 
 import strawberry
 from graphql import OperationType
+from strawberry.scalars import JSON
 
 from api.context import Info
 from dataport.errors import UserError as DomainUserError
-from schema.enums import FileFormat, TaskStatus
+from schema.enums import FileFormat, ImportMode, TaskStatus
 from sources.base import Dataset as DomainDataset
-from tasks import exports
+from storage.base import UploadTarget as DomainUploadTarget
+from tasks import exports, imports
 from tasks.models import Progress as DomainProgress
 from tasks.models import Task
 
@@ -60,7 +62,23 @@ class UserError:
 
 
 @strawberry.type
-class ExportTask:
+class UploadTarget:
+    url: str
+    method: str
+    headers: JSON
+    fields: JSON | None
+    expires_at: dt.datetime
+
+    @classmethod
+    def of(cls, t: DomainUploadTarget) -> UploadTarget:
+        return cls(url=t.url, method=t.method, headers=t.headers, fields=t.fields, expires_at=t.expires_at)
+
+
+@strawberry.type
+class TaskFields:
+    """The fields exports and imports share; each GraphQL type below adds its own. Not part of the
+    schema itself: no field returns it."""
+
     task: strawberry.Private[Task]
 
     @strawberry.field
@@ -84,16 +102,8 @@ class ExportTask:
         return Progress.of(self.task.progress)
 
     @strawberry.field
-    async def queue_position(self, info: Info) -> int | None:
-        return await exports.queue_position(info.context.services, self.task)
-
-    @strawberry.field
     def attempts(self) -> int:
         return self.task.attempts
-
-    @strawberry.field
-    def run(self) -> int:
-        return self.task.run
 
     @strawberry.field
     def error(self) -> TaskError | None:
@@ -118,6 +128,23 @@ class ExportTask:
     def finished_at(self) -> dt.datetime | None:
         return self.task.finished_at
 
+    @strawberry.field(description="Polling clients: wait this long before asking again. Grows with each poll.")
+    async def poll_after_seconds(self, info: Info) -> float | None:
+        if info.operation.operation is OperationType.SUBSCRIPTION:
+            return None  # subscribers are pushed every change; they do not poll
+        return await exports.poll_after_seconds(info.context.services, self.task)
+
+
+@strawberry.type
+class ExportTask(TaskFields):
+    @strawberry.field
+    async def queue_position(self, info: Info) -> int | None:
+        return await exports.queue_position(info.context.services, self.task)
+
+    @strawberry.field
+    def run(self) -> int:
+        return self.task.run
+
     @strawberry.field
     def expires_at(self) -> dt.datetime | None:
         return self.task.expires_at
@@ -138,11 +165,33 @@ class ExportTask:
     async def download_url(self, info: Info) -> str | None:
         return await exports.download_url(info.context.services, self.task)
 
-    @strawberry.field(description="Polling clients: wait this long before asking again. Grows with each poll.")
-    async def poll_after_seconds(self, info: Info) -> float | None:
-        if info.operation.operation is OperationType.SUBSCRIPTION:
-            return None  # subscribers are pushed every change; they do not poll
-        return await exports.poll_after_seconds(info.context.services, self.task)
+
+@strawberry.type
+class ImportTask(TaskFields):
+    @strawberry.field
+    def mode(self) -> ImportMode:
+        return ImportMode(self.task.request.get("mode", "INSERT"))
+
+    @strawberry.field
+    def dry_run(self) -> bool:
+        return bool(self.task.request.get("dryRun"))
+
+    @strawberry.field(description="Where to upload the file while it is awaited; issued afresh on every read.")
+    async def upload(self, info: Info) -> UploadTarget | None:
+        target = await imports.upload_target(info.context.services, self.task)
+        return UploadTarget.of(target) if target else None
+
+    @strawberry.field(description="Rows written; for a dry run, the rows that would be written.")
+    def rows_imported(self) -> int:
+        return self.task.rows_imported
+
+    @strawberry.field
+    def rows_failed(self) -> int:
+        return self.task.rows_failed
+
+    @strawberry.field(description="The failed rows as CSV (row, column, reason, original); a fresh signed URL.")
+    async def error_report_url(self, info: Info) -> str | None:
+        return await imports.error_report_url(info.context.services, self.task)
 
 
 @strawberry.type
@@ -197,5 +246,18 @@ class Edge(Generic[NodeType]):
 @strawberry.type
 class ExportTaskConnection:
     edges: list[Edge[ExportTask]]
+    page_info: PageInfo
+    total_count: int
+
+
+@strawberry.type
+class ImportPayload:
+    task: ImportTask | None
+    user_errors: list[UserError]
+
+
+@strawberry.type
+class ImportTaskConnection:
+    edges: list[Edge[ImportTask]]
     page_info: PageInfo
     total_count: int

@@ -62,9 +62,15 @@ class Progress:
     bytes: int = 0
     rows_per_second: float | None = None
     eta_seconds: float | None = None
+    # Imports cannot count rows before reading them: their progress is bytes read of the file.
+    total_bytes: int | None = None
 
     @property
     def percent(self) -> float | None:
+        if self.total_bytes is not None:
+            if self.total_bytes == 0:
+                return 100.0
+            return round(min(100.0, 100.0 * self.bytes / self.total_bytes), 2)
         if not self.total_rows:
             return 100.0 if self.total_rows == 0 else None
         return round(min(100.0, 100.0 * self.processed_rows / self.total_rows), 2)
@@ -96,6 +102,11 @@ class Task:
     object_key: str | None = None
     job_id: str | None = None
     polls: int = 0
+    # Imports only.
+    rows_imported: int = 0
+    rows_failed: int = 0
+    report_key: str | None = None
+    upload_expires_at: dt.datetime | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Task:
@@ -116,6 +127,7 @@ class Task:
                 bytes=int(h.get("bytes") or 0),
                 rows_per_second=_float(h.get("rows_per_second")),
                 eta_seconds=_float(h.get("eta_seconds")),
+                total_bytes=_int(h.get("total_bytes")),
             ),
             created_at=parse_time(h["created_at"]),
             email=h.get("email") or None,
@@ -130,6 +142,10 @@ class Task:
             object_key=h.get("object_key") or None,
             job_id=h.get("job_id") or None,
             polls=int(h.get("polls") or 0),
+            rows_imported=int(h.get("rows_imported") or 0),
+            rows_failed=int(h.get("rows_failed") or 0),
+            report_key=h.get("report_key") or None,
+            upload_expires_at=parse_time(h.get("upload_expires_at")),
         )
 
 

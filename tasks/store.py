@@ -214,7 +214,8 @@ class TaskStore:
 
     async def expired(self, task: Task, message: str) -> TransitionResult:
         """Mark a finished task EXPIRED; it stays readable as such for one more retention period."""
-        result = await self.transition(task.id, TaskStatus.EXPIRED, message, fields={"object_key": None})
+        result = await self.transition(task.id, TaskStatus.EXPIRED, message,
+                                       fields={"object_key": None, "report_key": None})
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(EXPIRY_KEY, task.id)
         pipe.expire(task_key(task.id), int(self.retention_seconds))
@@ -236,6 +237,13 @@ class TaskStore:
         pipe.zrem(history_key(task.owner, task.kind), task.id)
         pipe.zrem(EXPIRY_KEY, task.id)
         await pipe.execute()
+
+    async def schedule_expiry(self, task_id: str, at: float) -> None:
+        """Expire the task at ``at`` unless it moves on first (an import waiting for its upload)."""
+        await self.redis.zadd(EXPIRY_KEY, {task_id: at})
+
+    async def unschedule_expiry(self, task_id: str) -> None:
+        await self.redis.zrem(EXPIRY_KEY, task_id)
 
     async def mark_dataset_written(self, dataset: str) -> None:
         await self.redis.set(dataset_written_key(dataset), f"{time.time():.3f}")

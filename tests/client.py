@@ -25,6 +25,20 @@ SNAPSHOT = """
   error { code message }
 """
 PAYLOAD = f"task {{ {TASK} }} userErrors {{ field message code }}"
+IMPORT_TASK = """
+  id status dataset format mode dryRun attempts rowsImported rowsFailed errorReportUrl pollAfterSeconds
+  createdAt startedAt finishedAt
+  upload { url method headers fields expiresAt }
+  progress { processedRows totalRows percent bytes rowsPerSecond etaSeconds }
+  error { code message }
+  events { at status message }
+"""
+IMPORT_SNAPSHOT = """
+  id status attempts rowsImported rowsFailed
+  progress { processedRows percent bytes }
+  error { code message }
+"""
+IMPORT_PAYLOAD = f"task {{ {IMPORT_TASK} }} userErrors {{ field message code }}"
 
 
 @dataclass
@@ -86,11 +100,13 @@ class Api:
         return task, response.content
 
     async def subscribe(self, task_id: str, protocol: str = "graphql-transport-ws",
-                        authorization: str | None = "default", within: float = 120) -> list[dict[str, Any]]:
-        """All messages of one exportProgress subscription until it completes or errors."""
+                        authorization: str | None = "default", within: float = 120,
+                        field: str = "exportProgress") -> list[dict[str, Any]]:
+        """All messages of one exportProgress (or importProgress) subscription until it completes or errors."""
         auth = f"Bearer {self.token}" if authorization == "default" else authorization
         init = {"type": "connection_init", "payload": {"authorization": auth} if auth else {}}
-        query = f"subscription($id: ID!) {{ exportProgress(id: $id) {{ {SNAPSHOT} }} }}"
+        snapshot = IMPORT_SNAPSHOT if field == "importProgress" else SNAPSHOT
+        query = f"subscription($id: ID!) {{ {field}(id: $id) {{ {snapshot} }} }}"
         legacy = protocol == "graphql-ws"
         url = self.url.replace("http", "ws", 1) + "/graphql"
         messages: list[dict[str, Any]] = []
@@ -108,3 +124,54 @@ class Api:
                 if message["type"] in ("complete", "error"):
                     break
         return messages
+
+    # -- imports ----------------------------------------------------------------------------------
+
+    def request_import(self, **import_input: Any) -> dict[str, Any]:
+        """The requestImport payload: {task, userErrors}."""
+        query = f"mutation($i: ImportInput!) {{ requestImport(input: $i) {{ {IMPORT_PAYLOAD} }} }}"
+        return self.data(query, {"i": import_input})["requestImport"]
+
+    def import_mutation(self, name: str, task_id: str) -> dict[str, Any]:
+        query = f"mutation($id: ID!) {{ {name}(id: $id) {{ {IMPORT_PAYLOAD} }} }}"
+        return self.data(query, {"id": task_id})[name]
+
+    def import_task(self, task_id: str) -> dict[str, Any] | None:
+        query = f"query($id: ID!) {{ importTask(id: $id) {{ {IMPORT_TASK} }} }}"
+        return self.data(query, {"id": task_id})["importTask"]
+
+    def wait_import(self, task_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+        statuses = statuses or ("SUCCEEDED", "FAILED", "CANCELLED")
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.import_task(task_id)
+            if task and task["status"] in statuses:
+                return task
+            assert time.monotonic() < deadline, f"import {task_id} still {task and task['status']}"
+            time.sleep(0.1)
+
+    @staticmethod
+    def upload(target: dict[str, Any], content: bytes | Any, file_name: str = "upload") -> httpx.Response:
+        """Send the file as a browser would, to the target requestImport gave: a PUT with the given
+        headers, or a multipart POST with the given fields first and the file last."""
+        if target["method"] == "PUT":
+            return httpx.put(target["url"], content=content, headers=target["headers"], timeout=120)
+        return httpx.post(target["url"], data=target["fields"], files={"file": (file_name, content)}, timeout=120)
+
+    def start_import(self, dataset: str, content: bytes, file_format: str = "CSV", file_name: str = "rows.csv",
+                     **import_input: Any) -> dict[str, Any]:
+        """Request, upload and start an import; the task as startImport returned it."""
+        payload = self.request_import(dataset=dataset, format=file_format, fileName=file_name, **import_input)
+        assert payload["userErrors"] == [], payload["userErrors"]
+        task = payload["task"]
+        assert task["status"] == "WAITING_FOR_UPLOAD", task
+        response = self.upload(task["upload"], content, file_name)
+        assert response.status_code in (200, 204), response.text
+        started = self.import_mutation("startImport", task["id"])
+        assert started["userErrors"] == [], started["userErrors"]
+        return started["task"]
+
+    def run_import(self, dataset: str, content: bytes, timeout: float = 120, **kwargs: Any) -> dict[str, Any]:
+        """An import from request to its final status."""
+        task = self.start_import(dataset, content, **kwargs)
+        return self.wait_import(task["id"], timeout=timeout)

@@ -13,18 +13,22 @@ log = logging.getLogger("dataport.cron")
 
 
 async def expire_tasks(ctx: dict[str, Any]) -> int:
-    """Delete the files of tasks past their retention and show the tasks as EXPIRED."""
+    """Delete the files of tasks past their retention and show the tasks as EXPIRED. An import
+    still waiting for its upload when its window closed expires too, with whatever was uploaded."""
     services: Services = ctx["services"]
     days = services.settings.retention_seconds / 86400
     expired = 0
     for task_id in await services.store.due_for_expiry():
         task = await services.store.get(task_id)
-        if task is None or task.status not in FINAL_STATUSES or task.status is TaskStatus.EXPIRED:
+        waiting = task is not None and task.status is TaskStatus.WAITING_FOR_UPLOAD
+        if task is None or (task.status not in FINAL_STATUSES and not waiting) or task.status is TaskStatus.EXPIRED:
             await services.redis.zrem(EXPIRY_KEY, task_id)
             continue
-        if task.object_key:
-            await services.storage.delete(task.object_key)
-        await services.store.expired(task, f"expired after {days:g} days; the file was deleted")
+        for key in (task.object_key, task.report_key):
+            if key:
+                await services.storage.delete(key)
+        reason = "no file was uploaded in time" if waiting else f"expired after {days:g} days; the file was deleted"
+        await services.store.expired(task, reason)
         expired += 1
     if expired:
         log.info("expired %d tasks", expired)

@@ -16,8 +16,10 @@ from dataport.services import Services
 from dataport.settings import Settings
 from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
+from tasks.imports import IMPORT_JOB
 from workers.cron import expire_tasks
 from workers.export import run_export
+from workers.imports import run_import
 
 log = logging.getLogger("dataport.worker")
 
@@ -32,8 +34,11 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
             await ctx["services"].close()
 
     return {
-        # One try more than max_tries: run_export itself ends a task whose last worker died.
-        "functions": [func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1)],
+        # One try more than max_tries: the job itself ends a task whose last worker died.
+        "functions": [
+            func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1),
+            func(run_import, name=IMPORT_JOB, max_tries=settings.max_tries + 1),
+        ],
         # Every minute, on one worker only (arq's cron jobs are unique by default).
         "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True)],
         "on_startup": startup,

@@ -1,0 +1,234 @@
+"""Imports as the API sees them: request an upload slot, start, cancel, read.
+
+An import lives in three steps: ``requestImport`` creates the task in ``WAITING_FOR_UPLOAD`` with
+an upload target (a presigned S3 POST/PUT, or a signed ``PUT /uploads/{id}`` on the local
+backend); the client uploads straight to storage; then ``startImport`` (or an S3 bucket
+notification on ``POST /storage-events``) checks the object and queues the worker. Starting is a
+status transition in the task store's script, so two triggers can never queue it twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from typing import Any
+
+import orjson
+
+from dataport import errors
+from dataport.errors import UserErrors
+from dataport.services import Services
+from formats import WRITERS
+from storage.base import UploadTarget
+from tasks import queue
+from tasks.exports import Owner
+from tasks.ids import random_task_id
+from tasks.models import Task, TaskKind, TaskStatus, now, stamp
+from tasks.store import Page
+
+IMPORT_JOB = "run_import"
+IMPORT_FORMATS = ("CSV", "JSON", "NDJSON", "XLSX")
+MAX_FILE_NAME = 200
+# A waiting import whose upload window has closed is kept this much longer before it is expired,
+# so that an upload finished at the last second can still be started.
+START_GRACE_SECONDS = 600
+_TASK_ID = re.compile(r"^[a-z2-7]{24}$")
+
+
+def object_key(owner: str, task_id: str, file_name: str) -> str:
+    return f"imports/{owner}/{task_id}/{file_name}"
+
+
+def report_key(task: Task) -> str:
+    """The error report, beside the upload (DESIGN.md: ``imports/{owner}/{task_id}/…``)."""
+    stem = (task.request.get("fileName") or "import").rsplit(".", 1)[0]
+    return f"imports/{task.owner}/{task.id}/report/{stem}-errors.csv"
+
+
+def clean_file_name(name: str) -> str:
+    """The last path segment of what the browser reported, without control characters. Raises
+    ``UserErrors`` for a name that is empty, too long, or only dots."""
+    base = re.split(r"[\\/]", name.strip())[-1]
+    base = "".join(ch for ch in base if unicodedata.category(ch)[0] != "C").strip()
+    if not base or set(base) == {"."}:
+        raise UserErrors.one("The file name is empty; send the name of the file being uploaded.",
+                             errors.INVALID_FILE_NAME, "input", "fileName")
+    if len(base) > MAX_FILE_NAME:
+        raise UserErrors.one(f"The file name is longer than {MAX_FILE_NAME} characters.",
+                             errors.INVALID_FILE_NAME, "input", "fileName")
+    return base
+
+
+async def request_import(services: Services, owner: Owner, data: dict[str, Any]) -> Task:
+    """Validate the request and create the task, waiting for its upload. Raises ``UserErrors``."""
+    settings = services.settings
+    dataset = services.registry.get(data["dataset"])
+    if dataset is None:
+        raise UserErrors.one(f"There is no dataset '{data['dataset']}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
+    if not dataset.importable:
+        raise UserErrors.one(f"Dataset '{dataset.name}' does not accept imports.", errors.NOT_IMPORTABLE,
+                             "input", "dataset")
+    if data["format"] not in IMPORT_FORMATS:
+        raise UserErrors.one(f"Format {data['format']} cannot be imported.", errors.UNSUPPORTED_FORMAT,
+                             "input", "format")
+    if data["mode"] == "UPSERT" and not dataset.key:
+        raise UserErrors.one(f"Dataset '{dataset.name}' has no key, so it can only be imported in INSERT mode.",
+                             errors.NO_KEY, "input", "mode")
+    file_name = clean_file_name(data["fileName"])
+    problems = []
+    size = data.get("fileSize")
+    if size is not None and (size < 0 or size > settings.max_upload_bytes):
+        problems.append(errors.UserError(
+            f"The file is {size:,} bytes; at most {settings.max_upload_bytes:,} bytes can be imported."
+            if size >= 0 else "fileSize cannot be negative.",
+            errors.FILE_TOO_LARGE, ("input", "fileSize")))
+    max_errors = data.get("maxErrors")
+    if max_errors is not None and max_errors < 1:
+        problems.append(errors.UserError("maxErrors must be at least 1 (the import stops when it is reached).",
+                                         errors.INVALID_MAX_ERRORS, ("input", "maxErrors")))
+    if problems:
+        raise UserErrors(problems)
+
+    identifier = random_task_id()
+    upload_expires_at = now() + dt.timedelta(seconds=settings.upload_url_ttl_seconds)
+    request = {"mode": data["mode"], "dryRun": bool(data.get("dryRun")), "maxErrors": max_errors,
+               "fileName": file_name, "fileSize": size}
+    outcome = await services.store.request(
+        identifier,
+        {
+            "id": identifier,
+            "kind": TaskKind.IMPORT.value,
+            "owner": owner.id,
+            "email": owner.email,
+            "dataset": dataset.name,
+            "format": data["format"],
+            "request": orjson.dumps(request).decode(),
+            "notify": bool(data.get("notify")),
+            "status": TaskStatus.WAITING_FOR_UPLOAD.value,
+            "created_at": stamp(),
+            "upload_expires_at": stamp(upload_expires_at),
+            "object_key": object_key(owner.id, identifier, file_name),
+            "attempts": 0,
+            "processed_rows": 0,
+            "bytes": 0,
+        },
+        reuse_seconds=-1,
+    )
+    # Nobody uploaded: the cron job expires the task (and any partial upload) after the window.
+    await services.store.schedule_expiry(identifier, upload_expires_at.timestamp() + START_GRACE_SECONDS)
+    return outcome.task
+
+
+async def upload_target(services: Services, task: Task) -> UploadTarget | None:
+    """Where to upload, issued afresh on every read while the task waits for its file."""
+    if task.status is not TaskStatus.WAITING_FOR_UPLOAD or not task.object_key or task.upload_expires_at is None:
+        return None
+    return await services.storage.upload_target(
+        task.object_key, task_id=task.id, content_type=content_type(task.format),
+        max_bytes=services.settings.max_upload_bytes, expires_at=task.upload_expires_at,
+    )
+
+
+def content_type(file_format: str) -> str:
+    return WRITERS[file_format].content_type
+
+
+async def start_import(services: Services, owner: Owner, identifier: str) -> Task:
+    return await start(services, await _owned(services, owner, identifier))
+
+
+async def start(services: Services, task: Task) -> Task:
+    """Queue the import once its file is in storage. Idempotent: a task already started is
+    returned as it is, and a second trigger never queues a second run."""
+    if task.status is TaskStatus.PENDING:
+        # Started before; queueing again is a no-op while the job exists (same arq job id), and
+        # recovers the case where the process that moved it to PENDING died before enqueueing.
+        await queue.enqueue(services.arq, services.settings.queue_name, IMPORT_JOB, task)
+        return task
+    if task.status is not TaskStatus.WAITING_FOR_UPLOAD:
+        if task.status in (TaskStatus.PROCESSING, TaskStatus.SUCCEEDED):
+            return task
+        raise UserErrors.one(f"The import is {task.status.value} and cannot be started.", errors.INVALID_STATUS, "id")
+    limit = services.settings.max_upload_bytes
+    size = await services.storage.size_of(task.object_key) if task.object_key else None
+    if size is None:
+        if task.upload_expires_at and task.upload_expires_at < now():
+            raise UserErrors.one("The upload window has closed and no file arrived; request a new import.",
+                                 errors.UPLOAD_EXPIRED, "id")
+        raise UserErrors.one("No file has been uploaded for this import yet; upload it, then start it.",
+                             errors.UPLOAD_MISSING, "id")
+    if size > limit:
+        raise UserErrors.one(f"The uploaded file is {size:,} bytes; at most {limit:,} bytes can be imported.",
+                             errors.FILE_TOO_LARGE, "id")
+    moved = await services.store.transition(
+        task.id, TaskStatus.PENDING, f"file received: {size:,} bytes",
+        allowed_from=[TaskStatus.WAITING_FOR_UPLOAD],
+        fields={"total_bytes": size, "file_size": size},
+    )
+    current = await services.store.get(task.id)
+    assert current is not None
+    if moved.ok:
+        await services.store.unschedule_expiry(task.id)
+        await queue.enqueue(services.arq, services.settings.queue_name, IMPORT_JOB, current)
+        return current
+    return await start(services, current)  # someone else started it in between
+
+
+async def start_from_storage_event(services: Services, key: str) -> Task | None:
+    """The import whose upload is ``key``, started; None when the key is not an import's upload."""
+    parts = key.split("/")
+    if len(parts) < 4 or parts[0] != "imports":
+        return None
+    for candidate in parts[2:-1]:
+        if not _TASK_ID.match(candidate):
+            continue
+        task = await services.store.get(candidate)
+        if task is not None and task.kind is TaskKind.IMPORT and task.object_key == key:
+            try:
+                return await start(services, task)
+            except UserErrors:
+                return None  # cancelled or expired meanwhile: nothing to start
+    return None
+
+
+async def cancel_import(services: Services, owner: Owner, identifier: str) -> Task:
+    task = await _owned(services, owner, identifier)
+    result = await services.store.transition(
+        task.id, TaskStatus.CANCELLED, "cancelled by the owner",
+        allowed_from=[TaskStatus.WAITING_FOR_UPLOAD, TaskStatus.PENDING, TaskStatus.PROCESSING],
+        fields={"finished_at": stamp()},
+    )
+    if not result.ok:
+        raise UserErrors.one(
+            f"The import is {result.status.value if result.status else 'gone'} and can no longer be cancelled.",
+            errors.INVALID_STATUS, "id",
+        )
+    await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
+    return await _owned(services, owner, identifier)
+
+
+async def get_import(services: Services, owner: Owner, identifier: str) -> Task | None:
+    task = await services.store.get(identifier, owner=owner.id)
+    return task if task and task.kind is TaskKind.IMPORT else None
+
+
+async def list_imports(
+    services: Services, owner: Owner, first: int, after: str | None, status: TaskStatus | None
+) -> Page:
+    return await services.store.page(owner.id, TaskKind.IMPORT, max(0, min(first, 100)), after, status)
+
+
+async def error_report_url(services: Services, task: Task) -> str | None:
+    if not task.report_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
+        return None
+    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
+    return await services.storage.download_url(task.report_key, task_id=task.id,
+                                               filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at)
+
+
+async def _owned(services: Services, owner: Owner, identifier: str) -> Task:
+    task = await get_import(services, owner, identifier)
+    if task is None:  # another owner's task is reported exactly as a missing one
+        raise UserErrors.one(f"There is no import '{identifier}'.", errors.NOT_FOUND, "id")
+    return task

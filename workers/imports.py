@@ -1,0 +1,289 @@
+"""The import job: uploaded file → reader → row checks → sink, with an error report.
+
+One call of ``run_import`` is one attempt, claimed and fenced like an export's. The file is read
+in a worker thread one batch at a time (parsing is CPU work and blocking I/O), so the event loop
+keeps renewing the lease and noticing a cancel. Valid rows go to the dataset's sink, failed rows to
+the error report; the sink commits once at the end, so on PostgreSQL and SQLite an import writes
+all its valid rows or none. A retry starts again from the first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from dataport.services import Services
+from formats.cells import RowConverter, header_problems
+from formats.csv import CsvWriter
+from formats.readers import FileError, Reader, Record, reader_for
+from sources.base import Column, Dataset, SourceError
+from sources.sinks import RowSink, SinkError, open_sink
+from storage.base import ObjectWriter, StorageError
+from tasks.imports import report_key
+from tasks.models import Task, TaskStatus, stamp
+from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
+from workers.lease import renew_lease
+from workers.progress import ProgressReporter, TaskMovedOn
+
+log = logging.getLogger("dataport.worker")
+
+REPORT_COLUMNS = (Column("row", "integer"), Column("column"), Column("reason"), Column("original"))
+# Formats whose exports carry the formula guard: their text cells lose exactly that prefix again.
+GUARDED_FORMATS = ("CSV", "XLSX")
+
+
+async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
+    services: Services = ctx["services"]
+    attempt: int = ctx["job_try"]
+    task = await claim(services, task_id, run, attempt, "import")
+    if task is None:
+        return "nothing to do"
+    lease = asyncio.create_task(renew_lease(services, ctx["job_id"]))
+    try:
+        return await _import(services, task, attempt)
+    except TaskMovedOn:
+        log.info("import %s stopped: the task moved on (cancelled)", task_id)
+        return "stopped"
+    except (SinkError, StorageError) as e:
+        if e.transient:
+            return await retry_or_fail(services, task, attempt, e)
+        code = "STORAGE_ERROR" if isinstance(e, StorageError) else "WRITE_FAILED"
+        return await fail(services, task, attempt, code, str(e))
+    except TRANSIENT as e:
+        return await retry_or_fail(services, task, attempt, e)
+    except SourceError as e:
+        return await fail(services, task, attempt, "WRITE_FAILED", str(e))
+    except Failure as e:
+        return await fail(services, task, attempt, e.code, str(e))
+    except FileError as e:
+        return await fail(services, task, attempt, "INVALID_FILE", f"The file cannot be imported: {e}")
+    except Exception as e:
+        log.exception("import %s attempt %s crashed", task_id, attempt)
+        return await fail(services, task, attempt, "INTERNAL_ERROR",
+                          f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
+    finally:
+        lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lease
+
+
+@dataclass
+class Batch:
+    rows: list[tuple] = field(default_factory=list)
+    failures: list[tuple[int, str, str, str]] = field(default_factory=list)  # row, column, reason, original
+    failed_rows: int = 0
+    records: int = 0
+    bytes_read: int = 0
+    done: bool = False
+
+
+class FileBatches:
+    """The reading half of an import: records of the file, checked, a batch at a time. Runs in a
+    worker thread; holds one batch, never the file."""
+
+    def __init__(self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str):
+        self.reader = reader
+        self.records = reader.records()
+        self.dataset = dataset
+        # Files with a header had their names checked once, before the first row.
+        self.names = {c.name for c in columns} if reader.fields is None else None
+        self.converter = RowConverter(columns, unguard_text=file_format in GUARDED_FORMATS)
+
+    def next(self, size: int, failures_allowed: int) -> Batch:
+        """Up to ``size`` records; fewer when ``failures_allowed`` rows have failed, so that an
+        import stopped by maxErrors reports exactly that many."""
+        batch = Batch()
+        for record in self.records:
+            batch.records += 1
+            self._check(record, batch)
+            if batch.records >= size or batch.failed_rows >= failures_allowed:
+                break
+        else:
+            batch.done = True
+        batch.bytes_read = self.reader.bytes_read
+        return batch
+
+    def _check(self, record: Record, batch: Batch) -> None:
+        problem = record.problem
+        if problem is None and self.names is not None:
+            unknown = [name for name in record.values if name not in self.names]
+            if unknown:
+                problem = f"not a column of dataset '{self.dataset.name}': {', '.join(unknown)}"
+        if problem is not None:
+            batch.failed_rows += 1
+            batch.failures.append((record.number, "", problem, record.original()))
+            return
+        row, errors = self.converter.convert(record.values)
+        if row is not None:
+            batch.rows.append(row)
+            return
+        batch.failed_rows += 1
+        original = record.original()
+        batch.failures.extend((record.number, e.column, e.reason, original) for e in errors)
+
+
+class ErrorReport:
+    """The failed rows as CSV (row, column, reason, original), written to storage only once there
+    is something in it. Text is formula-guarded: people open this file in spreadsheets."""
+
+    def __init__(self, services: Services, key: str):
+        self.services = services
+        self.key = key
+        self.writer = CsvWriter(REPORT_COLUMNS, formula_guard=True)
+        self.out: ObjectWriter | None = None
+
+    async def add(self, failures: list[tuple[int, str, str, str]]) -> None:
+        if not failures:
+            return
+        if self.out is None:
+            self.out = await self.services.storage.open_writer(self.key, "text/csv; charset=utf-8")
+            await self.out.write(self.writer.begin())
+        await self.out.write(self.writer.write(failures))
+
+    async def complete(self) -> str | None:
+        if self.out is None:
+            return None
+        await self.out.complete()
+        return self.key
+
+    async def abort(self) -> None:
+        if self.out is not None:
+            await self.out.abort()
+
+
+async def _import(services: Services, task: Task, attempt: int) -> str:
+    settings = services.settings
+    dataset = services.registry.get(task.dataset)
+    if dataset is None or not dataset.importable:
+        raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer accepts imports.")
+    request = task.request
+    dry_run = bool(request.get("dryRun"))
+    max_errors = request.get("maxErrors") or settings.import_max_errors
+    size = await services.storage.size_of(task.object_key) if task.object_key else None
+    if size is None:
+        raise Failure("UPLOAD_MISSING", "The uploaded file is gone from storage; upload it again.")
+
+    progress = ProgressReporter(services.store, task.id, attempt, None, settings.progress_interval_seconds,
+                                total_bytes=size)
+    progress.counters = {"rows_imported": 0, "rows_failed": 0}
+    await progress.flush()
+    report = ErrorReport(services, report_key(task))
+    stream = await _open_file(services, task)
+    sink: RowSink | None = None
+    try:
+        reader = await asyncio.to_thread(reader_for, task.format, stream,
+                                         max_cell_bytes=settings.import_max_cell_bytes)
+        columns = _columns(dataset, reader)
+        if not dry_run:
+            sink = await open_sink(dataset, columns, request["mode"], settings)
+        batches = FileBatches(reader, dataset, columns, task.format)
+        valid = failed = 0
+        while True:
+            batch = await asyncio.to_thread(batches.next, settings.import_batch_rows, max_errors - failed)
+            if sink is not None and batch.rows:
+                await sink.write(batch.rows)
+            await report.add(batch.failures)
+            valid += len(batch.rows)
+            failed += batch.failed_rows
+            progress.counters = {"rows_imported": 0 if dry_run else valid, "rows_failed": failed}
+            await progress.advance(batch.records, batch.bytes_read - progress.bytes)
+            if failed >= max_errors:
+                return await _too_many_errors(services, task, attempt, sink, report, progress, max_errors)
+            if batch.done:
+                break
+        await progress.flush()  # raises TaskMovedOn if cancelled: nothing is committed then
+        written = await sink.commit() if sink is not None else 0
+    except BaseException:
+        await asyncio.shield(_discard(sink, report))
+        raise
+    finally:
+        await asyncio.to_thread(stream.close)
+        if sink is not None:
+            await asyncio.shield(sink.close())
+
+    if written:
+        await services.store.mark_dataset_written(dataset.name)
+    report_at = await report.complete()
+    message = (f"dry run: {valid:,} rows valid, {failed:,} failed; nothing was written" if dry_run
+               else f"{written:,} rows written, {failed:,} failed")
+    finished = await services.store.transition(
+        task.id, TaskStatus.SUCCEEDED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
+        fields={"finished_at": stamp(), "processed_rows": progress.rows, "total_rows": progress.rows,
+                "bytes": size, "eta_seconds": 0, "rows_imported": valid if dry_run else written,
+                "rows_failed": failed, "row_count": progress.rows, "report_key": report_at},
+    )
+    if not finished.ok:
+        # Cancelled between the last check and the commit: the rows are in, and the events say so.
+        log.warning("import %s was cancelled after its rows were committed", task.id)
+    return "succeeded"
+
+
+def nothing_written(task: Task, services: Services) -> str:
+    """What a stopped import left behind: nothing, where the store has transactions."""
+    dataset = services.registry.get(task.dataset)
+    if dataset is not None and dataset.source == "opensearch":
+        return ("rows sent before it stopped stay in the index (OpenSearch has no transactions); running "
+                "the import again converges on the same documents.")
+    return "nothing was written."
+
+
+def _columns(dataset: Dataset, reader: Reader) -> list[Column]:
+    """The dataset's columns this import writes: the header's (CSV, XLSX), checked before any
+    row is read; every column for files without a header (JSON, NDJSON: a missing key is null)."""
+    if reader.fields is None:
+        return list(dataset.columns)
+    problems = header_problems(reader.fields, dataset.columns)
+    if problems:
+        raise Failure("INVALID_HEADER", "The file's header does not fit dataset "
+                      f"'{dataset.name}': {'; '.join(problems)}. Nothing was written.")
+    named = set(reader.fields)
+    return [c for c in dataset.columns if c.name in named]
+
+
+async def _too_many_errors(
+    services: Services, task: Task, attempt: int, sink: RowSink | None, report: ErrorReport,
+    progress: ProgressReporter, max_errors: int,
+) -> str:
+    if sink is not None:
+        await sink.rollback()
+    report_at = await report.complete()
+    message = (f"Stopped after {max_errors:,} failed rows (maxErrors); {nothing_written(task, services)} "
+               "The error report lists them.")
+    return await fail(services, task, attempt, "TOO_MANY_ERRORS", message, report_key=report_at,
+                      rows_failed=progress.counters["rows_failed"], rows_imported=0,
+                      processed_rows=progress.rows)
+
+
+async def _discard(sink: RowSink | None, report: ErrorReport) -> None:
+    if sink is not None:
+        await sink.rollback()
+    await report.abort()
+
+
+async def _open_file(services: Services, task: Task) -> IO[bytes]:
+    """The uploaded file as a stream. XLSX is a zip, read by seeking: it is copied to a temporary
+    file first (on disk, never in memory); the other formats stream straight from storage."""
+    assert task.object_key
+    stream = await services.storage.open_stream(task.object_key)
+    if task.format != "XLSX":
+        return stream
+
+    def spool() -> IO[bytes]:
+        local = tempfile.TemporaryFile(prefix="dataport-import-")
+        try:
+            shutil.copyfileobj(stream, local, 1024 * 1024)
+        except BaseException:
+            local.close()
+            raise
+        finally:
+            stream.close()
+        local.seek(0)
+        return local
+
+    return await asyncio.to_thread(spool)
