@@ -34,6 +34,7 @@ class SqliteSource:
         path = Path(self.dataset.url)
         if not path.exists():
             raise SourceError(f"The SQLite database for dataset '{self.dataset.name}' is missing: {path}")
+        _roll_back_hot_journal(path, self.busy_timeout)
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, timeout=self.busy_timeout, check_same_thread=False
         )
@@ -77,6 +78,26 @@ class SqliteSource:
     async def close(self) -> None:
         for conn in list(self._connections):
             conn.interrupt()
+
+
+def _roll_back_hot_journal(path: Path, busy_timeout: float) -> None:
+    """A writer killed mid-transaction in rollback-journal mode leaves a hot journal, which only a
+    connection that may write can roll back; until one does, read-only connections fail ("attempt
+    to write a readonly database"). So a reader that finds one opens the file read-write once: the
+    rollback happens on that connection's first read, and the table is as it was before the import."""
+    journal = path.with_name(path.name + "-journal")
+    try:
+        if journal.stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    conn = sqlite3.connect(path, timeout=busy_timeout)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        pass  # a live writer holds it: that is not a hot journal, and the read below waits as usual
+    finally:
+        conn.close()
 
 
 def discover_columns(path: str, table: str) -> tuple[Column, ...]:
