@@ -8,8 +8,8 @@ other's rows; the ``rt_*`` datasets stay empty until their round trip.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import csv
+import datetime as dt
 import io
 import itertools
 import sqlite3
@@ -22,7 +22,6 @@ import psycopg
 import pytest
 from opensearchpy import OpenSearch
 
-from tests.client import Api
 from tests.fixtures.stack import EVENTS_SECRET, MAX_UPLOAD_BYTES, SPECIAL_COLUMNS, Stack, TestData
 
 pytestmark = pytest.mark.timeout(180)
@@ -479,3 +478,50 @@ async def test_an_import_whose_upload_never_came_expires_with_its_partial_file(l
     assert expired["events"][-1]["message"] == "no file was uploaded in time"
     refused = await asyncio.to_thread(api.import_mutation, "startImport", waiting["id"])
     assert [e["code"] for e in refused["userErrors"]] == ["INVALID_STATUS"]
+
+
+# -- retries, the other formats, the report on S3 ------------------------------------------------------------
+
+
+def test_a_locked_table_is_retried_and_the_import_completes(local_stack: Stack, test_data: TestData):
+    """A real transient failure: another connection holds SQLite's write lock past the busy timeout."""
+    api = local_stack.api()
+    ids = fresh_ids(3)
+    locker = sqlite3.connect(test_data.imports_db, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the write lock, held by someone else
+    try:
+        task = api.start_import("imp_sqlite", csv_bytes(good_rows(ids)))
+        deadline = time.monotonic() + 30
+        while not any("retrying" in (e["message"] or "") for e in api.import_task(task["id"])["events"]):
+            assert time.monotonic() < deadline, api.import_task(task["id"])
+            time.sleep(0.05)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    done = api.wait_import(task["id"])
+    assert done["status"] == "SUCCEEDED" and done["attempts"] >= 2, done
+    assert Target(test_data, "sqlite").ids(ids) == ids
+
+
+@pytest.mark.parametrize("file_format", ["XLSX", "JSON"])
+def test_an_export_in_xlsx_or_json_imports_cleanly(local_stack: Stack, file_format: str):
+    api = local_stack.api()
+    _, content = api.run_export(dataset="special", format=file_format, sort=[{"field": "id"}])
+    task = api.run_import("imp_sqlite", content, file_format=file_format, file_name=f"s.{file_format.lower()}",
+                          dryRun=True)
+    assert task["status"] == "SUCCEEDED", task
+    assert (task["rowsImported"], task["rowsFailed"]) == (7, 0)
+
+
+def test_the_error_report_on_s3_is_a_presigned_link(s3_stack: Stack, test_data: TestData):
+    api = s3_stack.api()
+    ids = fresh_ids(2)
+    rows = good_rows(ids)
+    rows[1][0] = "=2+2"  # id: not an integer; and the original row, as text, starts like a formula
+    task = api.run_import("imp_postgres", csv_bytes(rows))
+    assert task["status"] == "SUCCEEDED" and (task["rowsImported"], task["rowsFailed"]) == (1, 1)
+    assert "X-Amz-Signature" in task["errorReportUrl"]
+    report = list(csv.reader(io.StringIO(api.download(task["errorReportUrl"]).text)))
+    assert report[1][:2] == ["2", "id"]
+    assert report[1][3].startswith(f"'=2+2,row {ids[1]},")  # guarded: a spreadsheet shows it as text
+    assert Target(test_data, "postgres").ids(ids) == [ids[0]]
