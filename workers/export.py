@@ -1,8 +1,7 @@
 """The export job: source → writer → storage, with progress, retries and cancellation.
 
-One call of ``run_export`` is one attempt. It claims the task (PENDING, or PROCESSING left by a
-dead worker) by bumping ``attempts``; every later write is fenced on that number, so a stale
-attempt can never overwrite a newer one or revive a cancelled task.
+One call of ``run_export`` is one attempt, claimed, retried and failed as ``workers/attempts.py``
+describes.
 """
 
 from __future__ import annotations
@@ -10,66 +9,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from contextlib import aclosing
 from typing import Any
-
-import redis.exceptions
-from arq import Retry
 
 from dataport.errors import UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from formats.pipeline import encode
-from sources.base import SourceError, TransientSourceError
+from sources.base import SourceError
 from sources.query import build_query
 from storage.base import StorageError
 from tasks.models import Task, TaskStatus, stamp
+from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
 from workers.lease import renew_lease
 from workers.progress import ProgressReporter, TaskMovedOn
 
 log = logging.getLogger("dataport.worker")
 
-# Failures that may pass on their own: the next attempt runs after a short pause.
-TRANSIENT = (TransientSourceError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-class _Failure(Exception):
-    """Not retried: the message is what the user sees."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
 
 async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
     services: Services = ctx["services"]
-    store = services.store
     attempt: int = ctx["job_try"]
-    task = await store.get(task_id)
-    if task is None or task.run != run or task.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
-        return "nothing to do"  # cancelled while waiting, deleted, or superseded by a newer run
-
-    resumed = task.status is TaskStatus.PROCESSING
-    if attempt > services.settings.max_tries:
-        # arq grants one try beyond max_tries so that this, not a silent drop, ends the task
-        await store.transition(
-            task_id, TaskStatus.FAILED, f"gave up: the worker running attempt {attempt - 1} stopped",
-            allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
-            fields={"finished_at": stamp(), "error_code": "TRANSIENT_ERROR",
-                    "error_message": f"Gave up after {attempt - 1} attempts; the last worker stopped mid-export."},
-        )
-        return "failed"
-    claimed = await store.transition(
-        task_id,
-        TaskStatus.PROCESSING,
-        f"attempt {attempt} started on {socket.gethostname()}"
-        + (" (the previous attempt's worker stopped)" if resumed else ""),
-        allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
-        fields={"attempts": attempt, "started_at": stamp(), "processed_rows": 0, "bytes": 0,
-                "rows_per_second": None, "eta_seconds": None},
-    )
-    if not claimed.ok:
+    task = await claim(services, task_id, run, attempt, "export")
+    if task is None:
         return "nothing to do"
 
     lease = asyncio.create_task(renew_lease(services, ctx["job_id"]))
@@ -84,21 +46,21 @@ async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
         # (the task stays PROCESSING and is claimed again by the next worker).
         raise
     except TRANSIENT as e:
-        return await _retry_or_fail(services, task, attempt, e)
+        return await retry_or_fail(services, task, attempt, e)
     except StorageError as e:
         if e.transient:
-            return await _retry_or_fail(services, task, attempt, e)
-        return await _fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
+            return await retry_or_fail(services, task, attempt, e)
+        return await fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
     except SourceError as e:
-        return await _fail(services, task, attempt, "SOURCE_ERROR", str(e))
+        return await fail(services, task, attempt, "SOURCE_ERROR", str(e))
     except UserErrors as e:  # the dataset changed under a queued request
-        return await _fail(services, task, attempt, "INVALID_REQUEST", str(e))
-    except _Failure as e:
-        return await _fail(services, task, attempt, e.code, str(e))
+        return await fail(services, task, attempt, "INVALID_REQUEST", str(e))
+    except Failure as e:
+        return await fail(services, task, attempt, e.code, str(e))
     except Exception as e:
         log.exception("export %s attempt %s crashed", task_id, attempt)
-        return await _fail(services, task, attempt, "INTERNAL_ERROR",
-                           f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
+        return await fail(services, task, attempt, "INTERNAL_ERROR",
+                          f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
     finally:
         lease.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +71,7 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
     settings = services.settings
     dataset = services.registry.get(task.dataset)
     if dataset is None:
-        raise _Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
+        raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
     r = task.request
     query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
     file_format = WRITERS[task.format]
@@ -162,26 +124,3 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
     if not finished.ok:  # cancelled at the last moment: the file must not outlive the task
         await services.storage.delete(key)
         raise TaskMovedOn(task.id)
-
-
-async def _retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:
-    reason = str(error) or type(error).__name__
-    if attempt >= services.settings.max_tries:
-        return await _fail(services, task, attempt, "TRANSIENT_ERROR",
-                           f"Gave up after {attempt} attempts; the last one failed with: {reason}")
-    delay = services.settings.retry_delay_seconds * attempt
-    moved = await services.store.transition(
-        task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:g}s",
-        allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
-    )
-    if not moved.ok:
-        return "stopped"
-    raise Retry(defer=delay)
-
-
-async def _fail(services: Services, task: Task, attempt: int, code: str, message: str) -> str:
-    await services.store.transition(
-        task.id, TaskStatus.FAILED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
-        fields={"finished_at": stamp(), "error_code": code, "error_message": message},
-    )
-    return "failed"
