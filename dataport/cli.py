@@ -150,6 +150,67 @@ async def _export(client, export_input: dict, out: Path | None) -> dict:
     return fresh
 
 
+IMPORT_FORMATS = {".csv": "CSV", ".json": "JSON", ".ndjson": "NDJSON", ".jsonl": "NDJSON", ".xlsx": "XLSX"}
+
+
+@app.command("import")
+def import_(
+    dataset: str,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    format: Annotated[str | None, typer.Option("--format", "-f", help="default: from the file's extension")] = None,
+    mode: Annotated[str, typer.Option(help="INSERT or UPSERT (on the dataset's key)")] = "INSERT",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check every row, write nothing")] = False,
+    max_errors: Annotated[int | None, typer.Option(help="stop after this many failed rows")] = None,
+    report: Annotated[Path | None, typer.Option(help="where to save the error report, if there is one")] = None,
+    url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: one for $USER")] = None,
+) -> None:
+    """Upload a file, import it over GraphQL with a progress bar, save the error report if any."""
+    from dataport.client import ClientError, DataportClient
+
+    file_format = (format or IMPORT_FORMATS.get(file.suffix.lower(), "")).upper()
+    if not file_format:
+        console.print(f"[red]--format:[/red] cannot tell the format of {file.name}; pass --format CSV|JSON|NDJSON|XLSX")
+        raise typer.Exit(2)
+    client = DataportClient(url.rstrip("/"), token or _local_token(get_settings()))
+    import_input = {"dataset": dataset, "format": file_format, "mode": mode.upper(), "fileName": file.name,
+                    "fileSize": file.stat().st_size, "dryRun": dry_run, "maxErrors": max_errors}
+    try:
+        task = asyncio.run(_import(client, import_input, file, report))
+    except ClientError as e:
+        console.print(f"[red]Import failed:[/red] {e}")
+        raise typer.Exit(1) from None
+    verb = "would be written (dry run)" if task["dryRun"] else "written"
+    console.print(f"{task['rowsImported']:,} rows {verb}, {task['rowsFailed']:,} failed")
+
+
+async def _import(client, import_input: dict, file: Path, report: Path | None) -> dict:
+    from dataport.client import IMPORT_PROGRESS, IMPORT_TASK, ClientError
+
+    task = await client.request_import(import_input)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        sending = bar.add_task("uploading", total=import_input["fileSize"], rate="")
+        await asyncio.to_thread(client.upload, task["upload"], file, lambda n: bar.advance(sending, n))
+        task = await client.start_import(task["id"])
+        line = bar.add_task("pending", total=100, rate="")
+        async for snapshot in client.follow(task["id"], IMPORT_PROGRESS):
+            task = snapshot
+            p = snapshot["progress"]
+            bar.update(line, description=snapshot["status"].lower(), completed=p["percent"] or 0,
+                       rate=f"{p['processedRows']:,} rows")
+    fresh = (await client.execute(IMPORT_TASK, {"id": task["id"]}))["importTask"]  # a fresh report URL
+    if fresh["errorReportUrl"]:
+        target = report or file.with_name(f"{file.stem}-errors.csv")
+        await client.download(fresh["errorReportUrl"], target)
+        console.print(f"{fresh['rowsFailed']:,} rows failed; the error report is in {target}")
+    if fresh["status"] != "SUCCEEDED":
+        reason = (fresh.get("error") or {}).get("message") or fresh["status"].lower()
+        raise ClientError(reason)
+    return fresh
+
+
 def _local_token(settings: Settings) -> str:
     from api.auth import issue_token
 

@@ -104,6 +104,36 @@ def test_export_command_downloads_the_file(dev, tmp_path):
     assert failed.returncode == 1 and "nope" in failed.stderr
 
 
+def test_import_command_uploads_follows_and_saves_the_report(dev, tmp_path):
+    _, port, data_dir, _ = dev
+    env = _env(data_dir)
+    server = ["--url", f"http://127.0.0.1:{port}"]
+    original = tmp_path / "three.csv"
+    assert _dataport("export", "samples", "--filter", "sample_id:lte:3", "--out", str(original), *server,
+                     env=env).returncode == 0  # every column: the dataset's required ones among them
+    rows = list(csv.reader(io.StringIO(original.read_text(), newline="")))
+    site = rows[0].index("site")
+    rows[1][site] = "Renamed Ridge"
+    rows[2][0] = "two"  # not an integer: this row fails and lands in the report
+    fixes = tmp_path / "fixes.csv"
+    with fixes.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    result = _dataport("import", "samples", str(fixes), "--mode", "upsert", *server, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "2 rows written, 1 failed" in result.stderr  # messages go to stderr, as for export
+    report = list(csv.reader(io.StringIO((tmp_path / "fixes-errors.csv").read_text(), newline="")))
+    assert report[0] == ["row", "column", "reason", "original"] and report[1][:2] == ["2", "sample_id"]
+    after = tmp_path / "after.csv"
+    assert _dataport("export", "samples", "--columns", "sample_id,site", "--filter", "sample_id:eq:1",
+                     "--out", str(after), *server, env=env).returncode == 0
+    assert list(csv.reader(io.StringIO(after.read_text(), newline="")))[1] == ["1", "Renamed Ridge"]
+
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("sample_id,colour\n1,red\n")
+    failed = _dataport("import", "samples", str(unknown), *server, env=env)
+    assert failed.returncode == 1 and "colour" in failed.stderr + failed.stdout
+
+
 def test_sigterm_stops_everything_dev_started(dev):
     process, port, _, _ = dev
     tree = _tree(psutil.Process(process.pid))
