@@ -95,6 +95,25 @@ class Settings(BaseSettings):
     # An import stops as FAILED once this many rows have failed, unless the request sets maxErrors.
     import_max_errors: int = 1_000
 
+    # Notifications (README, "Notifications"). Email goes to the owner's address from the token when
+    # the request says notify: true or the dataset has notify = true. An empty host means dev mode:
+    # the mail is logged, not sent. smtp_tls: "none" (plain SMTP, no STARTTLS even if offered),
+    # "starttls" (upgrade after connecting; fails if the server cannot) or "tls" (implicit TLS,
+    # usually port 465).
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    mail_from: str = "dataport@localhost"
+    # Every finished task is POSTed here as JSON, signed with the secret (HMAC-SHA256); empty turns
+    # webhooks off. Connection errors, 5xx and 429 are tried again after webhook_backoff_seconds,
+    # doubling each time, up to webhook_max_tries tries in all.
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_max_tries: int = Field(default=5, ge=1)
+    webhook_backoff_seconds: float = Field(default=10.0, gt=0)
+
     @cached_property
     def resolved_files_dir(self) -> Path:
         return self.files_dir or self.data_dir / "files"

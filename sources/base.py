@@ -39,6 +39,8 @@ class Dataset:
     importable: bool = False
     max_export_rows: int = 80_000
     stream_max_rows: int = 10_000
+    # Every finished export or import of this dataset emails its owner, asked or not.
+    notify: bool = False
     by_name: dict[str, Column] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

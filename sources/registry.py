@@ -20,6 +20,7 @@ from sources.sqlite import SqliteSource, discover_columns
 SOURCE_KINDS = ("sqlite", "postgres", "opensearch")
 _KNOWN_KEYS = {
     "title", "source", "url", "table", "index", "key", "importable", "max_export_rows", "stream_max_rows", "columns",
+    "notify",
 }  # fmt: skip
 _COLUMN_KEYS = {"type", "filterable", "sortable", "required", "max_length"}
 
@@ -121,11 +122,14 @@ def _dataset(name: str, entry: Any, base: Path, settings: Settings) -> Dataset:
     importable = entry.get("importable", False)
     if not isinstance(importable, bool):
         raise fail("importable", "must be true or false")
+    notify = entry.get("notify", False)
+    if not isinstance(notify, bool):
+        raise fail("notify", "must be true or false")
     title = entry.get("title")
     if title is not None and not isinstance(title, str):
         raise fail("title", "must be text")
     return Dataset(name=name, source=source, url=url, table=table, columns=columns, title=title,
-                   key=tuple(key), importable=importable, **limits)
+                   key=tuple(key), importable=importable, notify=notify, **limits)
 
 
 def _resolve_url(url: Any, fail) -> str:

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.postgres",
     "tests.fixtures.opensearch",
+    "tests.fixtures.notify",
 ]

@@ -15,6 +15,7 @@ from arq import Retry
 from dataport.services import Services
 from sources.base import TransientSourceError
 from tasks.models import Task, TaskStatus, stamp
+from tasks.notifications import NOTIFIED_STATUSES, task_finished
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
 TRANSIENT = (TransientSourceError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -33,16 +34,20 @@ async def claim(services: Services, task_id: str, run: int, attempt: int, what: 
     store = services.store
     task = await store.get(task_id)
     if task is None or task.run != run or task.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+        if task is not None and task.run == run and task.status in NOTIFIED_STATUSES:
+            await task_finished(services, task)  # this run ended, but its worker may have died before notifying
         return None  # cancelled while waiting, deleted, or superseded by a newer run
     resumed = task.status is TaskStatus.PROCESSING
     if attempt > services.settings.max_tries:
         # arq grants one try beyond max_tries so that this, not a silent drop, ends the task
-        await store.transition(
+        gave_up = await store.transition(
             task_id, TaskStatus.FAILED, f"gave up: the worker running attempt {attempt - 1} stopped",
             allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
             fields={"finished_at": stamp(), "error_code": "TRANSIENT_ERROR",
                     "error_message": f"Gave up after {attempt - 1} attempts; the last worker stopped mid-{what}."},
         )
+        if gave_up.ok:
+            await task_finished(services, task)
         return None
     claimed = await store.transition(
         task_id,
@@ -72,8 +77,10 @@ async def retry_or_fail(services: Services, task: Task, attempt: int, error: Bas
 
 
 async def fail(services: Services, task: Task, attempt: int, code: str, message: str, **fields: object) -> str:
-    await services.store.transition(
+    failed = await services.store.transition(
         task.id, TaskStatus.FAILED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
         fields={"finished_at": stamp(), "error_code": code, "error_message": message, **fields},
     )
+    if failed.ok:
+        await task_finished(services, task)
     return "failed"

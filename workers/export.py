@@ -20,6 +20,7 @@ from sources.base import SourceError
 from sources.query import build_query
 from storage.base import StorageError
 from tasks.models import Task, TaskStatus, stamp
+from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
 from workers.lease import renew_lease
 from workers.progress import ProgressReporter, TaskMovedOn
@@ -124,3 +125,4 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
     if not finished.ok:  # cancelled at the last moment: the file must not outlive the task
         await services.storage.delete(key)
         raise TaskMovedOn(task.id)
+    await task_finished(services, task)

@@ -27,6 +27,7 @@ from sources.sinks import RowSink, SinkError, open_sink
 from storage.base import ObjectWriter, StorageError
 from tasks.imports import report_key
 from tasks.models import Task, TaskStatus, stamp
+from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
 from workers.lease import renew_lease
 from workers.progress import ProgressReporter, TaskMovedOn
@@ -218,6 +219,8 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
                 "bytes": size, "eta_seconds": 0, "rows_imported": valid if dry_run else written,
                 "rows_failed": failed, "row_count": progress.rows, "report_key": report_at},
     )
+    if finished.ok:
+        await task_finished(services, task)
     if not finished.ok:
         # Cancelled between the last check and the commit: the rows are in, and the events say so.
         log.warning("import %s was cancelled after its rows were committed", task.id)

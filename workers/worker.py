@@ -17,9 +17,11 @@ from dataport.settings import Settings
 from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
 from tasks.imports import IMPORT_JOB
+from tasks.notifications import NOTIFY_JOB
 from workers.cron import expire_tasks
 from workers.export import run_export
 from workers.imports import run_import
+from workers.notify import notify_task
 
 log = logging.getLogger("dataport.worker")
 
@@ -38,6 +40,9 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         "functions": [
             func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1),
             func(run_import, name=IMPORT_JOB, max_tries=settings.max_tries + 1),
+            # Email and webhook each stop at their own limit; the extra try records a give-up after a crash.
+            func(notify_task, name=NOTIFY_JOB, max_tries=max(settings.max_tries, settings.webhook_max_tries) + 1,
+                 timeout=600),
         ],
         # Every minute, on one worker only (arq's cron jobs are unique by default).
         "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True)],
