@@ -56,6 +56,7 @@ class ImportInput:
     file_size: int | None = None
     dry_run: bool = False
     max_errors: int | None = None
+    notify: bool = False
 
     def to_request(self) -> dict[str, Any]:
         return {
@@ -66,4 +67,5 @@ class ImportInput:
             "fileSize": self.file_size,
             "dryRun": self.dry_run,
             "maxErrors": self.max_errors,
+            "notify": self.notify,
         }

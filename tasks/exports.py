@@ -136,7 +136,7 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
     outcome = await services.store.request(
         task.id,
         {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
-         "dataset": task.dataset, "format": task.format, "request": _json(task.request),
+         "dataset": task.dataset, "format": task.format, "request": _json(task.request), "notify": task.notify,
          "status": TaskStatus.PENDING.value, "created_at": stamp(), "attempts": 0, "processed_rows": 0,
          "bytes": 0},
         reuse_seconds=-1,

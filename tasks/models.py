@@ -102,6 +102,7 @@ class Task:
     object_key: str | None = None
     job_id: str | None = None
     polls: int = 0
+    notify: bool = False  # the request asked for an email when the task ends
     # Imports only.
     rows_imported: int = 0
     rows_failed: int = 0
@@ -142,6 +143,7 @@ class Task:
             object_key=h.get("object_key") or None,
             job_id=h.get("job_id") or None,
             polls=int(h.get("polls") or 0),
+            notify=h.get("notify") == "1",
             rows_imported=int(h.get("rows_imported") or 0),
             rows_failed=int(h.get("rows_failed") or 0),
             report_key=h.get("report_key") or None,

@@ -18,7 +18,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from tasks.models import Task, TaskStatus, stamp
-from tasks.store import task_key
 
 if TYPE_CHECKING:
     from dataport.services import Services
@@ -46,7 +45,7 @@ async def email_requested(services: Services, task: Task) -> bool:
     dataset = services.registry.get(task.dataset)
     if dataset is not None and dataset.notify:
         return True
-    return await services.redis.hget(task_key(task.id), "notify") == "1"
+    return task.notify
 
 
 async def task_finished(services: Services, task: Task) -> None:

@@ -231,6 +231,33 @@ def test_an_import_into_a_dataset_with_notify_emails_the_rows_imported(notify_st
     assert payload["errorReportUrl"]
 
 
+def test_an_import_asks_for_an_email_with_notify(notify_stack: NotifyStack):
+    api, _, address = notify_stack.user()
+    rows = [[i, f"row {i}", 0.5, i, "false", "2024-02-29", "2024-02-29T12:30:00Z", ""] for i in (901, 902)]
+    quiet = api.run_import("imp_quiet", csv_rows(rows[:1]), file_name="quiet.csv")
+    assert notify_stack.job_result(quiet["id"]).result == "webhook: delivered"
+    asked = api.run_import("imp_quiet", csv_rows(rows[1:]), file_name="asked.csv", notify=True)
+    assert asked["status"] == "SUCCEEDED", asked
+    assert notify_stack.job_result(asked["id"]).result == "email: sent; webhook: delivered"
+    [mail] = notify_stack.mail.to(address)
+    assert "asked.csv" in mail.text
+
+
+def test_retry_export_keeps_the_request_for_an_email(notify_stack: NotifyStack):
+    api, _, address = notify_stack.user()
+    task = api.export(dataset="broken", format="CSV", notify=True)
+    assert api.wait(task["id"])["status"] == "FAILED"
+    notify_stack.job_result(task["id"])
+    retried = api.mutate("retryExport", task["id"])["task"]
+    assert retried["run"] == 2
+    assert api.wait(task["id"])["status"] == "FAILED"
+    deadline = time.monotonic() + 30
+    while len(notify_stack.mail.to(address)) < 2:
+        assert time.monotonic() < deadline, notify_stack.mail.to(address)
+        time.sleep(0.1)
+    assert [m.subject for m in notify_stack.mail.to(address)] == ["Your export of broken failed"] * 2
+
+
 def test_a_failed_import_emails_the_reason(notify_stack: NotifyStack):
     api, _, address = notify_stack.user()
     task = api.run_import("imp_notify", b"id,colour\r\n1,blue\r\n", file_name="wrong.csv")
