@@ -64,5 +64,8 @@ schema = strawberry.Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
-    extensions=[MaskErrors(should_mask_error=_is_unexpected, error_message="Internal error; it has been logged.")],
+    # A factory, so each request gets a fresh extension (Strawberry's advice for stateful ones).
+    extensions=[
+        lambda: MaskErrors(should_mask_error=_is_unexpected, error_message="Internal error; it has been logged.")
+    ],
 )
