@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import HTTPConnection, Request
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
@@ -16,6 +17,8 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_P
 from api import stream, uploads
 from api.auth import issue_token
 from api.context import Context
+from api.metrics import ServiceMetrics, exposition
+from api.readiness import Readiness
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
@@ -57,9 +60,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.include_router(stream.router)
     app.include_router(uploads.router)
 
+    service_metrics = ServiceMetrics()
+
     @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request):
+        """Prometheus text format: this process's metrics and the service's, read from Redis."""
+        body = await exposition(request.app.state.services, service_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/files/{task_id}")
     async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)):
@@ -84,28 +91,23 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def healthz():
         return {"status": "ok"}
 
+    app.state.readiness = Readiness()
+
     @app.get("/readyz")
     async def readyz(request: Request):
-        services: Services = request.app.state.services
-        checks: dict[str, str] = {}
-        try:
-            await services.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as e:  # readiness reports, it does not raise
-            checks["redis"] = f"error: {type(e).__name__}"
-        try:
-            await services.storage.check()
-            checks["storage"] = "ok"
-        except Exception as e:
-            checks["storage"] = f"error: {e}"
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        """Redis, storage and every dataset's source, checked side by side (api/readiness.py);
+        503 when any of them fails."""
+        report = await request.app.state.readiness.report(request.app.state.services)
+        return JSONResponse(report.body, status_code=200 if report.ready else 503)
 
     if settings.dev_mode:
 
         @app.post("/dev/token", response_class=PlainTextResponse)
         async def dev_token(user: str = "dev", email: str | None = None):
             return issue_token(settings, user, email)
+
+    if WEB_DIR.is_dir():  # the browser client's modules and styles; `/` serves its page
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
     @app.get("/")
     async def index():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -32,8 +31,11 @@ def _registry(settings: Settings):
 
 
 def _logging() -> None:
-    logging.basicConfig(level=os.environ.get("DATAPORT_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """One JSON object a line (``DATAPORT_LOG_FORMAT=json``, the default) or text, for every
+    logger of the process: Dataport's, arq's and uvicorn's (dataport/logs.py)."""
+    from dataport.logs import configure_logging
+
+    configure_logging(get_settings().log_format, os.environ.get("DATAPORT_LOG_LEVEL", "INFO"))
 
 
 @app.command()
@@ -41,6 +43,8 @@ def dev(host: str = "127.0.0.1", port: int = 8000) -> None:
     """The api, one worker and the embedded defaults; Ctrl-C stops all of it."""
     from dataport.dev import run_dev
 
+    # The api and worker started here log text for the person at the console, unless asked otherwise.
+    os.environ.setdefault("DATAPORT_LOG_FORMAT", "text")
     settings = get_settings()
     if settings.datasets is not None:
         _registry(settings)  # fail here, once, rather than in each child
@@ -57,7 +61,8 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     _logging()
     settings = get_settings()
     app = create_app(settings, _registry(settings))
-    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+    # log_config=None: uvicorn's own and access lines go through the handler _logging() set up.
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, ws="websockets-sansio")
 
 
 @app.command()

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     webhook_max_tries: int = Field(default=5, ge=1)
     webhook_backoff_seconds: float = Field(default=10.0, gt=0)
 
+    # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
+    # (`dataport dev` starts its api and worker with text unless this is set).
+    log_format: Literal["json", "text"] = "json"
+
     @cached_property
     def resolved_files_dir(self) -> Path:
         return self.files_dir or self.data_dir / "files"

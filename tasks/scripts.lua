@@ -37,6 +37,61 @@ local function list_from(i, n)
   return out
 end
 
+-- Statistics for /metrics, kept in the same atomic steps as the statuses they count (README,
+-- "Operations"). Per kind:
+--   dataport:stats:tasks:{kind}:{status}     sorted set of task ids in that status; score +inf, or
+--                                            for EXPIRED the time its hash lapses (its TTL)
+--   dataport:stats:duration:{kind}:{status}  hash: 'le:<bound>' counts (not cumulative), sum, count
+--                                            of startedAt -> finishedAt, for SUCCEEDED and FAILED
+--   dataport:stats:totals:{kind}             hash: rows, bytes of succeeded tasks
+-- Sets rather than counters: adding and removing an id is idempotent, so a count never drifts or
+-- goes negative, and 'index' can (re)build them while tasks keep moving. The names are built here,
+-- not passed in KEYS: Dataport runs on one Redis server, not a cluster.
+local STATS = 'dataport:stats:'
+
+-- An integer as Redis writes it ('0' for anything else): no float formatting on the way back.
+local function whole(value)
+  if type(value) == 'string' and string.match(value, '^%d+$') then return value end
+  return '0'
+end
+
+local function stats_move(kind, id, from, to, score)
+  if not kind or not id then return end
+  if from and from ~= to then redis.call('ZREM', STATS .. 'tasks:' .. kind .. ':' .. from, id) end
+  if to then redis.call('ZADD', STATS .. 'tasks:' .. kind .. ':' .. to, score or '+inf', id) end
+end
+
+-- A task reached SUCCEEDED or FAILED: observe its duration; a success adds its rows and bytes.
+local function stats_finished(key, kind, to, buckets)
+  local started = tonumber(redis.call('HGET', key, 'started_at') or '')
+  local finished = tonumber(redis.call('HGET', key, 'finished_at') or '')
+  if started and finished and buckets ~= '' then
+    local took = math.max(0, finished - started)
+    local hist = STATS .. 'duration:' .. kind .. ':' .. to
+    for bound in string.gmatch(buckets, '%S+') do
+      if bound == '+Inf' or took <= tonumber(bound) then
+        redis.call('HINCRBY', hist, 'le:' .. bound, 1)
+        break
+      end
+    end
+    redis.call('HINCRBYFLOAT', hist, 'sum', took)
+    redis.call('HINCRBY', hist, 'count', 1)
+  end
+  if to ~= 'SUCCEEDED' then return end
+  local rows, bytes
+  if kind == 'export' then
+    rows, bytes = redis.call('HGET', key, 'row_count'), redis.call('HGET', key, 'file_size')
+  else
+    local ok, request = pcall(cjson.decode, redis.call('HGET', key, 'request') or '{}')
+    local dry = ok and type(request) == 'table' and request['dryRun'] == true
+    rows = dry and '0' or redis.call('HGET', key, 'rows_imported')
+    bytes = redis.call('HGET', key, 'bytes')
+  end
+  local totals = STATS .. 'totals:' .. kind
+  redis.call('HINCRBY', totals, 'rows', whole(rows))
+  redis.call('HINCRBY', totals, 'bytes', whole(bytes))
+end
+
 local entry = ARGV[1]
 
 -- KEYS: task, events, history, dataset-written-at, expiry schedule
@@ -57,6 +112,7 @@ if entry == 'request' then
     end
   end
   local outcome, run = 'created', 1
+  local old_kind = redis.call('HGET', KEYS[1], 'kind')
   if status then
     outcome = 'rerun'
     run = tonumber(redis.call('HGET', KEYS[1], 'run') or '1') + 1
@@ -72,6 +128,8 @@ if entry == 'request' then
   redis.call('HSET', KEYS[1], 'run', run)
   redis.call('ZADD', KEYS[3], score, redis.call('HGET', KEYS[1], 'id'))
   local status_now = redis.call('HGET', KEYS[1], 'status')
+  if status and old_kind then stats_move(old_kind, redis.call('HGET', KEYS[1], 'id'), status, nil) end
+  stats_move(redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'id'), nil, status_now)
   local message = outcome == 'rerun' and ('requested again: run ' .. run) or 'requested'
   event(KEYS[2], ARGV[3], status_now, message)
   publish(KEYS[1], channel)
@@ -80,12 +138,15 @@ end
 
 -- KEYS: task, events, expiry schedule
 -- ARGV: 'transition', channel, now, to, allowed_from (space separated), fence_attempt ('' = none),
---       message, expire_at ('' = not scheduled), n, fields...
+--       message, expire_at ('' = not scheduled), lapse_seconds ('' = kept), duration buckets
+--       (space separated upper bounds, the last '+Inf'), n, fields...
+-- lapse_seconds: the task and its events are deleted that long after this transition (EXPIRED),
+-- and it leaves the expiry schedule.
 -- Returns {'ok', status} or {'conflict', current status} or {'missing', ''}.
 if entry == 'transition' then
   local channel, now, to, allowed, fence, message = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-  local expire_at = ARGV[8]
-  local fields = list_from(10, tonumber(ARGV[9]))
+  local expire_at, lapse, buckets = ARGV[8], ARGV[9], ARGV[10]
+  local fields = list_from(12, tonumber(ARGV[11]))
   local status = redis.call('HGET', KEYS[1], 'status')
   if not status then return {'missing', ''} end
   if not string.find(' ' .. allowed .. ' ', ' ' .. status .. ' ', 1, true) then
@@ -96,11 +157,26 @@ if entry == 'transition' then
   end
   apply(KEYS[1], fields)
   redis.call('HSET', KEYS[1], 'status', to)
+  local id, kind = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'kind')
   if expire_at ~= '' then
     redis.call('HSET', KEYS[1], 'expires_at', expire_at)
-    redis.call('ZADD', KEYS[3], expire_at, redis.call('HGET', KEYS[1], 'id'))
+    redis.call('ZADD', KEYS[3], expire_at, id)
   end
   event(KEYS[2], now, to, message)
+  if lapse ~= '' then
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('EXPIRE', KEYS[1], lapse)
+    redis.call('EXPIRE', KEYS[2], lapse)
+  end
+  local lapses_at = nil
+  if lapse ~= '' then lapses_at = tostring(tonumber(now) + tonumber(lapse)) end
+  stats_move(kind, id, status, to, lapses_at)
+  if kind and to == 'EXPIRED' then  -- forget the ids whose hashes have lapsed meanwhile
+    redis.call('ZREMRANGEBYSCORE', STATS .. 'tasks:' .. kind .. ':EXPIRED', '-inf', '(' .. now)
+  end
+  if kind and (to == 'SUCCEEDED' or to == 'FAILED') and status ~= to then
+    stats_finished(KEYS[1], kind, to, buckets)
+  end
   publish(KEYS[1], channel)
   return {'ok', to}
 end
@@ -116,6 +192,38 @@ if entry == 'progress' then
   if redis.call('HGET', KEYS[1], 'attempts') ~= attempt then return 0 end
   apply(KEYS[1], fields)
   publish(KEYS[1], channel)
+  return 1
+end
+
+-- KEYS: task, events, history, expiry schedule
+-- ARGV: 'delete', id
+-- The task, its events and its places in the history, the expiry schedule and the statistics.
+if entry == 'delete' then
+  local kind, status = redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'status')
+  stats_move(kind, ARGV[2], status, nil)
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('ZREM', KEYS[4], ARGV[2])
+  return 1
+end
+
+-- KEYS: task
+-- ARGV: 'index', id, now, kinds (space separated), statuses (space separated)
+-- Puts one task in the statistics set of its status and takes it out of every other: the
+-- back-fill for tasks written before the statistics existed, and a repair. Idempotent.
+if entry == 'index' then
+  local id, now = ARGV[2], tonumber(ARGV[3])
+  local kind, status = redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'status')
+  for k in string.gmatch(ARGV[4], '%S+') do
+    for s in string.gmatch(ARGV[5], '%S+') do
+      if k ~= kind or s ~= status then redis.call('ZREM', STATS .. 'tasks:' .. k .. ':' .. s, id) end
+    end
+  end
+  if not kind or not status then return 0 end
+  local score = '+inf'
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then score = tostring(now + ttl / 1000) end
+  redis.call('ZADD', STATS .. 'tasks:' .. kind .. ':' .. status, score, id)
   return 1
 end
 

@@ -7,6 +7,7 @@ Keys (DESIGN.md, "Tasks"):
   dataport:channel:{id}                pub/sub, the whole snapshot after every change
   dataport:dataset:{name}:written_at   when an import last wrote to the dataset (ends export reuse)
   dataport:expiry                      sorted set of finished task ids by the time they expire
+  dataport:stats:...                   counts, durations and totals for /metrics (``scripts.lua``)
 
 Every write that changes a status goes through ``scripts.lua``, which checks the transition table
 and writes, records and publishes atomically.
@@ -52,6 +53,44 @@ _RETAINED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCE
 
 def dataset_written_key(dataset: str) -> str:
     return f"dataport:dataset:{dataset}:written_at"
+
+
+# Statistics for /metrics, written by the Lua script in the same atomic step as each status change
+# (its header describes them); read by ``read_stats``.
+STATS_PREFIX = "dataport:stats:"
+# Upper bounds (seconds) of the task duration histogram: a second to the six-hour job timeout.
+DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
+DURATION_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+_BUCKETS_ARG = " ".join([*(f"{b:g}" for b in DURATION_BUCKETS), "+Inf"])
+# Set once every task written before the statistics existed has been indexed (``index_stats``).
+STATS_INDEXED_KEY = STATS_PREFIX + "indexed:v1"
+
+
+def stats_tasks_key(kind: TaskKind, status: TaskStatus) -> str:
+    return f"{STATS_PREFIX}tasks:{kind.value}:{status.value}"
+
+
+def stats_duration_key(kind: TaskKind, status: TaskStatus) -> str:
+    return f"{STATS_PREFIX}duration:{kind.value}:{status.value}"
+
+
+def stats_totals_key(kind: TaskKind) -> str:
+    return f"{STATS_PREFIX}totals:{kind.value}"
+
+
+@dataclass(frozen=True)
+class Histogram:
+    buckets: list[tuple[str, int]]  # (upper bound, cumulative count), the last one "+Inf"
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    tasks: dict[tuple[TaskKind, TaskStatus], int]
+    durations: dict[tuple[TaskKind, TaskStatus], Histogram]
+    rows: dict[TaskKind, int]
+    bytes: dict[TaskKind, int]
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,8 @@ class TaskStore:
         flat = _flatten(fields or {})
         now = time.time()
         expire_at = f"{now + self.retention_seconds:.3f}" if to in _RETAINED else ""
+        # An expired task stays readable as such for one more retention period, then lapses.
+        lapse = str(max(1, int(self.retention_seconds))) if to is TaskStatus.EXPIRED else ""
         result, status = await self._script(
             keys=[task_key(task_id), events_key(task_id), EXPIRY_KEY],
             args=[
@@ -203,6 +244,8 @@ class TaskStore:
                 "" if fence_attempt is None else str(fence_attempt),
                 message,
                 expire_at,
+                lapse,
+                _BUCKETS_ARG,
                 len(flat),
                 *flat,
             ],
@@ -213,14 +256,12 @@ class TaskStore:
         return await self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)
 
     async def expired(self, task: Task, message: str) -> TransitionResult:
-        """Mark a finished task EXPIRED; it stays readable as such for one more retention period."""
+        """Mark a finished task EXPIRED; it stays readable as such for one more retention period
+        (the script sets that lifetime and takes it off the schedule in the same step)."""
         result = await self.transition(task.id, TaskStatus.EXPIRED, message,
                                        fields={"object_key": None, "report_key": None})
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(EXPIRY_KEY, task.id)
-        pipe.expire(task_key(task.id), int(self.retention_seconds))
-        pipe.expire(events_key(task.id), int(self.retention_seconds))
-        await pipe.execute()
+        if not result.ok:  # moved on meanwhile (run again, say): not due any more
+            await self.redis.zrem(EXPIRY_KEY, task.id)
         return result
 
     async def progress(self, task_id: str, attempt: int, fields: Mapping[str, Any]) -> bool:
@@ -232,11 +273,8 @@ class TaskStore:
         return bool(written)
 
     async def delete(self, task: Task) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(task_key(task.id), events_key(task.id))
-        pipe.zrem(history_key(task.owner, task.kind), task.id)
-        pipe.zrem(EXPIRY_KEY, task.id)
-        await pipe.execute()
+        await self._script(keys=[task_key(task.id), events_key(task.id), history_key(task.owner, task.kind),
+                                 EXPIRY_KEY], args=["delete", task.id])
 
     async def schedule_expiry(self, task_id: str, at: float) -> None:
         """Expire the task at ``at`` unless it moves on first (an import waiting for its upload)."""
@@ -247,6 +285,54 @@ class TaskStore:
 
     async def mark_dataset_written(self, dataset: str) -> None:
         await self.redis.set(dataset_written_key(dataset), f"{time.time():.3f}")
+
+    # -- statistics (for /metrics) ------------------------------------------------------------
+
+    async def read_stats(self) -> Stats:
+        """Current counts per kind and status, duration histograms, rows and bytes: one round trip
+        of O(log n) reads, whatever the number of tasks."""
+        now = f"({time.time():.3f}"  # an EXPIRED id counts until its hash lapses
+        kinds, statuses = list(TaskKind), list(TaskStatus)
+        pipe = self.redis.pipeline(transaction=False)
+        for kind in kinds:
+            for status in statuses:
+                pipe.zcount(stats_tasks_key(kind, status), now, "+inf")
+        for kind in kinds:
+            for status in DURATION_STATUSES:
+                pipe.hgetall(stats_duration_key(kind, status))
+        for kind in kinds:
+            pipe.hgetall(stats_totals_key(kind))
+        replies = iter(await pipe.execute())
+        tasks = {(k, s): int(next(replies)) for k in kinds for s in statuses}
+        durations = {(k, s): _histogram(next(replies)) for k in kinds for s in DURATION_STATUSES}
+        totals = {k: next(replies) for k in kinds}
+        return Stats(tasks, durations, {k: int(t.get("rows") or 0) for k, t in totals.items()},
+                     {k: int(t.get("bytes") or 0) for k, t in totals.items()})
+
+    async def index_stats(self, batch: int = 500) -> int:
+        """Put every task in the statistics set of its status (the back-fill for tasks written
+        before the statistics existed). Each task is indexed atomically and idempotently, so this
+        may run while tasks keep moving, and on several api processes at once. Returns the
+        number of tasks indexed."""
+        kinds = " ".join(k.value for k in TaskKind)
+        statuses = " ".join(s.value for s in TaskStatus)
+        indexed = 0
+        prefix = task_key("")
+        async for key in self.redis.scan_iter(match=f"{prefix}*", count=batch):
+            task_id = key[len(prefix):]
+            indexed += int(await self._script(keys=[key], args=["index", task_id, f"{time.time():.3f}", kinds,
+                                                                  statuses]))
+        await self.redis.set(STATS_INDEXED_KEY, f"{time.time():.3f}")
+        return indexed
+
+
+def _histogram(fields: Mapping[str, str]) -> Histogram:
+    """The script's per-bucket counts as a cumulative histogram over ``DURATION_BUCKETS``."""
+    counts = [(float(k[3:]), int(n)) for k, n in fields.items() if k.startswith("le:") and k != "le:+Inf"]
+    buckets = [(f"{bound:g}", sum(n for at, n in counts if at <= bound)) for bound in DURATION_BUCKETS]
+    count = int(fields.get("count") or 0)
+    buckets.append(("+Inf", count))
+    return Histogram(buckets, float(fields.get("sum") or 0.0), count)
 
 
 def _flatten(fields: Mapping[str, Any]) -> list[str]:

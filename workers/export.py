@@ -13,6 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 from dataport.errors import UserErrors
+from dataport.logs import bind_job
 from dataport.services import Services
 from formats import WRITERS
 from formats.pipeline import encode
@@ -29,6 +30,7 @@ log = logging.getLogger("dataport.worker")
 
 
 async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
+    bind_job("export", task_id, run, ctx)  # logs carry the task id from here on
     services: Services = ctx["services"]
     attempt: int = ctx["job_try"]
     task = await claim(services, task_id, run, attempt, "export")

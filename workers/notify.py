@@ -44,6 +44,7 @@ import httpx
 import orjson
 from arq import Retry
 
+from dataport.logs import bind_job
 from dataport.services import Services
 from tasks import exports, imports
 from tasks.models import Task, TaskKind, TaskStatus
@@ -73,6 +74,7 @@ class Later:
 
 
 async def notify_task(ctx: dict[str, Any], task_id: str, run: int) -> str:
+    bind_job("notify", task_id, run, ctx)  # logs carry the task id from here on
     services: Services = ctx["services"]
     attempt: int = ctx["job_try"]
     task = await services.store.get(task_id)
