@@ -667,3 +667,137 @@ def test_the_query_dsl(dataset):
         "_source": {"includes": ["id", "loc.site"]},
     }  # fmt: skip
     assert "query" not in compile_query(build_query(dataset))  # no filters: match_all, the default
+
+
+# -- a long read in key order, and the page reader -------------------------------------------------------
+
+
+SORTS = [None, [{"field": "born"}], [{"field": "score", "direction": "DESC"}], [{"field": "loc.depth"}],
+         [{"field": "active", "direction": "DESC"}, {"field": "name"}]]
+
+
+async def test_a_long_read_in_key_order_is_one_sorted_scroll_with_the_same_rows(dataset, opensearch_url):
+    # pages of 2: a read of 5 documents takes 3 pages, more than pit_max_pages=1 allows a point in time
+    pit = OpenSearchSource(dataset, page_rows=2)
+    s = OpenSearchSource(dataset, page_rows=2, pit_max_pages=1)
+    before = _open_pits(opensearch_url)
+    try:
+        for sort in SORTS:
+            for limit in (None, 3):
+                query = build_query(dataset, sort=sort, limit=limit)
+                expected = [r async for b in pit.batches(query, 2) for r in b]
+                assert [r async for b in s.batches(query, 2) for r in b] == expected, (sort, limit)
+
+        reader = s.batches(build_query(dataset, columns=["id"]), 2)
+        assert await anext(reader) == [(1,), (2,)]
+        assert [c.kind for c in s._cursors] == ["scroll"] and _open_pits(opensearch_url) == before
+        scroll_id = s._cursors[0].id
+        started = time.monotonic()
+        await reader.aclose()
+        assert time.monotonic() - started < 1
+        assert not s._cursors and not _scroll_alive(opensearch_url, scroll_id)
+        # a short read (the count says so) keeps the point in time
+        reader = s.batches(build_query(dataset, columns=["id"], limit=2), 2)
+        assert await anext(reader) == [(1,), (2,)]
+        assert [c.kind for c in s._cursors] == ["pit"]
+        await reader.aclose()
+        assert [r[0] async for b in s.batches(build_query(dataset, columns=["id"], limit=2), 1) for r in b] == [1, 2]
+    finally:
+        await s.close()
+        await pit.close()
+    assert _open_pits(opensearch_url) == before
+
+
+async def test_a_cancel_during_a_scroll_page_releases_the_scroll_at_once(proxy, index, opensearch_url):
+    s = OpenSearchSource(_dataset(proxy.url, index), page_rows=2, pit_max_pages=1)
+    try:
+        reader = s.batches(build_query(s.dataset, columns=["id"]), 2)
+        assert await anext(reader) == [(1,), (2,)]
+        scroll_id = s._cursors[0].id
+        proxy.fault_paths, proxy.faults, proxy.hang_seconds = ("/_search/scroll",), ["hang"], 3.0
+        pending = asyncio.ensure_future(anext(reader))  # the next page (asked for ahead) never comes
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert time.monotonic() - started < 1
+        assert not s._cursors and not _scroll_alive(opensearch_url, scroll_id)
+    finally:
+        await s.close()
+
+
+async def test_csv_batches_write_the_bytes_the_csv_writer_writes_for_the_rows(dataset):
+    from formats.csv import CsvWriter
+
+    s = OpenSearchSource(dataset, page_rows=2)
+    try:
+        for columns in (None, ["loc.site", "id", "title", "active"], ["score"]):
+            for formula_guard in (True, False):
+                query = build_query(dataset, columns=columns, sort=[{"field": "score", "direction": "DESC"}])
+                writer = CsvWriter(query.columns, formula_guard=formula_guard)
+                rows = [r async for b in s.batches(query, 3) for r in b]
+                chunks = [c async for c in s.csv_batches(query, 3, formula_guard=formula_guard)]
+                assert b"".join(c for c, _ in chunks) == writer.begin() + writer.write(rows), (columns, formula_guard)
+                assert [n for _, n in chunks] == [0, 2, 2, 1]  # the header, then pages of 2 in batches of 3
+    finally:
+        await s.close()
+
+
+FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Column("b", "boolean"),
+        Column("d", "date"), Column("t", "datetime"))
+
+
+@pytest.mark.parametrize("columns", [FLAT, (*FLAT, Column("o.x", "float"), Column("o.y", "string")), FLAT[2:3]],
+                         ids=["fields", "and-objects", "one-column"])
+def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
+    from sources.opensearch import _converter, _page_reader
+
+    odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
+           "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
+           "t": ["2020-01-01T10:00", 1577872800000, "2020-01-01T10:00:00+01:00", "2010-01-01T000517.1Z",
+                 "2020-01-01T10:00:00Z"]}
+    plain = {"f": [1.5, None], "i": [1, None], "s": ["x", None], "b": [True, None], "d": ["2020-01-01", None],
+             "t": ["2020-01-01T10:00:00Z", None]}
+    pages = []
+    for values in (plain, odd):
+        for name in values:  # one column with odd values at a time, then all at once
+            pages.append([{"_source": {**{k: v[n % len(v)] for k, v in plain.items()}, name: v}}
+                          for n, v in enumerate(values[name])])
+        pages.append([{"_source": {k: v[n % len(v)] for k, v in values.items()}} for n in range(7)])
+    pages.append([{"_source": {"o": {"x": 1}, "o.y": "dotted"}}, {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
+                  {"_id": "3"}, {"_source": {"o": None}}])
+    read, convert = _page_reader(columns), _converter(columns)
+
+    def typed(cells) -> list[list[tuple[type, Any]]]:
+        return [[(type(v), v) for v in c] for c in cells]
+
+    for hits in pages:
+        assert typed(read(hits)) == typed(zip(*convert(hits), strict=True)), hits
+    bad = [{"_id": "a", "_index": "i", "_source": {"s": "x", "i": 1}},
+           {"_id": "b", "_index": "i", "_source": {"s": ["p", "q"], "i": "y"}}]
+    with pytest.raises(SourceError, match=r"Document 'b' in index 'i': column '[si]' holds"):
+        read(bad)
+    assert read([]) == [[] for _ in columns]
+
+
+def test_documents_are_read_whole_only_when_the_mapping_lists_all_they_can_hold():
+    from sources.opensearch import _source_fields
+
+    def answer(**mappings) -> dict:
+        return {"ix": {"mappings": mappings}}
+
+    props = {"id": {"type": "long"}, "loc": {"properties": {"site": {"type": "keyword"}}},
+             "t": {"type": "text", "fields": {"keyword": {"type": "keyword"}}}, "a": {"type": "alias", "path": "id"}}
+    assert _source_fields(answer(properties=props)) == {"id", "loc.site", "t"}
+    assert _source_fields(answer(properties=props, dynamic="strict")) == {"id", "loc.site", "t"}
+    assert _source_fields({"a": {"mappings": {"properties": {"x": {"type": "long"}}}},
+                           "b": {"mappings": {"properties": {"y": {"type": "long"}}}}}) == {"x", "y"}
+    assert _source_fields(answer(properties=props, dynamic=False)) is None
+    assert _source_fields(answer(properties={**props, "o": {"properties": {}, "dynamic": "false"}})) is None
+    assert _source_fields(answer(properties={**props, "o": {"type": "object", "enabled": False}})) is None
+    assert _source_fields(answer(properties={**props, "n": {"type": "nested", "properties": {}}})) is None
+    assert _source_fields(answer(properties=props, _source={"excludes": ["t"]})) is None
+    # an object that turns dynamic mapping back on inside one that has it off is still not listed whole
+    assert _source_fields(answer(properties={"o": {"dynamic": False, "properties": {
+        "p": {"dynamic": True, "properties": {"x": {"type": "long"}}}}}})) is None
