@@ -22,6 +22,12 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
+def exit_with(parent_pid: int) -> None:
+    """Called inside a child (a process pool's initializer): SIGTERM it when ``parent_pid``'s
+    starting thread goes, so a killed worker leaves no helper behind."""
+    _die_with_parent(parent_pid)
+
+
 def die_with_parent() -> Callable[[], None]:
     """A ``preexec_fn`` for Popen: the kernel sends the child SIGTERM when the starting thread dies,
     so not even a SIGKILL of the parent leaves it behind (Linux; elsewhere a no-op)."""

@@ -7,7 +7,9 @@ Reading
     for while the current one is converted and written, so PostgreSQL and Python work at once.
     Memory holds about two batches, and batches of wide rows are made smaller (``_CELLS_PER_BATCH``).
     Closing the generator early, or ``close()``, cancels a statement in flight and closes the
-    connection, so the server drops the cursor and the snapshot at once. Session settings are
+    connection, so the server drops the cursor and the snapshot at once. A large table read in
+    key order uses two connections (below), both in one snapshot and both released the same
+    way. Session settings are
     ``SET LOCAL`` in that transaction (UTC time zone, ISO dates, shortest exact float text,
     standard-conforming strings), so they also hold behind a transaction-pooling proxy.
 
@@ -43,54 +45,79 @@ CSV fast path (``csv_batches``)
     ``COPY (SELECT …) TO STDOUT WITH (FORMAT csv)``, each cell rendered in SQL the way
     formats/csv.py writes it, so the bytes stay in C from the server to the file:
 
-    - booleans ``true``/``false``; dates ``YYYY-MM-DD``; date-times as ``iso_datetime`` writes
-      them (UTC, ``T``, fractions only when present, ``Z``; PostgreSQL's own ISO text in a UTC
-      session, reshaped); NULL an empty field (``batches`` reads dates and date-times this way too);
+    - booleans ``true``/``false`` (the cast to text); dates ``YYYY-MM-DD``; date-times as
+      ``iso_datetime`` writes them (UTC, ``T``, fractions only when present, ``Z``: for years 1
+      to 9999 ``format('%sT%sZ', ts::date, ts::time)`` in a UTC session, otherwise PostgreSQL's
+      own ISO text reshaped); NULL an empty field (``batches`` reads dates and date-times this way
+      too);
     - floats as ``repr`` writes them: shortest exact text (``extra_float_digits = 1``), integral
       values below 1e16 as ``3.0``; text cells by COPY's RFC 4180 quoting;
     - the formula guard in SQL on text columns, with the writer's exact rule (``'*`` then one of
-      ``= + - @ tab CR`` at the start gets one more leading ``'``, so imports can undo it); header
+      ``= + - @ tab CR`` at the start gets one more leading ``'``, so imports can undo it), tested
+      only on text that sorts before ``A`` (every trigger does, in byte order); header
       names are guarded too. The header is the Python writer's own (``CsvWriter.begin()``), as
       aliases longer than 63 bytes would be cut by PostgreSQL;
     - PostgreSQL ends a row with ``\\n``; each row arrives as one CopyData message, so its ending is
       replaced by ``\\r\\n`` as the Python writer has it, and rows are counted exactly per message.
+      The messages are taken from libpq many at a time (``_copy_rows``), not one ``Copy.read()``
+      (an event-loop wait) per row.
 
-    Known differences from the Python writer (the cells parse back to the same values):
-    an empty text cell is ``""`` (PostgreSQL's way to tell it from NULL) where Python writes
-    nothing; non-integral floats between 1e15 and 1e16, and integral ones in JSONB fields from
+    An empty text cell is written as nothing, as the Python writer does (``nullif``: COPY would
+    quote it to tell it from NULL). Known differences from the Python writer (the cells parse back
+    to the same values): non-integral floats between 1e15 and 1e16, and integral ones in JSONB fields from
     1e15 up, print in exponent form (``1.2345678901234565e+15``); ``NaN``/``Infinity`` against
-    ``nan``/``inf``; years before 1000 have four digits. COPY takes no server-side parameters:
-    psycopg binds the filter values client-side as escaped, typed literals (never raw text).
+    ``nan``/``inf``. COPY takes no server-side parameters: psycopg binds the filter values
+    client-side as escaped, typed literals (never raw text).
 
-    Measured (2 cores, PostgreSQL 15 on the same machine, 200,000 rows × 20 columns): ~200,000
-    rows/s through ``csv_batches`` against ~80,000-95,000 through ``batches`` + ``CsvWriter``; a
-    ``psql \\copy`` of the same rendered SELECT takes about as long as ``csv_batches``. Since the
-    writer renders numbers in C (formats/csv.py) ``batches`` + ``CsvWriter`` runs at 150,000-180,000
-    rows/s on that table, against 130,000-150,000 for ``csv_batches`` on the same (busy) machine:
-    the rendering in SQL (the guard's ``regexp_replace``, the float ``CASE``) is now the slower part.
+    Two connections (``_key_ranges``, ``_in_turn``): a table of ``SPLIT_BYTES`` or more with a
+    single integer key that is never NULL, read in key order without a limit, is read by key
+    ranges of about ``RANGE_BYTES`` of table each (a COPY, or a server-side cursor for
+    ``batches`` and flattened documents, per range). The first connection exports its snapshot
+    (``pg_export_snapshot()``), the second imports it (``SET TRANSACTION SNAPSHOT``), so the file
+    is still one snapshot. The connections take the ranges in turn: while one range is handed on
+    as it arrives, the next is read on the other connection and held in memory (one range ahead
+    at most), so the server renders on both cores. Other reads use one connection.
+
+    Measured (2 cores shared with other engineers' test runs, load average 3.5-5; PostgreSQL 15
+    on the same machine; 1,000,000 rows × 20 columns, see bench/postgres_export.py): the SQL
+    rendering cost 2.0-2.5 s of server time against 1.1-1.2 s for ``psql``'s plain COPY; the
+    guard's ``regexp_replace`` on every cell was ~0.45 s of that, reshaping date-time text
+    ~0.35 s, the float ``CASE`` and booleans little; now ~1.5 s. Taking the rows from libpq in
+    bulk cut this process's CPU from 1.5 s to 0.7 s. ``csv_batches`` alone: 3.4-4.3 s before, 2.3-2.5 s
+    with one connection. ``batches`` + ``CsvWriter`` (formats/csv.py) is slower here: 4.9-7.5 s
+    (3.3 s of Python CPU, against 0.7 s), as ``FETCH``-ing typed rows leaves the server idle
+    while psycopg converts each batch.
 
     A plan that flattens documents in Python (see above) uses the Python writer inside
     ``csv_batches`` instead: same signature, exact Python output. Its cells go to the writer by
     column (``CsvWriter.render``) rather than as row tuples: a run of float fields of a document
     is handed over as each row's looked-up values, already type-checked, and written by one
-    orjson call per batch. 40,000 documents × 2,897 float fields (2 GB of JSON text) take 31-38 s
-    (was 117-150 s), CPU-bound in Python: about half of it orjson parsing the documents (~0.15 µs
-    a field, dict building included; an array of the same numbers parses in a third of that, but
-    no cheap SQL gives the values in a known key order), a fifth looking the fields up and
-    checking their types, a sixth writing them; PostgreSQL spends ~17 s rendering the documents
-    as text, on the other core, the next FETCH already asked for.
+    orjson call per batch. 40,000 documents × 2,897 float fields (2 GB of JSON text) took 31-38 s
+    (was 117-150 s), CPU-bound in Python: ~20 s of CPU flattening, about half of it orjson
+    parsing the documents (~0.1 µs a field, dict building included; an array of the same numbers
+    parses in a third of that, but no cheap SQL gives the values in a known key order: listing
+    a document's keys costs PostgreSQL more than rendering it), a fifth looking the fields up
+    (``list(doc.values())`` sliced, when the keys repeat, costs as much: memory-bound), the rest
+    type checks and writing; PostgreSQL spends ~12 s rendering the documents as text (its
+    ``psql \\copy`` floor), on the other core. So a large read of flattened documents hands its
+    batches to helper processes (``_Helpers``), in order, and only fetches and writes itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
 import logging
+import multiprocessing
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import chain
 from operator import itemgetter
 from typing import Any
@@ -98,12 +125,16 @@ from typing import Any
 import orjson
 import psycopg
 import psycopg.errors as pge
+from psycopg import generators as psycopg_generators
+from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.waiting import Wait
 
 import formats.csv as csv_format
+from dataport.processes import exit_with
 from sources.base import Column, Dataset, Row, SourceError, TransientSourceError, iso_datetime
-from sources.query import Query
+from sources.query import Filter, Query
 from sources.sql import Dialect, compile_query
 
 log = logging.getLogger("dataport.postgres")
@@ -119,6 +150,15 @@ _MAX_SELECT = 1600
 _CELLS_PER_BATCH = 250_000
 # COPY rows are gathered into chunks of about this many bytes.
 _CSV_CHUNK_BYTES = 256 * 1024
+# Large tables read by key ranges on this many connections at once (in one snapshot), each
+# range about RANGE_BYTES of the table, at most MAX_RANGES of them.
+PARALLEL_CONNECTIONS = 2 if (os.cpu_count() or 1) > 1 else 1
+SPLIT_BYTES = 64 * 1024 * 1024
+RANGE_BYTES = 8 * 1024 * 1024
+MAX_RANGES = 256
+# Documents flattened in Python: past this many cells in one read, helper processes flatten them.
+HELPERS = 2 if (os.cpu_count() or 1) > 1 else 0
+HELPERS_AFTER_CELLS = 5_000_000
 # Depth of nested JSONB objects that discovery flattens.
 _MAX_DEPTH = 8
 _DISCOVERY_SAMPLE = 1000
@@ -266,17 +306,33 @@ class Field:
                 text = f"(replace(({v})::text, ' ', 'T') || 'Z')"
             else:  # timestamptz in a UTC session ends in "+00"
                 text = f"(replace(left(({v})::text, -3), ' ', 'T') || 'Z')"
-            return f"(CASE WHEN isfinite({v}) THEN {text} ELSE ({v})::text END)" if self.plain else text
+            if not self.plain:  # a JSONB field: evaluate it once
+                return text
+            # A date-time of years 1 to 9999 as its date and time of day (in UTC: the session's time
+            # zone) costs no more than its plain text, a third of reshaping that text; others (BC,
+            # infinite) keep the reshaped text.
+            low, high = ("'0001-01-01'", "'10000-01-01'") if self.pg_type == "timestamp" else (
+                "'0001-01-01 00:00:00+00'", "'10000-01-01 00:00:00+00'")
+            return (f"(CASE WHEN {v} >= {low} AND {v} < {high} THEN format('%%sT%%sZ', ({v})::date, ({v})::time) "
+                    f"WHEN isfinite({v}) THEN {text} ELSE ({v})::text END)")
         return v
 
     def csv_sql(self, formula_guard: bool) -> str:
         """The cell's CSV text, as formats/csv.py writes it (COPY adds the quoting)."""
         kind, v = self.column.type, self.value_sql
         if kind == "string":
+            # COPY quotes an empty text ("") to tell it from NULL; the Python writer writes both as
+            # nothing, and so must this path, or a CSV round trip would not give the same bytes.
+            v = f"nullif({v}, '')"
             if not formula_guard:
                 return v
-            # formats.csv.guard: quotes then a trigger at the start get one more leading quote.
-            return f"regexp_replace({v}, '^(''*[=+@\\t\\r-])', '''\\1')"
+            # formats.csv.guard: quotes then a trigger at the start get one more leading quote. The
+            # triggers and the quote all sort before "A" (v is COLLATE "C": byte order), so one
+            # comparison settles most cells: a regexp_replace on every cell cost more than the rest
+            # of the row's rendering together (left() too, which counts characters).
+            return (f"(CASE WHEN {v} >= 'A' THEN {v} WHEN left({v}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r') "
+                    f"THEN '''' || {v} WHEN left({v}, 1) = '''' THEN regexp_replace({v}, '^(''*[=+@\\t\\r-])', "
+                    f"'''\\1') ELSE {v} END)")
         if kind == "float":
             if not self.plain:  # a JSONB field: evaluate it once
                 return f"regexp_replace((({v})::double precision)::text, '^(-?[0-9]+)$', '\\1.0')"
@@ -285,7 +341,7 @@ class Field:
             return (f"(CASE WHEN {x} = trunc({x}) AND abs({x}) < 1e16 THEN (CASE WHEN {x} = 0 THEN {x}::text "
                     f"ELSE trunc({x})::bigint::text END) || '.0' ELSE {x}::text END)")
         if kind == "boolean":
-            return f"(CASE {v} WHEN true THEN 'true' WHEN false THEN 'false' END)"
+            return f"({v})::text"  # the cast's text is "true"/"false" (COPY's own is "t"/"f")
         return self.out_sql
 
 
@@ -624,6 +680,217 @@ def _output_query(query: Query, exprs: list[str]) -> tuple[Query, Callable[[Colu
 
 
 # --------------------------------------------------------------------------------------------
+# Flattening documents in helper processes
+
+
+def _flattened_csv(plan: _Plan, writer: csv_format.CsvWriter, rows: list[Row], offset: int) -> bytes:
+    if csv_format.FAST and plan.csv_build is not None:
+        return plan.csv_build(writer, rows, offset)
+    return writer.write(plan.build(rows, offset) if plan.build else rows)
+
+
+# In a helper process: the read plan and the writer, made once by _helper_start.
+_helper: tuple[_Plan, csv_format.CsvWriter] | None = None
+
+
+def _helper_start(columns: tuple[Column, ...], fields: list[Field], formula_guard: bool, info: TableInfo,
+                  limits: tuple[int, int], parent_pid: int) -> None:
+    global _helper, INLINE_FIELDS, SMALL_DOCUMENT_BYTES
+    exit_with(parent_pid)  # a SIGKILLed worker must not leave its helpers running
+    INLINE_FIELDS, SMALL_DOCUMENT_BYTES = limits  # the parent's, so that the plan is the parent's
+    _helper = (_plan(fields, formula_guard, info), csv_format.CsvWriter(columns, formula_guard=formula_guard))
+
+
+def _helper_csv(rows: list[Row], offset: int) -> bytes:
+    assert _helper is not None
+    return _flattened_csv(*_helper, rows, offset)
+
+
+class _Helpers:
+    """Batches of documents flattened to CSV by ``HELPERS`` processes, the results taken in order.
+
+    Flattening wide documents is CPU-bound Python (orjson parsing about half, looking up and
+    typing the fields, writing them): 40,000 documents × 2,897 fields took ~20 s of CPU in one process,
+    while PostgreSQL needed ~12 s to hand them over. So past ``HELPERS_AFTER_CELLS`` cells a read
+    hands its batches to helper processes and only fetches and writes itself: both cores flatten
+    while PostgreSQL renders. Spawned, not forked (a fork would share this process's sockets);
+    at most ``2 * HELPERS`` batches are out at once, so memory stays flat."""
+
+    def __init__(self, columns: tuple[Column, ...], fields: list[Field], formula_guard: bool, info: TableInfo | None):
+        self.args = (columns, fields, formula_guard, info, (INLINE_FIELDS, SMALL_DOCUMENT_BYTES), os.getpid())
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.pending: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+
+    def start(self) -> None:
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            HELPERS, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_start, initargs=self.args)
+
+    def submit(self, rows: list[Row], offset: int) -> None:
+        assert self.pool is not None
+        self.pending.append((asyncio.wrap_future(self.pool.submit(_helper_csv, rows, offset)), len(rows)))
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= 2 * HELPERS
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pending) and self.pending[0][0].done()
+
+    async def next(self) -> tuple[bytes, int]:
+        future, rows = self.pending.popleft()
+        return await future, rows
+
+    def stop(self) -> None:
+        for future, _ in self.pending:
+            future.cancel()
+        self.pending.clear()
+        if self.pool is not None:  # the helpers end once their batch in hand is done
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+# --------------------------------------------------------------------------------------------
+# COPY TO STDOUT, in bulk
+
+
+def _copy_rows(conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int) -> PQGen[tuple[list, int | None]]:
+    """A psycopg generator (run it with ``conn.wait``) reading a COPY's rows: every CopyData message
+    libpq already holds, waiting only when it holds none, up to ``max_bytes`` or ``max_rows``; each
+    row without its final "\\n". Returns (rows, None), or at the end (rows, rows the server reported,
+    -1 if it did not say). Raises the server's error if the COPY failed.
+
+    Like psycopg's own ``copy_from`` generator, but many rows per call: ``Copy.read()`` (a wait per
+    row) took 1.3 s of CPU for 1,000,000 rows, this 0.5 s."""
+    pgconn = conn.pgconn
+    rows: list = []
+    size = 0
+    while size < max_bytes and len(rows) < max_rows:
+        nbytes, data = pgconn.get_copy_data(1)
+        if nbytes > 0:
+            rows.append(data[:-1])
+            size += nbytes
+        elif nbytes == 0:  # nothing buffered: hand over what there is, or wait for more
+            if rows:
+                break
+            while not (yield Wait.R):
+                pass
+            pgconn.consume_input()
+        else:  # the COPY is over: its result says how it ended
+            results = yield from psycopg_generators.fetch_many(pgconn)
+            for result in results:
+                if result.status != ExecStatus.COMMAND_OK:
+                    raise pge.error_from_result(result, encoding=conn.info.encoding)
+            tuples = results[-1].command_tuples if results else None
+            return rows, -1 if tuples is None else tuples
+    return rows, None
+
+
+async def _copy_chunks(
+    conn: psycopg.AsyncConnection, statement: str, params: tuple | None, batch_rows: int
+) -> AsyncIterator[tuple[bytes, int]]:
+    """``statement`` (a COPY TO STDOUT in CSV) as chunks of whole rows ending in "\\r\\n", with
+    their row counts."""
+    cur = conn.cursor(binary=False)
+    total, reported = 0, None
+    async with cur.copy(statement, params):
+        # PostgreSQL sends one CopyData message per row, ending in "\n"; the Python writer ends
+        # rows with "\r\n".
+        while reported is None:
+            rows, reported = await conn.wait(_copy_rows(conn, _CSV_CHUNK_BYTES, batch_rows))
+            if rows:
+                total += len(rows)
+                rows.append(b"")  # so that the last row ends in "\r\n" too
+                yield b"\r\n".join(rows), len(rows) - 1
+    if reported >= 0 and reported != total:  # "COPY n": one message per row, always
+        log.error("COPY reported %s rows, %s were counted: %s", reported, total, statement[:200])
+
+
+def _range_filters(column: Column, low: int | None, high: int | None) -> tuple[Filter, ...]:
+    return ((Filter(column, "GTE", (low,)),) if low is not None else ()) + (
+        (Filter(column, "LT", (high,)),) if high is not None else ())
+
+
+async def _cursor_batches(
+    conn: psycopg.AsyncConnection, select: str, params: tuple, size: int
+) -> AsyncIterator[list[Row]]:
+    """``select`` through a named server-side cursor, ``size`` rows at a time; the next batch is
+    already asked for while the current one is handed on, so PostgreSQL and Python work at once."""
+    cur = conn.cursor(name=f"dataport_{uuid.uuid4().hex[:12]}", binary=True)
+    await cur.execute(select, params)
+    pending: asyncio.Future | None = asyncio.ensure_future(cur.fetchmany(size))
+    try:
+        while pending is not None:
+            rows = await pending
+            pending = None
+            if not rows:
+                break
+            if len(rows) == size:  # ask for the next batch before converting this one
+                pending = asyncio.ensure_future(cur.fetchmany(size))
+                await asyncio.sleep(0)
+            yield rows
+        await cur.close()  # a connection reading range after range keeps no spent cursors
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
+async def _in_turn(
+    conns: list[psycopg.AsyncConnection], reads: list[Callable[[psycopg.AsyncConnection], AsyncIterator[Any]]]
+) -> AsyncIterator[Any]:
+    """What the ``reads`` (one key range each, in output order) give, in order, the connections
+    taking the reads in turn.
+
+    While one range is handed on as it arrives, the next one is read on the other connection and
+    held in memory, so that PostgreSQL renders two ranges at once (on two cores): a range is read
+    only once the one before the previous has been handed on (one range ahead at most). Closing
+    this generator cancels the readers; the caller closes the connections."""
+    n = len(reads)
+    buffers: list[collections.deque] = [collections.deque() for _ in range(n)]
+    may_start = [asyncio.Event() for _ in range(n)]
+    changed = asyncio.Event()
+    failed: list[BaseException] = []
+    end = object()
+
+    async def read(c: int) -> None:
+        try:
+            for i in range(c, n, len(conns)):
+                await may_start[i].wait()
+                items = reads[i](conns[c])
+                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                    async for item in items:
+                        buffers[i].append(item)
+                        changed.set()
+                buffers[i].append(end)
+                changed.set()
+        except Exception as e:  # handed to the consumer, which raises it
+            failed.append(e)
+            changed.set()
+
+    readers = [asyncio.create_task(read(c)) for c in range(len(conns))]
+    try:
+        for i in range(n):
+            for j in range(i, min(n, i + len(conns))):
+                may_start[j].set()
+            while True:
+                while not buffers[i] and not failed:
+                    changed.clear()
+                    await changed.wait()
+                if failed:
+                    raise failed[0]
+                item = buffers[i].popleft()
+                if item is end:
+                    break
+                yield item
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.wait(readers, timeout=CONNECT_TIMEOUT_SECONDS)
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 
 _TRANSIENT_CLASSES = ("08", "53", "57P", "40", "55P03", "58")
@@ -673,7 +940,9 @@ class PostgresSource:
 
     # connections ----------------------------------------------------------------------------
 
-    async def _connect(self, *, snapshot: bool) -> psycopg.AsyncConnection:
+    async def _connect(self, *, snapshot: bool, snapshot_id: str | None = None) -> psycopg.AsyncConnection:
+        """A connection in a read-only transaction: REPEATABLE READ with ``snapshot`` (one snapshot
+        for the whole read), the exported snapshot ``snapshot_id`` of another connection if given."""
         params = conninfo_to_dict(self.dataset.url)
         params.setdefault("application_name", "dataport")
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
@@ -686,6 +955,8 @@ class PostgresSource:
         self._connections.add(conn)
         try:
             begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if snapshot else "BEGIN READ ONLY"
+            if snapshot_id is not None:  # before any query of the transaction, as PostgreSQL requires
+                begin += f"; SET TRANSACTION SNAPSHOT {quote_literal(snapshot_id)}"
             await conn.execute(f"{begin}; {_SESSION}")
             if self._info is None:
                 self._info = await self._read_info(conn)
@@ -763,38 +1034,53 @@ class PostgresSource:
     ) -> AsyncIterator[tuple[_Plan, list[Row], int]]:
         """The read plan's SELECT list as fetched, in batches, each with the plan and the number of
         rows before it."""
-        conn = await self._connect(snapshot=True)
-        pending: asyncio.Future | None = None
+        conns = [await self._connect(snapshot=True)]
         try:
             plan = _plan(self._fields(query.columns), formula_guard, self._info)
-            out_query, out_sql = _output_query(query, plan.exprs)
-            column_sql = column_sql_for(self._info)
-            compiled = compile_query(out_query, self._table, POSTGRES,
-                                     column_sql=lambda c: out_sql(c) or column_sql(c))
             size = max(1, min(batch_rows, _CELLS_PER_BATCH // max(1, len(query.columns))))
-            cur = conn.cursor(name=f"dataport_{uuid.uuid4().hex[:12]}", binary=True)
+            ranges = await self._second_connection(conns, query)
             try:
-                await cur.execute(compiled.select, compiled.params)
                 offset = 0
-                pending = asyncio.ensure_future(cur.fetchmany(size))
-                while pending is not None:
-                    rows = await pending
-                    pending = None
-                    if not rows:
-                        break
-                    if len(rows) == size:  # ask for the next batch before converting this one
-                        pending = asyncio.ensure_future(cur.fetchmany(size))
-                        await asyncio.sleep(0)
-                    yield plan, rows, offset
-                    offset += len(rows)
+                if not ranges:
+                    batches = _cursor_batches(conns[0], *self._select(query, plan), size)
+                else:
+                    column = self.dataset.by_name[self.dataset.key[0]]
+                    selects = [self._select(replace(query, filters=(*query.filters, *_range_filters(column, *r))),
+                                            plan) for r in ranges]
+                    batches = _in_turn(conns, [partial(_cursor_batches, select=select, params=params, size=size)
+                                               for select, params in selects])
+                async with contextlib.aclosing(batches):
+                    async for rows in batches:
+                        yield plan, rows, offset
+                        offset += len(rows)
             except psycopg.Error as e:
-                raise await self._explain(conn, query, e) from e
+                raise await self._explain(conns[0], query, e) from e
         finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            await self._release(conn)
+            for conn in conns:
+                await self._release(conn)
+
+    def _select(self, query: Query, plan: _Plan) -> tuple[str, tuple]:
+        """The SELECT of ``query`` reading ``plan``'s expressions, and its parameters."""
+        out_query, out_sql = _output_query(query, plan.exprs)
+        column_sql = column_sql_for(self._info)
+        compiled = compile_query(out_query, self._table, POSTGRES, column_sql=lambda c: out_sql(c) or column_sql(c))
+        return compiled.select, compiled.params
+
+    async def _second_connection(
+        self, conns: list[psycopg.AsyncConnection], query: Query
+    ) -> list[tuple[int | None, int | None]]:
+        """The key ranges to read ``query`` by, a second connection (in the snapshot of the first,
+        ``conns[0]``) appended to ``conns``; no ranges (and no second connection) to read it in one go."""
+        ranges = await self._key_ranges(conns[0], query)
+        if ranges:
+            try:
+                cur = await conns[0].execute("SELECT pg_export_snapshot()")
+                snapshot_id = (await cur.fetchone())[0]
+                conns.append(await self._connect(snapshot=True, snapshot_id=snapshot_id))
+            except (psycopg.Error, SourceError) as e:  # e.g. a standby or a pooler: one connection is enough
+                log.warning("dataset %s: reading on one connection (%s)", self.dataset.name, e)
+                return []
+        return ranges
 
     async def csv_batches(
         self, query: Query, batch_rows: int, *, formula_guard: bool
@@ -806,47 +1092,95 @@ class PostgresSource:
         plan = _plan(self._fields(query.columns), formula_guard, self._info)
         if plan.csv_exprs is None:  # documents flattened in Python: the Python writer
             yield writer.begin(), 0
-            async with contextlib.aclosing(self._fetched(query, batch_rows, formula_guard)) as fetched:
-                async for read, rows, offset in fetched:
-                    if csv_format.FAST and read.csv_build is not None:
-                        yield read.csv_build(writer, rows, offset), len(rows)
-                    else:
-                        yield writer.write(read.build(rows, offset) if read.build else rows), len(rows)
+            helpers = _Helpers(query.columns, self._fields(query.columns), formula_guard, self._info)
+            try:
+                async with contextlib.aclosing(self._fetched(query, batch_rows, formula_guard)) as fetched:
+                    async for read, rows, offset in fetched:
+                        if helpers.pool is None and HELPERS and offset * len(query.columns) >= HELPERS_AFTER_CELLS:
+                            helpers.start()
+                        if helpers.pool is None:
+                            yield _flattened_csv(read, writer, rows, offset), len(rows)
+                            continue
+                        helpers.submit(rows, offset)
+                        while helpers.full or helpers.ready:
+                            yield await helpers.next()
+                while helpers.pending:
+                    yield await helpers.next()
+            finally:
+                helpers.stop()
             return
 
-        conn = await self._connect(snapshot=True)
+        conns = [await self._connect(snapshot=True)]
         try:
-            out_query, out_sql = _output_query(query, plan.csv_exprs)
-            column_sql = column_sql_for(self._info)
-            compiled = compile_query(out_query, self._table, POSTGRES,
-                                     column_sql=lambda c: out_sql(c) or column_sql(c))
-            statement = f"COPY ({compiled.select}) TO STDOUT WITH (FORMAT csv)"
-            params: tuple | None = compiled.params
-            if not params:  # psycopg reads no placeholders (nor %%) in a COPY without parameters
-                statement, params = statement.replace("%%", "%"), None
+            ranges = await self._second_connection(conns, query)
             yield writer.begin(), 0
-            cur = conn.cursor(binary=False)
-            rows: list[bytes] = []
-            size = total = 0
             try:
-                async with cur.copy(statement, params) as copy:
-                    # PostgreSQL sends one CopyData message per row, ending in "\n"; the Python
-                    # writer ends rows with "\r\n".
-                    async for data in copy:
-                        rows.append(bytes(data[:-1]))
-                        size += len(data)
-                        total += 1
-                        if size >= _CSV_CHUNK_BYTES or len(rows) >= batch_rows:
-                            yield b"\r\n".join(rows) + b"\r\n", len(rows)
-                            rows, size = [], 0
+                if not ranges:
+                    chunks = _copy_chunks(conns[0], *self._copy(query, plan), batch_rows)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            yield chunk
+                    return
+                column = self.dataset.by_name[self.dataset.key[0]]
+                statements = [self._copy(replace(query, filters=(*query.filters, *_range_filters(column, low, high))),
+                                         plan) for low, high in ranges]
+                chunks = _in_turn(conns, [partial(_copy_chunks, statement=statement, params=params,
+                                                  batch_rows=batch_rows) for statement, params in statements])
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        yield chunk
             except psycopg.Error as e:
-                raise await self._explain(conn, query, e) from e
-            if rows:
-                yield b"\r\n".join(rows) + b"\r\n", len(rows)
-            if cur.rowcount >= 0 and cur.rowcount != total:  # "COPY n": one message per row, always
-                log.error("dataset %s: COPY reported %s rows, %s were counted", self.dataset.name, cur.rowcount, total)
+                raise await self._explain(conns[0], query, e) from e
         finally:
-            await self._release(conn)
+            for conn in conns:
+                await self._release(conn)
+
+    def _copy(self, query: Query, plan: _Plan) -> tuple[str, tuple | None]:
+        """The COPY statement of ``query`` with its cells rendered in SQL, and its parameters."""
+        assert plan.csv_exprs is not None
+        out_query, out_sql = _output_query(query, plan.csv_exprs)
+        column_sql = column_sql_for(self._info)
+        compiled = compile_query(out_query, self._table, POSTGRES,
+                                 column_sql=lambda c: out_sql(c) or column_sql(c))
+        statement = f"COPY ({compiled.select}) TO STDOUT WITH (FORMAT csv)"
+        if not compiled.params:  # psycopg reads no placeholders (nor %%) in a COPY without parameters
+            return statement.replace("%%", "%"), None
+        return statement, compiled.params
+
+    async def _key_ranges(self, conn: psycopg.AsyncConnection, query: Query) -> list[tuple[int | None, int | None]]:
+        """Ranges of the key, in the order of the output, for reading the query on two connections
+        at once; none to read it in one go.
+
+        A large table (``SPLIT_BYTES`` or more), a single integer key that is never NULL, ordered
+        by that key alone, no limit. The ranges split the key's span evenly: ``RANGE_BYTES`` of
+        table each, so that the range read ahead, held in memory, stays small. Read in the
+        transaction's snapshot (min and max come from the key's index when it has one)."""
+        assert self._info is not None
+        key = self.dataset.key
+        if PARALLEL_CONNECTIONS < 2 or len(key) != 1 or query.limit is not None:
+            return []
+        column = self.dataset.by_name[key[0]]
+        if any(s.column.name != column.name for s in query.sort):
+            return []
+        field = resolve(column, self._info)
+        if (not field.plain or column.type != "integer" or field.pg_type not in ("int2", "int4", "int8")
+                or column.name not in self._info.not_null):
+            return []
+        cur = await conn.execute("SELECT pg_total_relation_size(to_regclass(%s))", (_regclass_arg(self.dataset.table),))
+        size = (await cur.fetchone())[0]
+        if size is None or size < SPLIT_BYTES:  # a view or a partitioned table has no size of its own
+            return []
+        k = quote_ident(column.name)
+        cur = await conn.execute(f"SELECT min({k}), max({k}) FROM {quote_ident(self.dataset.table)}", ())
+        low, high = await cur.fetchone()
+        if low is None:
+            return []
+        n = int(min(high - low + 1, max(2, size // RANGE_BYTES), MAX_RANGES))
+        if n < 2:
+            return []
+        bounds = [low + (high - low + 1) * i // n for i in range(1, n)]
+        ranges: list[tuple[int | None, int | None]] = list(zip([None, *bounds], [*bounds, None], strict=True))
+        return ranges[::-1] if query.sort and query.sort[0].descending else ranges
 
     # errors ----------------------------------------------------------------------------------
 
