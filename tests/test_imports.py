@@ -525,3 +525,16 @@ def test_the_error_report_on_s3_is_a_presigned_link(s3_stack: Stack, test_data: 
     assert report[1][:2] == ["2", "id"]
     assert report[1][3].startswith(f"'=2+2,row {ids[1]},")  # guarded: a spreadsheet shows it as text
     assert Target(test_data, "postgres").ids(ids) == [ids[0]]
+
+
+def test_start_refuses_an_object_over_the_limit_that_s3_let_through(s3_stack: Stack, s3_server):
+    """A presigned PUT cannot cap the size on S3: startImport checks the object before queueing."""
+    api = s3_stack.api()
+    task = api.request_import(dataset="imp_sqlite", fileName="huge.csv")["task"]
+    key = task["upload"]["fields"]["key"]
+    s3_server.client().put_object(Bucket=s3_stack.env["DATAPORT_S3_BUCKET"], Key=key,
+                                  Body=b"x" * (MAX_UPLOAD_BYTES + 1), ServerSideEncryption="AES256")
+    started = api.import_mutation("startImport", task["id"])
+    assert [(e["code"], e["field"]) for e in started["userErrors"]] == [("FILE_TOO_LARGE", ["id"])]
+    assert f"{MAX_UPLOAD_BYTES:,} bytes" in started["userErrors"][0]["message"]
+    assert api.import_task(task["id"])["status"] == "WAITING_FOR_UPLOAD"  # nothing was queued
