@@ -6,6 +6,12 @@ lines in C, and ``csv.reader`` pulls them through ``chain.from_iterable``, so no
 per line and only a little per row. A quoted cell may hold line breaks; the csv module carries its
 state from one line to the next.
 
+``batches(size)`` is the way through a file for imports: ``RowBatch``es of columns (the rows are
+turned into columns ``TAKE_ROWS`` at a time, so that the row lists die young: kept for a whole
+batch, they outlived the garbage collector's young generation, and its full collections, walking
+the worker's whole heap again and again, cost ~1 s per 1,000,000 rows). ``records()`` is the same
+rows one ``Record`` at a time, read through ``batches``.
+
 Broken rows and the csv module
     ``strict=True`` makes text after a closing quote (``"a"b``) an error instead of a silent
     guess, and a quote left open at the end of the file an error instead of one huge last cell.
@@ -37,13 +43,18 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from itertools import chain
+from itertools import chain, islice
 from typing import BinaryIO
 
 from formats.csv import unguard
-from formats.readers import FileError, Record, Utf8Chunks, as_text, csv_line, shorten, text_over
+from formats.readers import FileError, Record, RowBatch, Utf8Chunks, as_text, csv_line, shorten, text_over
 
 MAX_LINE_CELLS = 16
+
+# records() reads this many rows at a time (batches() is the quick way through a file).
+RECORD_BATCH = 64
+# batches() takes this many rows from the csv module at a time, then turns them into columns.
+TAKE_ROWS = 256
 
 # str.splitlines() breaks lines at these too; the csv module (and Excel) does not.
 _ODD_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
@@ -53,6 +64,12 @@ _ODD_ASCII_BREAKS = "\x0b\x0c\x1c\x1d\x1e"
 def _raise_field_limit(limit: int) -> None:
     if csv.field_size_limit() < limit:
         csv.field_size_limit(limit)
+
+
+def _lines(rows: list[list[str]]) -> int:
+    """The lines the csv module read for ``rows``: one each, and one more for each line break in
+    their (quoted) cells."""
+    return sum(1 + sum(cell.count("\n") + cell.count("\r") - cell.count("\r\n") for cell in row) for row in rows)
 
 
 def _split_lines(text: str) -> list[str]:
@@ -73,7 +90,8 @@ class CsvReader:
         self._lines_before = 0  # lines handed over before those
         self._previous: list[str] = []  # the read's worth before that
         self._skipped = 0  # lines taken past the csv module (inside a broken row's open quote)
-        self._check = False  # a new chunk was handed over: the next row may hold a big cell
+        self._handed = 0  # chunks handed over so far: a row read across one may hold a big cell
+        self._chars = (0, 0)  # the characters of the chunk before and of the current one
         self._long = False  # the current chunk is long enough for any row of it to hold one
         self._input = chain.from_iterable(self._line_lists())
         self._reader = csv.reader(self._input, strict=True)
@@ -96,7 +114,7 @@ class CsvReader:
         for text in self._source.texts():
             if pending and pending[-1][-1] == "\r" and text[0] != "\n":
                 # The "\r" that waited for a "\n" ended a line by itself (CR line endings).
-                yield self._hand_over(["".join(pending)], waiting > quarter)
+                yield self._hand_over(["".join(pending)], waiting, waiting > quarter)
                 pending.clear()
                 waiting = 0
             # Cut after the last line break; a "\r" at the very end waits, as a "\n" may follow it.
@@ -109,6 +127,7 @@ class CsvReader:
                 continue
             lines = _split_lines(text[:last] if last < len(text) else text)
             long = last > quarter
+            chars = last + waiting if pending else last
             if pending:  # the first line began in an earlier read
                 pending.append(lines[0])
                 lines[0] = "".join(pending)
@@ -117,11 +136,11 @@ class CsvReader:
             if last < len(text):
                 pending.append(text[last:])
             waiting = len(text) - last
-            yield self._hand_over(lines, long)
+            yield self._hand_over(lines, chars, long)
             if waiting > self._max_line:
                 raise self._too_long(self._lines_before + len(self._lines) + 1)
         if pending:
-            yield self._hand_over(["".join(pending)], waiting > quarter)
+            yield self._hand_over(["".join(pending)], waiting, waiting > quarter)
 
     def _too_long(self, line: int) -> FileError:
         return FileError(
@@ -130,10 +149,12 @@ class CsvReader:
             "is this a CSV file?"
         )
 
-    def _hand_over(self, lines: list[str], long: bool) -> list[str]:
+    def _hand_over(self, lines: list[str], chars: int, long: bool) -> list[str]:
         self._lines_before += len(self._lines)
         self._previous, self._lines = self._lines, lines
-        self._check, self._long = True, long
+        self._chars = (self._chars[1], chars)
+        self._handed += 1
+        self._long = long
         return lines
 
     def _lines_from(self, first: int, last: int) -> list[str] | None:
@@ -176,30 +197,96 @@ class CsvReader:
     # --- rows --------------------------------------------------------------------------------
 
     def records(self) -> Iterator[Record]:
+        for batch in self.batches(RECORD_BATCH):
+            yield from batch.records()
+
+    def batches(self, size: int) -> Iterator[RowBatch]:
+        """The rows ``size`` at a time (blank lines count), as ``RowBatch``es of columns.
+
+        The csv module's rows are taken ``TAKE_ROWS`` at a time (``list.extend`` of an
+        ``islice``: no Python code per row; a row the csv module refuses stops it, the rows
+        before stay) and turned into columns at once, so that the row lists die young (before the
+        garbage collector looks at them). Python looks at single rows only in a taken that needs
+        it: one with a blank, ragged or broken row, or with a cell that may be over the size
+        limit (more than a quarter of it in characters, in a taken read across a new read, where a
+        big cell can be: see the module docstring). A ``FileError`` met within a batch is raised
+        after the batch's rows before it are yielded."""
         reader, fields, n = self._reader, self.fields, len(self.fields)
+        quarter = self.max_cell_bytes // 4
         number = 0
-        end = reader.line_num  # the csv module's count of lines after the last row read
-        while True:
-            try:
-                for row in reader:
+        failure: FileError | None = None
+        eof = False
+        taken: list[list[str]] = []
+        while not eof:
+            columns: list[list[str]] = [[] for _ in range(n)]
+            numbers: list[int] = []
+            problems: list[Record] = []
+            first = number
+            while failure is None and not eof and number - first < size:
+                asked = min(size - (number - first), TAKE_ROWS)
+                start, handed = reader.line_num, self._handed
+                error: csv.Error | None = None
+                try:
+                    taken.extend(islice(reader, asked))
+                except csv.Error as e:
+                    error = e
+                except FileError as e:
+                    failure = e
+                got = len(taken)
+                eof = error is None and failure is None and got < asked
+                if got:
+                    # Rows read within one taken of text, or across two together no longer than a
+                    # quarter of the limit, hold no cell over it; only other rows need looking at.
+                    handovers = self._handed - handed
+                    big = self._long if handovers == 0 else handovers > 1 or sum(self._chars) > quarter
+                    big = big and max(map(len, chain.from_iterable(taken)), default=0) > quarter
+                    if not big and set(map(len, taken)) == {n}:
+                        rows = taken
+                        numbers.extend(range(number + 1, number + 1 + got))
+                    else:
+                        rows = self._rows(taken, number, numbers, problems, quarter if big else None)
+                    if rows:
+                        for column, cells in zip(columns, zip(*rows, strict=False), strict=True):  # rows of n cells
+                            column.extend(cells)
+                    number += got
+                if error is not None:
                     number += 1
-                    end = reader.line_num
-                    if self._check:
-                        self._check = self._long
-                        problem = self._size_problem(row, number)
-                        if problem:
-                            yield Record(number, dict(zip(fields, row, strict=False)), problem, row, csv_line)
-                            continue
-                    if len(row) == n:
-                        yield Record(number, dict(zip(fields, row, strict=False)))  # lengths checked
-                    elif row:  # a blank line is skipped (but counted)
-                        yield self._uneven(number, row)
-                return
-            except csv.Error as error:
-                number += 1
-                record = self._broken(number, end + self._skipped + 1, str(error))
-                end = reader.line_num
-                yield record
+                    try:
+                        problems.append(self._broken(number, start + _lines(taken) + self._skipped + 1, str(error)))
+                    except FileError as e:
+                        failure = e
+                taken.clear()
+            if numbers or problems:
+                yield RowBatch(fields, columns, numbers, problems)
+            if failure is not None:
+                raise failure
+
+    def _rows(
+        self, taken: list[list[str]], number: int, numbers: list[int], problems: list[Record], quarter: int | None
+    ) -> list[list[str]]:
+        """The rows ``taken`` (``number`` rows before them) one by one: the good ones (cut to the
+        header's length) are returned and numbered, the broken ones are problems, blank ones are
+        skipped; with ``quarter``, a row with a cell longer than that is checked for its size."""
+        fields, n = self.fields, len(self.fields)
+        rows = []
+        for row in taken:
+            number += 1
+            if quarter is not None and row and max(map(len, row)) > quarter:
+                problem = self._size_problem(row, number)
+                if problem:
+                    problems.append(Record(number, dict(zip(fields, row, strict=False)), problem, row, csv_line))
+                    continue
+            if len(row) == n:
+                rows.append(row)
+                numbers.append(number)
+            elif row:  # a blank line is skipped (but counted)
+                record = self._uneven(number, row)
+                if record.problem is None:
+                    rows.append(row[:n])
+                    numbers.append(number)
+                else:
+                    problems.append(record)
+        return rows
 
     def _size_problem(self, row: list[str], number: int) -> str | None:
         limit = self.max_cell_bytes

@@ -12,6 +12,8 @@ Two kinds of trouble, kept apart because the worker treats them differently:
   line that is not JSON, a formula cell). That row fails; the others go on.
 
 What a reader does not do is judge cells against the dataset's columns: ``formats.cells`` does.
+The CSV reader also reads a batch of rows at a time, column by column (``RowBatch``), for
+``formats.cells.ColumnChecker``: that is how the worker reads CSV.
 
 Text formats (CSV, JSON, NDJSON) are read through ``Utf8Chunks``: fixed-size reads, UTF-8 checked
 as the bytes arrive (a multi-byte character split between two reads is carried over), a BOM
@@ -98,6 +100,41 @@ class Record:
         return shorten(self.render(self.raw))
 
 
+@dataclass(slots=True)
+class RowBatch:
+    """Rows of a file with a header, a batch at a time (``CsvReader.batches``), column by column:
+    the well-formed rows' cells (``columns[k][i]`` is field ``k`` of record ``numbers[i]``; every
+    row has one cell per field), and the broken records (``problems``, each with its number and
+    problem). Both in file order."""
+
+    fields: list[str]
+    columns: list[list[str]]
+    numbers: list[int]
+    problems: list[Record]
+
+    def row(self, i: int) -> list[str]:
+        return [column[i] for column in self.columns]
+
+    def original(self, i: int) -> str:
+        """Row ``i`` as ``Record.original`` shows it."""
+        return shorten(csv_line(self.row(i)))
+
+    def records(self) -> Iterator[Record]:
+        """The batch as ``Record``s, in file order."""
+        fields = self.fields
+        problems = iter(self.problems)
+        problem = next(problems, None)
+        rows = zip(*self.columns, strict=True) if self.numbers else ()
+        for number, row in zip(self.numbers, rows, strict=True):
+            while problem is not None and problem.number < number:
+                yield problem
+                problem = next(problems, None)
+            yield Record(number, dict(zip(fields, row, strict=True)))
+        if problem is not None:
+            yield problem
+            yield from problems
+
+
 class Reader(Protocol):
     # CSV/XLSX: the header's names, read when the reader is made. JSON/NDJSON: None (each record
     # carries its own keys).
@@ -111,6 +148,9 @@ class Reader(Protocol):
     def records(self) -> Iterator[Record]:
         """The rows, streamed; raises ``FileError`` for a problem with the file as a whole."""
         ...
+
+    # Optional (CSV): ``batches(size) -> Iterator[RowBatch]``, the same records a batch at a time,
+    # for ``formats.cells.ColumnChecker``; the worker uses it where a reader has it.
 
 
 def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int) -> Reader:

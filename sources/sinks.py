@@ -17,6 +17,17 @@ Per store (the modules beside this one say how):
   of a failed import converges on the same documents; what was written before a failure stays.
 
 Rows are numbered in errors as they were handed to ``write`` (1 = the first row of the first batch).
+
+A sink may also take rows as text, column by column: ``write_text(columns, count)`` (the
+``TextRowSink`` protocol; the worker looks for the method). That is for stores that parse text
+anyway (PostgreSQL's COPY), so that a CSV import never makes typed values only to print them
+again. The cells are what ``formats.cells.ColumnChecker`` gives for ``TEXT``: ``""`` is no value
+(None; there is no empty text, as in CSV), integers are decimal, booleans ``t``/``f``, dates,
+date-times and text as in typed rows, and floats either their ``repr`` or a plain decimal that
+``float()`` reads as the value (``PLAIN_FLOAT_TEXT``: ``1.50``, ``2e-3``; bounded, so that it
+neither overflows nor underflows): a sink that does not read such text exactly as ``float()`` does
+makes it ``repr(float(text))``. All but text is ASCII. What is stored must be what ``write``
+stores for the typed rows (``rows_from_text``), errors included; rows count on across both methods.
 """
 
 from __future__ import annotations
@@ -65,6 +76,32 @@ class RowSink(Protocol):
     async def close(self) -> None:
         """Release the connection; rolls back if neither ``commit`` nor ``rollback`` happened."""
         ...
+
+
+class TextRowSink(RowSink, Protocol):
+    async def write_text(self, columns: Sequence[Sequence[str]], count: int) -> None:
+        """One batch of ``count`` rows given as text, one sequence of cells per column (in
+        ``columns`` order); see the module docstring."""
+        ...
+
+
+_TEXT_BOOL = {"t": True, "f": False}
+
+
+def rows_from_text(columns: Sequence[Column], cells: Sequence[Sequence[str]]) -> list[Row]:
+    """The typed rows that ``cells`` (``write_text``'s columns) stand for."""
+    typed: list[Sequence[Any]] = []
+    for column, texts in zip(columns, cells, strict=True):
+        kind = column.type
+        if kind == "integer":
+            typed.append([int(v) if v else None for v in texts])
+        elif kind == "float":
+            typed.append([float(v) if v else None for v in texts])
+        elif kind == "boolean":
+            typed.append([_TEXT_BOOL.get(v) for v in texts])
+        else:
+            typed.append([v or None for v in texts])
+    return list(zip(*typed, strict=True))
 
 
 async def open_sink(dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any) -> RowSink:
@@ -116,6 +153,16 @@ def key_positions(dataset: Dataset, columns: Sequence[Column]) -> list[int]:
     if not dataset.key or any(k not in names for k in dataset.key):
         return []
     return [names.index(k) for k in dataset.key]
+
+
+def check_key_texts(dataset: Dataset, columns: Sequence[Column], positions: Sequence[int],
+                    cells: Sequence[Sequence[str]], first_row: int) -> None:
+    """``check_keys`` for ``write_text``'s columns (where ``""`` is no value)."""
+    for i in positions:
+        if not all(cells[i]):  # (quicker than `"" in`, which compares every text)
+            n = list(cells[i]).index("")
+            raise SinkError(f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
+                            f"'{columns[i].name}'", row=first_row + n)
 
 
 def describe_key(names: Sequence[str], values: Sequence[Any]) -> str:

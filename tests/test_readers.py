@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
+import re
 import sys
 import time
 import tracemalloc
@@ -19,9 +20,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formats import writer_for
-from formats.cells import CellError, RowConverter, converter, header_problems
-from formats.readers import CHUNK_BYTES, FileError, Record, reader_for
-from sources.base import Column
+from formats.cells import (
+    CANONICAL_DATETIME_TEXT,
+    DATE_TEXT,
+    NO_OUTPUT,
+    PLAIN_FLOAT_TEXT,
+    TEXT,
+    TYPED,
+    CellError,
+    ColumnChecker,
+    RowConverter,
+    converter,
+    header_problems,
+    text_form,
+)
+from formats.readers import CHUNK_BYTES, FileError, Record, csv_line, reader_for
+from sources.base import Column, Dataset
 
 MiB = 1024 * 1024
 
@@ -792,6 +806,258 @@ def test_compiled_row_agrees_with_the_plain_converters(cells, unguard_text, requ
         assert [("ok", repr(v)) for v in row] == expected
 
 
+# --- column by column: ColumnChecker and CsvReader.batches ---------------------------------------
+
+KINDS = ("string", "integer", "float", "boolean", "date", "datetime")
+
+# What a CSV cell can be: any text, and plenty near the edges of each column form.
+TEXT_CELLS = st.one_of(
+    st.text(max_size=12),
+    st.from_regex(r"[+-]?0{0,2}[0-9]{1,21}", fullmatch=True),
+    st.from_regex(r"[+-]?[0-9]{0,17}\.?[0-9]{0,45}([eE][+-]?[0-9]{1,4})?", fullmatch=True),
+    st.sampled_from(["", "'", "'=x", "''=x", "'plain", "=x", "true", "TRUE", "True", "tRUE", "yes", "No", "0", "1",
+                     "-0", "00", "+0", "١", "²", "2024-02-30", "2024-02-29", "1900-02-29", "2000-02-29", "0000-01-01",
+                     "0001-01-01", "9999-12-31", "a\nb", "1\n2", "x\0y", "1e-400", "1e400", "nan", "-inf", "4.9e-324",
+                     "9223372036854775807", "9223372036854775808", "-9223372036854775808", "123456789012345678",
+                     "2015-01-01T00:01:37.000Z", "2015-01-01T00:01:37.100Z", "2015-01-01T00:01:37.0000001Z",
+                     "2015-01-01T24:00:00Z", "0001-01-01T00:00:00Z", "2016-02-29T23:59:59.999999Z"]),
+    st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", fullmatch=True),
+    st.from_regex(r"[0-9]{4}-(0[1-9]|1[0-2])-[0-3][0-9][Tt ][0-2][0-9]:[0-6][0-9](:[0-6][0-9](\.[0-9]{0,7})?)?"
+                  r"(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)?", fullmatch=True),
+    st.dates().map(str),
+    st.datetimes().map(lambda d: d.isoformat() + "Z"),
+    st.floats(allow_nan=False).map(repr),
+    st.integers(min_value=-(2**64), max_value=2**64).map(str),
+)  # fmt: skip
+
+
+def checked_cells(columns, cells, unguard_text):
+    """ColumnChecker's three outputs, which must fail the same records for the same reasons."""
+    checker = ColumnChecker(columns, unguard_text=unguard_text)
+    typed, errors = checker.check(cells, TYPED)
+    none, errors_none = checker.check(cells, NO_OUTPUT)
+    assert none is None and errors_none == errors
+    text = None
+    if unguard_text:
+        text, errors_text = checker.check(cells, TEXT)
+        assert errors_text == errors
+    return typed, text, errors
+
+
+def assert_agrees_with_the_converters(columns, cells, unguard_text):
+    typed, text, errors = checked_cells(columns, cells, unguard_text)
+    convert = RowConverter(columns, unguard_text=unguard_text).convert
+    for i in range(len(cells[0])):
+        row, row_errors = convert({c.name: cells[k][i] for k, c in enumerate(columns)})
+        if row is None:
+            assert errors.get(i) == row_errors, (i, [c[i] for c in cells])
+            continue
+        assert i not in errors
+        assert [repr(column[i]) for column in typed] == [repr(v) for v in row]
+        for k, (column, value) in enumerate(zip(columns, row, strict=True)):
+            if text is None:
+                continue
+            if column.type == "float" and value is not None:
+                # The file's own text if it is a plain decimal (PostgreSQL reads it as float() does), else repr.
+                assert re.fullmatch(PLAIN_FLOAT_TEXT, text[k][i]) or text[k][i] == repr(value)
+                assert repr(float(text[k][i])) == repr(value)
+            else:
+                assert text[k][i] == text_form(value), (column.type, text[k][i], value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    cells=st.lists(st.lists(TEXT_CELLS, min_size=6, max_size=6), min_size=1, max_size=8),
+    required=st.booleans(),
+    max_length=st.sampled_from([None, 3]),
+)
+def test_column_checker_agrees_with_the_plain_converters_on_text(cells, required, max_length):
+    """The column paths (CSV: all text) decide every cell as its converter does, in every output."""
+    columns = [Column(f"c{k}", kind, required=required, max_length=max_length) for k, kind in enumerate(KINDS)]
+    assert_agrees_with_the_converters(columns, [list(column) for column in zip(*cells, strict=True)], True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cells=st.lists(st.lists(CELLS, min_size=6, max_size=6), min_size=1, max_size=6),
+    unguard_text=st.booleans(),
+    required=st.booleans(),
+)
+def test_column_checker_agrees_with_the_plain_converters_on_any_value(cells, unguard_text, required):
+    """Columns holding other values than text (JSON, XLSX) go cell by cell, with the same outcome."""
+    columns = [Column(f"c{k}", kind, required=required) for k, kind in enumerate(KINDS)]
+    assert_agrees_with_the_converters(columns, [list(column) for column in zip(*cells, strict=True)], unguard_text)
+
+
+def test_the_column_forms_take_exactly_the_dates_and_times_that_exist():
+    date = re.compile(f"(?:{DATE_TEXT})").fullmatch
+    for year in (0, 1, 4, 100, 200, 400, 1600, 1700, 1900, 1996, 2000, 2023, 2024, 2100, 2400, 9996, 9999):
+        for month in range(14):
+            for day in range(33):
+                text = f"{year:04d}-{month:02d}-{day:02d}"
+                try:
+                    dt.date.fromisoformat(text)
+                    exists = True
+                except ValueError:
+                    exists = False
+                assert bool(date(text)) == exists, text
+    moment = re.compile(f"(?:{CANONICAL_DATETIME_TEXT})").fullmatch
+    for hour in range(26):
+        for minute in (0, 9, 59, 60, 61):
+            for second in (0, 59, 60):
+                text = f"2024-02-29T{hour:02d}:{minute:02d}:{second:02d}Z"
+                assert bool(moment(text)) == (hour < 24 and minute < 60 and second < 60), text
+
+
+def test_column_checker_names_each_bad_cell_of_a_failed_record_in_column_order():
+    columns = [Column("id", "integer", required=True), Column("name", max_length=5), Column("price", "float"),
+               Column("day", "date"), Column("at", "datetime"), Column("ok", "boolean")]  # fmt: skip
+    cells = [["1", "", "3", "4"], ["ab", "abcdefg", "'=x", "'''=toolong"], ["1.5", "x", "2.50", "1e400"],
+             ["2024-02-29", "2023-02-29", "", "2024-01-01"], ["2024-01-01T00:00:00.500Z", "", "2024-01-01 10:00", "z"],
+             ["yes", "FALSE", "maybe", ""]]  # fmt: skip
+    typed, text, errors = checked_cells(columns, cells, True)
+    assert errors == {
+        1: [CellError("id", "required, but empty"), CellError("name", "longer than 5 characters (7)"),
+            CellError("price", "'x' is not a number"),
+            CellError("day", "'2023-02-29' is not a date (YYYY-MM-DD): day is out of range for month")],
+        2: [CellError("ok", "'maybe' is not a boolean (true/false, yes/no, t/f or 1/0)")],
+        3: [CellError("name", "longer than 5 characters (10)"),  # one quote less: the guard's
+            CellError("price", "'1e400' is out of range for a float"),
+            CellError("at", "'z' is not a date-time (YYYY-MM-DDTHH:MM:SS, optionally with a fraction and Z or "
+                            "±HH:MM)")],
+    }  # fmt: skip
+    assert [column[0] for column in typed] == [1, "ab", 1.5, "2024-02-29", "2024-01-01T00:00:00.5Z", True]
+    assert [column[0] for column in text] == ["1", "ab", "1.5", "2024-02-29", "2024-01-01T00:00:00.5Z", "t"]
+    assert [column[2] for column in text][1:5] == ["=x", "2.50", "", "2024-01-01T10:00:00Z"]
+
+
+BATCH_FILES = [
+    b"a,b\n1,2\n\n3,4\n",
+    b"a,b,c,d\n1,2,3,4\n1,2,3\n1,2,3,4,5\n9,9,9,9\n1,2,3,4,,\n",
+    b'a,b\n"x"y,2\n3,4\n',
+    b'a,b\n"x"y,"open\nstill open, "" inside\nclosed",2\n3,4\n',
+    b'id,note\r\n1,"two\r\nlines"\n2,plain\r3,"lf\nonly"\r\n4,"cr\ronly"\n\n5,last',
+    b"id,t\n1," + "é".encode() * 600 + b"\n2,ok\n",
+    b'id,note\n1,fine\n2,"never closed\n3,more\n4,text\n',
+    b"id,t\n1,a\n2,b\n3,\xe9\n4,d\n",
+]
+
+
+@pytest.mark.parametrize("data", BATCH_FILES)
+@pytest.mark.parametrize("size", [1, 2, 3, 1000])
+def test_csv_batches_hold_the_records_of_records(data, size):
+    """batches(size) are records() in columns, whatever the size, a broken file included."""
+
+    def read(records: bool):
+        reader = reader_for("CSV", Trickle(data, 7), max_cell_bytes=1000)
+        got = []
+        try:
+            if records:
+                for r in reader.records():
+                    got.append((r.number, r.values, r.problem, r.original()))
+            else:
+                for batch in reader.batches(size):
+                    assert len({len(c) for c in batch.columns} | {len(batch.numbers)}) == 1
+                    assert 0 < len(batch.numbers) + len(batch.problems) <= size
+                    got += [(r.number, r.values, r.problem, r.original()) for r in batch.records()]
+        except FileError as e:
+            got.append(str(e))
+        return got
+
+    assert read(records=False) == read(records=True)
+
+
+@pytest.mark.parametrize("step", [7, 100, 5000])
+def test_csv_cell_over_the_limit_across_many_small_reads_fails_its_row(step):
+    """A quoted cell over the limit in many short lines, read a few bytes at a time: no read is
+    long by itself, the row is found all the same."""
+    cell = "\n".join(["y" * 40] * 30)  # 1,229 characters
+    data = f'id,t\n0,a\n1,"{cell}"\n2,ok\n'.encode()
+    assert rows_of("CSV", data, limit=1000, step=step) == [
+        (1, {"id": "0", "t": "a"}, None),
+        (2, {"id": "1", "t": cell}, "row 2: the cell in t is larger than 1,000 bytes (the limit per cell)"),
+        (3, {"id": "2", "t": "ok"}, None),
+    ]
+    assert rows_of("CSV", data, limit=1300, step=step)[1][2] is None
+
+
+def test_csv_batches_are_columns_with_record_numbers():
+    reader = reader_for("CSV", io.BytesIO(b"a,b\n1,x\n\n2,y\n3\n4,z\n"), max_cell_bytes=MiB)
+    (batch,) = list(reader.batches(100))
+    assert batch.fields == ["a", "b"]
+    assert batch.columns == [["1", "2", "4"], ["x", "y", "z"]] and batch.numbers == [1, 3, 5]
+    assert [(p.number, p.problem) for p in batch.problems] == [(4, "row 4 has 1 cell, the header has 2")]
+    assert batch.original(2) == "4,z"
+
+
+class RecordsOnly:
+    """A reader without ``batches``: FileBatches goes record by record."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.fields = reader, reader.fields
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def records(self):
+        return self.reader.records()
+
+
+def run_file_batches(data: bytes, columns, size: int, max_errors: int, by_column: bool, output: int):
+    """What the import loop does with FileBatches: batches until done or max_errors rows failed."""
+    from workers.imports import FileBatches
+
+    reader = reader_for("CSV", io.BytesIO(data), max_cell_bytes=1000)
+    dataset = Dataset(name="d", source="sqlite", url="", table="t", columns=tuple(columns))
+    batches = FileBatches(reader if by_column else RecordsOnly(reader), dataset, columns, "CSV", output=output)
+    assert batches.by_column == by_column
+    rows, failures, records, failed, valid = [], [], 0, 0, 0
+    try:
+        while True:
+            batch = batches.next(size, max_errors - failed)
+            valid += batch.valid
+            rows += batch.rows if batch.text is None else list(zip(*batch.text, strict=True))
+            failures += batch.failures
+            records += batch.records
+            failed += batch.failed_rows
+            if failed >= max_errors or batch.done:
+                break
+    except FileError as e:
+        failures.append(str(e))
+    return rows, failures, records, failed, valid
+
+
+FILE_CELLS = st.sampled_from(["1", "2", "-3", "+4", "007", "x", "", "1.5", "2.50", "1e400", "true", "no", "maybe",
+                              "2024-02-29", "2023-02-29", "2024-01-01T00:00:00.10Z", "2024-01-01 10:00", "'=a",
+                              "a,b", 'say "hi"', "two\nlines", "toolongtext"])  # fmt: skip
+FILE_LINES = st.one_of(
+    st.lists(FILE_CELLS, min_size=6, max_size=6).map(csv_line),
+    st.sampled_from(["", "1,2", "1,2,3,4,5,6,7", "1,2,3,4,5,6,,", '"x"y,1,2,3,4,5', "1,2,3,4,5," + "é" * 600]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(FILE_LINES, max_size=25), size=st.integers(1, 8), max_errors=st.integers(1, 12),
+       required=st.booleans())
+def test_file_batches_by_column_and_by_record_agree(lines, size, max_errors, required):
+    """The import's two ways through a file (CSV by column, other formats by record) write the same
+    rows, report the same failures in the same order and stop at exactly maxErrors failed rows."""
+    columns = [Column(f"c{k}", kind, required=required, max_length=8) for k, kind in enumerate(KINDS)]
+    data = ("c1,c0,c2,c3,c5,c4\n" + "\n".join(lines) + "\n").encode()  # not in the columns' order
+    by_record = run_file_batches(data, columns, size, max_errors, False, TYPED)
+    assert run_file_batches(data, columns, size, max_errors, True, TYPED) == by_record
+    rows = by_record[0]
+    text = run_file_batches(data, columns, size, max_errors, True, TEXT)
+    assert text[1:] == by_record[1:]
+    assert [tuple(map(text_form, row)) for row in rows] == [
+        tuple(text_form(float(v)) if c.type == "float" and v else v for c, v in zip(columns, row, strict=True))
+        for row in text[0]
+    ]
+    none = run_file_batches(data, columns, size, max_errors, True, NO_OUTPUT)
+    assert none[0] == [] and none[1:] == by_record[1:]
+
+
 # --- header ----------------------------------------------------------------------------------------
 
 
@@ -849,7 +1115,19 @@ def bench(rows: int) -> None:
                     convert(record.values)
                 count += 1
             best = min(best, time.perf_counter() - start)
-        print(f"{label}: {best:.2f} s, {count / best:,.0f} rows/s (best of 3)")
+        print(f"{label} (records): {best:.2f} s, {count / best:,.0f} rows/s (best of 3)")
+    checker = ColumnChecker(BENCH_COLUMNS, unguard_text=True)
+    for label, output in (("read", None), ("read + check, typed", TYPED), ("read + check, text", TEXT)):
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            count = 0
+            for batch in reader_for("CSV", io.BytesIO(data), max_cell_bytes=MiB).batches(5_000):
+                if output is not None:
+                    checker.check(batch.columns, output)
+                count += len(batch.numbers)
+            best = min(best, time.perf_counter() - start)
+        print(f"{label} (batches, by column): {best:.2f} s, {count / best:,.0f} rows/s (best of 3)")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import random
 import re
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dataport.net import free_port
 from dataport.settings import Settings
+from formats.cells import PLAIN_FLOAT_TEXT, text_form
 from sources.base import Column, Dataset
 from sources.opensearch import OpenSearchSource
 from sources.postgres import PostgresSource
@@ -537,6 +542,124 @@ async def test_postgres_a_long_import_restarts_its_copy_and_counts_rows_across_i
     assert e.value.row == 8
     assert await _write(ds, rows[:-1], batch=2) == 7
     assert len(await postgres_store.read(ds)) == 8
+
+
+# -- PostgreSQL: rows as text (write_text) -----------------------------------------------------------
+
+# ROWS as a CSV import has them: no empty text (an empty cell is no value).
+CSV_ROWS = [tuple(None if v == "" else v for v in row) for row in ROWS]
+
+
+def as_text(rows: list[tuple]) -> list[list[str]]:
+    """Rows as write_text takes them: column by column, as ColumnChecker's TEXT output spells them."""
+    return [[text_form(v) for v in column] for column in zip(*rows, strict=True)]
+
+
+async def _write_text(dataset: Dataset, rows: list[tuple], batch: int = 4, texts=None, mode: str = "INSERT") -> int:
+    sink = await open_sink(dataset, dataset.columns, mode, None)
+    try:
+        for start in range(0, len(rows), batch):
+            part = rows[start : start + batch]
+            cells = as_text(part) if texts is None else [column[start : start + batch] for column in texts]
+            await sink.write_text(cells, len(part))
+        return await sink.commit()
+    finally:
+        await sink.close()
+
+
+def stored(pg: psycopg.Connection, table: str) -> list[str]:
+    """Every row as PostgreSQL prints it (floats in full), in id order."""
+    pg.execute("SET extra_float_digits = 3")
+    pg.execute("SET TimeZone = 'UTC'")
+    return [r for (r,) in pg.execute(f'SELECT t::text FROM "{table}" t ORDER BY 1').fetchall()]
+
+
+@pytest.mark.parametrize("batch", [1, 4])  # 1: batches all ASCII too (joined whole rather than row by row)
+@pytest.mark.parametrize("mode", ["INSERT", "UPSERT"])
+async def test_postgres_text_rows_are_stored_as_their_typed_rows(postgres_store, batch, mode):
+    """write_text stores what write stores for the same rows, also in columns of other types than
+    the natural ones (where a float is written as its repr, a boolean as t/f)."""
+    pg = postgres_store.pg
+    sink = await open_sink(postgres_store.make(), COLUMNS, "INSERT", None)
+    assert callable(sink.write_text)
+    await sink.close()
+    for retype in (None, "score TYPE numeric, ALTER COLUMN active TYPE text, ALTER COLUMN seen_at TYPE text, "
+                         "ALTER COLUMN born TYPE text, ALTER COLUMN name TYPE varchar(80)"):
+        typed, text = postgres_store.make(), postgres_store.make()
+        for ds in (typed, text):
+            if retype:
+                pg.execute(f'ALTER TABLE "{ds.table}" ALTER COLUMN {retype}')
+        assert (await _write(typed, CSV_ROWS, mode=mode, batch=batch)
+                == await _write_text(text, CSV_ROWS, mode=mode, batch=batch) == len(CSV_ROWS))
+        assert stored(pg, text.table) == stored(pg, typed.table)
+    assert await postgres_store.read(text) == sorted(CSV_ROWS)
+
+
+def float_texts() -> list[str]:
+    """Float texts as ColumnChecker passes them on (PLAIN_FLOAT_TEXT), where PostgreSQL's strtod and
+    float() must agree: long mantissas, exponents, exact ties between two doubles and next to them."""
+    rng = random.Random(20261121)
+    texts = ["0", "-0", "0.0", "-0.0", "+1", "1.50", "1E5", "1e-05", "2.5e-07", "00012.5000", "123456789012345.6",
+             "0.1000000000000000055511151231257827021181583404541015625"[:42], "900719925474099.3e1", "1e99", "1e-99",
+             "9.999999999999999e99", "0.00000000000000000000000000000000000001e-99"]  # fmt: skip
+    for _ in range(3000):
+        whole = "".join(rng.choices("0123456789", k=rng.randint(1, 15)))
+        fraction = "".join(rng.choices("0123456789", k=rng.randint(0, 40)))
+        text = rng.choice(["", "-", "+"]) + whole + (f".{fraction}" if fraction else "")
+        if rng.random() < 0.4:
+            text += f"{rng.choice('eE')}{rng.choice(['', '+', '-'])}{rng.randint(0, 99)}"
+        texts.append(text)
+    with localcontext(prec=200):  # exact
+        for _ in range(1500):  # halfway between two doubles, exactly, and a hair either side
+            x = rng.uniform(2.0**20, 2.0**49) * rng.choice([1, 2**-10, 2**-20])
+            middle = (Decimal(x) + Decimal(math.nextafter(x, math.inf))) / 2
+            for near in (middle, middle + Decimal("1e-40"), middle - Decimal("1e-40")):
+                text = f"{near:f}"
+                if re.fullmatch(PLAIN_FLOAT_TEXT, text):
+                    texts.append(text)
+    assert all(re.fullmatch(PLAIN_FLOAT_TEXT, t) for t in texts)
+    return texts
+
+
+async def test_postgres_reads_plain_float_texts_as_python_does(postgres_store):
+    """A float column of type double precision takes the file's own text: the server must read
+    every text of the plain form as float() does (both round correctly; the form rules out
+    overflow and underflow). Other float columns get repr(float(text)), as typed rows do."""
+    texts = float_texts()
+    columns = (Column("id", "integer"), Column("x", "float"), Column("n", "float"))
+    rows = [(i, float(t), float(t)) for i, t in enumerate(texts)]
+    typed, text = postgres_store.make(columns=columns), postgres_store.make(columns=columns)
+    for ds in (typed, text):
+        postgres_store.pg.execute(f'ALTER TABLE "{ds.table}" ALTER COLUMN n TYPE numeric')
+    cells = [[str(i) for i in range(len(texts))], texts, texts]
+    await _write(typed, rows, batch=1000)
+    await _write_text(text, rows, batch=1000, texts=cells)
+    exact = postgres_store.pg.execute(f'SELECT id, float8send(x) FROM "{text.table}" ORDER BY id').fetchall()
+    assert [bytes(b) for _, b in exact] == [struct.pack(">d", float(t)) for t in texts]
+    assert stored(postgres_store.pg, text.table) == stored(postgres_store.pg, typed.table)
+
+
+async def test_postgres_text_rows_fail_as_typed_rows_do(postgres_store):
+    """A NUL in a text, a missing key, a duplicate key: the same errors, rows numbered across
+    write and write_text."""
+    ds = postgres_store.make()
+    with pytest.raises(SinkError, match=r"row 2, column 'notes': .*NUL") as typed:
+        await _write(ds, [CSV_ROWS[0], (2, "x", None, None, None, None, "a\0b")])
+    with pytest.raises(SinkError, match=r"row 2, column 'notes': .*NUL") as text:
+        await _write_text(ds, [CSV_ROWS[0], (2, "x", None, None, None, None, "a\0b")])
+    assert str(text.value) == str(typed.value) and text.value.row == 2
+    with pytest.raises(SinkError, match=r"row 3 has no value for the key column 'id'"):
+        await _write_text(ds, [CSV_ROWS[0], CSV_ROWS[1], (None, "x", None, None, None, None, None)])
+    sink = await open_sink(ds, ds.columns, "INSERT", None)
+    try:
+        await sink.write(CSV_ROWS[:3])
+        with pytest.raises(DuplicateKeyError, match=r"the file has more than one row with id=2 \(row 5\)") as e:
+            await sink.write_text(as_text([CSV_ROWS[3], CSV_ROWS[1]]), 2)
+            await sink.commit()
+        assert e.value.row == 5
+    finally:
+        await sink.close()
+    assert await postgres_store.read(ds) == []
 
 
 # -- OpenSearch ---------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 One call of ``run_import`` is one attempt, claimed and fenced like an export's. The file is read
 in a worker thread one batch at a time (parsing is CPU work and blocking I/O), so the event loop
-keeps renewing the lease and noticing a cancel. Valid rows go to the dataset's sink, failed rows to
-the error report; the sink commits once at the end, so on PostgreSQL and SQLite an import writes
-all its valid rows or none. A retry starts again from the first byte.
+keeps renewing the lease and noticing a cancel; the next batch is read while the sink writes this
+one. Valid rows go to the dataset's sink, failed rows to the error report; the sink commits once
+at the end, so on PostgreSQL and SQLite an import writes all its valid rows or none. A retry
+starts again from the first byte.
+
+A CSV file is read and checked column by column (``CsvReader.batches``, ``ColumnChecker``), and
+its valid rows go to a sink that takes text (PostgreSQL) as text, never as typed values; other
+formats go record by record through ``RowConverter``. Both make the same rows and the same report.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import IO, Any
 
+from dataport.logs import bind_job
 from dataport.services import Services
-from formats.cells import RowConverter, header_problems
+from formats.cells import NO_OUTPUT, TEXT, TYPED, ColumnChecker, RowConverter, header_problems
 from formats.csv import CsvWriter
-from formats.readers import FileError, Reader, Record, reader_for
+from formats.readers import FileError, Reader, Record, RowBatch, reader_for
 from sources.base import Column, Dataset, SourceError
 from sources.sinks import RowSink, SinkError, open_sink
 from storage.base import ObjectWriter, StorageError
@@ -40,6 +48,7 @@ GUARDED_FORMATS = ("CSV", "XLSX")
 
 
 async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
+    bind_job("import", task_id, run, ctx)  # logs carry the task id from here on
     services: Services = ctx["services"]
     attempt: int = ctx["job_try"]
     task = await claim(services, task_id, run, attempt, "import")
@@ -76,7 +85,11 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
 
 @dataclass
 class Batch:
+    # The valid rows: typed row tuples (``rows``), or with TEXT output their cells as text,
+    # column by column (``text``, see formats.cells.ColumnChecker); ``valid`` counts them either way.
     rows: list[tuple] = field(default_factory=list)
+    text: list[Sequence[str]] | None = None
+    valid: int = 0
     failures: list[tuple[int, str, str, str]] = field(default_factory=list)  # row, column, reason, original
     failed_rows: int = 0
     records: int = 0
@@ -86,19 +99,38 @@ class Batch:
 
 class FileBatches:
     """The reading half of an import: records of the file, checked, a batch at a time. Runs in a
-    worker thread; holds one batch, never the file."""
+    worker thread; holds one batch, never the file.
 
-    def __init__(self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str):
+    A reader with ``batches`` (CSV) is checked column by column (``ColumnChecker``), and its valid
+    rows come out as ``output`` asks: TYPED rows, TEXT columns (for a sink with ``write_text``) or
+    nothing (a dry run). Other readers go record by record through ``RowConverter`` (TYPED rows;
+    none for a dry run). Both check and convert every cell as ``formats.cells`` defines."""
+
+    def __init__(self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str,
+                 output: int = TYPED):
         self.reader = reader
-        self.records = reader.records()
         self.dataset = dataset
-        # Files with a header had their names checked once, before the first row.
-        self.names = {c.name for c in columns} if reader.fields is None else None
-        self.converter = RowConverter(columns, unguard_text=file_format in GUARDED_FORMATS)
+        unguard_text = file_format in GUARDED_FORMATS
+        self._batches: Iterator[RowBatch] | None = None
+        self.by_column = reader.fields is not None and callable(getattr(reader, "batches", None))
+        if self.by_column:
+            assert reader.fields is not None
+            at = {name: i for i, name in enumerate(reader.fields)}
+            self.positions = [at[c.name] for c in columns]
+            self.checker = ColumnChecker(columns, unguard_text=unguard_text)
+            self.output = TYPED if output == TEXT and not unguard_text else output
+        else:
+            self.records = reader.records()
+            # Files with a header had their names checked once, before the first row.
+            self.names = {c.name for c in columns} if reader.fields is None else None
+            self.converter = RowConverter(columns, unguard_text=unguard_text)
+            self.output = TYPED
 
     def next(self, size: int, failures_allowed: int) -> Batch:
         """Up to ``size`` records; fewer when ``failures_allowed`` rows have failed, so that an
         import stopped by maxErrors reports exactly that many."""
+        if self.by_column:
+            return self._next_columns(size, failures_allowed)
         batch = Batch()
         for record in self.records:
             batch.records += 1
@@ -107,6 +139,7 @@ class FileBatches:
                 break
         else:
             batch.done = True
+        batch.valid = len(batch.rows)
         batch.bytes_read = self.reader.bytes_read
         return batch
 
@@ -127,6 +160,47 @@ class FileBatches:
         batch.failed_rows += 1
         original = record.original()
         batch.failures.extend((record.number, e.column, e.reason, original) for e in errors)
+
+    def _next_columns(self, size: int, failures_allowed: int) -> Batch:
+        if self._batches is None:
+            self._batches = self.reader.batches(size)  # type: ignore[attr-defined]
+        read = next(self._batches, None)
+        batch = Batch(bytes_read=self.reader.bytes_read)
+        if read is None:
+            batch.done = True
+            return batch
+        count = len(read.numbers)
+        out, errors = self.checker.check([read.columns[i] for i in self.positions], self.output)
+        keep = count  # the rows looked at: all, unless maxErrors is reached within the batch
+        batch.records = count + len(read.problems)
+        if errors or read.problems:
+            # The failed records in file order, up to the one that reaches failures_allowed.
+            failed = sorted([(read.numbers[i], i, None) for i in errors] +
+                            [(p.number, -1, p) for p in read.problems], key=itemgetter(0))
+            for number, i, problem in failed:
+                if problem is None:
+                    original = read.original(i)
+                    batch.failures.extend((number, e.column, e.reason, original) for e in errors[i])
+                else:
+                    batch.failures.append((number, "", problem.problem or "", problem.original()))
+                batch.failed_rows += 1
+                if batch.failed_rows >= failures_allowed:
+                    keep = bisect_right(read.numbers, number)
+                    batch.records = keep + sum(1 for p in read.problems if p.number <= number)
+                    break
+        if errors or keep < count:
+            good = [i for i in range(keep) if i not in errors]
+            batch.valid = len(good)
+            if out is not None:
+                out = [[column[i] for i in good] for column in out]
+        else:
+            batch.valid = count
+        if out is not None and batch.valid:
+            if self.output == TEXT:
+                batch.text = out
+            else:
+                batch.rows = list(zip(*out, strict=False))  # columns of a length
+        return batch
 
 
 class ErrorReport:
@@ -177,21 +251,27 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     report = ErrorReport(services, report_key(task))
     stream = await _open_file(services, task)
     sink: RowSink | None = None
+    ahead: asyncio.Future[Batch] | None = None  # the next batch, read while this one is written
     try:
         reader = await asyncio.to_thread(reader_for, task.format, stream,
                                          max_cell_bytes=settings.import_max_cell_bytes)
         columns = _columns(dataset, reader)
         if not dry_run:
             sink = await open_sink(dataset, columns, request["mode"], settings)
-        batches = FileBatches(reader, dataset, columns, task.format)
+        batches = FileBatches(reader, dataset, columns, task.format, output=_output(sink))
+        rows = settings.import_batch_rows
         valid = failed = 0
+        ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors))
         while True:
-            batch = await asyncio.to_thread(batches.next, settings.import_batch_rows, max_errors - failed)
-            if sink is not None and batch.rows:
-                await sink.write(batch.rows)
-            await report.add(batch.failures)
-            valid += len(batch.rows)
+            batch = await asyncio.shield(ahead)  # a cancel leaves the read to finish (see _settle)
+            ahead = None
             failed += batch.failed_rows
+            if not batch.done and failed < max_errors:
+                ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors - failed))
+            if sink is not None and batch.valid:
+                await _write(sink, batch)
+            await report.add(batch.failures)
+            valid += batch.valid
             progress.counters = {"rows_imported": 0 if dry_run else valid, "rows_failed": failed}
             await progress.advance(batch.records, batch.bytes_read - progress.bytes)
             if failed >= max_errors:
@@ -204,6 +284,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         await asyncio.shield(_discard(sink, report))
         raise
     finally:
+        await _settle(ahead)  # a read in progress ends before its stream is closed
         await asyncio.to_thread(stream.close)
         if sink is not None:
             await asyncio.shield(sink.close())
@@ -225,6 +306,33 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         # Cancelled between the last check and the commit: the rows are in, and the events say so.
         log.warning("import %s was cancelled after its rows were committed", task.id)
     return "succeeded"
+
+
+def _output(sink: RowSink | None) -> int:
+    """What the checks hand on: nothing for a dry run, text to a sink that parses it."""
+    if sink is None:
+        return NO_OUTPUT
+    return TEXT if callable(getattr(sink, "write_text", None)) else TYPED
+
+
+async def _write(sink: RowSink, batch: Batch) -> None:
+    if batch.text is not None:
+        await sink.write_text(batch.text, batch.valid)  # type: ignore[attr-defined]
+    else:
+        await sink.write(batch.rows)
+
+
+# How long a stopping import waits for the batch being read ahead (normally a few milliseconds).
+SETTLE_SECONDS = 1.0
+
+
+async def _settle(ahead: asyncio.Future[Batch] | None) -> None:
+    """Let a batch being read in a thread finish (its outcome is not wanted any more)."""
+    if ahead is None:
+        return
+    ahead.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
+    with contextlib.suppress(Exception, asyncio.CancelledError):  # the import stops anyway: clean up
+        await asyncio.wait([ahead], timeout=SETTLE_SECONDS)
 
 
 def nothing_written(task: Task, services: Services) -> str:
