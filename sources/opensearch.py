@@ -267,7 +267,7 @@ def discover_columns(url: str, index: str) -> tuple[Column, ...]:
     try:
         response = client.indices.get_mapping(index=index)
     except TransportError as e:
-        raise SourceError(_explain(e, f"reading the mapping of index '{index}'", index, url)) from None
+        raise SourceError(explain_error(e, f"reading the mapping of index '{index}'", index, url)) from None
     finally:
         client.close()
     described = _describe_mapping(response)
@@ -614,7 +614,7 @@ def _walker(name: str) -> Callable[[dict[str, Any]], Any]:
     return walk
 
 
-def _converter(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Row]]:
+def cell_converter(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Row]]:
     """Hits → tuples in column order, each cell of its column's type; a value of the wrong type
     is a ``SourceError`` that names the document and the column."""
     plan = [(c.name, _CELLS.get(c.type, _string)) for c in columns]
@@ -685,17 +685,17 @@ def _checked_datetimes(values: Sequence[Any]) -> bool:
 
 
 def _page_reader(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Sequence[Any]]]:
-    """Hits → one sequence of cells per column, typed as ``_converter`` types them, the same values.
+    """Hits → one sequence of cells per column, typed as ``cell_converter`` types them, the same values.
 
     So that the common case stays in C: the values are looked up in C (each document merged over a
     dict of None and its fields taken with one ``itemgetter``; walks for dotted names), then each
     column's types are checked at once with ``set(map(type, …))`` (dates and date-times with
     ``fromisoformat`` mapped over the column); only a column that holds something else (an int in
     a float column, a list, a date-time in another form) goes through the per-cell conversion. A
-    value of the wrong type sends the page through ``_converter``, whose error names the first bad
+    value of the wrong type sends the page through ``cell_converter``, whose error names the first bad
     document and column, as before. 10,000 narrow documents: ~12 ms, against ~23 ms for
-    ``_converter``."""
-    convert = _converter(columns)
+    ``cell_converter``."""
+    convert = cell_converter(columns)
     names = [c.name for c in columns]
     plan = [(c.type, _CELLS.get(c.type, _string)) for c in columns]
     walks = [(c.name, _walker(c.name) if "." in c.name else None) for c in columns]
@@ -787,7 +787,7 @@ def _error_type(e: TransportError) -> str:
     return str(e.error or "")
 
 
-def _reason(e: TransportError) -> str:
+def error_reason(e: TransportError) -> str:
     if isinstance(e, ConnectionTimeout):
         return "no answer in time"
     if isinstance(e, OSConnectionError):
@@ -803,7 +803,7 @@ def _reason(e: TransportError) -> str:
     return str(e.error or info or e.status_code)
 
 
-def _transient(e: TransportError) -> bool:
+def is_transient(e: TransportError) -> bool:
     if isinstance(e, OSConnectionError):  # includes timeouts
         return True
     return isinstance(e.status_code, int) and (e.status_code == 429 or e.status_code >= 500)
@@ -820,26 +820,26 @@ def _never_reached(e: TransportError) -> bool:
 
 
 def _context_gone(e: TransportError) -> bool:
-    text = f"{_error_type(e)} {_reason(e)}"
+    text = f"{_error_type(e)} {error_reason(e)}"
     return e.status_code == 404 and ("search_context_missing" in text or "No search context found" in text)
 
 
-def _explain(e: TransportError, what: str, index: str, url: str) -> str:
+def explain_error(e: TransportError, what: str, index: str, url: str) -> str:
     """A message for a failure that a retry will not mend: what went wrong and what to change."""
     where = redact(url)
     kind = _error_type(e)
     if isinstance(e, OSConnectionError):
-        return f"OpenSearch at {where} could not be reached while {what} ({_reason(e)})."
+        return f"OpenSearch at {where} could not be reached while {what} ({error_reason(e)})."
     if "index_not_found" in kind:
         return (f"Index '{index}' does not exist at {where}. Check `index` in the datasets file, or create "
                 f"the index.")  # fmt: skip
     if e.status_code == 401:
         return f"OpenSearch at {where} refused the credentials (401). Check the user and password in the dataset's url."
     if e.status_code == 403:
-        return f"OpenSearch at {where} does not allow {what} (403: {_reason(e)}). Grant the user read access."
+        return f"OpenSearch at {where} does not allow {what} (403: {error_reason(e)}). Grant the user read access."
     if e.status_code == 400:
-        return f"OpenSearch refused the request while {what} ({_reason(e)})."
-    return f"OpenSearch at {where} answered {e.status_code} while {what} ({_reason(e)})."
+        return f"OpenSearch refused the request while {what} ({error_reason(e)})."
+    return f"OpenSearch at {where} answered {e.status_code} while {what} ({error_reason(e)})."
 
 
 def _shard_problem(response: Mapping[str, Any], what: str) -> SourceError | None:
@@ -865,7 +865,7 @@ def _shard_problem(response: Mapping[str, Any], what: str) -> SourceError | None
 # The source
 
 
-class _OrjsonSerializer(JSONSerializer):
+class OrjsonSerializer(JSONSerializer):
     """orjson for the bulk of the bytes (search answers); the standard one for what it refuses
     (integers beyond 64 bits)."""
 
@@ -884,7 +884,7 @@ class _OrjsonSerializer(JSONSerializer):
             return super().dumps(data)
 
 
-class _SourceSerializer(_OrjsonSerializer):
+class _SourceSerializer(OrjsonSerializer):
     """Hands a successful JSON answer (bytes, from ``_Connection``) to ``OpenSearchSource._call``
     unparsed: it parses and digests a page in one go (see there)."""
 
@@ -1215,24 +1215,24 @@ class OpenSearchSource:
             try:
                 return await request()
             except TransportError as e:
-                if not _transient(e):
+                if not is_transient(e):
                     if _context_gone(e):
                         raise TransientSourceError(
                             f"The point in time or scroll over index '{self.index}' expired while {what}; "
                             f"the read has to start again.") from e
-                    raise SourceError(_explain(e, what, self.index, self.dataset.url)) from e
+                    raise SourceError(explain_error(e, what, self.index, self.dataset.url)) from e
                 if not replay_safe and not _never_reached(e):
                     raise TransientSourceError(
-                        f"OpenSearch failed while {what} ({_reason(e)}); a scroll cannot be resumed after an "
+                        f"OpenSearch failed while {what} ({error_reason(e)}); a scroll cannot be resumed after an "
                         f"unanswered page, so the read has to start again.") from e
                 if attempt == tries - 1:
                     raise TransientSourceError(
                         f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
-                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {_reason(e)}); it may be "
+                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
                         f"overloaded or down.") from e
                 delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
                 log.info("index '%s': %s failed (%s %s); try %d of %d in %.1f s", self.index, what,
-                         e.status_code, _reason(e), attempt + 2, tries, delay)
+                         e.status_code, error_reason(e), attempt + 2, tries, delay)
                 await asyncio.sleep(delay)
             except SerializationError as e:
                 raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e

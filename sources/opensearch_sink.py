@@ -53,11 +53,11 @@ from sources.base import Column, Dataset, Row, SourceError
 from sources.opensearch import (
     REQUEST_TIMEOUT_SECONDS,
     RETRY_DELAYS,
-    _converter,
-    _explain,
-    _OrjsonSerializer,
-    _reason,
-    _transient,
+    OrjsonSerializer,
+    cell_converter,
+    error_reason,
+    explain_error,
+    is_transient,
     redact,
 )
 from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
@@ -78,12 +78,12 @@ class OpenSearchSink:
         self.retry_delays = tuple(retry_delays)
         timeout = float(settings.opensearch_timeout_seconds if settings is not None else REQUEST_TIMEOUT_SECONDS)
         self.client = AsyncOpenSearch(hosts=[dataset.url], timeout=timeout, max_retries=0, retry_on_status=(),
-                                      serializer=_OrjsonSerializer())
+                                      serializer=OrjsonSerializer())
         self._keys = key_positions(dataset, columns)
         self._names = [c.name for c in columns]
         self._paths = [tuple(c.name.split(".")) for c in columns]
         self._nested = any(len(p) > 1 for p in self._paths)
-        self._read = _converter(columns)
+        self._read = cell_converter(columns)
         self._done = False
         self._failed: str | None = None
 
@@ -277,17 +277,17 @@ class OpenSearchSink:
             try:
                 return await request()
             except TransportError as e:
-                if not _transient(e):
+                if not is_transient(e):
                     raise SinkError(f"dataset '{self.dataset.name}': "
-                                    f"{_explain(e, what, self.index, self.dataset.url)}") from e
+                                    f"{explain_error(e, what, self.index, self.dataset.url)}") from e
                 if attempt == tries - 1:
                     raise SinkError(
                         f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
-                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {_reason(e)}); it may be "
+                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
                         f"overloaded or down.", transient=True) from e
                 delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
                 log.info("index '%s': %s failed (%s %s); try %d of %d in %.1f s", self.index, what, e.status_code,
-                         _reason(e), attempt + 2, tries, delay)
+                         error_reason(e), attempt + 2, tries, delay)
                 await asyncio.sleep(delay)
             except SerializationError as e:
                 raise SinkError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e

@@ -751,7 +751,7 @@ FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Col
 @pytest.mark.parametrize("columns", [FLAT, (*FLAT, Column("o.x", "float"), Column("o.y", "string")), FLAT[2:3]],
                          ids=["fields", "and-objects", "one-column"])
 def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
-    from sources.opensearch import _converter, _page_reader
+    from sources.opensearch import _page_reader, cell_converter
 
     odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
            "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
@@ -767,7 +767,7 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
         pages.append([{"_source": {k: v[n % len(v)] for k, v in values.items()}} for n in range(7)])
     pages.append([{"_source": {"o": {"x": 1}, "o.y": "dotted"}}, {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
                   {"_id": "3"}, {"_source": {"o": None}}])
-    read, convert = _page_reader(columns), _converter(columns)
+    read, convert = _page_reader(columns), cell_converter(columns)
 
     def typed(cells) -> list[list[tuple[type, Any]]]:
         return [[(type(v), v) for v in c] for c in cells]

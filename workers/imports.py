@@ -302,7 +302,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     )
     if finished.ok:
         await task_finished(services, task)
-    if not finished.ok:
+    else:
         # Cancelled between the last check and the commit: the rows are in, and the events say so.
         log.warning("import %s was cancelled after its rows were committed", task.id)
     return "succeeded"
