@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import sqlite3
 import time
 
 import boto3
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from tests.client import Api
-from tests.fixtures.stack import DEMO_ROWS, SPECIAL_COLUMNS, SPECIAL_ROWS
+from tests.fixtures.stack import DEMO_ROWS, SPECIAL_COLUMNS, SPECIAL_ROWS, first_attempt_fails_on_a_lock
 
 NAMES = [c.name for c in SPECIAL_COLUMNS]
 GUARD = ("=", "+", "-", "@", "\t", "\r")
@@ -419,17 +418,7 @@ def test_a_worker_runs_three_jobs_at_once_and_queues_the_rest_in_order(idle_queu
 def test_a_transient_failure_succeeds_on_a_retry(idle_queue, test_data):
     api = idle_queue.api()
     task = api.export(dataset="lockable", format="CSV")  # counted before the lock is taken
-    lock = sqlite3.connect(test_data.lockable_db, timeout=0)
-    lock.execute("BEGIN EXCLUSIVE")  # readers now get "database is locked"
-    try:
-        idle_queue.start_worker()
-        deadline = time.monotonic() + 30
-        while not any("attempt 1 failed" in (e["message"] or "") for e in api.task(task["id"])["events"]):
-            assert time.monotonic() < deadline, api.task(task["id"])
-            time.sleep(0.05)
-    finally:
-        lock.rollback()
-        lock.close()
+    first_attempt_fails_on_a_lock(api, task["id"], test_data.lockable_db, idle_queue.start_worker)
     done = api.wait(task["id"])
     assert done["status"] == "SUCCEEDED" and done["attempts"] >= 2 and done["rowCount"] == 2_000
     retry_event = next(e for e in done["events"] if "attempt 1 failed" in (e["message"] or ""))

@@ -16,7 +16,6 @@ import hmac
 import html
 import io
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, stamp
 from tasks.notifications import delivery_key, notify_job_id, task_finished
 from tests.fixtures.notify import MAIL_FROM, WEBHOOK_SECRET, Hook, NotifyData, NotifyStack, SmtpServer
-from tests.fixtures.stack import SPECIAL_COLUMNS
+from tests.fixtures.stack import SPECIAL_COLUMNS, first_attempt_fails_on_a_lock
 from workers.attempts import claim
 from workers.notify import notify_task, sign
 
@@ -129,17 +128,7 @@ def test_an_export_retried_after_a_transient_failure_emails_once(notify_stack: N
     try:
         api, _, address = notify_stack.user()
         task = api.export(dataset="lockable", format="CSV", notify=True)  # counted before the lock is taken
-        lock = sqlite3.connect(notify_stack.data.lockable_db, timeout=0)
-        lock.execute("BEGIN EXCLUSIVE")  # readers now get "database is locked"
-        try:
-            stack.start_worker()
-            deadline = time.monotonic() + 30
-            while not any("attempt 1 failed" in (e["message"] or "") for e in api.task(task["id"])["events"]):
-                assert time.monotonic() < deadline, api.task(task["id"])
-                time.sleep(0.05)
-        finally:
-            lock.rollback()
-            lock.close()
+        first_attempt_fails_on_a_lock(api, task["id"], notify_stack.data.lockable_db, stack.start_worker)
         done = api.wait(task["id"])
     finally:
         if not stack.workers:
