@@ -122,6 +122,7 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any
 
+import msgspec
 import orjson
 import psycopg
 import psycopg.errors as pge
@@ -129,6 +130,7 @@ from psycopg import generators as psycopg_generators
 from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.types.json import set_json_loads
 from psycopg.waiting import Wait
 
 import formats.csv as csv_format
@@ -481,6 +483,68 @@ def _getter(keys: list[str]) -> Callable[[dict], tuple]:
     return itemgetter(*keys)
 
 
+# The column types a document's value can be decoded as directly: what _FAST_TYPES accepts as it is,
+# and integral numbers as floats in float columns (as the groups convert them).
+_DECODED_AS = {"string": str | None, "float": float | None, "integer": int | None, "boolean": bool | None}
+
+
+def _decoder(groups: list[list[str]], kinds: list[str]) -> Callable[[str | bytes], tuple[list[tuple], bool] | None] | None:  # noqa: E501
+    """A document's text → the values of each group's keys (None where a key is missing), and
+    whether they are typed already: then every group of a kind in ``_DECODED_AS`` holds values of
+    its type. None when the text is not a JSON object, or when this decoder does not pay (then
+    the caller parses the document into a dict). No decoder at all when the keys cannot be one
+    msgspec Struct.
+
+    Decoding into a Struct of just these keys skips building a dict per document, looking every
+    key up in it again and checking the type of every value: 2,897 keys, about 2.5x less CPU than
+    ``orjson.loads``, an ``itemgetter`` and the type check. A document with a value of another
+    type (text in a float field) is decoded again with every field ``Any``, so that its values
+    come out as ``orjson.loads`` makes them and the groups type them as before.
+
+    msgspec looks a key up among the fields starting after the one it found last, so the fields
+    are in jsonb's order of keys (shorter first, then by their bytes): a document's keys then each
+    take one comparison. A key that is not a field takes a comparison with every field, so
+    documents with many keys beyond the read's are left to dicts (decided on the first document)."""
+    keys = [key for group in groups for key in group]
+    kind_of = {key: kind for group, kind in zip(groups, kinds, strict=True) for key in group}
+    in_document_order = sorted(keys, key=lambda k: (len(k.encode()), k.encode()))
+    try:
+        typed, loose = (msgspec.defstruct(name, [(f"f{i}", type_of(key), msgspec.field(name=key, default=None))
+                                                 for i, key in enumerate(in_document_order)])
+                        for name, type_of in (("Typed", lambda k: _DECODED_AS.get(kind_of[k], Any)),
+                                              ("Loose", lambda k: Any)))
+    except (TypeError, ValueError):  # e.g. the same key twice
+        return None
+    decode_typed, decode_loose = msgspec.json.Decoder(typed).decode, msgspec.json.Decoder(loose).decode
+    as_tuple = msgspec.structs.astuple
+    position = {key: i for i, key in enumerate(in_document_order)}
+    spans = [itemgetter(*(position[k] for k in group)) if len(group) > 1 else
+             (lambda cells, at=position[group[0]]: (cells[at],)) for group in groups]
+    most_other_keys = 16 + len(keys) // 64
+    pays: list[bool] = []  # decided on the first object
+
+    def values(text: str | bytes) -> tuple[list[tuple], bool] | None:
+        if not pays:
+            doc = orjson.loads(text)
+            if doc.__class__ is not dict:
+                return None
+            pays.append(len(doc.keys() - position.keys()) <= most_other_keys)
+        if not pays[0]:
+            return None
+        try:
+            cells, checked = as_tuple(decode_typed(text)), True
+        except msgspec.ValidationError:
+            try:
+                cells, checked = as_tuple(decode_loose(text)), False
+            except msgspec.ValidationError:  # not an object: read as before
+                return None
+        except msgspec.DecodeError:  # not JSON msgspec reads: parsed (or refused) as before
+            return None
+        return [span(cells) for span in spans], checked
+
+    return values
+
+
 class _CellError(SourceError):
     def __init__(self, name: str, kind: str, value: Any):
         super().__init__(name)
@@ -515,7 +579,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     for f in fields:
         if f.path and f.source in flattened and f.source not in doc_slot:
             doc_slot[f.source] = len(exprs)
-            exprs.append(f"{quote_ident(f.source)}::text")
+            exprs.append(quote_ident(f.source))  # read as its JSON text's bytes (see _fetched)
     # Each output cell comes from one place in a "combined" list per row: the SQL cells first,
     # then per (document, kind) group of one-key fields the values looked up with one C-level
     # map(dict.get, keys), then the nested fields one by one. A group whose values all have the
@@ -540,6 +604,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             exprs.append(f.out_sql)
     group_list = [(slot, _getter(keys), keys, members, _FAST_TYPES.get(kind, frozenset()), kind == "float")
                   for (slot, kind), members in groups.items() for keys in [[ex.path[0] for ex in members]]]
+    group_kind = [kind for _, kind in groups]
     starts, at = {}, len(sql_cells)
     for key, members in groups.items():
         starts[key] = at
@@ -553,18 +618,53 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         (lambda row: (row[sql_cells[0]],)) if sql_cells else (lambda row: ()))
     loads = orjson.loads
     empty: dict = {}
+    slot_groups = {slot: [g for g, group in enumerate(group_list) if group[0] == slot] for slot in doc_slots}
+    decoders = {slot: _decoder([group_list[g][2] for g in mine], [group_kind[g] for g in mine])
+                for slot, mine in slot_groups.items() if not any(s == slot for s, _ in nested)}
 
-    def group_values(doc: Any, get: Callable, keys: list[str], members: list[_Extract], fast: frozenset,
-                     to_float: bool) -> tuple[Sequence, bool]:
-        """The group's values in ``doc``, typed, and whether some were converted from text (a
-        float from text may be NaN or infinite, one from a JSON number never is)."""
+    def raw_values(doc: Any, get: Callable, keys: list[str]) -> Sequence:
         if doc.__class__ is dict:
             try:  # every key there (the common case): one C-level lookup per key
-                values = get(doc)
+                return get(doc)
             except KeyError:
-                values = tuple(map(doc.get, keys))
-        else:
-            values = (None,) * len(keys)
+                return tuple(map(doc.get, keys))
+        return (None,) * len(keys)
+
+    unchecked = [False] * len(group_list)
+    # per document: the groups that a typed decoding of it leaves with nothing to check
+    slot_typed = {slot: [g in mine and group_kind[g] in _DECODED_AS for g in range(len(group_list))]
+                  for slot, mine in slot_groups.items()}
+
+    def documents(row: Row) -> tuple[list[Sequence], list[bool], dict[int, Any]]:
+        """The row's documents: each group's values as they are in the JSON, whether they are
+        typed already, and the parsed documents that nested fields are read from."""
+        raws: list[Sequence] = [()] * len(group_list)
+        typed = unchecked
+        docs: dict[int, Any] = {}
+        for slot in doc_slots:
+            text = row[slot]
+            decode = decoders.get(slot)
+            if decode is not None and text is not None:
+                decoded = decode(text)
+                if decoded is not None:
+                    values, checked = decoded
+                    for g, cells in zip(slot_groups[slot], values, strict=True):
+                        raws[g] = cells
+                    if checked:
+                        typed = slot_typed[slot] if typed is unchecked else [
+                            a or b for a, b in zip(typed, slot_typed[slot], strict=True)]
+                    continue
+            doc = docs[slot] = loads(text) if text is not None else empty
+            for g in slot_groups[slot]:
+                raws[g] = raw_values(doc, *group_list[g][1:3])
+        return raws, typed, docs
+
+    def group_values(values: Sequence, typed: bool, members: list[_Extract], fast: frozenset,
+                     to_float: bool) -> tuple[Sequence, bool]:
+        """A group's values typed, and whether some were converted from text (a float from text
+        may be NaN or infinite, one from a JSON number never is)."""
+        if typed:
+            return values, False
         types = set(map(type, values))
         if types <= fast:
             return values, False
@@ -582,11 +682,11 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     def build(rows: list[Row], offset: int) -> list[Row]:
         out = []
         for n, row in enumerate(rows):
-            docs = {i: (loads(row[i]) if row[i] is not None else empty) for i in doc_slots}
+            raws, typed, docs = documents(row)
             combined = list(take_sql(row))
             try:
-                for slot, *group in group_list:
-                    combined += group_values(docs[slot], *group)[0]
+                for values, known, group in zip(raws, typed, group_list, strict=True):
+                    combined += group_values(values, known, *group[3:])[0]
                 for slot, ex in nested:
                     v = ex.get(docs[slot])
                     combined.append(v if v.__class__ is ex.native else ex.convert(v))
@@ -624,10 +724,10 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         by_nested: list[list[Any]] = [[] for _ in nested]
         converted = [False] * len(group_list)
         for n, row in enumerate(rows):
-            docs = {i: (loads(row[i]) if row[i] is not None else empty) for i in doc_slots}
+            raws, typed, docs = documents(row)
             try:
-                for g, (slot, *group) in enumerate(group_list):
-                    values, text = group_values(docs[slot], *group)
+                for g, group in enumerate(group_list):
+                    values, text = group_values(raws[g], typed[g], *group[3:])
                     by_group[g].append(values)
                     converted[g] = converted[g] or text
                 for values, (slot, ex) in zip(by_nested, nested, strict=True):
@@ -1039,6 +1139,10 @@ class PostgresSource:
             plan = _plan(self._fields(query.columns), formula_guard, self._info)
             size = max(1, min(batch_rows, _CELLS_PER_BATCH // max(1, len(query.columns))))
             ranges = await self._second_connection(conns, query)
+            for conn in conns:
+                # Documents come as the bytes of their JSON text, parsed in _plan (in a helper
+                # process, perhaps): no UTF-8 decoding into str here, nor encoding for the helper.
+                set_json_loads(bytes, conn)
             try:
                 offset = 0
                 if not ranges:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import sources.postgres as postgres_source
 from dataport.errors import UserErrors
 from dataport.net import free_port
 from formats.csv import CsvWriter, guard
@@ -482,13 +483,23 @@ def _odd_document(i: int, rng) -> object:
     return doc
 
 
+@pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("formula_guard", [True, False])
 async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, pg_table, postgres_db,
-                                                                          formula_guard, monkeypatch):
+                                                                          formula_guard, nested, monkeypatch):
     """Documents flattened in Python go to CSV column-wise (runs of float fields in one orjson call):
-    the bytes are those of the csv module over the rows ``batches`` reads."""
+    the bytes are those of the csv module over the rows ``batches`` reads. Without nested fields,
+    documents are decoded into a Struct of their keys (``_decoder``); with them, into dicts."""
     monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
     monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    decoded: list[object] = []
+    decoder = postgres_source._decoder
+
+    def counted(groups: list[list[str]], kinds: list[str]):
+        decode = decoder(groups, kinds)
+        return decode and (lambda text: decoded.append(decode(text)) or decoded[-1])
+
+    monkeypatch.setattr("sources.postgres._decoder", counted)
     rng = random.Random(5)
     table = pg_table("flat")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
@@ -497,7 +508,7 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
                         [(i, rng.choice(["n", "=n", None]), None if i % 89 == 0 else json.dumps(_odd_document(i, rng)))
                          for i in range(1, 801)])
     columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.day", "date"),
-               Column("data.deep.x", "float"), Column("data.deep.y.z"),
+               *((Column("data.deep.x", "float"), Column("data.deep.y.z")) if nested else ()),
                *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
                Column("data.n", "integer"), Column("data.ok", "boolean"), Column("data.s"))
     ds = Dataset(name="flat", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
@@ -530,6 +541,9 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
     with pytest.raises(SourceError) as from_csv:
         [c async for c in source.csv_batches(build_query(ds), 50, formula_guard=True)]
     assert str(from_csv.value) == str(from_rows.value) and "'data.f07' holds 'abc'" in str(from_csv.value)
+    # reads without nested fields decode objects through the Struct (typed, or not when a value is of
+    # another type); other documents fall back to dicts
+    assert None in decoded and {d[1] for d in decoded if d} == {True, False}
 
 
 async def test_flattened_csv_read_closed_early_releases_the_connection(pg, pg_table, postgres_db, monkeypatch):
