@@ -5,6 +5,7 @@ and scrolls, and retries against a real HTTP proxy that fails on purpose."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -744,6 +745,28 @@ async def test_csv_batches_write_the_bytes_the_csv_writer_writes_for_the_rows(da
         await s.close()
 
 
+@pytest.mark.parametrize("pit_max_pages", [0, 100], ids=["scroll", "pit"])
+async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset, pit_max_pages, monkeypatch):
+    """After the first page, answers are decoded straight into typed Structs: the same rows as
+    parsing every page into dicts, through a scroll and through a point in time."""
+    from sources.opensearch import _PageReader
+
+    flat = [c.name for c in dataset.columns if "." not in c.name]
+    queries = [build_query(dataset, columns=flat), build_query(dataset, columns=flat, sort=[{"field": "score"}]),
+               build_query(dataset, columns=flat, limit=5)]
+    typed_pages: list[int] = []
+    typed = _PageReader.typed
+    monkeypatch.setattr(_PageReader, "typed", lambda self, hits: typed_pages.append(len(hits)) or typed(self, hits))
+    s = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages)
+    try:
+        read = [[r async for b in s.batches(q, 3) for r in b] for q in queries]
+        assert sum(typed_pages) == sum(len(rows) for rows in read) - 2 * len(queries)  # all but the first pages
+        monkeypatch.setattr(_PageReader, "decode", lambda self, answer: None)
+        assert read == [[r async for b in s.batches(q, 3) for r in b] for q in queries]
+    finally:
+        await s.close()
+
+
 FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Column("b", "boolean"),
         Column("d", "date"), Column("t", "datetime"))
 
@@ -751,7 +774,9 @@ FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Col
 @pytest.mark.parametrize("columns", [FLAT, (*FLAT, Column("o.x", "float"), Column("o.y", "string")), FLAT[2:3]],
                          ids=["fields", "and-objects", "one-column"])
 def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
-    from sources.opensearch import _page_reader, cell_converter
+    """Both ways of the page reader (dicts, and typed pages decoded from the answer's bytes) give
+    the cells the row converter gives, of the same types."""
+    from sources.opensearch import _BadCell, _PageReader, cell_converter
 
     odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
            "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
@@ -767,13 +792,28 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
         pages.append([{"_source": {k: v[n % len(v)] for k, v in values.items()}} for n in range(7)])
     pages.append([{"_source": {"o": {"x": 1}, "o.y": "dotted"}}, {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
                   {"_id": "3"}, {"_source": {"o": None}}])
-    read, convert = _page_reader(columns), cell_converter(columns)
+    read, convert = _PageReader(columns), cell_converter(columns)
 
     def typed(cells) -> list[list[tuple[type, Any]]]:
         return [[(type(v), v) for v in c] for c in cells]
 
+    decoded = refused = 0
     for hits in pages:
-        assert typed(read(hits)) == typed(zip(*convert(hits), strict=True)), hits
+        expected = typed(zip(*convert(hits), strict=True))
+        assert typed(read(hits)) == expected, hits
+        # after a first page, an answer's bytes may be decoded straight into typed pages
+        page = read.decode(json.dumps({"_shards": {"failed": 0}, "hits": {"hits": hits}}).encode())
+        if page is None:  # a value of another type: the answer is read as dicts
+            refused += 1
+            continue
+        try:
+            cells = read.typed(page.hits.hits)
+        except _BadCell:  # a date that does not parse: read as dicts, whose error names the document
+            refused += 1
+            continue
+        assert typed(cells) == expected, hits
+        decoded += 1
+    assert (decoded > 5 and refused > 3) if len(columns) > 1 and "o.x" not in read.empty else decoded == 0
     bad = [{"_id": "a", "_index": "i", "_source": {"s": "x", "i": 1}},
            {"_id": "b", "_index": "i", "_source": {"s": ["p", "q"], "i": "y"}}]
     with pytest.raises(SourceError, match=r"Document 'b' in index 'i': column '[si]' holds"):
