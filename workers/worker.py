@@ -53,7 +53,9 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         "max_jobs": settings.worker_concurrency,
         "job_timeout": settings.job_timeout_seconds,
         "allow_abort_jobs": True,
-        "poll_delay": 0.25,
+        # How long a queued job may wait for an idle worker to look: it counts fully against a
+        # small export (the whole path of 1,000,000 rows takes ~3 s). Three Redis commands a poll.
+        "poll_delay": 0.05,
         "keep_result": 60,
         "handle_signals": True,
     }
