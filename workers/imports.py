@@ -37,7 +37,7 @@ from tasks.imports import report_key
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
-from workers.lease import renew_lease
+from workers.lease import lease_held
 from workers.progress import ProgressReporter, TaskMovedOn
 
 log = logging.getLogger("dataport.worker")
@@ -54,33 +54,29 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
     task = await claim(services, task_id, run, attempt, "import")
     if task is None:
         return "nothing to do"
-    lease = asyncio.create_task(renew_lease(services, ctx["job_id"]))
-    try:
-        return await _import(services, task, attempt)
-    except TaskMovedOn:
-        log.info("import %s stopped: the task moved on (cancelled)", task_id)
-        return "stopped"
-    except (SinkError, StorageError) as e:
-        if e.transient:
+    async with lease_held(services, ctx["job_id"]):
+        try:
+            return await _import(services, task, attempt)
+        except TaskMovedOn:
+            log.info("import %s stopped: the task moved on (cancelled)", task_id)
+            return "stopped"
+        except (SinkError, StorageError) as e:
+            if e.transient:
+                return await retry_or_fail(services, task, attempt, e)
+            code = "STORAGE_ERROR" if isinstance(e, StorageError) else "WRITE_FAILED"
+            return await fail(services, task, attempt, code, str(e))
+        except TRANSIENT as e:
             return await retry_or_fail(services, task, attempt, e)
-        code = "STORAGE_ERROR" if isinstance(e, StorageError) else "WRITE_FAILED"
-        return await fail(services, task, attempt, code, str(e))
-    except TRANSIENT as e:
-        return await retry_or_fail(services, task, attempt, e)
-    except SourceError as e:
-        return await fail(services, task, attempt, "WRITE_FAILED", str(e))
-    except Failure as e:
-        return await fail(services, task, attempt, e.code, str(e))
-    except FileError as e:
-        return await fail(services, task, attempt, "INVALID_FILE", f"The file cannot be imported: {e}")
-    except Exception as e:
-        log.exception("import %s attempt %s crashed", task_id, attempt)
-        return await fail(services, task, attempt, "INTERNAL_ERROR",
-                          f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
-    finally:
-        lease.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await lease
+        except SourceError as e:
+            return await fail(services, task, attempt, "WRITE_FAILED", str(e))
+        except Failure as e:
+            return await fail(services, task, attempt, e.code, str(e))
+        except FileError as e:
+            return await fail(services, task, attempt, "INVALID_FILE", f"The file cannot be imported: {e}")
+        except Exception as e:
+            log.exception("import %s attempt %s crashed", task_id, attempt)
+            return await fail(services, task, attempt, "INTERNAL_ERROR",
+                              f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
 
 
 @dataclass

@@ -10,6 +10,8 @@ at-least-once delivery, with the retry counter counting the lost attempt).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from arq.constants import in_progress_key_prefix
 
@@ -22,3 +24,15 @@ async def renew_lease(services: Services, job_id: str) -> None:
     while True:
         await services.arq.pexpire(key, lease_ms)
         await asyncio.sleep(services.settings.worker_lease_seconds / 4)
+
+
+@contextlib.asynccontextmanager
+async def lease_held(services: Services, job_id: str) -> AsyncIterator[None]:
+    """The job's lease renewed while the block runs (its outcome recorded included)."""
+    renewing = asyncio.create_task(renew_lease(services, job_id))
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
