@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 # Column types a dataset may declare. Readers and writers convert by these names.
 COLUMN_TYPES = ("string", "integer", "float", "boolean", "date", "datetime")
 NUMERIC_TYPES = ("integer", "float")
+# What a document's value decoded as JSON must be to be its column's cell as it is (msgspec types a
+# decoding with these; a JSON integer decoded as a float is the float cell the sources make of it).
+# Dates and date-times are text that still has to be checked.
+DECODED_CELL_TYPES = {"string": str | None, "integer": int | None, "float": float | None, "boolean": bool | None}
 
 Row = tuple[Any, ...]
 

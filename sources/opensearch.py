@@ -51,7 +51,7 @@ import operator
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -77,7 +77,15 @@ from opensearchpy.serializer import JSONSerializer
 import formats.csv as csv_format
 from dataport import errors
 from dataport.errors import UserError, UserErrors
-from sources.base import Column, Dataset, Row, SourceError, TransientSourceError, iso_datetime
+from sources.base import (
+    DECODED_CELL_TYPES,
+    Column,
+    Dataset,
+    Row,
+    SourceError,
+    TransientSourceError,
+    iso_datetime,
+)
 from sources.query import Filter, Query
 
 log = logging.getLogger("dataport.sources.opensearch")
@@ -685,11 +693,6 @@ def _checked_datetimes(values: Sequence[Any]) -> bool:
     return True
 
 
-# Column types whose values a typed decoding gives as the cells are (JSON integers in float
-# columns become floats, as ``_float`` makes them); other values of these columns fail it.
-_DECODED_AS = {"string": str | None, "integer": int | None, "float": float | None, "boolean": bool | None}
-
-
 class _PageReader:
     """A page's hits → one sequence of cells per column, typed as ``cell_converter`` types them.
 
@@ -755,7 +758,7 @@ class _PageReader:
         if not in_fields:
             return [[] for _ in self.columns]
         raw = [in_fields[i] for i in self._order]
-        return self._typed_columns(raw, _DECODED_AS)  # dates and date-times are checked as they are
+        return self._typed_columns(raw, DECODED_CELL_TYPES)  # dates and date-times are checked as they are
 
     def _learn(self, source: Mapping[str, Any]) -> None:
         self._learnt = True
@@ -766,7 +769,7 @@ class _PageReader:
         kinds = {c.name: c.type for c in self.columns}
         try:
             document = msgspec.defstruct("Document", [
-                (f"f{i}", _DECODED_AS.get(kinds[name], Any), msgspec.field(name=name, default=None))
+                (f"f{i}", DECODED_CELL_TYPES.get(kinds[name], Any), msgspec.field(name=name, default=None))
                 for i, name in enumerate(in_document_order)], gc=False)
         except (TypeError, ValueError):
             return
@@ -792,7 +795,7 @@ class _PageReader:
             values = [_flatten(s).get(name) if v is _MISSING else v for s, v in zip(sources, values, strict=True)]
         return values
 
-    def _typed_columns(self, raw: list[Sequence[Any]], decoded: Mapping[str, Any]) -> list[Sequence[Any]]:
+    def _typed_columns(self, raw: list[Sequence[Any]], decoded: Container[str]) -> list[Sequence[Any]]:
         """Each column's values typed; those of a kind in ``decoded`` are typed already."""
         out = []
         for values, (kind, cell) in zip(raw, self.plan, strict=True):
