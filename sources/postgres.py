@@ -640,16 +640,14 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
                 return tuple(map(doc.get, keys))
         return (None,) * len(keys)
 
-    unchecked = [False] * len(group_list)
     # per document: the groups that a typed decoding of it leaves with nothing to check
-    slot_typed = {slot: [g in mine and group_kind[g] in DECODED_CELL_TYPES for g in range(len(group_list))]
-                  for slot, mine in slot_groups.items()}
+    slot_typed = {slot: [g for g in mine if group_kind[g] in DECODED_CELL_TYPES] for slot, mine in slot_groups.items()}
 
     def documents(row: Row) -> tuple[list[Sequence], list[bool], dict[int, Any]]:
         """The row's documents: each group's values as they are in the JSON, whether they are
         typed already, and the parsed documents that nested fields are read from."""
         raws: list[Sequence] = [()] * len(group_list)
-        typed = unchecked
+        typed = [False] * len(group_list)
         docs: dict[int, Any] = {}
         for slot in doc_slots:
             text = row[slot]
@@ -661,8 +659,8 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
                     for g, cells in zip(slot_groups[slot], values, strict=True):
                         raws[g] = cells
                     if checked:
-                        typed = slot_typed[slot] if typed is unchecked else [
-                            a or b for a, b in zip(typed, slot_typed[slot], strict=True)]
+                        for g in slot_typed[slot]:
+                            typed[g] = True
                     continue
             doc = docs[slot] = loads(text) if text is not None else empty
             for g in slot_groups[slot]:
