@@ -26,7 +26,7 @@ closed, the task cancelled), and ``close()`` releases whatever is still open.
 Speed: the next page is asked for before the current one is handed out (the cluster prepares it
 meanwhile); an export of every mapped field asks for whole documents (a ``_source`` filter that
 drops nothing costs the cluster a rewrite of each); a page's answer is parsed from its bytes and
-converted at once, column by column in C where the cells allow (``_PageReader``), with the cyclic
+converted at once, column by column in C where the cells allow (``PageReader``), with the cyclic
 garbage collector paused until the documents are freed; CSV goes to the writer by column
 (``csv_batches``), never as row tuples.
 
@@ -47,20 +47,16 @@ import gc
 import json
 import logging
 import math
-import operator
 import random
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import msgspec
 import orjson
 from opensearchpy import AIOHttpConnection, AsyncOpenSearch, OpenSearch
 from opensearchpy._async.http_aiohttp import OpenSearchClientResponse
@@ -77,15 +73,8 @@ from opensearchpy.serializer import JSONSerializer
 import formats.csv as csv_format
 from dataport import errors
 from dataport.errors import UserError, UserErrors
-from sources.base import (
-    DECODED_CELL_TYPES,
-    Column,
-    Dataset,
-    Row,
-    SourceError,
-    TransientSourceError,
-    iso_datetime,
-)
+from sources.base import Column, Dataset, Row, SourceError, TransientSourceError
+from sources.opensearch_pages import BadCell, PageReader
 from sources.query import Filter, Query
 
 log = logging.getLogger("dataport.sources.opensearch")
@@ -475,371 +464,6 @@ def _encode_datetime(value: dt.datetime) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Cells: _source values as the writers want them
-
-
-class _BadCell(Exception):
-    pass
-
-
-def _one(value: Any) -> Any:
-    """A list holds one value (or none) for a column; OpenSearch indexes [x] exactly as x."""
-    if value.__class__ is list:
-        if not value:
-            return None
-        if len(value) == 1:
-            return value[0]
-    raise _BadCell
-
-
-def _string(value: Any) -> Any:
-    if value is None or value.__class__ is str:
-        return value
-    if value.__class__ is list:
-        return _string(_one(value))
-    if value.__class__ is bool:
-        return "true" if value else "false"
-    if value.__class__ in (int, float):  # a keyword field indexes a number as its text
-        return json.dumps(value)
-    raise _BadCell
-
-
-def _integer(value: Any) -> Any:
-    if value is None or value.__class__ is int:
-        return value
-    if value.__class__ is float and value.is_integer():
-        return int(value)
-    if value.__class__ is list:
-        return _integer(_one(value))
-    raise _BadCell
-
-
-def _float(value: Any) -> Any:
-    if value is None or value.__class__ is float:
-        return value
-    if value.__class__ is int:
-        return float(value)
-    if value.__class__ is list:
-        return _float(_one(value))
-    raise _BadCell
-
-
-def _boolean(value: Any) -> Any:
-    if value is None or value.__class__ is bool:
-        return value
-    if value == "true" or value == "false":  # what OpenSearch itself accepts for a boolean
-        return value == "true"
-    if value.__class__ is list:
-        return _boolean(_one(value))
-    raise _BadCell
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _instant(value: Any) -> dt.datetime:
-    """A date-time as OpenSearch keeps it in _source: ISO text (no offset = UTC) or epoch millis."""
-    if value.__class__ is str:
-        if value.lstrip("-").isdigit():
-            return _EPOCH + dt.timedelta(milliseconds=int(value))
-        try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise _BadCell from None
-        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
-    if value.__class__ in (int, float):
-        return _EPOCH + dt.timedelta(milliseconds=value)
-    raise _BadCell
-
-
-def _datetime(value: Any) -> Any:
-    if value is None:
-        return None
-    if value.__class__ is str and len(value) == 20 and value[19] == "Z" and value[10] == "T":
-        try:  # already the one text form (whole seconds, UTC): checked, kept
-            dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise _BadCell from None
-        return value
-    if value.__class__ is list:
-        return _datetime(_one(value))
-    return iso_datetime(_instant(value))
-
-
-def _date(value: Any) -> Any:
-    if value is None:
-        return None
-    if value.__class__ is str and len(value) == 10:
-        try:
-            return dt.date.fromisoformat(value).isoformat()
-        except ValueError:
-            raise _BadCell from None
-    if value.__class__ is list:
-        return _date(_one(value))
-    return _instant(value).date().isoformat()
-
-
-_CELLS: dict[str, Callable[[Any], Any]] = {
-    "string": _string, "integer": _integer, "float": _float, "boolean": _boolean, "date": _date,
-    "datetime": _datetime,
-}  # fmt: skip
-
-
-def _flatten(source: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}. An array of objects gives each dotted name all its values."""
-    if out is None:
-        out = {}
-    for key, value in source.items():
-        name = prefix + key
-        if value.__class__ is dict:
-            _flatten(value, name + ".", out)
-        elif value.__class__ is list and value and all(v.__class__ is dict for v in value):
-            for item in value:
-                for sub, sub_value in _flatten(item, name + ".").items():
-                    out.setdefault(sub, []).append(sub_value)
-        else:
-            out[name] = value
-    return out
-
-
-_MISSING = object()
-
-
-def _walker(name: str) -> Callable[[dict[str, Any]], Any]:
-    """The value of a dotted column in a nested _source, or ``_MISSING`` when the path is not a
-    plain walk through objects (then the document is flattened: arrays, literal dotted keys)."""
-    parts = name.split(".")
-
-    def walk(source: dict[str, Any]) -> Any:
-        value: Any = source
-        for part in parts:
-            if value.__class__ is not dict:
-                return _MISSING
-            value = value.get(part, _MISSING)
-            if value is _MISSING:
-                return _MISSING
-        return value
-
-    return walk
-
-
-def cell_converter(columns: tuple[Column, ...]) -> Callable[[list[dict[str, Any]]], list[Row]]:
-    """Hits → tuples in column order, each cell of its column's type; a value of the wrong type
-    is a ``SourceError`` that names the document and the column."""
-    plan = [(c.name, _CELLS.get(c.type, _string)) for c in columns]
-    walks = [(c.name, _walker(c.name) if "." in c.name else None, _CELLS.get(c.type, _string)) for c in columns]
-    dotted = any("." in c.name for c in columns)
-
-    def cells_of_nested(source: dict[str, Any]) -> Row:
-        flat = None
-        cells = []
-        for name, walk, cell in walks:
-            value = source.get(name) if walk is None else walk(source)
-            if value is _MISSING:
-                if flat is None:
-                    flat = _flatten(source)
-                value = flat.get(name)
-            cells.append(cell(value))
-        return tuple(cells)
-
-    def convert(hits: list[dict[str, Any]]) -> list[Row]:
-        rows: list[Row] = []
-        append = rows.append
-        for hit in hits:
-            source = hit.get("_source") or {}
-            try:
-                if dotted:
-                    append(cells_of_nested(source))
-                else:
-                    get = source.get
-                    append(tuple([cell(get(name)) for name, cell in plan]))
-            except _BadCell:
-                raise _bad_cell(hit, _flatten(source), columns) from None
-        return rows
-
-    return convert
-
-
-_NONE = type(None)
-_NATIVE = {"string": str, "integer": int, "float": float, "boolean": bool}  # what a cell already is, mostly
-_present = partial(operator.is_not, None)  # a filter in C: the cells that are not None
-
-
-def _checked_dates(values: Sequence[Any]) -> bool:
-    """Whether every cell of a date column is None or already the one text form (what ``_date``
-    would return for it unchanged); the check runs in C."""
-    present = list(filter(_present, values))
-    if not set(map(type, present)) <= {str} or not set(map(len, present)) <= {10}:
-        return False
-    try:
-        return list(map(dt.date.isoformat, map(dt.date.fromisoformat, present))) == present
-    except ValueError:
-        return False
-
-
-def _checked_datetimes(values: Sequence[Any]) -> bool:
-    """Whether every cell of a date-time column is None or text that ``_datetime`` keeps as it is
-    (20 characters, ``T`` and ``Z`` in place, a valid date-time); the check runs in C."""
-    present = list(filter(_present, values))
-    if not set(map(type, present)) <= {str} or not set(map(len, present)) <= {20}:
-        return False
-    joined = "".join(present)
-    if not set(joined[10::20]) <= {"T"} or not set(joined[19::20]) <= {"Z"}:
-        return False
-    try:
-        deque(map(dt.datetime.fromisoformat, present), maxlen=0)
-    except ValueError:
-        return False
-    return True
-
-
-class _PageReader:
-    """A page's hits → one sequence of cells per column, typed as ``cell_converter`` types them.
-
-    Two ways, the same cells:
-
-    * ``decode`` + ``typed``: a search answer's bytes decoded by msgspec straight into Structs of
-      the read's fields, typed by column (no dict per document, no lookups, no type checks), once
-      a first page has shown the order of the documents' keys (msgspec finds each key at once
-      when the fields follow it). Not for dotted columns (nested objects), nor documents with many
-      fields beyond the read's. An answer with a value of another type (text in a float field, a
-      list) is not decoded (``decode`` gives None) and goes the other way;
-    * ``__call__``: hits parsed into dicts (orjson); the values are looked up in C (each document
-      merged over a dict of None and its fields taken with one ``itemgetter``; walks for dotted
-      names), then each column's types are checked at once with ``set(map(type, …))`` (dates and
-      date-times with ``fromisoformat`` mapped over the column); only a column that holds
-      something else (an int in a float column, a list, a date-time in another form) goes
-      through the per-cell conversion. A value of the wrong type sends the page through
-      ``cell_converter``, whose error names the first bad document and column.
-
-    10,000 narrow documents: ~12 ms the dict way, against ~23 ms for ``cell_converter``."""
-
-    def __init__(self, columns: tuple[Column, ...]):
-        self.columns = columns
-        self.convert = cell_converter(columns)
-        names = [c.name for c in columns]
-        self.plan = [(c.type, _CELLS.get(c.type, _string)) for c in columns]
-        self.walks = [(c.name, _walker(c.name) if "." in c.name else None) for c in columns]
-        self.plain = len(columns) > 1 and not any("." in name for name in names)
-        self.empty = dict.fromkeys(names)
-        self.fields = operator.itemgetter(*names) if self.plain else None
-        self._decode: Callable[[bytes], Any] | None = None
-        self._learnt = not self.plain  # whether a first document has been looked at
-        self._order: list[int] = []  # per column, its field in the Struct
-
-    def __call__(self, hits: list[dict[str, Any]]) -> list[Sequence[Any]]:
-        sources = [hit.get("_source") or {} for hit in hits]
-        if not self._learnt and sources:
-            self._learn(sources[0])
-        if self.fields is not None and sources:
-            # Row by row while each document is in the cache (twice as fast as a pass per column).
-            raw: list[Sequence[Any]] = list(zip(*map(self.fields, map(self.empty.__or__, sources)), strict=True))
-        else:
-            raw = [self._values_of(sources, name, walk) for name, walk in self.walks]
-        try:
-            return self._typed_columns(raw, ())
-        except _BadCell:
-            rows = self.convert(hits)  # raises the error that names the document
-            return [list(cells) for cells in zip(*rows, strict=True)] if rows else [[] for _ in self.columns]
-
-    def decode(self, answer: bytes) -> Any:
-        """The answer as a typed page (``typed`` reads its hits), or None."""
-        if self._decode is None:
-            return None
-        try:
-            return self._decode(answer)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-
-    def typed(self, hits: list[Any]) -> list[Sequence[Any]]:
-        empty = (None,) * len(self._order)
-        as_tuple = msgspec.structs.astuple
-        in_fields = list(zip(*[as_tuple(h.source) if h.source is not None else empty for h in hits], strict=True))
-        if not in_fields:
-            return [[] for _ in self.columns]
-        raw = [in_fields[i] for i in self._order]
-        return self._typed_columns(raw, DECODED_CELL_TYPES)  # dates and date-times are checked as they are
-
-    def _learn(self, source: Mapping[str, Any]) -> None:
-        self._learnt = True
-        names = [c.name for c in self.columns]
-        if source.__class__ is not dict or len(source.keys() - set(names)) > 16 + len(names) // 64:
-            return
-        in_document_order = [k for k in source if k in self.empty] + [n for n in names if n not in source]
-        kinds = {c.name: c.type for c in self.columns}
-        try:
-            document = msgspec.defstruct("Document", [
-                (f"f{i}", DECODED_CELL_TYPES.get(kinds[name], Any), msgspec.field(name=name, default=None))
-                for i, name in enumerate(in_document_order)], gc=False)
-        except (TypeError, ValueError):
-            return
-        hit = msgspec.defstruct("Hit", [
-            ("source", document | None, msgspec.field(name="_source", default=None)),
-            ("sort", Any, None), ("id", Any, msgspec.field(name="_id", default=None)),
-            ("index", Any, msgspec.field(name="_index", default=None))], gc=False)
-        hits = msgspec.defstruct("Hits", [("hits", list[hit], msgspec.field(default_factory=list))], gc=False)
-        page = msgspec.defstruct("Page", [
-            ("hits", hits | None, None), ("scroll_id", str | None, msgspec.field(name="_scroll_id", default=None)),
-            ("pit_id", str | None, None), ("shards", Any, msgspec.field(name="_shards", default=None)),
-            ("timed_out", Any, None)], gc=False)
-        position = {name: i for i, name in enumerate(in_document_order)}
-        self._order = [position[name] for name in names]
-        self._decode = msgspec.json.Decoder(page).decode
-
-    @staticmethod
-    def _values_of(sources: list[dict[str, Any]], name: str, walk: Callable | None) -> Sequence[Any]:
-        if walk is None:
-            return list(map(dict.get, sources, repeat(name)))
-        values = list(map(walk, sources))
-        if _MISSING in values:  # not a plain walk through objects (arrays, literal dotted keys)
-            values = [_flatten(s).get(name) if v is _MISSING else v for s, v in zip(sources, values, strict=True)]
-        return values
-
-    def _typed_columns(self, raw: list[Sequence[Any]], decoded: Container[str]) -> list[Sequence[Any]]:
-        """Each column's values typed; those of a kind in ``decoded`` are typed already."""
-        out = []
-        for values, (kind, cell) in zip(raw, self.plan, strict=True):
-            native = _NATIVE.get(kind)
-            if kind in decoded:
-                fine = True
-            elif native is not None:
-                fine = set(map(type, values)) <= {native, _NONE}
-            elif kind == "date":
-                fine = _checked_dates(values)
-            elif kind == "datetime":
-                fine = _checked_datetimes(values)
-            else:
-                fine = False
-            out.append(values if fine else list(map(cell, values)))
-        return out
-
-
-def _bad_cell(hit: Mapping[str, Any], source: Mapping[str, Any], columns: tuple[Column, ...]) -> SourceError:
-    for column in columns:
-        value = source.get(column.name)
-        try:
-            _CELLS.get(column.type, _string)(value)
-        except _BadCell:
-            where = f"Document '{hit.get('_id')}' in index '{hit.get('_index')}'"
-            if isinstance(value, list) and len(value) > 1:
-                return SourceError(
-                    f"{where}: column '{column.name}' holds {len(value)} values {_clip(value)}; an export takes one "
-                    f"value per cell. Store a single value, or leave the column out of the export."
-                )
-            article = "an" if column.type[0] in "aeiou" else "a"
-            return SourceError(
-                f"{where}: column '{column.name}' holds {_clip(value)}, which is not {article} {column.type}. "
-                f"Correct the document, or declare the column as string."
-            )
-    return SourceError(f"Document '{hit.get('_id')}' in index '{hit.get('_index')}' could not be read.")
-
-
-def _clip(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# --------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -1089,7 +713,7 @@ class OpenSearchSource:
                    self.page_rows or max(batch_rows, PAGE_CELLS // max(1, len(query.columns))))
         body = {**body, "size": size}
         pit = total_order and await self._pages_to_read(query, body, size) <= self.pit_max_pages
-        async with aclosing(self._pages(body, pit, query.limit, _PageReader(query.columns))) as pages:
+        async with aclosing(self._pages(body, pit, query.limit, PageReader(query.columns))) as pages:
             async for columns, count in pages:
                 for start in range(0, count, batch_rows):
                     yield [cells[start : start + batch_rows] for cells in columns], min(batch_rows, count - start)
@@ -1106,7 +730,7 @@ class OpenSearchSource:
         return math.ceil(rows / size)
 
     async def _pages(self, body: dict[str, Any], pit: bool, limit: int | None,
-                     read: _PageReader,
+                     read: PageReader,
                      ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
         """The pages as (cells by column, rows), in one pass: through a point in time (``pit``,
         where the cluster has one) or a scroll; released when the read ends, fails or is abandoned.
@@ -1167,7 +791,7 @@ class OpenSearchSource:
                 await self._release(cursor)
 
     async def _next_page(self, what: str, cursor: _Cursor, body: dict[str, Any], after: list[Any] | None,
-                         remaining: int | None, read: _PageReader,
+                         remaining: int | None, read: PageReader,
                          ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
         digest = partial(self._digest, what, cursor, remaining, read)
         if cursor.kind == "pit":
@@ -1178,7 +802,7 @@ class OpenSearchSource:
 
     @staticmethod
     def _digest(what: str, cursor: _Cursor | None, remaining: int | None,
-                read: _PageReader, response: Mapping[str, Any],
+                read: PageReader, response: Mapping[str, Any],
                 ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
         """A page's answer (parsed, or a typed page from ``read.decode``) as (cells by column, rows,
         the last hit's sort values); the cursor takes the id it carries. At most ``remaining`` hits
@@ -1203,7 +827,7 @@ class OpenSearchSource:
             return read(hits), len(hits), hits[-1]["sort"] if pit else None
         try:
             return read.typed(hits), len(hits), hits[-1].sort if pit else None
-        except _BadCell:
+        except BadCell:
             return None
 
     async def _mapping(self) -> dict[str, Field]:

@@ -749,19 +749,19 @@ async def test_csv_batches_write_the_bytes_the_csv_writer_writes_for_the_rows(da
 async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset, pit_max_pages, monkeypatch):
     """After the first page, answers are decoded straight into typed Structs: the same rows as
     parsing every page into dicts, through a scroll and through a point in time."""
-    from sources.opensearch import _PageReader
+    from sources.opensearch_pages import PageReader
 
     flat = [c.name for c in dataset.columns if "." not in c.name]
     queries = [build_query(dataset, columns=flat), build_query(dataset, columns=flat, sort=[{"field": "score"}]),
                build_query(dataset, columns=flat, limit=5)]
     typed_pages: list[int] = []
-    typed = _PageReader.typed
-    monkeypatch.setattr(_PageReader, "typed", lambda self, hits: typed_pages.append(len(hits)) or typed(self, hits))
+    typed = PageReader.typed
+    monkeypatch.setattr(PageReader, "typed", lambda self, hits: typed_pages.append(len(hits)) or typed(self, hits))
     s = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages)
     try:
         read = [[r async for b in s.batches(q, 3) for r in b] for q in queries]
         assert sum(typed_pages) == sum(len(rows) for rows in read) - 2 * len(queries)  # all but the first pages
-        monkeypatch.setattr(_PageReader, "decode", lambda self, answer: None)
+        monkeypatch.setattr(PageReader, "decode", lambda self, answer: None)
         assert read == [[r async for b in s.batches(q, 3) for r in b] for q in queries]
     finally:
         await s.close()
@@ -776,7 +776,7 @@ FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Col
 def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
     """Both ways of the page reader (dicts, and typed pages decoded from the answer's bytes) give
     the cells the row converter gives, of the same types."""
-    from sources.opensearch import _BadCell, _PageReader, cell_converter
+    from sources.opensearch_pages import BadCell, PageReader, cell_converter
 
     odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
            "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
@@ -792,7 +792,7 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
         pages.append([{"_source": {k: v[n % len(v)] for k, v in values.items()}} for n in range(7)])
     pages.append([{"_source": {"o": {"x": 1}, "o.y": "dotted"}}, {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
                   {"_id": "3"}, {"_source": {"o": None}}])
-    read, convert = _PageReader(columns), cell_converter(columns)
+    read, convert = PageReader(columns), cell_converter(columns)
 
     def typed(cells) -> list[list[tuple[type, Any]]]:
         return [[(type(v), v) for v in c] for c in cells]
@@ -808,7 +808,7 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
             continue
         try:
             cells = read.typed(page.hits.hits)
-        except _BadCell:  # a date that does not parse: read as dicts, whose error names the document
+        except BadCell:  # a date that does not parse: read as dicts, whose error names the document
             refused += 1
             continue
         assert typed(cells) == expected, hits
