@@ -215,12 +215,20 @@ def _checked_dates(values: Sequence[Any]) -> bool:
     """Whether every cell of a date column is None or already the one text form (what ``_date``
     would return for it unchanged); the check runs in C."""
     present = list(filter(_present, values))
+    if not present:
+        return True
     if not set(map(type, present)) <= {str} or not set(map(len, present)) <= {10}:
         return False
+    # Of the forms fromisoformat takes, only YYYY-MM-DD has 8 digits and 2 dashes in 10 characters
+    # (fromisoformat takes ASCII digits only), and it is its own isoformat; 2020-W01-1 is not.
+    digits = "".join(present).replace("-", "")
+    if len(digits) != 8 * len(present) or not digits.isdigit():
+        return False
     try:
-        return list(map(dt.date.isoformat, map(dt.date.fromisoformat, present))) == present
+        deque(map(dt.date.fromisoformat, present), maxlen=0)
     except ValueError:
         return False
+    return True
 
 
 def _checked_datetimes(values: Sequence[Any]) -> bool:

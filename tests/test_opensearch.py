@@ -5,6 +5,7 @@ and scrolls, and retries against a real HTTP proxy that fails on purpose."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 import uuid
@@ -14,6 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from opensearchpy import OpenSearch, helpers
 from opensearchpy.exceptions import NotFoundError
 
@@ -819,6 +822,27 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
     with pytest.raises(SourceError, match=r"Document 'b' in index 'i': column '[si]' holds"):
         read(bad)
     assert read([]) == [[] for _ in columns]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(alphabet="0123456789-W/T０", min_size=8, max_size=11),
+                          st.dates().map(dt.date.isoformat)), max_size=6))
+@example(["2020-W01-1"])
+@example(["2020-02-30"])
+@example(["２０２０-01-01"])
+@example(["2020-01-02", None, "2021-12-31"])
+def test_the_column_check_of_dates_keeps_exactly_what_the_cell_converter_keeps(values):
+    """A page's date column is passed as it is only when every cell is what ``_date`` would give
+    back unchanged: the week date 2020-W01-1, full-width digits and 2020-02-30 are not."""
+    from sources.opensearch_pages import BadCell, _checked_dates, _date
+
+    def kept(value):
+        try:
+            return _date(value) == value
+        except BadCell:
+            return False
+
+    assert _checked_dates(values) == all(kept(v) for v in values), values
 
 
 def test_documents_are_read_whole_only_when_the_mapping_lists_all_they_can_hold():
