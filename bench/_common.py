@@ -72,6 +72,34 @@ def tree_rss(pid: int) -> int:
     return rss(process, process.children(recursive=True))
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and all its processes, running or ended: each live
+    process's own and its ended children's (helpers are children of the worker's fork server).
+    Take it around a run, after the run's helpers have ended."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def wait_for_helpers(pid: int, timeout: float = 5.0) -> None:
+    """Wait until ``pid``'s grandchildren (helper processes under a fork server) have ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = psutil.Process(pid).children()
+            if not any(c.children() for c in children):
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.02)
+
+
 class PeakRss(threading.Thread):
     """Samples a process tree's RSS every ``interval`` seconds until ``stop()`` or the process ends."""
 

@@ -85,7 +85,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-import psutil
 from _common import (
     OUT_DIR,
     SAMPLE_SECONDS,
@@ -100,7 +99,9 @@ from _common import (
     note_load,
     run_peer,
     stack_env,
+    tree_cpu,
     tree_rss,
+    wait_for_helpers,
     write_json,
 )
 from opensearchpy import OpenSearch, helpers
@@ -239,7 +240,7 @@ class Result(PeerComparison):
     rss_samples: int = 0
     queued_seconds: float | None = None
     worker_seconds: float | None = None
-    cpu_seconds: float | None = None  # the worker's CPU (user + system) during the export
+    cpu_seconds: float | None = None  # the worker's and its helpers' CPU (user + system) during the export
     download_seconds: float = 0.0
     load_seconds: float = 0.0
     osmem_rss: int = 0
@@ -405,11 +406,10 @@ def export_once(dataset: str, args: argparse.Namespace, redis_url: str, datasets
         out["worker_idle_rss"] = tree_rss(stack.worker.pid)
         client = DataportClient(stack.url, issue_token(Settings(jwt_secret=secret), f"bench-{secrets.token_hex(4)}"))
         os.sync()
-        worker = psutil.Process(stack.worker.pid)
-        cpu = worker.cpu_times()
+        cpu = tree_cpu(stack.worker.pid)
         followed = export_sampled(stack, client, {"dataset": dataset, "format": "CSV"})
-        done = worker.cpu_times()
-        out["cpu_seconds"] = done.user + done.system - cpu.user - cpu.system
+        wait_for_helpers(stack.worker.pid)
+        out["cpu_seconds"] = tree_cpu(stack.worker.pid) - cpu  # the worker's and its helpers'
         task = followed.task
         out.update(seconds=followed.seconds, worker_peak_rss=followed.worker_peak_rss,
                    rss_samples=followed.rss_samples, worker_hwm=high_water_mark(stack.worker.pid),
@@ -556,7 +556,7 @@ def print_table(r: Result, args: argparse.Namespace) -> None:
     row("seconds", lambda run: f"{run['seconds']:.2f}")
     row("  queued / job", lambda run: f"{run['queued_seconds'] or 0:.2f} / {run['worker_seconds'] or 0:.2f}"
         if "worker_seconds" in run else "")
-    row("CPU seconds (worker; peer)", lambda run: f"{run['cpu_seconds']:.2f}" if run.get("cpu_seconds") else "")
+    row("CPU seconds (worker + helpers; peer)", lambda run: f"{run['cpu_seconds']:.2f}" if run.get("cpu_seconds") else "")
     row("documents/s", lambda run: f"{r.docs / run['seconds']:,.0f}")
     row("file MB", lambda run: f"{run.get('file_bytes', run.get('bytes', 0)) / 1e6:,.1f}")
     row("peak RSS MiB (worker idle)", lambda run: f"{mib(run['worker_peak_rss'])} ({mib(run['worker_idle_rss'])})"

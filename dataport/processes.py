@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 # Resolved here, not in the forked child: a dlopen after fork can deadlock in a threaded parent.
@@ -22,10 +24,23 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def exit_with(parent_pid: int) -> None:
-    """Called inside a child (a process pool's initializer): SIGTERM it when ``parent_pid``'s
-    starting thread goes, so a killed worker leaves no helper behind."""
-    _die_with_parent(parent_pid)
+def exit_with(owner_pid: int) -> None:
+    """Called inside a helper process (a pool's initializer): end it as soon as ``owner_pid`` ends,
+    even when that is not its parent (helpers forked by a fork server), so that a killed worker
+    leaves no helper behind. A thread waits on a pidfd of the owner (Linux 5.3+); elsewhere the
+    helper ends when its work queue breaks."""
+    try:
+        owner = os.pidfd_open(owner_pid)
+    except ProcessLookupError:  # already gone
+        os._exit(1)
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([owner], [], [])  # readable once the owner has ended
+        os._exit(1)
+
+    threading.Thread(target=wait, name="exit-with-owner", daemon=True).start()
 
 
 def die_with_parent() -> Callable[[], None]:

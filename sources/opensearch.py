@@ -28,7 +28,9 @@ meanwhile); an export of every mapped field asks for whole documents (a ``_sourc
 drops nothing costs the cluster a rewrite of each); a page's answer is parsed from its bytes and
 converted at once, column by column in C where the cells allow (``PageReader``), with the cyclic
 garbage collector paused until the documents are freed; CSV goes to the writer by column
-(``csv_batches``), never as row tuples.
+(``csv_batches``), never as row tuples. A CSV read of ``HELPERS_AFTER_CELLS`` cells or more hands
+each answer's bytes to helper processes that convert and write it (``RenderedPages``): this
+process only fetches, both cores convert while the cluster prepares the next pages.
 
 Failures: 429, 5xx, connection errors and timeouts are retried with exponential backoff (4 tries
 over about 5 s), then raised as ``TransientSourceError``; the worker retries the whole export.
@@ -44,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gc
-import json
 import logging
 import math
 import random
@@ -74,7 +75,8 @@ import formats.csv as csv_format
 from dataport import errors
 from dataport.errors import UserError, UserErrors
 from sources.base import Column, Dataset, Row, SourceError, TransientSourceError
-from sources.opensearch_pages import BadCell, PageReader
+from sources.helpers import HELPERS
+from sources.opensearch_pages import BadCell, PageReader, RenderedPages, csv_of, parse
 from sources.query import Filter, Query
 
 log = logging.getLogger("dataport.sources.opensearch")
@@ -92,6 +94,9 @@ PAGE_CELLS = 200_000  # documents per page x columns: bounds the memory one page
 # sort and ~1.5 s for a scroll); on a cluster that does not, both cost about the same. A short read
 # keeps the point in time, whose pages can be retried.
 PIT_MAX_PAGES = 4
+# A CSV read of this many cells (documents x columns) or more is converted by helper processes
+# (``RenderedPages``): below it, starting them costs more than they save.
+HELPERS_AFTER_CELLS = 1_000_000
 
 # OpenSearch field types, by the column type they hold.
 _INTEGER_TYPES = {"long", "integer", "short", "byte", "unsigned_long"}
@@ -622,13 +627,15 @@ class _Cursor:
 class OpenSearchSource:
     def __init__(self, dataset: Dataset, settings: Any = None, *, retry_delays: tuple[float, ...] = RETRY_DELAYS,
                  timeout: float = REQUEST_TIMEOUT_SECONDS, page_rows: int | None = None,
-                 pit_max_pages: int = PIT_MAX_PAGES):  # fmt: skip
+                 pit_max_pages: int = PIT_MAX_PAGES, helpers_after_cells: int = HELPERS_AFTER_CELLS):  # fmt: skip
         """``page_rows`` fixes the documents per request (default: by a cell budget, at least a
         batch); ``retry_delays`` are the pauses between tries; a read in key order of more than
-        ``pit_max_pages`` pages is one sorted scroll instead of a point in time."""
+        ``pit_max_pages`` pages is one sorted scroll instead of a point in time; a CSV read of at
+        least ``helpers_after_cells`` cells is converted by helper processes."""
         self.dataset = dataset
         self.page_rows = page_rows
         self.pit_max_pages = pit_max_pages
+        self.helpers_after_cells = helpers_after_cells
         self.index = dataset.table
         self.retry_delays = tuple(retry_delays)
         self.timeout = float(settings.opensearch_timeout_seconds if settings is not None else timeout)
@@ -680,15 +687,23 @@ class OpenSearchSource:
         read, instead of being made into row tuples and taken apart again."""
         writer = csv_format.CsvWriter(query.columns, formula_guard=formula_guard)
         yield writer.begin(), 0
-        async with aclosing(self._columns(query, batch_rows)) as pages:
+        plan = body, pit, rows = await self._plan(query, batch_rows)
+        if HELPERS and csv_format.FAST and rows * len(query.columns) >= self.helpers_after_cells:
+            rendered = RenderedPages(query.columns, formula_guard)
+            await rendered.helpers.start()  # before the first request: they start while the cluster sorts
+            try:
+                async with aclosing(self._pages(body, pit, query.limit, rendered)) as pages:
+                    async for _ in pages:
+                        while rendered.helpers.full or rendered.helpers.ready:
+                            yield await rendered.helpers.next()
+                while rendered.helpers.pending:
+                    yield await rendered.helpers.next()
+            finally:
+                rendered.helpers.stop()
+            return
+        async with aclosing(self._columns(query, batch_rows, plan)) as pages:
             async for columns, count in pages:
-                if not csv_format.FAST or not columns:
-                    yield writer.write(list(zip(*columns, strict=True)) if columns else [()] * count), count
-                    continue
-                # Number columns hold ints, floats and None (checked or converted); a float that
-                # JSON cannot spell (NaN) could still come through the standard parser.
-                yield writer.render(count, columns.__getitem__, lambda start, stop, columns=columns: (
-                    list(zip(*columns[start:stop], strict=True)), csv_format.NUMBERS)), count
+                yield csv_of(writer, columns, count), count
 
     async def close(self) -> None:
         for cursor in list(self._cursors):
@@ -697,8 +712,19 @@ class OpenSearchSource:
 
     # -- reading
 
-    async def _columns(self, query: Query, batch_rows: int) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:
+    async def _columns(self, query: Query, batch_rows: int, plan: tuple[dict[str, Any], bool, int] | None = None,
+                       ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
         """The rows as (one sequence of cells per column, rows), at most ``batch_rows`` at a time."""
+        body, pit, _ = plan or await self._plan(query, batch_rows)
+        batch_rows = max(1, batch_rows)
+        async with aclosing(self._pages(body, pit, query.limit, PageReader(query.columns))) as pages:
+            async for columns, count in pages:
+                for start in range(0, count, batch_rows):
+                    yield [cells[start : start + batch_rows] for cells in columns], min(batch_rows, count - start)
+
+    async def _plan(self, query: Query, batch_rows: int) -> tuple[dict[str, Any], bool, int]:
+        """How to read ``query``: the search body, whether through a point in time, and how many
+        rows the read gives (from the caller's count; at least that many when it was capped)."""
         fields = await self._mapping()
         body, total_order = _compile(query, fields)
         if self._source_fields is not None and self._source_fields <= {c.name for c in query.columns}:
@@ -706,31 +732,26 @@ class OpenSearchSource:
             # and costs the cluster a parse and rewrite of every document (osmem: 3 of 4 seconds
             # for 200,000 narrow documents). Unfiltered, the same cells are looked up by name.
             del body["_source"]
-        batch_rows = max(1, batch_rows)
         # Pages larger than a batch save round trips (and, for search_after, the cluster's work per
         # page); the cell budget keeps pages of wide documents as small as a batch.
         size = min(MAX_PAGE, query.limit or MAX_PAGE,
                    self.page_rows or max(batch_rows, PAGE_CELLS // max(1, len(query.columns))))
         body = {**body, "size": size}
-        pit = total_order and await self._pages_to_read(query, body, size) <= self.pit_max_pages
-        async with aclosing(self._pages(body, pit, query.limit, PageReader(query.columns))) as pages:
-            async for columns, count in pages:
-                for start in range(0, count, batch_rows):
-                    yield [cells[start : start + batch_rows] for cells in columns], min(batch_rows, count - start)
+        rows = await self._rows_to_read(query, body, size)
+        return body, total_order and math.ceil(rows / size) <= self.pit_max_pages, rows
 
-    async def _pages_to_read(self, query: Query, body: dict[str, Any], size: int) -> int:
-        """How many pages a read of ``query`` takes, from the caller's count of it (counting now,
+    async def _rows_to_read(self, query: Query, body: dict[str, Any], size: int) -> int:
+        """How many rows a read of ``query`` gives, from the caller's count of it (counting now,
         only as far as the answer matters, if there was none)."""
         limit = query.limit
         found, exact = self._counted.get(_query_key(body), (0, False))
         if not exact and (limit is None or found < limit) and found <= self.pit_max_pages * size:
             await self.count(query, cap=self.pit_max_pages * size + 1)
             found, exact = self._counted[_query_key(body)]
-        rows = found if limit is None else min(found, limit)
-        return math.ceil(rows / size)
+        return found if limit is None else min(found, limit)
 
     async def _pages(self, body: dict[str, Any], pit: bool, limit: int | None,
-                     read: PageReader,
+                     read: PageReader | RenderedPages,
                      ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
         """The pages as (cells by column, rows), in one pass: through a point in time (``pit``,
         where the cluster has one) or a scroll; released when the read ends, fails or is abandoned.
@@ -748,21 +769,23 @@ class OpenSearchSource:
         try:
             if cursor is not None:
                 page = await self._call(what, lambda: self._pit_page(cursor, body, None),
-                                        digest=partial(self._digest, what, cursor, remaining, read))
+                                        digest=partial(self._digest, what, cursor, remaining, read), decode=read.decode)
             else:
                 # The scroll's id is taken before the hits are read (a bad cell fails the read), so
                 # that the scroll is released all the same.
                 scroll: list[_Cursor] = []
 
-                def opened(response: Mapping[str, Any]) -> Any:
-                    if response.get("_scroll_id"):
-                        scroll.append(_Cursor("scroll", response["_scroll_id"]))
+                def opened(response: Any) -> Any:  # parsed, or decoded by the reader
+                    scroll_id = response.get("_scroll_id") if response.__class__ is dict else response.scroll_id
+                    if scroll_id:
+                        scroll.append(_Cursor("scroll", scroll_id))
                         self._cursors.append(scroll[0])
                     return self._digest(what, scroll[0] if scroll else None, remaining, read, response)
 
                 try:
                     page = await self._call(what, lambda: self.client.search(index=self.index, body=body,
-                                                                             scroll=KEEP_ALIVE), digest=opened)
+                                                                             scroll=KEEP_ALIVE),
+                                            digest=opened, decode=read.decode)
                 finally:
                     cursor = scroll[0] if scroll else None
             while True:
@@ -791,7 +814,7 @@ class OpenSearchSource:
                 await self._release(cursor)
 
     async def _next_page(self, what: str, cursor: _Cursor, body: dict[str, Any], after: list[Any] | None,
-                         remaining: int | None, read: PageReader,
+                         remaining: int | None, read: PageReader | RenderedPages,
                          ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
         digest = partial(self._digest, what, cursor, remaining, read)
         if cursor.kind == "pit":
@@ -802,7 +825,7 @@ class OpenSearchSource:
 
     @staticmethod
     def _digest(what: str, cursor: _Cursor | None, remaining: int | None,
-                read: PageReader, response: Mapping[str, Any],
+                read: PageReader | RenderedPages, response: Mapping[str, Any],
                 ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
         """A page's answer (parsed, or a typed page from ``read.decode``) as (cells by column, rows,
         the last hit's sort values); the cursor takes the id it carries. At most ``remaining`` hits
@@ -822,11 +845,11 @@ class OpenSearchSource:
             cursor.id = head.get("pit_id" if cursor.kind == "pit" else "_scroll_id") or cursor.id
         if remaining is not None:
             hits = hits[:remaining]
-        pit = hits and cursor is not None and cursor.kind == "pit"
-        if response.__class__ is dict:
-            return read(hits), len(hits), hits[-1]["sort"] if pit else None
+        after = None
+        if hits and cursor is not None and cursor.kind == "pit":
+            after = hits[-1]["sort"] if response.__class__ is dict else hits[-1].sort
         try:
-            return read.typed(hits), len(hits), hits[-1].sort if pit else None
+            return read.take(response, hits), len(hits), after
         except BadCell:
             return None
 
@@ -912,12 +935,9 @@ class OpenSearchSource:
                 if out is not None:
                     return out
             try:
-                parsed = orjson.loads(answer)
-            except orjson.JSONDecodeError:
-                try:  # integers beyond 64 bits, which orjson refuses
-                    parsed = json.loads(answer)
-                except ValueError as e:
-                    raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
+                parsed = parse(answer)
+            except ValueError as e:
+                raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
             if digest is None:
                 return parsed
             out = digest(parsed)

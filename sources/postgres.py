@@ -100,19 +100,17 @@ CSV fast path (``csv_batches``)
     (``list(doc.values())`` sliced, when the keys repeat, costs as much: memory-bound), the rest
     type checks and writing; PostgreSQL spends ~12 s rendering the documents as text (its
     ``psql \\copy`` floor), on the other core. So a large read of flattened documents hands its
-    batches to helper processes (``_Helpers``), in order, and only fetches and writes itself.
+    batches to helper processes (``sources.helpers``), in order, and only fetches and writes itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import datetime as dt
 import json
 import logging
-import multiprocessing
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -134,7 +132,6 @@ from psycopg.types.json import set_json_loads
 from psycopg.waiting import Wait
 
 import formats.csv as csv_format
-from dataport.processes import exit_with
 from sources.base import (
     DECODED_CELL_TYPES,
     Column,
@@ -144,6 +141,7 @@ from sources.base import (
     TransientSourceError,
     iso_datetime,
 )
+from sources.helpers import HELPERS, HelperPool
 from sources.query import Filter, Query
 from sources.sql import Dialect, compile_query
 
@@ -167,7 +165,6 @@ SPLIT_BYTES = 64 * 1024 * 1024
 RANGE_BYTES = 8 * 1024 * 1024
 MAX_RANGES = 256
 # Documents flattened in Python: past this many cells in one read, helper processes flatten them.
-HELPERS = 2 if (os.cpu_count() or 1) > 1 else 0
 HELPERS_AFTER_CELLS = 5_000_000
 # Depth of nested JSONB objects that discovery flattens.
 _MAX_DEPTH = 8
@@ -802,9 +799,8 @@ _helper: tuple[_Plan, csv_format.CsvWriter] | None = None
 
 
 def _helper_start(columns: tuple[Column, ...], fields: list[Field], formula_guard: bool, info: TableInfo,
-                  limits: tuple[int, int], parent_pid: int) -> None:
+                  limits: tuple[int, int]) -> None:
     global _helper, INLINE_FIELDS, SMALL_DOCUMENT_BYTES
-    exit_with(parent_pid)  # a SIGKILLed worker must not leave its helpers running
     INLINE_FIELDS, SMALL_DOCUMENT_BYTES = limits  # the parent's, so that the plan is the parent's
     _helper = (_plan(fields, formula_guard, info), csv_format.CsvWriter(columns, formula_guard=formula_guard))
 
@@ -812,50 +808,6 @@ def _helper_start(columns: tuple[Column, ...], fields: list[Field], formula_guar
 def _helper_csv(rows: list[Row], offset: int) -> bytes:
     assert _helper is not None
     return _flattened_csv(*_helper, rows, offset)
-
-
-class _Helpers:
-    """Batches of documents flattened to CSV by ``HELPERS`` processes, the results taken in order.
-
-    Flattening wide documents is CPU-bound Python (orjson parsing about half, looking up and
-    typing the fields, writing them): 40,000 documents × 2,897 fields took ~20 s of CPU in one process,
-    while PostgreSQL needed ~12 s to hand them over. So past ``HELPERS_AFTER_CELLS`` cells a read
-    hands its batches to helper processes and only fetches and writes itself: both cores flatten
-    while PostgreSQL renders. Spawned, not forked (a fork would share this process's sockets);
-    at most ``2 * HELPERS`` batches are out at once, so memory stays flat."""
-
-    def __init__(self, columns: tuple[Column, ...], fields: list[Field], formula_guard: bool, info: TableInfo | None):
-        self.args = (columns, fields, formula_guard, info, (INLINE_FIELDS, SMALL_DOCUMENT_BYTES), os.getpid())
-        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self.pending: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
-
-    def start(self) -> None:
-        self.pool = concurrent.futures.ProcessPoolExecutor(
-            HELPERS, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_start, initargs=self.args)
-
-    def submit(self, rows: list[Row], offset: int) -> None:
-        assert self.pool is not None
-        self.pending.append((asyncio.wrap_future(self.pool.submit(_helper_csv, rows, offset)), len(rows)))
-
-    @property
-    def full(self) -> bool:
-        return len(self.pending) >= 2 * HELPERS
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.pending) and self.pending[0][0].done()
-
-    async def next(self) -> tuple[bytes, int]:
-        future, rows = self.pending.popleft()
-        return await future, rows
-
-    def stop(self) -> None:
-        for future, _ in self.pending:
-            future.cancel()
-        self.pending.clear()
-        if self.pool is not None:  # the helpers end once their batch in hand is done
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1204,16 +1156,20 @@ class PostgresSource:
         plan = _plan(self._fields(query.columns), formula_guard, self._info)
         if plan.csv_exprs is None:  # documents flattened in Python: the Python writer
             yield writer.begin(), 0
-            helpers = _Helpers(query.columns, self._fields(query.columns), formula_guard, self._info)
+            # Flattening wide documents is CPU-bound Python (40,000 x 2,897 fields: ~20 s of CPU in
+            # one process, while PostgreSQL needs ~12 s to hand them over): past HELPERS_AFTER_CELLS
+            # cells, helper processes flatten the batches and this one only fetches and writes.
+            helpers = HelperPool(_helper_start, (query.columns, self._fields(query.columns), formula_guard,
+                                                 self._info, (INLINE_FIELDS, SMALL_DOCUMENT_BYTES)))
             try:
                 async with contextlib.aclosing(self._fetched(query, batch_rows, formula_guard)) as fetched:
                     async for read, rows, offset in fetched:
-                        if helpers.pool is None and HELPERS and offset * len(query.columns) >= HELPERS_AFTER_CELLS:
-                            helpers.start()
-                        if helpers.pool is None:
+                        if not helpers.started and HELPERS and offset * len(query.columns) >= HELPERS_AFTER_CELLS:
+                            await helpers.start()
+                        if not helpers.started:
                             yield _flattened_csv(read, writer, rows, offset), len(rows)
                             continue
-                        helpers.submit(rows, offset)
+                        helpers.submit(len(rows), _helper_csv, rows, offset)
                         while helpers.full or helpers.ready:
                             yield await helpers.next()
                 while helpers.pending:

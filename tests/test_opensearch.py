@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 from aiohttp import web
 from hypothesis import example, given, settings
@@ -744,6 +745,81 @@ async def test_csv_batches_write_the_bytes_the_csv_writer_writes_for_the_rows(da
                 chunks = [c async for c in s.csv_batches(query, 3, formula_guard=formula_guard)]
                 assert b"".join(c for c, _ in chunks) == writer.begin() + writer.write(rows), (columns, formula_guard)
                 assert [n for _, n in chunks] == [0, 2, 2, 1]  # the header, then pages of 2 in batches of 3
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("key", [("id",), ()], ids=["key", "no-key"])
+@pytest.mark.parametrize("pit_max_pages", [0, 100], ids=["scroll", "pit"])
+async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_url, index, key, pit_max_pages,
+                                                                    monkeypatch):
+    """A large CSV read hands each page's bytes to helper processes; the file is the same, page for
+    page, whatever the columns, order, limit or guard."""
+    from sources.helpers import HelperPool
+
+    submitted: list[int] = []
+    submit = HelperPool.submit
+    monkeypatch.setattr(HelperPool, "submit", lambda self, rows, *a: submitted.append(rows) or submit(self, rows, *a))
+    dataset = _dataset(opensearch_url, index, key=key)
+    flat = [c.name for c in dataset.columns if "." not in c.name]
+    queries = [build_query(dataset), build_query(dataset, columns=flat),
+               build_query(dataset, columns=["loc.site", "title", "id"]),
+               build_query(dataset, columns=flat, sort=[{"field": "score", "direction": "DESC"}]),
+               build_query(dataset, columns=["name", "born"], limit=3)]
+    in_process = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages, helpers_after_cells=10**12)
+    helped = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages, helpers_after_cells=0)
+    try:
+        for query in queries:
+            for formula_guard in (True, False):
+                expected = [c async for c in in_process.csv_batches(query, 3, formula_guard=formula_guard)]
+                submitted.clear()
+                chunks = [c async for c in helped.csv_batches(query, 3, formula_guard=formula_guard)]
+                assert chunks == expected, (query.columns, formula_guard)
+                # every page with hits went to a helper (pages of 2 rows; 5 rows, or 3 with the limit)
+                assert submitted == [2, 2, 1] if query.limit is None else submitted == [2, 1]
+        assert not in_process._cursors and not helped._cursors
+    finally:
+        await in_process.close()
+        await helped.close()
+
+
+async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_stops_the_helpers(
+        opensearch_url, index, monkeypatch):  # fmt: skip
+    from sources.helpers import HelperPool
+
+    bad = f"dp-bad-{uuid.uuid4().hex[:8]}"
+    _create(opensearch_url, bad, {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
+            [(str(i), {"id": i, "v": "2.5"}) for i in range(1, 41)])
+    columns = (Column("id", "integer"), Column("v", "float"))  # the index keeps text
+    s = OpenSearchSource(_dataset(opensearch_url, bad, columns=columns), page_rows=2, pit_max_pages=0,
+                         helpers_after_cells=0)
+    try:
+        with pytest.raises(SourceError, match=r"Document '1' in index '.*': column 'v' holds '2.5', which is not a"):
+            async for _ in s.csv_batches(build_query(s.dataset), 2, formula_guard=True):
+                pass
+        assert not s._cursors
+    finally:
+        await s.close()
+
+    pools: list[HelperPool] = []
+    start = HelperPool.start
+    monkeypatch.setattr(HelperPool, "start", lambda self: pools.append(self) or start(self))
+    # 20 pages: the read runs a few pages ahead of the chunks taken, not to the end
+    s = OpenSearchSource(_dataset(opensearch_url, bad, key=(), columns=(Column("id", "integer"),)), page_rows=2,
+                         helpers_after_cells=0)
+    try:
+        reader = s.csv_batches(build_query(s.dataset), 2, formula_guard=True)
+        assert (await anext(reader))[1] == 0  # the header
+        assert (await anext(reader))[1] == 2
+        processes = [psutil.Process(pid) for pid in pools[0].pool._processes]
+        scroll_id = s._cursors[0].id
+        started = time.monotonic()
+        await reader.aclose()
+        assert time.monotonic() - started < 1
+        assert not s._cursors and not _scroll_alive(opensearch_url, scroll_id)
+        assert pools[0].pool is None and not pools[0].pending
+        gone, alive = psutil.wait_procs(processes, timeout=5)
+        assert len(processes) == 2 and not alive
     finally:
         await s.close()
 

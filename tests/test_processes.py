@@ -13,18 +13,28 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A worker-like process: a spawned process pool whose helpers call exit_with, as the PostgreSQL
-# source's flattening helpers do. It prints the helpers' pids, then waits to be killed.
+# A worker-like process: helper processes started as the sources start them (forked from a fork
+# server, sources/helpers.py). It prints the helpers' pids and the fork server's, then waits to be killed.
 _POOL_OWNER = textwrap.dedent("""
-    import concurrent.futures, multiprocessing, os, sys, time
-    from dataport.processes import exit_with
+    import asyncio, os, time
+    import psutil
+    from sources.helpers import HelperPool
+
+    async def main():
+        pool = HelperPool(os.getpid, ())
+        await pool.start()
+        for _ in range(8):
+            pool.submit(1, os.getpid)
+        served = {(await pool.next())[0] for _ in range(8)}
+        servers = [c.pid for c in psutil.Process().children() if c.children()]
+        pids = {h.pid for s in servers for h in psutil.Process(s).children()}
+        assert served <= pids
+        print(" ".join(str(p) for p in sorted(pids)), flush=True)
+        print(" ".join(str(p) for p in servers), flush=True)
+        time.sleep(120)
 
     if __name__ == "__main__":
-        pool = concurrent.futures.ProcessPoolExecutor(
-            2, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with, initargs=(os.getpid(),))
-        futures = [pool.submit(os.getpid) for _ in range(8)]
-        print(" ".join(str(p) for p in sorted({f.result() for f in futures})), flush=True)
-        time.sleep(120)
+        asyncio.run(main())
 """)
 
 
@@ -35,10 +45,12 @@ def test_pool_helpers_exit_when_their_owner_is_killed(tmp_path):
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         helpers = [psutil.Process(int(pid)) for pid in owner.stdout.readline().split()]
-        assert helpers and all(h.is_running() for h in helpers)
+        servers = [psutil.Process(int(pid)) for pid in owner.stdout.readline().split()]
+        assert len(helpers) == 2 and all(h.is_running() for h in helpers)
+        assert len(servers) == 1 and {h.ppid() for h in helpers} == {servers[0].pid}
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
-        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        gone, alive = psutil.wait_procs([*helpers, *servers], timeout=10)
         assert alive == [], f"helpers outlived their owner: {[p.pid for p in alive]}"
     finally:
         owner.kill()

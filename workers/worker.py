@@ -6,6 +6,7 @@ configure workers the same way as the api: through ``DATAPORT_*`` variables.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ from arq.connections import RedisSettings
 
 from dataport.services import Services
 from dataport.settings import Settings
+from sources import helpers
 from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
 from tasks.imports import IMPORT_JOB
@@ -29,6 +31,9 @@ log = logging.getLogger("dataport.worker")
 def worker_settings(settings: Settings, registry: Registry | None = None) -> dict[str, Any]:
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["services"] = await Services.start(settings, registry)
+        # Large CSV exports convert in helper processes, forked from a server started now rather
+        # than on the first such export; the worker's __main__ imports dataport.cli.
+        await asyncio.to_thread(helpers.prepare, ["dataport.cli"])
         log.info("worker ready: %s jobs at once on queue %s", settings.worker_concurrency, settings.queue_name)
 
     async def shutdown(ctx: dict[str, Any]) -> None:

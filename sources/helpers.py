@@ -1,0 +1,118 @@
+"""Helper processes that turn a read's batches into CSV while the reader fetches the next ones.
+
+A source whose CSV costs more CPU than the store needs to hand the data over (flattened JSONB
+documents, pages of OpenSearch hits) gives that work to ``HELPERS`` processes, so that both cores
+render while the store prepares more. The results are taken in the order the work was handed out.
+
+The processes are forked from one server process (multiprocessing's "forkserver"), started once
+with the helpers' modules imported: a helper is ready in ~30 ms, where a freshly spawned
+interpreter took ~0.8 s of CPU here to import them (twice per export). The worker starts that
+server with itself (``prepare``); elsewhere it starts with the first helpers. Not forked from the
+worker itself: that would share its sockets and copy its threads' locks.
+
+Each helper runs ``initializer(*initargs)`` once (what the read needs: its columns, its plan),
+ends with the worker (even a SIGKILLed one) and is stopped when the read ends, fails or is
+abandoned. At most ``depth * processes`` batches are handed out at once, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import multiprocessing
+import multiprocessing.forkserver
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dataport.processes import exit_with
+
+HELPERS = 2 if (os.cpu_count() or 1) > 1 else 0
+# What helpers run: imported by the fork server, so that each helper has them from the start.
+HELPER_MODULES = ("sources.opensearch_pages", "sources.postgres")
+
+_context = multiprocessing.get_context("forkserver")
+
+
+def prepare(main_modules: Sequence[str] = ()) -> None:
+    """Start the fork server now, with ``main_modules`` and the helpers' modules imported.
+
+    ``main_modules``: what the program's ``__main__`` imports (every new process runs ``__main__``
+    again, which is cheap only when its imports are done already). Blocking (~0.5 s): call it in
+    a thread at start-up. Without it, the server starts with the first helpers."""
+    _context.set_forkserver_preload([*main_modules, *HELPER_MODULES])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _start(owner: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    # A SIGKILLed worker must not leave its helpers running. (Their parent is the fork server,
+    # which lives as long as any helper does.)
+    exit_with(owner)
+    initializer(*initargs)
+
+
+def _ready() -> None:
+    """Nothing: handed to each process at start, so that all of them start at once."""
+
+
+class HelperPool:
+    """Work handed to helper processes, its results taken in order with the rows each holds."""
+
+    def __init__(self, initializer: Callable[..., None], initargs: tuple, *, processes: int = HELPERS,
+                 depth: int = 2):  # fmt: skip
+        self.processes = processes
+        self.depth = depth
+        self.args = (os.getpid(), initializer, initargs)
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.pending: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+
+    @property
+    def started(self) -> bool:
+        return self.pool is not None
+
+    async def start(self) -> None:
+        """Start every process now (a pool would start them one task at a time), so that their
+        start overlaps the wait for the store's first answer. In a thread: starting the fork
+        server, if it is not running yet, blocks for about half a second."""
+
+        def start() -> concurrent.futures.ProcessPoolExecutor:
+            pool = concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=_context, initializer=_start,
+                                                          initargs=self.args)  # fmt: skip
+            for _ in range(self.processes):
+                pool.submit(_ready)
+            return pool
+
+        self.pool = await asyncio.to_thread(start)
+
+    def submit(self, rows: int, work: Callable[..., Any], *args: Any) -> None:
+        """Hand ``work(*args)`` (a module-level function) to a process; its result holds ``rows``."""
+        assert self.pool is not None
+        self.pending.append((asyncio.wrap_future(self.pool.submit(work, *args)), rows))
+
+    def add(self, rows: int, result: Any) -> None:
+        """A result made in this process, taken in its place among the others."""
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(result)
+        self.pending.append((done, rows))
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.depth * self.processes
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pending) and self.pending[0][0].done()
+
+    async def next(self) -> tuple[Any, int]:
+        """The oldest result (raising what its work raised) and its rows."""
+        future, rows = self.pending.popleft()
+        return await future, rows
+
+    def stop(self) -> None:
+        for future, _ in self.pending:
+            future.cancel()
+        self.pending.clear()
+        if self.pool is not None:  # the processes end once the work in hand is done
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
