@@ -556,7 +556,7 @@ def print_table(r: Result, args: argparse.Namespace) -> None:
     row("seconds", lambda run: f"{run['seconds']:.2f}")
     row("  queued / job", lambda run: f"{run['queued_seconds'] or 0:.2f} / {run['worker_seconds'] or 0:.2f}"
         if "worker_seconds" in run else "")
-    row("CPU seconds (worker + helpers; peer)", lambda run: f"{run['cpu_seconds']:.2f}" if run.get("cpu_seconds") else "")
+    row("CPU seconds (+ helpers; peer)", lambda run: f"{run['cpu_seconds']:.2f}" if run.get("cpu_seconds") else "")
     row("documents/s", lambda run: f"{r.docs / run['seconds']:,.0f}")
     row("file MB", lambda run: f"{run.get('file_bytes', run.get('bytes', 0)) / 1e6:,.1f}")
     row("peak RSS MiB (worker idle)", lambda run: f"{mib(run['worker_peak_rss'])} ({mib(run['worker_idle_rss'])})"

@@ -311,12 +311,14 @@ class CsvWriter:
         count: int,
         column: Callable[[int], Sequence],
         run: Callable[[int, int], tuple[Sequence[Sequence], int]],
+        known: int = UNKNOWN,
     ) -> bytes:
         """``count`` rows given column-wise, as ``write`` writes them (only while ``FAST``).
 
         ``column(i)`` is column ``i``'s cells; ``run(start, stop)`` each row's cells of columns
         ``start`` to ``stop`` (a run of number columns), with what is known about them
-        (``UNKNOWN``, ``NUMBERS`` or ``FINITE``: that much is not checked again). For sources that
+        (``UNKNOWN``, ``NUMBERS`` or ``FINITE``: that much is not checked again); ``known`` is
+        the same for the cells of the number columns that ``column`` gives. For sources that
         hold their cells by column rather than as row tuples."""
         pieces: list[list[bytes]] = []  # per segment, each row's fields of it (without the ",")
         for kind, start, stop in self._segments:
@@ -333,7 +335,7 @@ class CsvWriter:
                 continue
             cells = column(start)
             if kind == "number":
-                blob = _numbers(cells, rows=False)
+                blob = _numbers(cells, rows=False, known=known)
                 done = None if blob is None else blob[1:-1].split(b",")
             elif kind == "boolean":
                 done = _bools(cells)

@@ -84,6 +84,11 @@ class Source(Protocol):
         """Rows matching ``query`` (ignoring its limit), counting no further than ``cap``."""
         ...
 
+    async def counted(self, query: Query, rows: int) -> None:
+        """``rows`` is the count of ``query``, made by the caller earlier (the api counts when an
+        export is requested): a source that plans its read by the count takes this one."""
+        ...
+
     def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
         """Matching rows in a stable order, as tuples in ``query.columns`` order, typed per column."""
         ...

@@ -673,6 +673,13 @@ class OpenSearchSource:
         self._counted[_query_key(body)] = (found, exact)
         return min([found, *limits])
 
+    async def counted(self, query: Query, rows: int) -> None:
+        """Take ``rows`` as the count of ``query`` (the caller's, from when the export was
+        requested): the read is planned by it (point in time or scroll, helpers or not) without
+        counting again."""
+        body, _ = _compile(query, await self._mapping())
+        self._counted[_query_key(body)] = (rows, True)
+
     async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
         width = len(query.columns)
         async with aclosing(self._columns(query, batch_rows)) as pages:

@@ -416,14 +416,16 @@ def parse(answer: bytes) -> Any:
         return json.loads(answer)
 
 
-def csv_of(writer: csv_format.CsvWriter, columns: list[Sequence[Any]], count: int) -> bytes:
-    """``count`` rows given as cells by column, exactly as ``writer.write`` writes them as rows."""
+def csv_of(writer: csv_format.CsvWriter, columns: list[Sequence[Any]], count: int, finite: bool = False) -> bytes:
+    """``count`` rows given as cells by column, exactly as ``writer.write`` writes them as rows.
+    ``finite``: no float is NaN or infinite (true of cells that msgspec or orjson decoded: they
+    refuse such numbers; the standard module, their fallback, takes them)."""
     if not csv_format.FAST or not columns:
         return writer.write(list(zip(*columns, strict=True)) if columns else [()] * count)
-    # Number columns hold ints, floats and None (checked or converted); a float that JSON cannot
-    # spell (NaN) could still come through the standard parser, so finiteness is checked.
-    return writer.render(count, columns.__getitem__, lambda start, stop: (
-        list(zip(*columns[start:stop], strict=True)), csv_format.NUMBERS))
+    # Number columns hold ints, floats and None (checked or converted by PageReader).
+    known = csv_format.FINITE if finite else csv_format.NUMBERS
+    return writer.render(count, columns.__getitem__,
+                         lambda start, stop: (list(zip(*columns[start:stop], strict=True)), known), known)
 
 
 # In a helper process: the page reader and the writer, made once by _start_rendering.
@@ -443,16 +445,14 @@ def _render(answer: bytes, count: int) -> bytes:
     wrong type raises the ``SourceError`` that names the document, as in the worker."""
     assert _rendering is not None
     read, writer = _rendering
-    cells = None
     page = read.decode(answer)
     if page is not None:
         try:
-            cells = read.typed(page.hits.hits[:count] if page.hits is not None else [])
+            return csv_of(writer, read.typed(page.hits.hits[:count] if page.hits is not None else []), count,
+                          finite=True)
         except BadCell:
-            cells = None
-    if cells is None:
-        cells = read(((parse(answer).get("hits") or {}).get("hits") or [])[:count])
-    return csv_of(writer, cells, count)
+            pass
+    return csv_of(writer, read(((parse(answer).get("hits") or {}).get("hits") or [])[:count]), count)
 
 
 class _SortValues(msgspec.Struct, gc=False):

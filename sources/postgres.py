@@ -1084,6 +1084,9 @@ class PostgresSource:
         finally:
             await self._release(conn)
 
+    async def counted(self, query: Query, rows: int) -> None:
+        """Nothing to do: reads do not depend on the count."""
+
     async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
         async with contextlib.aclosing(self._fetched(query, batch_rows, False)) as fetched:
             async for plan, rows, offset in fetched:

@@ -57,6 +57,9 @@ class SqliteSource:
 
         return await asyncio.to_thread(_translated, run, self.dataset)
 
+    async def counted(self, query: Query, rows: int) -> None:
+        """Nothing to do: reads do not depend on the count."""
+
     async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
         compiled = compile_query(query, self.dataset.table, SQLITE)
         convert = _converter(query.columns)

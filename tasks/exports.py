@@ -59,6 +59,7 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
     identifier = task_id(owner.id, TaskKind.EXPORT.value, dataset.name, request)
 
     existing = await services.store.get(identifier)
+    matching: int | None = None
     if existing is None or existing.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
         source = services.registry.open(dataset)
         try:
@@ -89,6 +90,7 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
             "created_at": stamp(),
             "attempts": 0,
             "processed_rows": 0,
+            "total_rows": matching,  # the worker need not count again
             "bytes": 0,
         },
         reuse_seconds=services.settings.export_reuse_seconds,

@@ -415,6 +415,29 @@ def test_a_worker_runs_three_jobs_at_once_and_queues_the_rest_in_order(idle_queu
         api.mutate("cancelExport", t["id"])
 
 
+def test_the_worker_takes_the_count_made_when_the_export_was_requested(idle_queue, redis_url):
+    import redis
+
+    api = idle_queue.api()
+    task = api.export(dataset="samples", format="JSON")
+    assert api.task(task["id"])["progress"]["totalRows"] == DEMO_ROWS  # counted by the request, kept
+    # A worker that counted again would report DEMO_ROWS while it writes; this one reports the
+    # request's count (planted here), and at the end the rows it wrote.
+    client = redis.Redis.from_url(redis_url)
+    client.hset(f"dataport:task:{task['id']}", "total_rows", DEMO_ROWS + 1000)
+    client.close()
+    idle_queue.start_worker()
+    totals = set()
+    deadline = time.monotonic() + 60
+    while (t := api.task(task["id"]))["status"] != "SUCCEEDED":
+        assert time.monotonic() < deadline and t["status"] in ("PENDING", "PROCESSING"), t
+        if t["status"] == "PROCESSING" and t["progress"]["processedRows"]:
+            totals.add(t["progress"]["totalRows"])
+        time.sleep(0.02)
+    assert totals == {DEMO_ROWS + 1000}
+    assert t["rowCount"] == DEMO_ROWS and t["progress"]["totalRows"] == DEMO_ROWS
+
+
 def test_a_transient_failure_succeeds_on_a_retry(idle_queue, test_data):
     api = idle_queue.api()
     task = api.export(dataset="lockable", format="CSV")  # counted before the lock is taken

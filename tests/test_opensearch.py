@@ -713,6 +713,24 @@ async def test_a_long_read_in_key_order_is_one_sorted_scroll_with_the_same_rows(
     assert _open_pits(opensearch_url) == before
 
 
+async def test_a_count_made_earlier_plans_the_read_without_counting_again(dataset):
+    query = build_query(dataset, columns=["id"])
+    for counted, kind, counts_made in ((None, "pit", 1), (1000, "scroll", 0)):
+        s = OpenSearchSource(dataset, page_rows=2, pit_max_pages=4)
+        made: list[int | None] = []
+        count = s.count
+        s.count = lambda q, cap=None, count=count, made=made: made.append(cap) or count(q, cap)  # type: ignore
+        try:
+            if counted is not None:  # 500 pages: more than a point in time is kept for
+                await s.counted(query, counted)
+            reader = s.batches(query, 2)
+            assert await anext(reader) == [(1,), (2,)]
+            assert [c.kind for c in s._cursors] == [kind] and len(made) == counts_made
+            await reader.aclose()
+        finally:
+            await s.close()
+
+
 async def test_a_cancel_during_a_scroll_page_releases_the_scroll_at_once(proxy, index, opensearch_url):
     s = OpenSearchSource(_dataset(proxy.url, index), page_rows=2, pit_max_pages=1)
     try:

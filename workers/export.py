@@ -77,7 +77,14 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
 
     source = services.registry.open(dataset)
     try:
-        total = await source.count(query)
+        if task.progress.total_rows is not None:
+            # Counted by the api when the export was requested (or by an earlier attempt of this
+            # run): a progress total, and what a source plans its read by. The rows written are
+            # counted as they go; SUCCEEDED records those.
+            total = task.progress.total_rows
+            await source.counted(query, total)
+        else:
+            total = await source.count(query)
         progress = ProgressReporter(services.store, task.id, attempt, total, settings.progress_interval_seconds)
         await progress.flush()
         await services.storage.discard_incomplete(key)  # a killed attempt's half-written parts
