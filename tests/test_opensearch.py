@@ -939,6 +939,37 @@ def test_the_column_check_of_dates_keeps_exactly_what_the_cell_converter_keeps(v
     assert _checked_dates(values) == all(kept(v) for v in values), values
 
 
+def test_a_helper_writes_each_answer_as_the_csv_writer_writes_its_rows():
+    """What a helper process does with an answer's bytes, run here: the first page (dicts), typed
+    pages after it, and pages that go back to dicts (a value of another type, a number beyond a
+    double, which msgspec and orjson refuse and the standard parser reads as infinity)."""
+    import gc
+
+    from formats.csv import CsvWriter
+    from sources import opensearch_pages as pages
+
+    columns = (Column("i", "integer"), Column("f", "float"), Column("s"), Column("b", "boolean"),
+               Column("d", "date"), Column("t", "datetime"))
+    plain = {"i": 1, "f": 2.5, "s": "=x", "b": True, "d": "2020-01-02", "t": "2020-01-02T03:04:05Z"}
+    answers = [[plain, {**plain, "f": None, "s": None}],
+               [{**plain, "f": 1e-7, "s": 'a,"b"'}, {**plain, "i": -(2**63)}],
+               [{**plain, "f": 3}, {**plain, "d": "2020-W01-1"}],
+               [{**plain, "f": "1e400"}, plain]]  # "1e400" is written bare, below
+    try:
+        pages._start_rendering(columns, True)
+        writer = CsvWriter(columns, formula_guard=True)
+        convert = pages.cell_converter(columns)
+        for sources in answers:
+            hits = [{"_id": str(n), "_source": source} for n, source in enumerate(sources)]
+            answer = json.dumps({"_shards": {"failed": 0}, "hits": {"hits": hits}}).replace('"1e400"', "1e400")
+            rows = convert(json.loads(answer)["hits"]["hits"])
+            assert pages._render(answer.encode(), len(hits)) == writer.write(rows), sources
+            assert pages._render(answer.encode(), 1) == writer.write(rows[:1]), sources
+        assert b"inf" in writer.write(rows)
+    finally:
+        gc.enable()  # the helper's initializer turns the collector off for good
+
+
 def test_documents_are_read_whole_only_when_the_mapping_lists_all_they_can_hold():
     from sources.opensearch import _source_fields
 
