@@ -54,12 +54,12 @@ from sources.opensearch import (
     REQUEST_TIMEOUT_SECONDS,
     RETRY_DELAYS,
     OrjsonSerializer,
-    cell_converter,
     error_reason,
     explain_error,
     is_transient,
     redact,
 )
+from sources.opensearch_pages import cell_converter
 from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 
 log = logging.getLogger("dataport.sinks.opensearch")
