@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 # Resolved here, not in the forked child: a dlopen after fork can deadlock in a threaded parent.
@@ -27,20 +28,34 @@ def _die_with_parent(parent_pid: int) -> None:
 def exit_with(owner_pid: int) -> None:
     """Called inside a helper process (a pool's initializer): end it as soon as ``owner_pid`` ends,
     even when that is not its parent (helpers forked by a fork server), so that a killed worker
-    leaves no helper behind. A thread waits on a pidfd of the owner (Linux 5.3+); elsewhere the
-    helper ends when its work queue breaks."""
+    leaves no helper behind. A thread waits on a pidfd of the owner (Linux 5.3+), or, where there
+    is none (an older kernel, a seccomp profile without pidfd_open), looks once a second."""
     try:
-        owner = os.pidfd_open(owner_pid)
+        owner: int | None = os.pidfd_open(owner_pid)
     except ProcessLookupError:  # already gone
         os._exit(1)
     except (AttributeError, OSError):
-        return
+        owner = None
 
     def wait() -> None:
-        select.select([owner], [], [])  # readable once the owner has ended
+        if owner is not None:
+            select.select([owner], [], [])  # readable once the owner has ended
+        else:
+            while _alive(owner_pid):
+                time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=wait, name="exit-with-owner", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def die_with_parent() -> Callable[[], None]:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,3 +57,24 @@ def test_pool_helpers_exit_when_their_owner_is_killed(tmp_path):
         owner.kill()
         owner.wait()
         owner.stdout.close()
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_helper_ends_with_its_owner_even_when_that_is_not_its_parent(pidfd):
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    no_pidfd = "" if pidfd else "del os.pidfd_open; "  # as on a kernel or seccomp profile without it
+    helper = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; {no_pidfd}from dataport.processes import exit_with; "
+                               f"exit_with({owner.pid}); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert helper.stdout.readline() == "ready\n"
+        assert helper.poll() is None
+        owner.kill()
+        owner.wait()
+        assert helper.wait(5) == 1
+    finally:
+        for p in (owner, helper):
+            p.kill()
+            p.wait()
+        helper.stdout.close()
