@@ -697,16 +697,17 @@ class OpenSearchSource:
         plan = body, pit, rows = await self._plan(query, batch_rows)
         if HELPERS and csv_format.FAST and rows * len(query.columns) >= self.helpers_after_cells:
             rendered = RenderedPages(query.columns, formula_guard)
-            await rendered.helpers.start()  # before the first request: they start while the cluster sorts
+            helpers = rendered.helpers
+            await helpers.start()  # before the first request: they start while the cluster sorts
             try:
                 async with aclosing(self._pages(body, pit, query.limit, rendered)) as pages:
-                    async for _ in pages:
-                        while rendered.helpers.full or rendered.helpers.ready:
-                            yield await rendered.helpers.next()
-                while rendered.helpers.pending:
-                    yield await rendered.helpers.next()
+                    async for _ in pages:  # each page handed to a helper: take what is done
+                        while helpers.full or helpers.ready:
+                            yield await helpers.next()
+                while helpers.pending:
+                    yield await helpers.next()
             finally:
-                rendered.helpers.stop()
+                helpers.stop()
             return
         async with aclosing(self._columns(query, batch_rows, plan)) as pages:
             async for columns, count in pages:
@@ -760,8 +761,10 @@ class OpenSearchSource:
     async def _pages(self, body: dict[str, Any], pit: bool, limit: int | None,
                      read: PageReader | RenderedPages,
                      ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
-        """The pages as (cells by column, rows), in one pass: through a point in time (``pit``,
-        where the cluster has one) or a scroll; released when the read ends, fails or is abandoned.
+        """The pages as (what ``read`` made of the hits, rows), in one pass: cells by column from a
+        ``PageReader``, None from ``RenderedPages`` (whose helpers hold the pages' CSV). Through a
+        point in time (``pit``, where the cluster has one) or a scroll; released when the read
+        ends, fails or is abandoned.
 
         The request for the next page is sent before a page is handed out, so that the cluster
         prepares it while this process writes the current one; each page is converted as soon as
