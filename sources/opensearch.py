@@ -95,8 +95,10 @@ PAGE_CELLS = 200_000  # documents per page x columns: bounds the memory one page
 # keeps the point in time, whose pages can be retried.
 PIT_MAX_PAGES = 4
 # A CSV read of this many cells (documents x columns) or more is converted by helper processes
-# (``RenderedPages``): below it, starting them costs more than they save.
-HELPERS_AFTER_CELLS = 1_000_000
+# (``RenderedPages``). Forked from a running fork server they pay off from about one page of
+# 10,000 narrow documents on (measured here); a few pages' worth keeps small reads, and the api's
+# streaming route (whose fork server may not be running yet), to one process.
+HELPERS_AFTER_CELLS = 500_000
 
 # OpenSearch field types, by the column type they hold.
 _INTEGER_TYPES = {"long", "integer", "short", "byte", "unsigned_long"}
