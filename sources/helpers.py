@@ -24,9 +24,11 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dataport.processes import exit_with
+from sources.base import TransientSourceError
 
 HELPERS = 2 if (os.cpu_count() or 1) > 1 else 0
 # Imported by the fork server, so that each helper has them from the start: the OpenSearch page
@@ -52,6 +54,11 @@ def _start(owner: int, initializer: Callable[..., None], initargs: tuple) -> Non
     # which lives as long as any helper does.)
     exit_with(owner)
     initializer(*initargs)
+
+
+def _ended() -> TransientSourceError:
+    # Killed from outside (the OOM killer, an operator): the export is tried again.
+    return TransientSourceError("A helper process of this read ended unexpectedly; the read has to start again.")
 
 
 def _ready() -> None:
@@ -90,7 +97,11 @@ class HelperPool:
     def submit(self, rows: int, work: Callable[..., Any], *args: Any) -> None:
         """Hand ``work(*args)`` (a module-level function) to a process; its result holds ``rows``."""
         assert self.pool is not None
-        self.pending.append((asyncio.wrap_future(self.pool.submit(work, *args)), rows))
+        try:
+            future = self.pool.submit(work, *args)
+        except BrokenProcessPool as e:
+            raise _ended() from e
+        self.pending.append((asyncio.wrap_future(future), rows))
 
     def add(self, rows: int, result: Any) -> None:
         """A result made in this process, taken in its place among the others."""
@@ -107,9 +118,13 @@ class HelperPool:
         return bool(self.pending) and self.pending[0][0].done()
 
     async def next(self) -> tuple[Any, int]:
-        """The oldest result (raising what its work raised) and its rows."""
+        """The oldest result (raising what its work raised) and its rows. A helper that ended
+        before its work was done is a ``TransientSourceError``."""
         future, rows = self.pending.popleft()
-        return await future, rows
+        try:
+            return await future, rows
+        except BrokenProcessPool as e:
+            raise _ended() from e
 
     def stop(self) -> None:
         for future, _ in self.pending:

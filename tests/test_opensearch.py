@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -711,6 +712,33 @@ async def test_a_long_read_in_key_order_is_one_sorted_scroll_with_the_same_rows(
         await s.close()
         await pit.close()
     assert _open_pits(opensearch_url) == before
+
+
+async def test_a_helper_killed_mid_read_fails_it_as_transient_and_releases_the_scroll(opensearch_url, monkeypatch):
+    import signal
+
+    from sources.helpers import HelperPool
+
+    index = f"dp-kill-{uuid.uuid4().hex[:8]}"
+    _create(opensearch_url, index, {"properties": {"id": {"type": "long"}}},
+            [(str(i), {"id": i}) for i in range(1, 201)])
+    pools: list[HelperPool] = []
+    start = HelperPool.start
+    monkeypatch.setattr(HelperPool, "start", lambda self: pools.append(self) or start(self))
+    s = OpenSearchSource(_dataset(opensearch_url, index, key=(), columns=(Column("id", "integer"),)), page_rows=2,
+                         helpers_after_cells=0)
+    try:
+        reader = s.csv_batches(build_query(s.dataset), 2, formula_guard=True)
+        assert (await anext(reader))[1] == 0 and (await anext(reader))[1] == 2
+        scroll_id = s._cursors[0].id
+        for pid in pools[0].pool._processes:  # as the OOM killer would
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(TransientSourceError, match="helper process of this read ended unexpectedly"):
+            async for _ in reader:
+                pass
+        assert not s._cursors and not _scroll_alive(opensearch_url, scroll_id)
+    finally:
+        await s.close()
 
 
 async def test_a_count_made_earlier_plans_the_read_without_counting_again(dataset):
