@@ -23,7 +23,7 @@ import concurrent.futures
 import multiprocessing
 import multiprocessing.forkserver
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -109,13 +109,15 @@ class HelperPool:
         done.set_result(result)
         self.pending.append((done, rows))
 
+    async def results(self, *, every: bool = False) -> AsyncIterator[tuple[Any, int]]:
+        """The results to take now, in order: while too much work is out, or the oldest is done
+        (with ``every``: all that is left, when no more work will come)."""
+        while self.pending and (every or self.full or self.pending[0][0].done()):
+            yield await self.next()
+
     @property
     def full(self) -> bool:
         return len(self.pending) >= self.depth * self.processes
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.pending) and self.pending[0][0].done()
 
     async def next(self) -> tuple[Any, int]:
         """The oldest result (raising what its work raised) and its rows. A helper that ended

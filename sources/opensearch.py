@@ -704,10 +704,10 @@ class OpenSearchSource:
             try:
                 async with aclosing(self._pages(body, pit, query.limit, rendered)) as pages:
                     async for _ in pages:  # each page handed to a helper: take what is done
-                        while helpers.full or helpers.ready:
-                            yield await helpers.next()
-                while helpers.pending:
-                    yield await helpers.next()
+                        async for chunk in helpers.results():
+                            yield chunk
+                async for chunk in helpers.results(every=True):
+                    yield chunk
             finally:
                 helpers.stop()
             return

@@ -1173,10 +1173,10 @@ class PostgresSource:
                             yield _flattened_csv(read, writer, rows, offset), len(rows)
                             continue
                         helpers.submit(len(rows), _helper_csv, rows, offset)
-                        while helpers.full or helpers.ready:
-                            yield await helpers.next()
-                while helpers.pending:
-                    yield await helpers.next()
+                        async for chunk in helpers.results():
+                            yield chunk
+                async for chunk in helpers.results(every=True):
+                    yield chunk
             finally:
                 helpers.stop()
             return
