@@ -17,8 +17,8 @@ from dataport import errors
 from dataport.errors import UserErrors
 from dataport.services import Services
 from formats import WRITERS
-from sources.base import SourceError
-from sources.query import build_query
+from sources.base import Dataset, SourceError
+from sources.query import Query, build_query
 from tasks import queue
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
@@ -61,19 +61,7 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
     existing = await services.store.get(identifier)
     matching: int | None = None
     if existing is None or existing.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
-        source = services.registry.open(dataset)
-        try:
-            matching = await source.count(query, cap=dataset.max_export_rows + 1)
-        except SourceError as e:
-            raise UserErrors.one(f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE,
-                                 "input", "dataset") from None
-        finally:
-            await source.close()
-        if matching > dataset.max_export_rows:
-            raise UserErrors.one(
-                f"More than {dataset.max_export_rows:,} rows match; narrow the filters or set a limit.",
-                errors.TOO_MANY_ROWS, "input", "filters",
-            )
+        matching = await _count_within_limit(services, dataset, query)
 
     outcome = await services.store.request(
         identifier,
@@ -98,6 +86,28 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
     if outcome.needs_job:
         await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
     return outcome.task
+
+
+async def _count_within_limit(services: Services, dataset: Dataset, query: Query,
+                              fields: tuple[tuple[str, ...], tuple[str, ...]] = (("input", "dataset"),
+                                                                                 ("input", "filters"))) -> int:
+    """The rows ``query`` gives, counted no further than the dataset's ``max_export_rows``. More
+    than that is a user error, and so is a source that cannot be read; ``fields`` name the field
+    of each (a retry has only its ``id``)."""
+    source = services.registry.open(dataset)
+    try:
+        matching = await source.count(query, cap=dataset.max_export_rows + 1)
+    except SourceError as e:
+        raise UserErrors.one(f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE,
+                             *fields[0]) from None
+    finally:
+        await source.close()
+    if matching > dataset.max_export_rows:
+        raise UserErrors.one(
+            f"More than {dataset.max_export_rows:,} rows match; narrow the filters or set a limit.",
+            errors.TOO_MANY_ROWS, *fields[1],
+        )
+    return matching
 
 
 async def get_export(services: Services, owner: Owner, identifier: str) -> Task | None:
@@ -135,12 +145,23 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
             f"Only failed or cancelled exports can be retried; this one is {task.status.value}.",
             errors.INVALID_STATUS, "id",
         )
+    # Counted again, as a new request is: the rows may have grown past the maximum since, and the
+    # worker takes this count. A dataset that is gone or changed is left to the worker to report.
+    dataset = services.registry.get(task.dataset)
+    query = None
+    if dataset is not None:
+        r = task.request
+        try:
+            query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
+        except UserErrors:  # the dataset changed since the request
+            pass
+    matching = None if query is None else await _count_within_limit(services, dataset, query, (("id",), ("id",)))
     outcome = await services.store.request(
         task.id,
         {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
          "dataset": task.dataset, "format": task.format, "request": _json(task.request), "notify": task.notify,
          "status": TaskStatus.PENDING.value, "created_at": stamp(), "attempts": 0, "processed_rows": 0,
-         "bytes": 0},
+         "total_rows": matching, "bytes": 0},
         reuse_seconds=-1,
     )
     if outcome.needs_job:

@@ -438,6 +438,18 @@ def test_the_worker_takes_the_count_made_when_the_export_was_requested(idle_queu
     assert t["rowCount"] == DEMO_ROWS and t["progress"]["totalRows"] == DEMO_ROWS
 
 
+def test_a_retry_counts_again_as_a_request_does(idle_queue):
+    api = idle_queue.api()
+    task = api.export(dataset="small_limit", format="CSV", limit=5)  # the dataset's maximum is 5
+    assert api.task(task["id"])["progress"]["totalRows"] == 5
+    assert api.mutate("cancelExport", task["id"])["task"]["status"] == "CANCELLED"
+    retried = api.mutate("retryExport", task["id"])
+    # a new run starts clean, with the count made for it (held to the maximum, as a request is)
+    assert retried["userErrors"] == [] and retried["task"]["run"] == 2
+    assert retried["task"]["progress"]["totalRows"] == 5 and retried["task"]["progress"]["processedRows"] == 0
+    api.mutate("cancelExport", task["id"])
+
+
 def test_a_transient_failure_succeeds_on_a_retry(idle_queue, test_data):
     api = idle_queue.api()
     task = api.export(dataset="lockable", format="CSV")  # counted before the lock is taken
