@@ -714,17 +714,12 @@ async def test_a_long_read_in_key_order_is_one_sorted_scroll_with_the_same_rows(
     assert _open_pits(opensearch_url) == before
 
 
-async def test_a_helper_killed_mid_read_fails_it_as_transient_and_releases_the_scroll(opensearch_url, monkeypatch):
+async def test_a_helper_killed_mid_read_fails_it_as_transient_and_releases_the_scroll(opensearch_url, pools):
     import signal
-
-    from sources.helpers import HelperPool
 
     index = f"dp-kill-{uuid.uuid4().hex[:8]}"
     _create(opensearch_url, index, {"properties": {"id": {"type": "long"}}},
             [(str(i), {"id": i}) for i in range(1, 201)])
-    pools: list[HelperPool] = []
-    start = HelperPool.start
-    monkeypatch.setattr(HelperPool, "start", lambda self: pools.append(self) or start(self))
     s = OpenSearchSource(_dataset(opensearch_url, index, key=(), columns=(Column("id", "integer"),)), page_rows=2,
                          helpers_after_cells=0)
     try:
@@ -795,6 +790,17 @@ async def test_csv_batches_write_the_bytes_the_csv_writer_writes_for_the_rows(da
         await s.close()
 
 
+@pytest.fixture
+def pools(monkeypatch) -> list:
+    """Every helper pool a read starts, in order (to look at its processes)."""
+    from sources.helpers import HelperPool
+
+    started: list[HelperPool] = []
+    start = HelperPool.start
+    monkeypatch.setattr(HelperPool, "start", lambda self: started.append(self) or start(self))
+    return started
+
+
 @pytest.mark.parametrize("key", [("id",), ()], ids=["key", "no-key"])
 @pytest.mark.parametrize("pit_max_pages", [0, 100], ids=["scroll", "pit"])
 async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_url, index, key, pit_max_pages,
@@ -830,9 +836,7 @@ async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_u
 
 
 async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_stops_the_helpers(
-        opensearch_url, index, monkeypatch):  # fmt: skip
-    from sources.helpers import HelperPool
-
+        opensearch_url, index, pools):  # fmt: skip
     bad = f"dp-bad-{uuid.uuid4().hex[:8]}"
     _create(opensearch_url, bad, {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
             [(str(i), {"id": i, "v": "2.5"}) for i in range(1, 41)])
@@ -847,9 +851,6 @@ async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_
     finally:
         await s.close()
 
-    pools: list[HelperPool] = []
-    start = HelperPool.start
-    monkeypatch.setattr(HelperPool, "start", lambda self: pools.append(self) or start(self))
     # 20 pages: the read runs a few pages ahead of the chunks taken, not to the end
     s = OpenSearchSource(_dataset(opensearch_url, bad, key=(), columns=(Column("id", "integer"),)), page_rows=2,
                          helpers_after_cells=0)
@@ -857,13 +858,13 @@ async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_
         reader = s.csv_batches(build_query(s.dataset), 2, formula_guard=True)
         assert (await anext(reader))[1] == 0  # the header
         assert (await anext(reader))[1] == 2
-        processes = [psutil.Process(pid) for pid in pools[0].pool._processes]
+        processes = [psutil.Process(pid) for pid in pools[-1].pool._processes]
         scroll_id = s._cursors[0].id
         started = time.monotonic()
         await reader.aclose()
         assert time.monotonic() - started < 1
         assert not s._cursors and not _scroll_alive(opensearch_url, scroll_id)
-        assert pools[0].pool is None and not pools[0].pending
+        assert pools[-1].pool is None and not pools[-1].pending
         gone, alive = psutil.wait_procs(processes, timeout=5)
         assert len(processes) == 2 and not alive
     finally:
