@@ -251,6 +251,10 @@ def _checked_datetimes(values: Sequence[Any]) -> bool:
     return True
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+_LEARN_WINDOW = 64 * 1024  # bytes after a first "_source": to find the document in
+
+
 class PageReader:
     """A page's hits → one sequence of cells per column, typed as ``cell_converter`` types them.
 
@@ -306,6 +310,8 @@ class PageReader:
 
     def decode(self, answer: bytes) -> Any:
         """The answer as a typed page (``typed`` reads its hits), or None."""
+        if not self._learnt:
+            self._learn_from(answer)
         if self._decode is None:
             return None
         try:
@@ -321,6 +327,23 @@ class PageReader:
             return [[] for _ in self.columns]
         raw = [in_fields[i] for i in self._order]
         return self._typed_columns(raw, DECODED_CELL_TYPES)  # dates and date-times are checked as they are
+
+    def _learn_from(self, answer: bytes) -> None:
+        """Learn the order of the documents' keys from the first hit's ``_source`` alone, parsed
+        from the bytes around it, so that a first page is decoded typed too (a helper's first
+        page the other way cost ~100 ms more, on the export's critical path). Where the source
+        cannot be found so, the first page is parsed whole and shows it, as before. A false
+        find is harmless: the order only makes the typed decoding faster, never different."""
+        at = answer.find(b'"_source":')
+        if at < 0:
+            return
+        window = answer[at + 10 : at + 10 + _LEARN_WINDOW].decode("utf-8", "ignore").lstrip()
+        try:
+            source, _ = _raw_decode(window)
+        except ValueError:  # longer than the window, or not JSON
+            return
+        if source.__class__ is dict:
+            self._learn(source)
 
     def _learn(self, source: Mapping[str, Any]) -> None:
         self._learnt = True

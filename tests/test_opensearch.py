@@ -873,7 +873,7 @@ async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_
 
 @pytest.mark.parametrize("pit_max_pages", [0, 100], ids=["scroll", "pit"])
 async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset, pit_max_pages, monkeypatch):
-    """After the first page, answers are decoded straight into typed Structs: the same rows as
+    """Answers, the first one's too, are decoded straight into typed Structs: the same rows as
     parsing every page into dicts, through a scroll and through a point in time."""
     from sources.opensearch_pages import PageReader
 
@@ -886,11 +886,37 @@ async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset
     s = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages)
     try:
         read = [[r async for b in s.batches(q, 3) for r in b] for q in queries]
-        assert sum(typed_pages) == sum(len(rows) for rows in read) - 2 * len(queries)  # all but the first pages
+        assert sum(typed_pages) == sum(len(rows) for rows in read)  # every page
         monkeypatch.setattr(PageReader, "decode", lambda self, answer: None)
         assert read == [[r async for b in s.batches(q, 3) for r in b] for q in queries]
     finally:
         await s.close()
+
+
+def test_the_page_reader_learns_the_order_of_keys_from_the_first_document_of_an_answer():
+    """The first answer is decoded typed: the order of the documents' keys is read from the first
+    hit alone. A first document too long to read so is parsed with its page, as dicts; the next
+    answer is decoded typed."""
+    from sources.opensearch_pages import _LEARN_WINDOW, PageReader
+
+    columns = (Column("s", "string"), Column("n", "integer"))
+
+    def answer(*sources: Any) -> bytes:
+        return json.dumps({"_scroll_id": "x", "hits": {"hits": [{"_id": str(i), "_source": source}
+                                                                for i, source in enumerate(sources)]}}).encode()
+
+    read = PageReader(columns)
+    page = read.decode(answer({"n": 1, "s": "a"}, {"s": "b"}))
+    assert page is not None and read.typed(page.hits.hits) == [("a", "b"), (1, None)]
+    assert read._order == [1, 0]  # "n" first, as in the documents
+
+    long = "x" * _LEARN_WINDOW
+    read = PageReader(columns)
+    first = answer({"s": long, "n": 2}, {"s": "c", "n": 3})
+    assert read.decode(first) is None
+    assert [list(c) for c in read(json.loads(first)["hits"]["hits"])] == [[long, "c"], [2, 3]]
+    page = read.decode(answer({"s": "d", "n": 4}))
+    assert page is not None and read.typed(page.hits.hits) == [("d",), (4,)]
 
 
 FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Column("b", "boolean"),
