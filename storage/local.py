@@ -31,7 +31,12 @@ if TYPE_CHECKING:
 
 PARTIAL = ".partial-"
 WRITE_BATCH = 1024 * 1024  # bytes gathered before one write (and hash update) in a thread
+# A large file is synced to disk as it is written, this much at a time, in the writing thread:
+# the fsync before the rename then waits for the last part only (a 193 MB export's final fsync
+# took 0.2 s here, after the last row, on the export's critical path).
+SYNC_EVERY = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def _os_error(action: str, key: str, e: OSError) -> StorageError:
@@ -65,6 +70,7 @@ class LocalWriter:
         self._buffer = bytearray()
         self._sha = hashlib.sha256()
         self._size = 0
+        self._unsynced = 0
         self._state = "open"
         self._renamed = False
         self._op: asyncio.Future[None] | None = None  # the file operation running in a thread
@@ -87,11 +93,21 @@ class LocalWriter:
             await self._flush()
 
     async def _flush(self) -> None:
+        """Hand the gathered bytes to a thread once the previous write is done, and go on: one
+        write runs while the export reads on. Its error is raised by the next write or by
+        ``complete``."""
         if not self._buffer:
             return
+        await self._written()
         data, self._buffer = self._buffer, bytearray()
+        self._op = asyncio.ensure_future(asyncio.to_thread(self._write_sync, data))
+
+    async def _written(self) -> None:
+        """Wait for the write in hand (shielded, as ``_in_thread``)."""
+        if self._op is None:
+            return
         try:
-            await self._in_thread(self._write_sync, data)
+            await asyncio.shield(self._op)
         except OSError as e:
             raise _os_error("writing", self.key, e) from e
 
@@ -100,6 +116,11 @@ class LocalWriter:
         self._sha.update(data)
         self._file.write(data)
         self._size += len(data)
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY:
+            self._file.flush()
+            _datasync(self._file.fileno())
+            self._unsynced = 0
 
     async def complete(self) -> StoredObject:
         if self._state != "open":
@@ -109,6 +130,7 @@ class LocalWriter:
         self._state = "completing"
         try:
             await self._flush()
+            await self._written()
             await self._in_thread(self._complete_sync)
         except BaseException as e:
             await asyncio.shield(self._abort())

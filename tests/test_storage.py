@@ -561,6 +561,52 @@ async def test_local_open_read_streams_the_file(tmp_path: Path):
     assert await storage.open_read(new_key()) is None
 
 
+async def test_local_large_file_is_synced_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Past every ``SYNC_EVERY`` bytes the writer syncs the file to disk (so that the fsync before
+    the rename has little left); the writes run one at a time, in order, while more is gathered."""
+    import storage.local
+
+    synced: list[int] = []
+    monkeypatch.setattr(storage.local, "SYNC_EVERY", 2 * MiB)
+    monkeypatch.setattr(storage.local, "_datasync", lambda fd: synced.append(os.fstat(fd).st_size) or os.fdatasync(fd))
+    storage_ = LocalStorage(tmp_path, PUBLIC_URL, SECRET)
+    data = os.urandom(7 * MiB + 3)
+    key = new_key()
+    writer = await storage_.open_writer(key, "text/csv")
+    for at in range(0, len(data), 300_000):
+        await writer.write(data[at : at + 300_000])
+    stored = await writer.complete()
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert storage_.path_for(key).read_bytes() == data
+    assert len(synced) == 3 and synced == sorted(synced) and synced[0] >= 2 * MiB
+
+
+async def test_local_write_that_fails_in_its_thread_fails_the_export_and_leaves_nothing(tmp_path: Path):
+    """A write fails in its thread (the file-size limit stands in for a full disk): a later
+    ``write`` or ``complete`` raises the storage error that says so, and after ``abort`` neither
+    the file nor a partial file is left."""
+    import resource
+    import signal
+
+    storage_ = LocalStorage(tmp_path, PUBLIC_URL, SECRET)
+    key = new_key()
+    writer = await storage_.open_writer(key, "text/csv")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 * MiB, limit[1]))
+    try:
+        with pytest.raises(StorageError, match=r"writing .*File too large"):
+            for _ in range(8):
+                await writer.write(b"x" * MiB)
+            await writer.complete()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    await writer.abort()
+    assert [files for _, _, files in os.walk(tmp_path) if files] == []
+    assert await storage_.verify(key) is None
+
+
 async def test_local_check_refuses_unusable_root(tmp_path: Path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
