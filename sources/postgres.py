@@ -1139,14 +1139,22 @@ class PostgresSource:
         """The key ranges to read ``query`` by, a second connection (in the snapshot of the first,
         ``conns[0]``) appended to ``conns``; no ranges (and no second connection) to read it in one go."""
         ranges = await self._key_ranges(conns[0], query)
-        if ranges:
-            try:
-                cur = await conns[0].execute("SELECT pg_export_snapshot()")
-                snapshot_id = (await cur.fetchone())[0]
-                conns.append(await self._connect(snapshot=True, snapshot_id=snapshot_id))
-            except (psycopg.Error, SourceError) as e:  # e.g. a standby or a pooler: one connection is enough
-                log.warning("dataset %s: reading on one connection (%s)", self.dataset.name, e)
-                return []
+        if not ranges:
+            return []
+        try:
+            cur = await conns[0].execute("SELECT pg_export_snapshot()")
+            snapshot_id = (await cur.fetchone())[0]
+        except psycopg.Error as e:  # a standby, say: one connection is enough
+            log.warning("dataset %s: reading on one connection (%s)", self.dataset.name, e)
+            # The failed statement ended the transaction: the read takes a new one.
+            await self._release(conns[0])
+            conns[0] = await self._connect(snapshot=True)
+            return []
+        try:
+            conns.append(await self._connect(snapshot=True, snapshot_id=snapshot_id))
+        except SourceError as e:  # a pooler that cannot import it, say
+            log.warning("dataset %s: reading on one connection (%s)", self.dataset.name, e)
+            return []
         return ranges
 
     async def csv_batches(

@@ -740,6 +740,31 @@ async def test_a_large_table_is_copied_by_key_ranges_on_two_connections_in_one_s
     assert await _gone_within(pg, app, 1.0) < 1.0
 
 
+async def test_a_server_that_exports_no_snapshot_is_read_on_one_connection(pg, pg_table, postgres_db, monkeypatch):
+    """Where ``pg_export_snapshot()`` fails (a standby; here, a user not allowed to call it), a
+    large table is read on one connection, in a transaction of its own: the failed call ended
+    the first one."""
+    table = pg_table("nosnap")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    pg.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 3000) g")
+    role = f"dp_nosnap_{uuid.uuid4().hex[:8]}"
+    pg.execute(f'CREATE ROLE "{role}" LOGIN')
+    pg.execute(f'GRANT SELECT ON "{table}" TO "{role}"')
+    pg.execute("REVOKE EXECUTE ON FUNCTION pg_export_snapshot() FROM PUBLIC")  # in this session's database
+    try:
+        ds = Dataset(name="nosnap", source="postgres", url=_url(postgres_db, user=role), table=table, key=("id",),
+                     columns=discover_columns(postgres_db, table))
+        serial = await _csv(PostgresSource(ds), build_query(ds))
+        monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
+        monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
+        assert await _csv(PostgresSource(ds), build_query(ds)) == serial
+        assert await _rows(ds, batch_rows=100) == [(i, f"v{i}") for i in range(1, 3001)]
+    finally:
+        pg.execute("GRANT EXECUTE ON FUNCTION pg_export_snapshot() TO PUBLIC")
+        pg.execute(f'DROP OWNED BY "{role}"')
+        pg.execute(f'DROP ROLE "{role}"')
+
+
 async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, pg_table, postgres_db, monkeypatch):
     monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
     monkeypatch.setattr("sources.postgres.RANGE_BYTES", 64 * 1024)
