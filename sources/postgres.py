@@ -76,7 +76,11 @@ CSV fast path (``csv_batches``)
     (``pg_export_snapshot()``), the second imports it (``SET TRANSACTION SNAPSHOT``), so the file
     is still one snapshot. The connections take the ranges in turn: while one range is handed on
     as it arrives, the next is read on the other connection and held in memory (one range ahead
-    at most), so the server renders on both cores. Other reads use one connection.
+    at most), so the server renders on both cores. Other reads use one connection. The two
+    connections ask for no parallel workers (``max_parallel_workers_per_gather = 0``): PostgreSQL
+    planned each range's rendered COPY as a Gather Merge, which on 2 cores cost ~0.9 s more
+    server CPU for 1,000,000 rows and made the read ~15 % slower (median of 8 alternating runs,
+    4.36 s against 5.12 s on a loaded machine). A read on one connection keeps the planner's choice.
 
     Measured (2 cores shared with other engineers' test runs, load average 3.5-5; PostgreSQL 15
     on the same machine; 1,000,000 rows × 20 columns, see bench/postgres_export.py): the SQL
@@ -1155,6 +1159,11 @@ class PostgresSource:
         except SourceError as e:  # a pooler that cannot import it, say
             log.warning("dataset %s: reading on one connection (%s)", self.dataset.name, e)
             return []
+        # The two connections already keep the cores busy. PostgreSQL would otherwise plan a range's
+        # rendered COPY as a Gather Merge over parallel workers: more CPU for the same rows (the
+        # workers' tuples pass through shared memory and are merged again), and slower here.
+        for conn in conns:
+            await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         return ranges
 
     async def csv_batches(

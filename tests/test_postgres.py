@@ -765,6 +765,40 @@ async def test_a_server_that_exports_no_snapshot_is_read_on_one_connection(pg, p
         pg.execute(f'DROP ROLE "{role}"')
 
 
+async def test_the_connections_of_a_split_read_ask_for_no_parallel_workers(pg, pg_table, postgres_db, monkeypatch):
+    """Two connections already keep two cores busy: a range's COPY is planned without a Gather of
+    parallel workers (on 2 cores those cost more CPU and time for the same rows). A read on one
+    connection keeps PostgreSQL's own choice. The plans are read on the connection that copies."""
+    table = pg_table("noparallel")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text, x double precision)")
+    pg.execute(f"INSERT INTO {table} SELECT g, 'v' || g, g / 3.0 FROM generate_series(1, 20000) g")
+    pg.execute(f"ANALYZE {table}")
+    # Parallel plans made free, so that the planner picks one wherever it may.
+    cheap = " ".join(f"-c {name}=0" for name in ("parallel_setup_cost", "parallel_tuple_cost",
+                                                   "min_parallel_index_scan_size", "min_parallel_table_scan_size"))
+    ds = Dataset(name="noparallel", source="postgres", url=_url(postgres_db, options=cheap), table=table, key=("id",),
+                 columns=discover_columns(postgres_db, table))
+    plans: list[str] = []
+    copy_chunks = postgres_source._copy_chunks
+
+    async def explained(conn, statement, params, batch_rows):
+        select = statement.removeprefix("COPY (").removesuffix(") TO STDOUT WITH (FORMAT csv)")
+        cur = await conn.execute("EXPLAIN (FORMAT JSON) " + select, params)
+        plans.append(json.dumps((await cur.fetchone())[0]))
+        async for item in copy_chunks(conn, statement, params, batch_rows):
+            yield item
+
+    monkeypatch.setattr("sources.postgres._copy_chunks", explained)
+    serial = await _csv(PostgresSource(ds), build_query(ds))
+    assert len(plans) == 1 and '"Gather' in plans[0]  # the planner would use workers here
+    plans.clear()
+    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 64 * 1024)
+    assert (await _csv(PostgresSource(ds), build_query(ds)))[0] == serial[0]
+    assert len(plans) > 4
+    assert not [plan for plan in plans if '"Gather' in plan]
+
+
 async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, pg_table, postgres_db, monkeypatch):
     monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
     monkeypatch.setattr("sources.postgres.RANGE_BYTES", 64 * 1024)
