@@ -757,7 +757,9 @@ async def test_a_server_that_exports_no_snapshot_is_read_on_one_connection(pg, p
         serial = await _csv(PostgresSource(ds), build_query(ds))
         monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
         monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
-        assert await _csv(PostgresSource(ds), build_query(ds)) == serial
+        # The same bytes and rows; not the same chunks, which follow what libpq had received.
+        data, counts = await _csv(PostgresSource(ds), build_query(ds))
+        assert data == serial[0] and sum(counts) == sum(serial[1]) == 3000
         assert await _rows(ds, batch_rows=100) == [(i, f"v{i}") for i in range(1, 3001)]
     finally:
         pg.execute("GRANT EXECUTE ON FUNCTION pg_export_snapshot() TO PUBLIC")
