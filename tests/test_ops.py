@@ -376,7 +376,8 @@ def test_worker_and_api_log_json_lines_that_carry_the_task(local_stack):
     assert mine, "no JSON line of the worker names the task"
     assert mine[0]["kind"] == "export" and mine[0]["attempt"] == 1 and mine[0]["run"] == 1
     assert {"time", "level", "logger", "message"} <= set(mine[0])
-    assert any(line["message"].startswith("worker ready") for line in lines)
+    [ready] = [line["message"] for line in lines if line["message"].startswith("worker ready")]
+    assert ready.endswith("event loop uvloop")  # installed with uvicorn[standard]: the worker runs on it
 
     httpx.get(f"{local_stack.url}/healthz")
     deadline = time.monotonic() + 10

@@ -7,6 +7,7 @@ configure workers the same way as the api: through ``DATAPORT_*`` variables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -34,7 +35,8 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         # Large CSV exports convert in helper processes, forked from a server started now rather
         # than on the first such export; the worker's __main__ imports dataport.cli.
         await asyncio.to_thread(helpers.prepare, ["dataport.cli"])
-        log.info("worker ready: %s jobs at once on queue %s", settings.worker_concurrency, settings.queue_name)
+        log.info("worker ready: %s jobs at once on queue %s, event loop %s", settings.worker_concurrency,
+                 settings.queue_name, type(asyncio.get_running_loop()).__module__)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "services" in ctx:
@@ -68,4 +70,12 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
 
 def run_worker(settings: Settings, registry: Registry | None = None) -> None:
     """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere."""
+    # On uvloop where it is installed (with uvicorn[standard]; the api runs on it too): a COPY read
+    # waits on its socket once per 8 KB packet, and asyncio's loop costs more CPU per wait. The
+    # 1,000,000-row bench, three alternating invocations of two rounds: median job 3.88 s against
+    # 4.14 s, median ratio to psql 1.34x against 1.47x. arq's Worker takes the thread's loop.
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
     Worker(**worker_settings(settings, registry)).run()
