@@ -574,6 +574,22 @@ async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_tab
     assert fast == slow == f"id,'=cmd,{long[:63]}\r\n1,'+1,2\r\n".encode()
 
 
+async def test_csv_fast_path_hands_over_a_slow_copy_as_it_comes(postgres_db):
+    """A COPY that trickles in (a slow filter) is handed over as its packets come, not held back
+    until a chunk fills: its progress still moves, and the streaming route still streams."""
+    statement = ("COPY (SELECT g, repeat('x', 1000) FROM generate_series(1, 150) g, LATERAL pg_sleep(0.01 + 0 * g)) "
+                 "TO STDOUT WITH (FORMAT csv)")  # ~1.5 s; the server sends a packet every ~80 ms
+    async with await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as conn:
+        started = time.monotonic()
+        arrivals, data = [], []
+        async for chunk, rows in postgres_source._copy_chunks(conn, statement, None, 100_000):
+            arrivals.append((time.monotonic() - started, rows))
+            data.append(chunk)
+    assert b"".join(data) == b"".join(f"{g},{'x' * 1000}\r\n".encode() for g in range(1, 151))
+    assert sum(rows for _, rows in arrivals) == 150
+    assert arrivals[0][0] < 0.6 and len(arrivals) >= 5, arrivals
+
+
 @pytest.mark.parametrize("flattened", [False, True])
 async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, postgres_db, flattened, monkeypatch):
     fields = INLINE_FIELDS + 1 if flattened else 1
