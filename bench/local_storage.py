@@ -24,16 +24,14 @@ import asyncio
 import hashlib
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import OUT_DIR as OUT
+from _common import median_of, write_json
 
-import storage.local as local_storage  # noqa: E402
-from bench._common import median_of, write_json  # noqa: E402
+import storage.local as local_storage
 
-OUT = Path(__file__).resolve().parent / "out"
 CHUNK = 256 * 1024
 
 
