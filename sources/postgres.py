@@ -532,8 +532,17 @@ def _decoder(groups: list[list[str]], kinds: list[str]) -> Callable[[str | bytes
     decode_typed, decode_loose = msgspec.json.Decoder(typed).decode, msgspec.json.Decoder(loose).decode
     as_tuple = msgspec.structs.astuple
     position = {key: i for i, key in enumerate(in_document_order)}
-    spans = [itemgetter(*(position[k] for k in group)) if len(group) > 1 else
-             (lambda cells, at=position[group[0]]: (cells[at],)) for group in groups]
+
+    def span(group: list[str]) -> Callable[[tuple], tuple]:
+        at = [position[k] for k in group]
+        if len(at) == 1:
+            return lambda cells, i=at[0]: (cells[i],)
+        if at == list(range(at[0], at[0] + len(at))):
+            # Keys in the document's order (f0001…f2890): a slice, 8x cheaper than picking 2,890 items.
+            return itemgetter(slice(at[0], at[0] + len(at)))
+        return itemgetter(*at)
+
+    spans = [span(group) for group in groups]
     most_other_keys = 16 + len(keys) // 64
     pays: list[bool] = []  # decided on the first object
 
