@@ -888,6 +888,72 @@ async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table
     await _gone_within(pg, app, 1.0)
 
 
+async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, pg_table, postgres_db, monkeypatch):
+    """A large read of flattened documents by key ranges: each range is read by a helper process on
+    a connection of its own, in the read's snapshot, and flattened there, so the documents never
+    pass through the worker (which runs no cursor over them). The bytes are those of a read in one
+    process; a bad cell names the read's row; no connection outlives the read, however it ends."""
+    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    rng = random.Random(11)
+    table = pg_table("rangehelpers")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
+    with pg.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
+                        [(i, rng.choice(["n", "=n", None]), json.dumps(_odd_document(i, rng))) for i in range(1, 1201)])
+    columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"),
+               *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name="rangehelpers", source="postgres", url=_url(postgres_db, application_name=app), table=table,
+                 key=("id",), columns=columns)
+    query = build_query(ds)
+    in_process, _ = await _csv(PostgresSource(ds), query, 50)  # a small table: one connection, no helpers
+    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
+    source = PostgresSource(ds)
+    conn = await source._connect(snapshot=True)
+    assert len(await source._key_ranges(conn, query)) > 4
+    await source._release(conn)
+    cursors: list[str] = []
+    cursor_batches = postgres_source._cursor_batches
+
+    def recorded(conn, select, params, size):
+        cursors.append(select)
+        return cursor_batches(conn, select, params, size)
+
+    monkeypatch.setattr("sources.postgres._cursor_batches", recorded)  # in this process only
+    data, counts = await _csv(source, query, 50)
+    assert data == in_process and counts[0] == 0 and sum(counts) == 1200
+    assert cursors == []
+    assert await _gone_within(pg, app, 1.0) < 1.0
+    # a value that does not cast: the read's row number, not the row's place in its range
+    pg.execute(f"UPDATE {table} SET data = jsonb_set(data, '{{f07}}', '\"abc\"') WHERE id = 1100")
+    with pytest.raises(SourceError, match=r"^Row 1100: column 'data.f07' holds 'abc'"):
+        await _csv(PostgresSource(ds), query, 50)
+    await _gone_within(pg, app, 1.0)
+    pg.execute(f"UPDATE {table} SET data = jsonb_set(data, '{{f07}}', '1.5') WHERE id = 1100")
+    expected, _ = await _csv(PostgresSource(ds), build_query(ds), 50)
+    # closed early: the helpers' connections go too
+    chunks = PostgresSource(ds).csv_batches(query, 50, formula_guard=True)
+    for _ in range(3):
+        await anext(chunks)
+    await chunks.aclose()
+    await _gone_within(pg, app, 1.0)
+    # the helpers read in the snapshot of the worker's connection: later changes are not seen
+    # (A helper that connects only after the changes imports the snapshot all the same.)
+    chunks = PostgresSource(ds).csv_batches(query, 50, formula_guard=True)
+    try:
+        seen = [await anext(chunks), await anext(chunks)]
+        assert len(await _backends(pg, app)) >= 2  # the snapshot's owner and a helper's connection
+        pg.execute(f"INSERT INTO {table} VALUES (0, 'early', '{{}}'), (5000, 'late', '{{}}')")
+        pg.execute(f"DELETE FROM {table} WHERE id IN (600, 1199)")
+        seen += [c async for c in chunks]
+    finally:
+        await chunks.aclose()  # a failed check must not leave the table locked for the fixture's DROP
+    assert b"".join(c for c, _ in seen) == expected
+    assert await _gone_within(pg, app, 1.0) < 1.0
+
+
 async def test_date_times_are_rendered_as_before_at_every_edge(pg, pg_table, postgres_db):
     """Date-times of years 1-9999 are rendered from their date and time of day (cheaper); the text
     must be the reshaped ISO text as before, and BC, infinite and five-digit years keep that."""
