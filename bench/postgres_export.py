@@ -6,6 +6,7 @@ Command (from the repository root; PostgreSQL must be running, trust auth)::
     python bench/postgres_export.py --case copy     # 1,000,000 rows x 20 typed columns, against psql \\copy
     python bench/postgres_export.py --case copy --runs 3   # three rounds on one stack, their medians
     python bench/postgres_export.py --case wide     # 40,000 rows x 2,897 JSONB keys (columns = "discover")
+    python bench/postgres_export.py --case wide --runs 2 --floor-only   # rounds against the psql floor only
     python bench/postgres_export.py --case copy --rows 200000 --postgres-url postgresql://postgres@host/db
 
 Cases:
@@ -603,6 +604,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, help="rows of the chosen case (with --case copy or wide)")
     parser.add_argument("--runs", type=int, default=1,
                         help="rounds on the case's one stack, each a Dataport export then each peer; medians")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="wide: leave out the Python flattener peer (~2 minutes a round), for A/B rounds")
     parser.add_argument("--strict", action="store_true", help="also exit 1 when a target is missed")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "postgres_export.json")
     args = parser.parse_args()
@@ -626,9 +629,10 @@ def cases(args: argparse.Namespace) -> list[Case]:
     if args.case in ("wide", "all"):
         table = ensure_wide_table(args.postgres_url, args.wide_rows)
         peers = [Peer("psql \\copy of the documents (floor)",
-                      psql_copy(args.postgres_url, f'SELECT id, data FROM "{table}" ORDER BY id'), same_columns=False),
-                 Peer("python: psycopg + orjson + csv.writer",
-                      [sys.executable, "-c", PYTHON_FLATTEN, args.postgres_url, table], to_file=True)]
+                      psql_copy(args.postgres_url, f'SELECT id, data FROM "{table}" ORDER BY id'), same_columns=False)]
+        if not args.floor_only:
+            peers.append(Peer("python: psycopg + orjson + csv.writer",
+                              [sys.executable, "-c", PYTHON_FLATTEN, args.postgres_url, table], to_file=True))
         chosen.append(Case("wide", table, args.wide_rows, 1 + WIDE_KEYS, peers, f"< {WIDE_TARGET_SECONDS:.0f} s"))
     return chosen
 
