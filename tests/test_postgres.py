@@ -857,15 +857,20 @@ async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, 
     await _gone_within(pg, app, 1.0)
 
 
-async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table, postgres_db, monkeypatch):
-    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
-    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
-    rng = random.Random(7)
-    table = pg_table("helpers")
+def _odd_documents_table(pg: psycopg.Connection, pg_table, name: str, rng: random.Random) -> str:
+    """A table of 1,200 rows (id 1-1200, a name that may need the guard, an odd document each)."""
+    table = pg_table(name)
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
     with pg.cursor() as cur:
         cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
                         [(i, rng.choice(["n", "=n", None]), json.dumps(_odd_document(i, rng))) for i in range(1, 1201)])
+    return table
+
+
+async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table, postgres_db, monkeypatch):
+    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    table = _odd_documents_table(pg, pg_table, "helpers", random.Random(7))
     columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.deep.x", "float"),
                *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
@@ -895,12 +900,7 @@ async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, p
     process; a bad cell names the read's row; no connection outlives the read, however it ends."""
     monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
     monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
-    rng = random.Random(11)
-    table = pg_table("rangehelpers")
-    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
-    with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
-                        [(i, rng.choice(["n", "=n", None]), json.dumps(_odd_document(i, rng))) for i in range(1, 1201)])
+    table = _odd_documents_table(pg, pg_table, "rangehelpers", random.Random(11))
     columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"),
                *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
