@@ -1,7 +1,9 @@
-"""Child processes that never outlive their parent, and a polite way to stop them."""
+"""Child processes that never outlive their parent, a polite way to stop them, and the event loop
+that our own processes run on."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import os
@@ -15,6 +17,18 @@ from collections.abc import Callable
 
 # Resolved here, not in the forked child: a dlopen after fork can deadlock in a threaded parent.
 _prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (with uvicorn[standard]; the api runs on it too),
+    else asyncio's. A read from PostgreSQL waits on its socket once per 8 KB packet, and asyncio's
+    loop costs more CPU per wait: on the 1,000,000-row bench, three alternating invocations of two
+    rounds gave a median job of 3.88 s against 4.14 s, a median ratio to psql of 1.34x against 1.47x."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _die_with_parent(parent_pid: int) -> None:

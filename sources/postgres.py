@@ -148,6 +148,7 @@ from psycopg.types.json import set_json_loads
 from psycopg.waiting import Wait
 
 import formats.csv as csv_format
+from dataport.processes import new_event_loop
 from sources.base import (
     DECODED_CELL_TYPES,
     Column,
@@ -867,12 +868,7 @@ class _RangeReader:
     On uvloop where it is installed, as in the worker: less CPU per wait on the socket."""
 
     def __init__(self, dataset: Dataset, query: Query, snapshot_id: str, info: TableInfo):
-        try:
-            import uvloop
-        except ImportError:
-            self.loop = asyncio.new_event_loop()
-        else:
-            self.loop = uvloop.new_event_loop()
+        self.loop = new_event_loop()
         self.source = PostgresSource(dataset)
         self.source._info = info
         self.query = query

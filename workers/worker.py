@@ -7,13 +7,13 @@ configure workers the same way as the api: through ``DATAPORT_*`` variables.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from arq import Worker, cron, func
 from arq.connections import RedisSettings
 
+from dataport.processes import new_event_loop
 from dataport.services import Services
 from dataport.settings import Settings
 from sources import helpers
@@ -70,12 +70,5 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
 
 def run_worker(settings: Settings, registry: Registry | None = None) -> None:
     """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere."""
-    # On uvloop where it is installed (with uvicorn[standard]; the api runs on it too): a COPY read
-    # waits on its socket once per 8 KB packet, and asyncio's loop costs more CPU per wait. The
-    # 1,000,000-row bench, three alternating invocations of two rounds: median job 3.88 s against
-    # 4.14 s, median ratio to psql 1.34x against 1.47x. arq's Worker takes the thread's loop.
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop(uvloop.new_event_loop())
+    asyncio.set_event_loop(new_event_loop())  # uvloop's where installed; arq's Worker takes the thread's loop
     Worker(**worker_settings(settings, registry)).run()
