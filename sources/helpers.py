@@ -74,16 +74,20 @@ class HelperPool:
         self.depth = depth
         self.args = (os.getpid(), initializer, initargs)
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._starting: asyncio.Future[concurrent.futures.ProcessPoolExecutor] | None = None
         self.pending: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
 
     @property
     def started(self) -> bool:
-        return self.pool is not None
+        return self._starting is not None
 
-    async def start(self) -> None:
-        """Start every process now (a pool would start them one task at a time), so that their
-        start overlaps the wait for the store's first answer. In a thread: starting the fork
-        server, if it is not running yet, blocks for about half a second."""
+    def begin(self) -> None:
+        """Start every process now, in the background (a pool would start them one task at a time),
+        so that they start while the store prepares its first answer: 2 processes take ~0.12 s
+        from a running fork server, and about half a second more if it is not running yet. Work
+        submitted meanwhile is handed over once they have started."""
+        if self._starting is not None:
+            return
 
         def start() -> concurrent.futures.ProcessPoolExecutor:
             pool = concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=_context, initializer=_start,
@@ -92,16 +96,41 @@ class HelperPool:
                 pool.submit(_ready)
             return pool
 
-        self.pool = await asyncio.to_thread(start)
+        self._starting = asyncio.get_running_loop().run_in_executor(None, start)
+        self._starting.add_done_callback(self._started)
+
+    def _started(self, starting: asyncio.Future) -> None:
+        if starting.cancelled() or starting.exception() is not None:
+            return
+        if starting is self._starting:
+            self.pool = starting.result()
+        else:  # stopped while the processes started
+            starting.result().shutdown(wait=False, cancel_futures=True)
+
+    async def start(self) -> None:
+        """``begin``, and wait until the processes have started."""
+        self.begin()
+        assert self._starting is not None
+        await asyncio.shield(self._starting)
 
     def submit(self, rows: int, work: Callable[..., Any], *args: Any) -> None:
         """Hand ``work(*args)`` (a module-level function) to a process; its result holds ``rows``."""
+        assert self._starting is not None
+        if self.pool is None:  # still starting
+            self.pending.append((asyncio.ensure_future(self._submit_once_started(work, args)), rows))
+            return
+        self.pending.append((self._submit(work, args), rows))
+
+    def _submit(self, work: Callable[..., Any], args: tuple) -> asyncio.Future:
         assert self.pool is not None
         try:
-            future = self.pool.submit(work, *args)
+            return asyncio.wrap_future(self.pool.submit(work, *args))
         except BrokenProcessPool as e:
             raise _ended() from e
-        self.pending.append((asyncio.wrap_future(future), rows))
+
+    async def _submit_once_started(self, work: Callable[..., Any], args: tuple) -> Any:
+        await self.start()
+        return await self._submit(work, args)
 
     def add(self, rows: int, result: Any) -> None:
         """A result made in this process, taken in its place among the others."""
@@ -134,4 +163,4 @@ class HelperPool:
         self.pending.clear()
         if self.pool is not None:  # the processes end once the work in hand is done
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+        self.pool = self._starting = None  # (a pool still starting is shut down once it has started)

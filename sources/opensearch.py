@@ -700,7 +700,7 @@ class OpenSearchSource:
         if HELPERS and csv_format.FAST and rows * len(query.columns) >= self.helpers_after_cells:
             rendered = RenderedPages(query.columns, formula_guard)
             helpers = rendered.helpers
-            await helpers.start()  # before the first request: they start while the cluster sorts
+            helpers.begin()  # they start while the cluster answers the first request
             try:
                 async with aclosing(self._pages(body, pit, query.limit, rendered)) as pages:
                     async for _ in pages:  # each page handed to a helper: take what is done

@@ -736,6 +736,28 @@ async def test_a_helper_killed_mid_read_fails_it_as_transient_and_releases_the_s
         await s.close()
 
 
+async def test_the_first_request_goes_out_while_the_helpers_start(opensearch_url, index, pools):
+    """The helpers take ~0.1 s to start: the cluster is asked for the first page meanwhile, not after."""
+    s = OpenSearchSource(_dataset(opensearch_url, index), page_rows=2, pit_max_pages=0, helpers_after_cells=0)
+    search = s.client.search
+    helpers_up: list[bool] = []  # at each search: whether the read's helpers had started
+
+    async def watched(*args, **kwargs):
+        helpers_up.append(pools[-1].pool is not None)
+        return await search(*args, **kwargs)
+
+    query = build_query(s.dataset, columns=["id"])
+    try:
+        await s.count(query)  # as the api counts when the export is requested
+        s.client.search = watched  # type: ignore[method-assign]
+        chunks = [c async for c in s.csv_batches(query, 2, formula_guard=True)]
+        assert helpers_up == [False]
+        assert b"".join(c for c, _ in chunks).split(b"\r\n")[1:4] == [b"1", b"2", b"3"]
+        assert not s._cursors
+    finally:
+        await s.close()
+
+
 async def test_a_count_made_earlier_plans_the_read_without_counting_again(dataset):
     query = build_query(dataset, columns=["id"])
     for counted, kind, counts_made in ((None, "pit", 1), (1000, "scroll", 0)):
@@ -796,8 +818,8 @@ def pools(monkeypatch) -> list:
     from sources.helpers import HelperPool
 
     started: list[HelperPool] = []
-    start = HelperPool.start
-    monkeypatch.setattr(HelperPool, "start", lambda self: started.append(self) or start(self))
+    begin = HelperPool.begin
+    monkeypatch.setattr(HelperPool, "begin", lambda self: started.append(self) or begin(self))
     return started
 
 

@@ -1,4 +1,5 @@
-"""Helper processes never outlive the process that started them, even when it is SIGKILLed."""
+"""Helper processes never outlive the process that started them, even when it is SIGKILLed; work
+handed to them while they start waits for them; a pool stopped while starting leaves nothing."""
 
 from __future__ import annotations
 
@@ -78,3 +79,40 @@ def test_a_helper_ends_with_its_owner_even_when_that_is_not_its_parent(pidfd):
             p.kill()
             p.wait()
         helper.stdout.close()
+
+
+def _helpers_now() -> set[int]:
+    """The pids of this process's helpers (the children of its fork server)."""
+    return {p.pid for c in psutil.Process().children() for p in c.children()}
+
+
+async def test_work_handed_over_while_the_helpers_start_is_done_in_order():
+    from sources.helpers import HelperPool
+
+    pool = HelperPool(os.getpid, ())
+    pool.begin()
+    try:
+        assert pool.started and pool.pool is None  # starting in the background
+        for n in range(6):
+            pool.submit(n, pow, 2, n)
+        assert [await pool.next() for _ in range(6)] == [(2**n, n) for n in range(6)]
+        assert pool.pool is not None
+    finally:
+        pool.stop()
+
+
+async def test_a_pool_stopped_while_its_helpers_start_shuts_them_down_once_started():
+    from sources.helpers import HelperPool
+
+    before = _helpers_now()
+    pool = HelperPool(os.getpid, ())
+    pool.begin()
+    starting = pool._starting
+    pool.submit(1, pow, 2, 1)
+    pool.stop()
+    assert not pool.started and not pool.pending
+    executor = await starting  # the processes do start: then they are shut down
+    assert executor._shutdown_thread
+    started = _helpers_now() - before
+    gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in started], timeout=10)
+    assert not alive
