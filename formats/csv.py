@@ -49,7 +49,7 @@ import io
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, islice
 from operator import itemgetter
 
 import orjson
@@ -202,6 +202,19 @@ _GUARD_ALL = re.compile(rb"\0(?='*[=+\-@\t\r])").sub  # a literal replacement: n
 def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequence], str]) -> list[bytes] | None:
     """A column of ``str``/``None`` as CSV fields in UTF-8 (guarded, quoted, ``None`` empty);
     ``None`` if some cell is of another type or holds a NUL."""
+    if len(cells) >= _FEW_VALUES_FROM and len(set(islice(cells, _FEW_VALUES_SAMPLE))) <= _FEW_VALUES:
+        # A column of a few values (a site, a lab, a status), perhaps one that the csv module has
+        # to quote: each value written once, then looked up (2.6 ms a page of 10,000 cells against
+        # 0.3 ms, for six sites of which two need quotes).
+        try:
+            values = list(set(cells))
+        except TypeError:  # an unhashable cell: not text either
+            return None
+        if len(values) <= _FEW_VALUES:
+            fields = _texts(values, formula_guard, quote_column)
+            if fields is None:
+                return None
+            return list(map(dict(zip(values, fields, strict=True)).__getitem__, cells))
     if None in cells:
         cells = ["" if v is None else v for v in cells]
     try:
@@ -235,6 +248,10 @@ def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequenc
                 fields[at] = b'"' + fields[at].replace(b'"', b'""') + b'"'
     return fields
 
+
+# A text column with at most _FEW_VALUES distinct cells among its first _FEW_VALUES_SAMPLE, and in
+# all (a column of at least _FEW_VALUES_FROM cells), writes each value once.
+_FEW_VALUES, _FEW_VALUES_SAMPLE, _FEW_VALUES_FROM = 32, 256, 512
 
 _BOOL_FIELD = {True: b"true", False: b"false", None: b""}
 _JOIN = 4096

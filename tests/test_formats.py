@@ -281,6 +281,22 @@ def test_csv_each_odd_cell_alone_and_inside_a_run(value, kind):
         assert_writes_as_the_csv_module(columns, [rows])
 
 
+@pytest.mark.parametrize("formula_guard", [True, False])
+def test_csv_long_text_columns_of_a_few_values_write_what_the_csv_module_writes(formula_guard):
+    """A text column of a few distinct values, long enough to write each value once and look it up:
+    quotes, guards, NUL, empty, None and cells of other types, as the csv module writes them."""
+    rng = random.Random(5)
+    columns = [Column("a"), Column("b"), Column("when", "date"), Column("n", "integer")]
+    sites = ["North Ridge", 'Mount "Grey"', "Lake, East", "東京 Basin", None]
+    for values in (sites, ODD_TEXTS[:-4], ["=SUM(A1)", "'-1", "ok", ""], ODD_TEXTS):
+        for size in (511, 512, 3000):
+            rows = [(rng.choice(values), rng.choice(sites), rng.choice(values), i) for i in range(size)]
+            assert_writes_as_the_csv_module(columns, [rows], formula_guard)
+        # 33 values: more than are written once
+        many = [f"v{i}, quoted" for i in range(33)]
+        assert_writes_as_the_csv_module(columns, [[(many[i % 33], None, "", i) for i in range(600)]], formula_guard)
+
+
 def test_csv_floats_of_every_magnitude_are_repr():
     rng = random.Random(11)
     values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(20_000)]
