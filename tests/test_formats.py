@@ -295,6 +295,10 @@ def test_csv_long_text_columns_of_a_few_values_write_what_the_csv_module_writes(
         # 33 values: more than are written once
         many = [f"v{i}, quoted" for i in range(33)]
         assert_writes_as_the_csv_module(columns, [[(many[i % 33], None, "", i) for i in range(600)]], formula_guard)
+    # an unhashable cell among the first ones, and after them
+    for at in (3, 550):
+        rows = [(["a list"] if i == at else sites[i % 5], "x", None, i) for i in range(600)]
+        assert_writes_as_the_csv_module(columns, [rows], formula_guard)
 
 
 def test_csv_floats_of_every_magnitude_are_repr():
