@@ -967,9 +967,11 @@ def _batch_size(query: Query, batch_rows: int) -> int:
 _Split = tuple[list[tuple[int | None, int | None]], str | None]
 
 
-def _range_filters(column: Column, low: int | None, high: int | None) -> tuple[Filter, ...]:
-    return ((Filter(column, "GTE", (low,)),) if low is not None else ()) + (
-        (Filter(column, "LT", (high,)),) if high is not None else ())
+def _in_range(query: Query, low: int | None, high: int | None) -> Query:
+    """``query`` limited to the key range [low, high) (an open end where None)."""
+    column = query.dataset.by_name[query.dataset.key[0]]
+    return replace(query, filters=(*query.filters, *((Filter(column, "GTE", (low,)),) if low is not None else ()),
+                                   *((Filter(column, "LT", (high,)),) if high is not None else ())))
 
 
 async def _cursor_batches(
@@ -1213,9 +1215,7 @@ class PostgresSource:
                 if not ranges:
                     batches = _cursor_batches(conns[0], *self._select(query, plan), size)
                 else:
-                    column = self.dataset.by_name[self.dataset.key[0]]
-                    selects = [self._select(replace(query, filters=(*query.filters, *_range_filters(column, *r))),
-                                            plan) for r in ranges]
+                    selects = [self._select(_in_range(query, *r), plan) for r in ranges]
                     batches = _in_turn(conns, [partial(_cursor_batches, select=select, params=params, size=size)
                                                for select, params in selects])
                 async with contextlib.aclosing(batches):
@@ -1334,9 +1334,7 @@ class PostgresSource:
                         async for chunk in chunks:
                             yield chunk
                     return
-                column = self.dataset.by_name[self.dataset.key[0]]
-                statements = [self._copy(replace(query, filters=(*query.filters, *_range_filters(column, low, high))),
-                                         plan) for low, high in ranges]
+                statements = [self._copy(_in_range(query, *r), plan) for r in ranges]
                 chunks = _in_turn(conns, [partial(_copy_chunks, statement=statement, params=params,
                                                   batch_rows=batch_rows) for statement, params in statements])
                 async with contextlib.aclosing(chunks):
@@ -1354,7 +1352,6 @@ class PostgresSource:
         """Each key range read and flattened by a helper process on its own connection (in the
         snapshot that ``helpers`` were started with), its CSV taken here in the ranges' order.
         A bad cell's row number is made the read's, from the rows of the ranges before it."""
-        column = self.dataset.by_name[self.dataset.key[0]]
         size = _batch_size(query, batch_rows)
         offset = 0
         await helpers.start()
@@ -1362,8 +1359,7 @@ class PostgresSource:
             for i in range(len(ranges) + 1):
                 last = i == len(ranges)  # then no more ranges: take every result left
                 if not last:
-                    select, params = self._select(
-                        replace(query, filters=(*query.filters, *_range_filters(column, *ranges[i]))), plan)
+                    select, params = self._select(_in_range(query, *ranges[i]), plan)
                     helpers.submit(0, _helper_range_csv, select, params, size)  # its rows come with its CSV
                 async for (chunk, rows), _ in helpers.results(every=last):
                     if rows:
