@@ -114,6 +114,26 @@ class Settings(BaseSettings):
     webhook_max_tries: int = Field(default=5, ge=1)
     webhook_backoff_seconds: float = Field(default=10.0, gt=0)
 
+    # ---- Hostile input (issue 15). Each block below belongs to one part of the work. ----
+    # Parsers of import files (formats/, workers/imports.py).
+    # maxErrors may not be set above this; the error report stops there in rows and bytes.
+    import_max_errors_limit: int = 100_000
+    # GraphQL limits (schema/, api/): refused as top-level QUERY_TOO_COMPLEX / PAYLOAD_TOO_LARGE.
+    graphql_max_depth: int = 12
+    graphql_max_aliases: int = 20
+    graphql_max_tokens: int = 5_000
+    max_request_bytes: int = 1024 * 1024
+    # Mutations: per-minute limits (RATE_LIMITED) and active tasks (QUOTA_EXCEEDED), per user.
+    mutation_rate_per_user: int = 60
+    mutation_rate_per_ip: int = 300
+    max_active_tasks_per_user: int = 10
+    # WebSockets: open subscriptions per user.
+    max_subscriptions_per_user: int = 50
+    # The streaming route: concurrent streams, per user and in all.
+    stream_concurrency_per_user: int = 3
+    stream_concurrency: int = 50
+    # ---- end of hostile-input settings ----
+
     # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
     # (`dataport dev` starts its api and worker with text unless this is set).
     log_format: Literal["json", "text"] = "json"
