@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     # The streaming route: concurrent streams, per user and in all.
     stream_concurrency_per_user: int = 3
     stream_concurrency: int = 50
+    # A stream whose client reads nothing for this long is dropped, and its source read and slot freed.
+    stream_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     # ---- end of hostile-input settings ----
 
     # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
