@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     # Mutations: per-minute limits (RATE_LIMITED) and active tasks (QUOTA_EXCEEDED), per user.
     mutation_rate_per_user: int = 60
     mutation_rate_per_ip: int = 300
+    # The window those two counts are taken over (a minute; tests shorten it).
+    mutation_rate_window_seconds: float = Field(default=60.0, gt=0)
     max_active_tasks_per_user: int = 10
     # WebSockets: open subscriptions per user.
     max_subscriptions_per_user: int = 50
