@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from dataport.services import Services
 from tasks.models import TaskKind
 from tasks.store import DURATION_STATUSES, STATS_INDEXED_KEY, STATS_PREFIX, Stats, TaskStore
+from workers.heartbeat import live_workers
 
 log = logging.getLogger("dataport.metrics")
 
@@ -69,6 +70,7 @@ class ServiceMetrics(Collector):
     def __init__(self) -> None:
         self.stats: Stats | None = None
         self.queue: QueueStats | None = None
+        self.workers: int | None = None
         self._indexing: asyncio.Task | None = None
         self._indexed = False
 
@@ -76,9 +78,10 @@ class ServiceMetrics(Collector):
         try:
             self.stats = await services.store.read_stats()
             self.queue = await read_queue(services.arq, services.settings.queue_name)
+            self.workers = await live_workers(services.redis, services.settings.queue_name)
         except Exception as e:  # a scrape still answers, with dataport_task_store_up 0
             log.warning("metrics: cannot read the task store: %s: %s", type(e).__name__, e)
-            self.stats = self.queue = None
+            self.stats = self.queue = self.workers = None
             return
         await self._index_once(services.store)
 
@@ -112,6 +115,8 @@ class ServiceMetrics(Collector):
         if not up:
             return
         stats, queue = self.stats, self.queue
+        yield GaugeMetricFamily("dataport_workers", "Workers on this queue whose heartbeat is fresh",
+                                value=self.workers or 0)
 
         tasks = GaugeMetricFamily("dataport_tasks", "Tasks now in each status (EXPIRED: until they are deleted)",
                                   labels=["kind", "status"])

@@ -1,4 +1,7 @@
-"""``GET /readyz``: can this api serve? Redis, storage, and every dataset's source.
+"""``GET /readyz``: can this api serve? Redis, storage, live workers, and every dataset's source.
+
+Workers count as live while their heartbeat (``workers/heartbeat.py``) is fresh: with none, tasks
+queue up and never run, so the service is not ready even though the api itself answers.
 
 Each dataset is checked through the registry exactly as a request would read it: its source opens
 and counts the rows of a one-column, one-row query, stopping at one. The checks run side by side,
@@ -19,6 +22,7 @@ from typing import Any
 from dataport.services import Services
 from sources.base import Dataset
 from sources.query import build_query
+from workers.heartbeat import STALE_SECONDS, live_workers
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
 _KEY_VALUE_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api_key|apikey)\s*=\s*('[^']*'|\S+)")
@@ -43,6 +47,10 @@ def reason(error: BaseException, *secrets: str) -> str:
     if len(text) > MAX_REASON_CHARS:
         text = text[: MAX_REASON_CHARS - 1] + "…"
     return f"error: {text}"
+
+
+class NoWorkers(Exception):
+    pass
 
 
 @dataclass
@@ -79,10 +87,11 @@ class Readiness:
         results = await asyncio.gather(
             self._guarded(self._redis(services), settings.redis_url),
             self._guarded(self._storage(services), settings.s3_secret_access_key or ""),
+            self._guarded(self._workers(services)),
             *(self._guarded(self._dataset(services, ds), ds.url) for ds in services.registry),
         )
-        checks = {"redis": results[0], "storage": results[1]}
-        datasets = dict(zip(names, results[2:], strict=True))
+        checks = {"redis": results[0], "storage": results[1], "workers": results[2]}
+        datasets = dict(zip(names, results[3:], strict=True))
         ready = all(v == "ok" for v in (*checks.values(), *datasets.values()))
         return Report(ready, {"ready": ready, "checks": checks, "datasets": datasets})
 
@@ -99,6 +108,12 @@ class Readiness:
     @staticmethod
     async def _redis(services: Services) -> None:
         await services.redis.ping()
+
+    @staticmethod
+    async def _workers(services: Services) -> None:
+        if not await live_workers(services.redis, services.settings.queue_name):
+            raise NoWorkers(f"no worker on queue {services.settings.queue_name} has reported "
+                            f"in the last {STALE_SECONDS:g} s")
 
     @staticmethod
     async def _storage(services: Services) -> None:

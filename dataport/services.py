@@ -4,14 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis.exceptions
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from dataport.settings import Settings
 from sources.registry import Registry, load_registry
 from storage import storage_from_settings
 from storage.base import Storage
 from tasks.store import TaskStore
+
+
+def _blip_retry() -> dict:
+    """redis-py tries a command again when its connection was refused or lost, pausing 50 ms,
+    doubling up to 1 s, with jitter, ten times (about 5 s at most): a Redis restart or failover
+    that short is a pause, not an error. Longer outages reach the caller, which decides (a worker
+    keeps polling, ``workers/outages.py``). A write whose reply was lost may run twice: every task
+    write is a checked transition or idempotent, so the second one changes nothing."""
+    return {
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=10),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    }
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings for ``settings.redis_url``, riding out short outages."""
+    dsn = RedisSettings.from_dsn(settings.redis_url)
+    blip = _blip_retry()
+    dsn.retry, dsn.retry_on_error = blip["retry"], blip["retry_on_error"]
+    return dsn
 
 
 @dataclass
@@ -27,8 +50,8 @@ class Services:
     async def start(cls, settings: Settings, registry: Registry | None = None) -> Services:
         if not settings.redis_url:
             raise RuntimeError("DATAPORT_REDIS_URL is not set (dataport dev starts an embedded Redis for you)")
-        redis = Redis.from_url(settings.redis_url, decode_responses=True)
-        arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        redis = Redis.from_url(settings.redis_url, decode_responses=True, **_blip_retry())
+        arq = await create_pool(redis_settings(settings))
         return cls(
             settings=settings,
             redis=redis,

@@ -246,7 +246,7 @@ def test_readyz_checks_redis_storage_and_every_dataset(local_stack):
     response = httpx.get(f"{local_stack.url}/readyz", timeout=30)
     body = response.json()
     assert response.status_code == 200, body
-    assert body["ready"] is True and body["checks"] == {"redis": "ok", "storage": "ok"}
+    assert body["ready"] is True and body["checks"] == {"redis": "ok", "storage": "ok", "workers": "ok"}
     assert {"samples", "special", "special_pg", "special_docs", "special_os", "big_os"} <= set(body["datasets"])
     assert set(body["datasets"].values()) == {"ok"}
 
@@ -311,7 +311,8 @@ async def test_readyz_fails_per_dataset_without_leaking_a_password(app_with, tes
         response = await client.get("/readyz")
     assert response.status_code == 503
     body = response.json()
-    assert body["ready"] is False and body["checks"] == {"redis": "ok", "storage": "ok"}
+    assert body["ready"] is False and body["checks"]["redis"] == "ok" and body["checks"]["storage"] == "ok"
+    assert body["checks"]["workers"].startswith("error: NoWorkers: no worker on queue")  # none in this process
     assert body["datasets"]["fine"] == "ok"
     for name in ("pg_down", "os_down", "no_table"):
         assert body["datasets"][name].startswith("error: ") and len(body["datasets"][name]) <= 207, body

@@ -10,11 +10,10 @@ import asyncio
 import logging
 from typing import Any
 
-from arq import Worker, cron, func
-from arq.connections import RedisSettings
+from arq import cron, func
 
 from dataport.processes import new_event_loop
-from dataport.services import Services
+from dataport.services import Services, redis_settings
 from dataport.settings import Settings
 from sources import helpers
 from sources.registry import Registry
@@ -25,6 +24,7 @@ from workers.cron import expire_tasks
 from workers.export import run_export
 from workers.imports import run_import
 from workers.notify import notify_task
+from workers.outages import Worker
 
 log = logging.getLogger("dataport.worker")
 
@@ -55,7 +55,7 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True)],
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_concurrency,
         "job_timeout": settings.job_timeout_seconds,
@@ -69,6 +69,7 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
 
 
 def run_worker(settings: Settings, registry: Registry | None = None) -> None:
-    """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere."""
+    """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere.
+    Redis outages do not end it (``workers/outages.py``)."""
     asyncio.set_event_loop(new_event_loop())  # uvloop's where installed; arq's Worker takes the thread's loop
-    Worker(**worker_settings(settings, registry)).run()
+    Worker(lease_seconds=settings.worker_lease_seconds, **worker_settings(settings, registry)).run()
