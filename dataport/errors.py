@@ -59,3 +59,6 @@ RATE_LIMITED = "RATE_LIMITED"
 QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
 SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+
+# Import files (issue 15): a task error, the file exceeds a parser's bound (depth, size, inflation).
+FILE_LIMIT_EXCEEDED = "FILE_LIMIT_EXCEEDED"

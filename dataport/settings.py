@@ -118,6 +118,18 @@ class Settings(BaseSettings):
     # Parsers of import files (formats/, workers/imports.py).
     # maxErrors may not be set above this; the error report stops there in rows and bytes.
     import_max_errors_limit: int = 100_000
+    # The error report stops growing past this many bytes (a last line says how many were left out).
+    import_max_report_bytes: int = 32 * 1024 * 1024
+    # JSON/NDJSON: a row nested deeper than this (the row's object is level 1) is refused.
+    import_max_nesting: int = 8
+    # XLSX: the archive's members are measured before anything is inflated. The sheets' inflated
+    # total, the shared strings (held whole while the sheet is read) and the inflated/compressed ratio.
+    import_xlsx_max_inflated_bytes: int = 2 * 1024**3
+    import_xlsx_max_shared_strings_bytes: int = 64 * 1024 * 1024
+    import_xlsx_max_ratio: int = 200
+    # A worker whose memory (RSS) is above this after an import stops taking jobs, finishes the ones
+    # it runs and starts afresh in the same process (exec): freed memory is not given back otherwise.
+    worker_restart_rss_bytes: int = 1024 * 1024 * 1024
     # GraphQL limits (schema/, api/): refused as top-level QUERY_TOO_COMPLEX / PAYLOAD_TOO_LARGE.
     graphql_max_depth: int = 12
     graphql_max_aliases: int = 20
