@@ -466,8 +466,8 @@ def _encode_date(value: dt.date) -> str:
 
 
 def _encode_datetime(value: dt.datetime) -> str:
-    value = value.astimezone(dt.UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond:06d}Z"
+    v = value.astimezone(dt.UTC)  # not strftime, which does not zero-pad years before 1000
+    return f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}.{v.microsecond:06d}Z"
 
 
 # --------------------------------------------------------------------------------------------

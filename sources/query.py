@@ -15,13 +15,28 @@ from typing import Any
 
 from dataport import errors
 from dataport.errors import UserError, UserErrors
-from sources.base import NUMERIC_TYPES, Column, Dataset
+from sources.base import NUMERIC_TYPES, Column, Dataset, SourceError
 
-MAX_IN_VALUES = 10_000
+# Bounds on one request, so that no source meets a query too large for it (SQLite's expression
+# depth of 1,000 and its 32,766 bound values, PostgreSQL's 65,535, OpenSearch's 1,024 clauses):
+# more is refused here, as TOO_MANY_VALUES, before any source sees it.
+MAX_FILTERS = 100
+MAX_IN_VALUES = 10_000  # in one filter, and in all the filters of a request together
+# Integers are 64-bit in every source; a limit is a GraphQL Int (32-bit) on every entry point.
+MIN_INTEGER, MAX_INTEGER = -(2**63), 2**63 - 1
+MAX_LIMIT = 2**31 - 1
+# No more than this many problems are reported for one request (each repeats what was sent).
+MAX_PROBLEMS = 50
 
 OPS = ("EQ", "NE", "GT", "GTE", "LT", "LTE", "IN", "NOT_IN", "CONTAINS", "PREFIX", "IS_NULL", "BETWEEN")
 _ORDERING_OPS = ("GT", "GTE", "LT", "LTE", "BETWEEN")
 _TEXT_OPS = ("CONTAINS", "PREFIX")
+
+
+class QueryTooComplex(SourceError):
+    """A source refused a query as too large or too complex for it (an expression tree too deep, too
+    many bound values or clauses): the request's fault, not the source's, and not retried. The caps
+    of ``build_query`` are meant to keep every source clear of this."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,8 @@ def build_query(
     problems: list[UserError] = []
 
     def bad(message: str, code: str, *where: str | int) -> None:
-        problems.append(UserError(message, code, (*path, *map(str, where))))
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(UserError(message, code, (*path, *map(str, where))))
 
     chosen: list[Column] = []
     if columns is None:
@@ -73,34 +89,56 @@ def build_query(
     else:
         seen: set[str] = set()
         for i, name in enumerate(columns):
-            column = dataset.column(name)
+            column = dataset.column(name) if isinstance(name, str) else None
             if column is None:
-                bad(f"Dataset '{dataset.name}' has no column '{name}'.", errors.UNKNOWN_COLUMN, "columns", i)
+                bad(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN, "columns", i)
             elif name in seen:
                 bad(f"Column '{name}' is listed twice.", errors.DUPLICATE_COLUMN, "columns", i)
             else:
                 seen.add(name)
                 chosen.append(column)
 
-    if limit is not None and limit < 1:
-        bad(f"limit must be a positive number of rows, not {limit}.", errors.INVALID_LIMIT, "limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT):
+        bad(f"limit must be a whole number of rows from 1 to {MAX_LIMIT:,}, not {shown(limit)}.",
+            errors.INVALID_LIMIT, "limit")
 
     compiled_filters = []
-    for i, raw in enumerate(filters or ()):
+    filters = list(filters or ())
+    if len(filters) > MAX_FILTERS:
+        bad(f"At most {MAX_FILTERS} filters can be given, not {len(filters):,}; use IN for a list of values.",
+            errors.TOO_MANY_VALUES, "filters")
+        filters = []
+    counts = {i: len(raw["values"]) for i, raw in enumerate(filters)
+              if isinstance(raw, Mapping) and isinstance(raw.get("values"), list | tuple)}
+    if sum(counts.values()) > MAX_IN_VALUES:  # refused before any value is looked at
+        for i, n in counts.items():
+            if n > MAX_IN_VALUES:
+                op = shown(str(filters[i].get("op")).upper(), 20)
+                bad(f"{op} takes at most {MAX_IN_VALUES:,} values, got {n:,}.", errors.TOO_MANY_VALUES,
+                    "filters", i, "values")
+        if max(counts.values()) <= MAX_IN_VALUES:
+            bad(f"The filters list {sum(counts.values()):,} values in all; at most {MAX_IN_VALUES:,} can be given.",
+                errors.TOO_MANY_VALUES, "filters")
+        filters = []
+    for i, raw in enumerate(filters):
         try:
             compiled_filters.append(_build_filter(dataset, raw))
         except _FilterProblem as p:
             bad(p.message, p.code, "filters", i, p.field)
 
     compiled_sort = []
+    sorted_on: set[str] = set()
     for i, raw in enumerate(sort or ()):
         name = raw.get("field")
         column = dataset.column(name) if isinstance(name, str) else None
         if column is None:
-            bad(f"Dataset '{dataset.name}' has no column '{name}'.", errors.UNKNOWN_COLUMN, "sort", i, "field")
+            bad(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN, "sort", i, "field")
         elif not column.sortable:
             bad(f"Column '{name}' cannot be sorted on.", errors.NOT_SORTABLE, "sort", i, "field")
+        elif name in sorted_on:
+            bad(f"Column '{name}' is sorted on twice.", errors.DUPLICATE_COLUMN, "sort", i, "field")
         else:
+            sorted_on.add(name)
             direction = str(raw.get("direction") or "ASC").upper()
             compiled_sort.append(Sort(column, descending=direction == "DESC"))
 
@@ -114,16 +152,30 @@ class _FilterProblem(Exception):
         self.message, self.code, self.field = message, code, field
 
 
+def shown(value: Any, most: int = 80) -> str:
+    """``value`` as text for a message, cut short: a message never repeats a huge input whole (and
+    never converts a huge integer to text, which Python refuses past 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"a number of about {int(value.bit_length() * 0.30103):,} digits"
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode()  # a lone surrogate cannot go out in JSON
+    return text if len(text) <= most else f"{text[:most]}… ({len(text):,} characters)"
+
+
 def _build_filter(dataset: Dataset, raw: Mapping[str, Any]) -> Filter:
+    if not isinstance(raw, Mapping):
+        raise _FilterProblem("A filter is an object with field, op and value or values.",
+                             errors.INVALID_FILTER_VALUE, "field")
     name = raw.get("field")
     column = dataset.column(name) if isinstance(name, str) else None
     if column is None:
-        raise _FilterProblem(f"Dataset '{dataset.name}' has no column '{name}'.", errors.UNKNOWN_COLUMN, "field")
+        raise _FilterProblem(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN,
+                             "field")
     if not column.filterable:
         raise _FilterProblem(f"Column '{name}' cannot be filtered on.", errors.NOT_FILTERABLE, "field")
     op = str(raw.get("op") or "").upper()
     if op not in OPS:
-        raise _FilterProblem(f"Unknown operator '{op}'.", errors.UNSUPPORTED_OPERATOR, "op")
+        raise _FilterProblem(f"Unknown operator '{shown(op)}'.", errors.UNSUPPORTED_OPERATOR, "op")
     if op in _TEXT_OPS and column.type != "string":
         raise _FilterProblem(
             f"{op} works on text columns; '{name}' is {column.type}.", errors.UNSUPPORTED_OPERATOR, "op"
@@ -163,12 +215,15 @@ def _build_filter(dataset: Dataset, raw: Mapping[str, Any]) -> Filter:
 
 
 def _coerce(column: Column, value: Any, where: str) -> Any:
-    """The filter value as the column's Python type, or a problem naming what was wrong."""
+    """The filter value as the column's Python type, or a problem naming what was wrong. Every value
+    that passes here binds in every source: text is valid UTF-8 without NUL, integers are 64-bit,
+    floats finite, date-times within the years 1 to 9999 once in UTC."""
     kind = column.type
 
     def refuse(expected: str) -> _FilterProblem:
         return _FilterProblem(
-            f"'{value}' is not {expected} (column '{column.name}' is {kind}).", errors.INVALID_FILTER_VALUE, where
+            f"'{shown(value)}' is not {expected} (column '{column.name}' is {kind}).", errors.INVALID_FILTER_VALUE,
+            where,
         )
 
     if value is None:
@@ -176,7 +231,12 @@ def _coerce(column: Column, value: Any, where: str) -> Any:
     if kind == "string":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise refuse("text")
-        return str(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise refuse("text")
+        text = value if isinstance(value, str) else str(value) if isinstance(value, float) else _int_text(value)
+        if text is None or "\x00" in text or not _encodes(text):
+            raise refuse("text (valid Unicode, without NUL characters)")
+        return text
     if kind == "boolean":
         if isinstance(value, bool):
             return value
@@ -184,20 +244,18 @@ def _coerce(column: Column, value: Any, where: str) -> Any:
             return value.lower() == "true"
         raise refuse("true or false")
     if kind in NUMERIC_TYPES:
-        if isinstance(value, bool):
+        number = _number(value, kind)
+        if number is None:
             raise refuse("a number")
-        if isinstance(value, str):
-            try:
-                value = float(value) if kind == "float" or not value.lstrip("+-").isdigit() else int(value)
-            except ValueError:
-                raise refuse("a number") from None
-        if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
-            raise refuse("a number")
-        if kind == "integer":
-            if isinstance(value, float) and not value.is_integer():
+        if kind == "float":
+            return number
+        if isinstance(number, float):
+            if not number.is_integer():
                 raise refuse("a whole number")
-            return int(value)
-        return float(value)
+            number = int(number)
+        if not MIN_INTEGER <= number <= MAX_INTEGER:
+            raise refuse(f"a whole number from {MIN_INTEGER:,} to {MAX_INTEGER:,}")
+        return number
     if kind == "date":
         if isinstance(value, str):
             try:
@@ -214,9 +272,52 @@ def _coerce(column: Column, value: Any, where: str) -> Any:
             else:
                 if parsed.tzinfo is None:  # naive values are taken as UTC, like the stored ones
                     parsed = parsed.replace(tzinfo=dt.UTC)
-                return parsed.astimezone(dt.UTC)
+                try:
+                    return parsed.astimezone(dt.UTC)
+                except OverflowError:  # 0001-01-01T00:00:00+01:00 is in the year 0 in UTC
+                    raise refuse("a date-time between the years 1 and 9999 in UTC") from None
         raise refuse("a date-time (ISO 8601)")
     raise refuse(kind)
+
+
+def _number(value: Any, kind: str) -> int | float | None:
+    """A finite int or float from JSON or text; None for anything else (a huge or non-finite number,
+    text that is no number). Floats for float columns, ints kept exact for integer columns."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 400:  # no finite 64-bit number is written this long
+            return None
+        try:
+            value = float(text) if kind == "float" or not text.lstrip("+-").isdigit() else int(text)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        if kind == "float":
+            try:
+                return float(value)
+            except OverflowError:  # more than about 1.8e308
+                return None
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
+def _int_text(value: int) -> str | None:
+    try:
+        return str(value)
+    except ValueError:  # more than 4,300 digits
+        return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate such as \ud800
+        return False
+    return True
 
 
 def parse_filter_text(text: str) -> dict[str, Any]:
@@ -235,6 +336,15 @@ def parse_filter_text(text: str) -> dict[str, Any]:
     if op == "IS_NULL":
         return {"field": field, "op": op, "value": value.lower() != "false"}
     return {"field": field, "op": op, "value": value}
+
+
+def parse_limit_text(text: str) -> int:
+    """The streaming route's ``limit``: a whole number of rows from 1 to ``MAX_LIMIT``. Raises
+    ``ValueError`` with a message that says what was wrong."""
+    digits = text.strip()
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 10 or not 1 <= int(digits) <= MAX_LIMIT:
+        raise ValueError(f"limit must be a whole number of rows from 1 to {MAX_LIMIT:,}, not '{shown(text)}'.")
+    return int(digits)
 
 
 def parse_sort_text(text: str) -> list[dict[str, str]]:

@@ -38,7 +38,9 @@ class Dialect:
 def _sqlite_bind(column: Column, value: Any) -> Any:
     # SQLite keeps dates and date-times as ISO text, so values compare as text in the same shape.
     if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # Not strftime: it does not zero-pad years before 1000, and "1-01-01" sorts after "0001-...".
+        v = value.astimezone(dt.UTC)
+        return f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}Z"
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, bool):

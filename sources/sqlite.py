@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sources.base import Column, Dataset, Row, SourceError, TransientSourceError
-from sources.query import Query
+from sources.query import Query, QueryTooComplex
 from sources.sql import SQLITE, compile_query
 
 # SQLite types as PRAGMA table_info reports them, mapped to column types for "discover".
@@ -120,6 +120,11 @@ def discover_columns(path: str, table: str) -> tuple[Column, ...]:
     )
 
 
+# SQLite's words for a statement past its limits (expression depth, bound values, terms, sizes).
+_TOO_COMPLEX = ("Expression tree is too large", "too many SQL variables", "too many terms", "too many arguments",
+                "too complex", "parser stack overflow")
+
+
 def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:
     """Run ``fn``; sqlite3's errors become source errors that say whether a retry can help."""
     try:
@@ -130,9 +135,13 @@ def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:
             raise TransientSourceError(f"dataset '{dataset.name}' is busy: {text}") from e
         if "interrupted" in text:
             raise asyncio.CancelledError() from e
+        if any(sign in text for sign in _TOO_COMPLEX):
+            raise QueryTooComplex(f"dataset '{dataset.name}': the query is too large for SQLite ({text})") from e
         raise SourceError(f"dataset '{dataset.name}' could not be read: {text}") from e
     except sqlite3.DatabaseError as e:
         raise SourceError(f"dataset '{dataset.name}' could not be read: {e}") from e
+    except OverflowError as e:  # a bound integer past 64 bits; build_query refuses these first
+        raise QueryTooComplex(f"dataset '{dataset.name}': a filter value is out of SQLite's range ({e})") from e
 
 
 def _converter(columns: tuple[Column, ...]) -> Callable[[list[Row], int], list[Row]]:
