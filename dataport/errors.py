@@ -62,3 +62,5 @@ SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 
 # Import files (issue 15): a task error, the file exceeds a parser's bound (depth, size, inflation).
 FILE_LIMIT_EXCEEDED = "FILE_LIMIT_EXCEEDED"
+# A request the api cannot read as GraphQL-over-HTTP at all (HTTP 400).
+BAD_REQUEST = "BAD_REQUEST"

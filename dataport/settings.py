@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     graphql_max_aliases: int = 20
     graphql_max_tokens: int = 5_000
     max_request_bytes: int = 1024 * 1024
+    # Operations (query/mutation/subscription definitions) in one document; fields in one document,
+    # fragments counted as often as they are spread (bounds the overlapping-fields check).
+    graphql_max_operations: int = 5
+    graphql_max_fields: int = 500
+    # Requests without a valid token can only introspect: they get a smaller body and token budget.
+    graphql_anonymous_max_tokens: int = 1_000
+    max_anonymous_request_bytes: int = 16 * 1024
     # Mutations: per-minute limits (RATE_LIMITED) and active tasks (QUOTA_EXCEEDED), per user.
     mutation_rate_per_user: int = 60
     mutation_rate_per_ip: int = 300
@@ -143,6 +150,8 @@ class Settings(BaseSettings):
     max_active_tasks_per_user: int = 10
     # WebSockets: open subscriptions per user.
     max_subscriptions_per_user: int = 50
+    # A subscription's slot is a lease in Redis, renewed while it runs: a killed api's slots lapse.
+    subscription_lease_seconds: float = 30.0
     # The streaming route: concurrent streams, per user and in all.
     stream_concurrency_per_user: int = 3
     stream_concurrency: int = 50
