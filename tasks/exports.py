@@ -1,7 +1,9 @@
 """Exports as the API sees them: request, read, cancel, retry, delete.
 
 The GraphQL resolvers call these functions and nothing else; every check that can fail with a
-``userErrors`` entry happens here, before anything is queued.
+``userErrors`` entry happens here, before anything is queued. A new task or a new run counts
+against its owner's active tasks (``QUOTA_EXCEEDED``), checked in the same atomic step that creates
+it (``TaskStore.request``); asking again for a task already active returns it and is never refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sources.query import Query, build_query
 from tasks import queue
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
-from tasks.store import Page
+from tasks.store import Page, QuotaExceeded, RequestOutcome
 
 EXPORT_JOB = "run_export"
 
@@ -31,6 +33,30 @@ EXPORT_JOB = "run_export"
 class Owner:
     id: str
     email: str | None = None
+
+
+def quota_exceeded(limit: int, field: tuple[str, ...]) -> UserErrors:
+    return UserErrors.one(
+        f"You have {limit} active exports and imports, the most allowed at once; wait for one to finish "
+        "or cancel one, then ask again.", errors.QUOTA_EXCEEDED, *field)
+
+
+async def check_quota(services: Services, owner: Owner, field: tuple[str, ...]) -> None:
+    """Refuse early, before any costly check, when the owner is at the quota already. Only a
+    shortcut: the authoritative check is atomic with the task's creation."""
+    limit = services.settings.max_active_tasks_per_user
+    if await services.store.active_count(owner.id) >= limit:
+        raise quota_exceeded(limit, field)
+
+
+async def request_task(services: Services, identifier: str, fields: dict[str, Any], reuse_seconds: float,
+                       field: tuple[str, ...]) -> RequestOutcome:
+    """``TaskStore.request`` under the owner's quota of active tasks; ``UserErrors`` past it."""
+    limit = services.settings.max_active_tasks_per_user
+    try:
+        return await services.store.request(identifier, fields, reuse_seconds=reuse_seconds, max_active=limit)
+    except QuotaExceeded:
+        raise quota_exceeded(limit, field) from None
 
 
 def canonical_request(data: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +87,12 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
     existing = await services.store.get(identifier)
     matching: int | None = None
     if existing is None or existing.status not in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+        if existing is None or existing.status is not TaskStatus.SUCCEEDED:  # a success may be reused
+            await check_quota(services, owner, ("input",))
         matching = await _count_within_limit(services, dataset, query)
 
-    outcome = await services.store.request(
+    outcome = await request_task(
+        services,
         identifier,
         {
             "id": identifier,
@@ -81,7 +110,8 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
             "total_rows": matching,  # the worker need not count again
             "bytes": 0,
         },
-        reuse_seconds=services.settings.export_reuse_seconds,
+        services.settings.export_reuse_seconds,
+        ("input",),
     )
     if outcome.needs_job:
         await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
@@ -145,6 +175,7 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
             f"Only failed or cancelled exports can be retried; this one is {task.status.value}.",
             errors.INVALID_STATUS, "id",
         )
+    await check_quota(services, owner, ("id",))
     # Counted again, as a new request is: the rows may have grown past the maximum since, and the
     # worker takes this count. A dataset that is gone or changed is left to the worker to report.
     dataset = services.registry.get(task.dataset)
@@ -156,13 +187,15 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
         except UserErrors:  # the dataset changed since the request
             pass
     matching = None if query is None else await _count_within_limit(services, dataset, query, (("id",), ("id",)))
-    outcome = await services.store.request(
+    outcome = await request_task(
+        services,
         task.id,
         {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
          "dataset": task.dataset, "format": task.format, "request": _json(task.request), "notify": task.notify,
          "status": TaskStatus.PENDING.value, "created_at": stamp(), "attempts": 0, "processed_rows": 0,
          "total_rows": matching, "bytes": 0},
-        reuse_seconds=-1,
+        -1,
+        ("id",),
     )
     if outcome.needs_job:
         await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)

@@ -22,7 +22,7 @@ from dataport.services import Services
 from formats import WRITERS
 from storage.base import UploadTarget
 from tasks import queue
-from tasks.exports import Owner
+from tasks.exports import Owner, request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page
@@ -94,7 +94,9 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
     upload_expires_at = now() + dt.timedelta(seconds=settings.upload_url_ttl_seconds)
     request = {"mode": data["mode"], "dryRun": bool(data.get("dryRun")), "maxErrors": max_errors,
                "fileName": file_name, "fileSize": size}
-    outcome = await services.store.request(
+    # Active from now, while it waits for its file too: starting it later needs no second check.
+    outcome = await request_task(
+        services,
         identifier,
         {
             "id": identifier,
@@ -113,7 +115,8 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
             "processed_rows": 0,
             "bytes": 0,
         },
-        reuse_seconds=-1,
+        -1,
+        ("input",),
     )
     # Nobody uploaded: the cron job expires the task (and any partial upload) after the window.
     await services.store.schedule_expiry(identifier, upload_expires_at.timestamp() + START_GRACE_SECONDS)

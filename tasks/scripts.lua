@@ -92,14 +92,44 @@ local function stats_finished(key, kind, to, buckets)
   redis.call('HINCRBY', totals, 'bytes', whole(bytes))
 end
 
+-- Each owner's active tasks (WAITING_FOR_UPLOAD, PENDING, PROCESSING), for the per-user quota:
+--   dataport:active:{owner}   set of task ids, kept by the same steps that change a status
+-- The quota is checked against it when a task is created or run again ('request'), so two api
+-- processes cannot both create the last task a user may have.
+local ACTIVE = 'dataport:active:'
+local ACTIVE_STATUSES = {WAITING_FOR_UPLOAD = true, PENDING = true, PROCESSING = true}
+
+local function active_mark(owner, id, status)
+  if not owner or not id then return end
+  if status and ACTIVE_STATUSES[status] then
+    redis.call('SADD', ACTIVE .. owner, id)
+  else
+    redis.call('SREM', ACTIVE .. owner, id)
+  end
+end
+
+-- How many active tasks the owner has; ids whose task is gone or finished are dropped first
+-- (a repair: every step that ends a task removes its id already).
+local function active_count(owner)
+  local key = ACTIVE .. owner
+  for _, id in ipairs(redis.call('SMEMBERS', key)) do
+    local status = redis.call('HGET', 'dataport:task:' .. id, 'status')
+    if not (status and ACTIVE_STATUSES[status]) then redis.call('SREM', key, id) end
+  end
+  return redis.call('SCARD', key)
+end
+
 local entry = ARGV[1]
 
--- KEYS: task, events, history, dataset-written-at, expiry schedule
--- ARGV: 'request', channel, now, reuse_seconds, history_score, n, fields... (fields for a new task)
--- Returns {outcome, run}: outcome is created | existing | rerun.
+-- KEYS: task, events, history, dataset-written-at, expiry schedule, owner's active set
+-- ARGV: 'request', channel, now, reuse_seconds, history_score, max_active ('' = no limit), n,
+--       fields... (fields for a new task, 'owner' among them)
+-- Returns {outcome, run}: outcome is created | existing | rerun, or {'quota', active count} when
+-- creating or running again would take the owner past max_active active tasks (nothing written).
 if entry == 'request' then
   local channel, now, reuse, score = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  local fields = list_from(7, tonumber(ARGV[6]))
+  local max_active = ARGV[6]
+  local fields = list_from(8, tonumber(ARGV[7]))
   local status = redis.call('HGET', KEYS[1], 'status')
   if status == 'PENDING' or status == 'PROCESSING' or status == 'WAITING_FOR_UPLOAD' then
     return {'existing', redis.call('HGET', KEYS[1], 'run')}
@@ -110,6 +140,14 @@ if entry == 'request' then
     if finished + reuse > now and written < finished then
       return {'existing', redis.call('HGET', KEYS[1], 'run')}
     end
+  end
+  local owner = nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'owner' then owner = fields[i + 1] end
+  end
+  if max_active ~= '' and owner then
+    local active = active_count(owner)
+    if active >= tonumber(max_active) then return {'quota', tostring(active)} end
   end
   local outcome, run = 'created', 1
   local old_kind = redis.call('HGET', KEYS[1], 'kind')
@@ -130,6 +168,7 @@ if entry == 'request' then
   local status_now = redis.call('HGET', KEYS[1], 'status')
   if status and old_kind then stats_move(old_kind, redis.call('HGET', KEYS[1], 'id'), status, nil) end
   stats_move(redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'id'), nil, status_now)
+  active_mark(redis.call('HGET', KEYS[1], 'owner'), redis.call('HGET', KEYS[1], 'id'), status_now)
   local message = outcome == 'rerun' and ('requested again: run ' .. run) or 'requested'
   event(KEYS[2], ARGV[3], status_now, message)
   publish(KEYS[1], channel)
@@ -171,6 +210,7 @@ if entry == 'transition' then
   local lapses_at = nil
   if lapse ~= '' then lapses_at = tostring(tonumber(now) + tonumber(lapse)) end
   stats_move(kind, id, status, to, lapses_at)
+  active_mark(redis.call('HGET', KEYS[1], 'owner'), id, to)
   if kind and to == 'EXPIRED' then  -- forget the ids whose hashes have lapsed meanwhile
     redis.call('ZREMRANGEBYSCORE', STATS .. 'tasks:' .. kind .. ':EXPIRED', '-inf', '(' .. now)
   end
@@ -201,6 +241,7 @@ end
 if entry == 'delete' then
   local kind, status = redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'status')
   stats_move(kind, ARGV[2], status, nil)
+  active_mark(redis.call('HGET', KEYS[1], 'owner'), ARGV[2], nil)
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[2])
@@ -210,7 +251,8 @@ end
 -- KEYS: task
 -- ARGV: 'index', id, now, kinds (space separated), statuses (space separated)
 -- Puts one task in the statistics set of its status and takes it out of every other: the
--- back-fill for tasks written before the statistics existed, and a repair. Idempotent.
+-- back-fill for tasks written before the statistics existed, and a repair; the owner's active set
+-- too. Idempotent.
 if entry == 'index' then
   local id, now = ARGV[2], tonumber(ARGV[3])
   local kind, status = redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'status')
@@ -220,11 +262,19 @@ if entry == 'index' then
     end
   end
   if not kind or not status then return 0 end
+  active_mark(redis.call('HGET', KEYS[1], 'owner'), id, status)
   local score = '+inf'
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then score = tostring(now + ttl / 1000) end
   redis.call('ZADD', STATS .. 'tasks:' .. kind .. ':' .. status, score, id)
   return 1
+end
+
+-- KEYS: owner's active set
+-- ARGV: 'active', owner
+-- The owner's active tasks, counted as the quota counts them.
+if entry == 'active' then
+  return active_count(ARGV[2])
 end
 
 return redis.error_reply('unknown entry point ' .. tostring(entry))

@@ -7,6 +7,7 @@ Keys (DESIGN.md, "Tasks"):
   dataport:channel:{id}                pub/sub, the whole snapshot after every change
   dataport:dataset:{name}:written_at   when an import last wrote to the dataset (ends export reuse)
   dataport:expiry                      sorted set of finished task ids by the time they expire
+  dataport:active:{owner}              set of the owner's active task ids (the per-user quota)
   dataport:stats:...                   counts, durations and totals for /metrics (``scripts.lua``)
 
 Every write that changes a status goes through ``scripts.lua``, which checks the transition table
@@ -49,6 +50,11 @@ EXPIRY_KEY = "dataport:expiry"
 
 # Reaching one of these starts the retention clock: the file and task are kept, then expired.
 _RETAINED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+def active_key(owner: str) -> str:
+    """The owner's WAITING_FOR_UPLOAD, PENDING and PROCESSING task ids (kept by ``scripts.lua``)."""
+    return f"dataport:active:{owner}"
 
 
 def dataset_written_key(dataset: str) -> str:
@@ -103,6 +109,16 @@ class RequestOutcome:
         return self.outcome != "existing"
 
 
+class QuotaExceeded(Exception):
+    """Creating (or running again) the task would give its owner more active tasks than allowed;
+    nothing was written."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"{active} active tasks; at most {limit}")
+        self.active = active
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class TransitionResult:
     ok: bool
@@ -138,6 +154,10 @@ class TaskStore:
             TaskEvent(at=parse_time(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
             for _, e in entries
         ]
+
+    async def active_count(self, owner: str) -> int:
+        """The owner's active tasks (WAITING_FOR_UPLOAD, PENDING, PROCESSING), as the quota counts them."""
+        return int(await self._script(keys=[active_key(owner)], args=["active", owner]))
 
     async def count_poll(self, task_id: str) -> int:
         """Record one poll; returns how many polls came before it."""
@@ -195,21 +215,28 @@ class TaskStore:
     # -- writes -------------------------------------------------------------------------------
 
     async def request(
-        self, task_id: str, fields: Mapping[str, Any], reuse_seconds: float
+        self, task_id: str, fields: Mapping[str, Any], reuse_seconds: float, max_active: int | None = None
     ) -> RequestOutcome:
-        """Create the task, return the one already there, or start a new run of a finished one."""
+        """Create the task, return the one already there, or start a new run of a finished one.
+        With ``max_active``, creating or running again is refused (``QuotaExceeded``) when the owner
+        already has that many active tasks, counted and created in one atomic step; returning the
+        task already there never is."""
         now = time.time()
         flat = _flatten(fields)
-        outcome, _run = await self._script(
+        outcome, detail = await self._script(
             keys=[
                 task_key(task_id),
                 events_key(task_id),
                 history_key(fields["owner"], TaskKind(fields["kind"])),
                 dataset_written_key(fields["dataset"]),
                 EXPIRY_KEY,
+                active_key(fields["owner"]),
             ],
-            args=["request", channel(task_id), f"{now:.3f}", reuse_seconds, int(now * 1000), len(flat), *flat],
+            args=["request", channel(task_id), f"{now:.3f}", reuse_seconds, int(now * 1000),
+                  "" if max_active is None else str(max_active), len(flat), *flat],
         )
+        if outcome == "quota":
+            raise QuotaExceeded(int(detail), max_active or 0)
         task = await self.get(task_id)
         assert task is not None
         return RequestOutcome(task, outcome)
