@@ -1,9 +1,11 @@
 """Sliding-window rate limits kept in Redis, so that every api process counts the same requests.
 
 Each identity has a sorted set of its recent request times; a request is allowed while fewer than
-the limit fall in the last minute. Unlike a fixed window, a burst cannot double up across a
-minute boundary, and the wait it reports is exact. Check and count are one script, so two api
-processes cannot both let the last request through.
+the limit fall in the last minute (or the window given). Unlike a fixed window, a burst cannot
+double up across a window boundary, and the wait it reports is exact. Check and count are one
+script, so two api processes cannot both let the last request through; ``retry_after_all`` checks
+several identities (a user and an address) in one step and counts the request against all of them
+or none.
 """
 
 from __future__ import annotations
@@ -38,3 +40,38 @@ async def retry_after(redis: Redis, scope: str, identity: str, per_minute: int) 
     if oldest is None:
         return None
     return max(1, math.ceil(float(oldest) + WINDOW_SECONDS - now))
+
+
+# KEYS: the request logs of every identity. ARGV: now, window, member, then one limit per key.
+# Returns nil when allowed (counted in every log), else the seconds until each log that is full
+# lets one more in, the longest of them (as a string: a fraction).
+_SLIDING_WINDOWS = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local wait = nil
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[3 + i]) then
+    local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+    wait = math.max(wait or 0, oldest + window - now)
+  end
+end
+if wait then return tostring(wait) end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[1], ARGV[3])
+  redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
+end
+return nil
+"""
+
+
+async def retry_after_all(redis: Redis, checks: list[tuple[str, str, int]], window_seconds: float) -> int | None:
+    """Count one request against every ``(scope, identity, limit)``, or against none of them when
+    any is over its limit; then the whole seconds to wait, after which the request gets through
+    (if nothing else was counted meanwhile)."""
+    now = time.time()
+    keys = [f"dataport:ratelimit:{scope}:{identity}" for scope, identity, _ in checks]
+    wait = await redis.eval(_SLIDING_WINDOWS, len(keys), *keys, f"{now:.6f}", window_seconds,
+                            f"{now:.6f}:{uuid.uuid4().hex[:8]}", *(limit for _, _, limit in checks))
+    if wait is None:
+        return None
+    return max(1, math.ceil(float(wait) - (time.time() - now)))
