@@ -21,6 +21,7 @@ from dataport.errors import UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from storage.base import UploadTarget
+from storage.local import PARTIAL
 from tasks import queue
 from tasks.exports import Owner, request_task
 from tasks.ids import random_task_id
@@ -29,6 +30,8 @@ from tasks.store import Page
 
 IMPORT_JOB = "run_import"
 IMPORT_FORMATS = ("CSV", "JSON", "NDJSON", "XLSX")
+# In UTF-8 bytes: a file system takes at most 255 for one name, and the local backend adds a
+# ".partial-" suffix of 25 while the file arrives (200 characters of CJK text were 600 bytes).
 MAX_FILE_NAME = 200
 # A waiting import whose upload window has closed is kept this much longer before it is expired,
 # so that an upload finished at the last second can still be started.
@@ -54,9 +57,12 @@ def clean_file_name(name: str) -> str:
     if not base or set(base) == {"."}:
         raise UserErrors.one("The file name is empty; send the name of the file being uploaded.",
                              errors.INVALID_FILE_NAME, "input", "fileName")
-    if len(base) > MAX_FILE_NAME:
-        raise UserErrors.one(f"The file name is longer than {MAX_FILE_NAME} characters.",
+    if len(base.encode()) > MAX_FILE_NAME:
+        raise UserErrors.one(f"The file name is longer than {MAX_FILE_NAME} bytes (UTF-8).",
                              errors.INVALID_FILE_NAME, "input", "fileName")
+    if PARTIAL in base:  # the local backend's name for a file still arriving
+        raise UserErrors.one(f"The file name may not contain '{PARTIAL}'.", errors.INVALID_FILE_NAME,
+                             "input", "fileName")
     return base
 
 
