@@ -70,6 +70,13 @@ class UploadTooLarge(StorageError):
         self.size = size
 
 
+class UploadRefused(StorageError):
+    """An upload arrived whole but may no longer be kept (its import has moved on). Not transient."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class ReadStream(Protocol):
     """A stored file opened for reading: a synchronous, binary, forward-only file object, meant for
     a worker thread (the file parsers are synchronous). Not seekable on S3: a format that needs
@@ -119,6 +126,13 @@ class Storage(Protocol):
 
     async def size_of(self, key: str) -> int | None:
         """The stored object's size in bytes, or None when it is missing."""
+        ...
+
+    async def seal(self, key: str, sealed_key: str) -> int | None:
+        """Keep the object now stored under ``key`` also under ``sealed_key``, as it is at this moment:
+        a later upload to ``key`` does not change it. Its size in bytes, or None when ``key`` is
+        missing. An import is started from its sealed copy, so the file the worker reads is the
+        one whose size was checked, whatever upload finishes after the start."""
         ...
 
     async def open_stream(self, key: str) -> ReadStream:

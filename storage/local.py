@@ -7,7 +7,9 @@ which ``discard_incomplete`` removes. File I/O runs in worker threads, in batche
 loop is never blocked for long.
 
 Import files arrive through the api's signed ``PUT /uploads/{task_id}``, whose body ``receive``
-streams to disk the same way (partial file, fsync, atomic rename), refusing it past the limit.
+streams to disk the same way (partial file, fsync, atomic rename), refusing it past the limit, and
+renaming it into place only if its import still waits for it. An import starts from a hard link of
+the upload (``seal``), so an upload that lands later cannot change the file the worker reads.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import hashlib
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from storage.base import StorageError, StoredObject, UploadTarget, UploadTooLarge
+from storage.base import StorageError, StoredObject, UploadRefused, UploadTarget, UploadTooLarge
 from storage.signing import signed_path
 
 if TYPE_CHECKING:
@@ -334,10 +336,13 @@ class LocalStorage:
             expires_at=expires_at.replace(microsecond=0),
         )
 
-    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> StoredObject:
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_bytes: int,
+                      keep: Callable[[], Awaitable[str | None]] | None = None) -> StoredObject:
         """Store an uploaded body under ``key`` as it arrives: never whole in memory, visible only
         when complete (a second upload replaces the first at once). More than ``max_bytes`` raises
-        ``UploadTooLarge`` as soon as they arrive, and nothing of the upload is kept."""
+        ``UploadTooLarge`` as soon as they arrive, and nothing of the upload is kept. ``keep`` is
+        asked once the body is whole, just before it becomes visible: a reason not to keep it
+        raises ``UploadRefused``, and nothing is kept either."""
         writer = await self.open_writer(key, "application/octet-stream")
         received = 0
         try:
@@ -347,6 +352,8 @@ class LocalStorage:
                     # Stop reading here: the rest of an oversized body is never written.
                     raise UploadTooLarge(max_bytes, key=key)
                 await writer.write(chunk)
+            if keep is not None and (reason := await keep()) is not None:
+                raise UploadRefused(reason)
             return await writer.complete()
         except BaseException:
             # Also on cancellation (the client went away): the partial file must not stay.
@@ -367,6 +374,37 @@ class LocalStorage:
             return await asyncio.to_thread(_size)
         except OSError as e:
             raise _os_error("inspecting", key, e) from e
+
+    async def seal(self, key: str, sealed_key: str) -> int | None:
+        """A hard link: the same bytes at no cost, and an upload renamed onto ``key`` later replaces
+        the name ``key`` only. A file system without hard links gets a copy."""
+        path, sealed = self.path_for(key), self.path_for(sealed_key)
+
+        def _seal() -> int | None:
+            sealed.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, sealed)
+            except FileNotFoundError:
+                return None
+            except OSError:  # no hard links here: copy, through a partial file as every write
+                partial = sealed.with_name(f"{sealed.name}{PARTIAL}{secrets.token_hex(8)}")
+                try:
+                    with path.open("rb") as src, partial.open("xb") as dst:
+                        while chunk := src.read(READ_CHUNK):
+                            dst.write(chunk)
+                        dst.flush()
+                        os.fsync(dst.fileno())
+                except FileNotFoundError:
+                    partial.unlink(missing_ok=True)
+                    return None
+                os.replace(partial, sealed)
+            _fsync_dir(sealed.parent)
+            return sealed.stat().st_size
+
+        try:
+            return await asyncio.to_thread(_seal)
+        except OSError as e:
+            raise _os_error("sealing", key, e) from e
 
     async def open_stream(self, key: str) -> BinaryIO:
         """The stored file, opened for reading (a plain, seekable file object)."""

@@ -529,6 +529,22 @@ class S3Storage:
 
         return await self._call("HeadObject", key, _size)
 
+    async def seal(self, key: str, sealed_key: str) -> int | None:
+        """A server-side copy (at most 5 GiB, more than uploads may be): the copy is of the object as
+        it was when S3 took the request, and a later PUT to ``key`` leaves it as it is."""
+
+        def _copy() -> int | None:
+            try:
+                self.client.copy_object(Bucket=self.bucket, Key=sealed_key, CopySource={"Bucket": self.bucket,
+                                        "Key": key}, MetadataDirective="COPY", **self.sse_args)
+            except ClientError as e:
+                if _status(e) == 404 and _error_code(e) in _MISSING:
+                    return None
+                raise
+            return int(self.client.head_object(Bucket=self.bucket, Key=sealed_key)["ContentLength"])
+
+        return await self._call("CopyObject", key, _copy)
+
     async def open_stream(self, key: str) -> io.BufferedReader:
         """The object's body as a synchronous, forward-only stream, for a worker thread. A missing
         object is a ``StorageError`` (not transient) naming the key."""
