@@ -64,3 +64,5 @@ SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 FILE_LIMIT_EXCEEDED = "FILE_LIMIT_EXCEEDED"
 # A request the api cannot read as GraphQL-over-HTTP at all (HTTP 400).
 BAD_REQUEST = "BAD_REQUEST"
+# Uploads (issue 15): the stored file's size differs from the fileSize the import declared.
+FILE_SIZE_MISMATCH = "FILE_SIZE_MISMATCH"
