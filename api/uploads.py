@@ -2,7 +2,10 @@
 
 ``PUT /uploads/{task_id}`` is the local backend's stand-in for a presigned S3 URL: the signature
 is the authorisation (no bearer token, as with S3), the body streams to disk, and more bytes than
-the limit end the request with 413 without keeping any of them.
+the limit, or than the import declared (``fileSize``), end the request with 413 without keeping any
+of them. Only an import still waiting for its file takes one (else 409), checked again once the
+body is whole, just before it is kept: an upload that outlasts the start of its import is refused,
+not stored (and the import reads its sealed copy anyway, tasks/sealing.py).
 
 ``POST /storage-events`` takes the notifications S3-compatible stores send when an object is
 created (AWS's ``Records`` JSON, as MinIO's webhook target and SNS deliver it) and starts the
@@ -21,7 +24,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from dataport.services import Services
-from storage.base import UploadTooLarge
+from storage.base import UploadRefused, UploadTooLarge
 from storage.signing import verify
 from tasks import imports
 from tasks.models import TaskKind, TaskStatus
@@ -42,14 +45,26 @@ async def upload(request: Request, task_id: str, expires: int = Query(...), sign
         raise HTTPException(404, "There is no such import.")
     if task.status is not TaskStatus.WAITING_FOR_UPLOAD:
         raise HTTPException(409, f"The import is {task.status.value}; it no longer takes a file.")
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"The file is {int(declared):,} bytes; at most {limit:,} bytes can be uploaded.")
+    limit, what = settings.max_upload_bytes, "the most that can be uploaded"
+    declared_size = task.request.get("fileSize")
+    if isinstance(declared_size, int) and declared_size < limit:
+        limit, what = declared_size, "the size the import declared (fileSize)"
+    length = request.headers.get("content-length")
+    if length is not None and length.isascii() and length.isdigit() and len(length) < 20 and int(length) > limit:
+        raise HTTPException(413, f"The file is {int(length):,} bytes; at most {limit:,} bytes, {what}.")
+
+    async def still_waiting() -> str | None:
+        current = await services.store.get(task_id)
+        if current is None or current.status is not TaskStatus.WAITING_FOR_UPLOAD:
+            return f"The import is {current.status.value if current else 'gone'}; it no longer takes a file."
+        return None
+
     try:
-        stored = await services.storage.receive(task.object_key, request.stream(), max_bytes=limit)
+        stored = await services.storage.receive(task.object_key, request.stream(), max_bytes=limit, keep=still_waiting)
     except UploadTooLarge:
-        raise HTTPException(413, f"The file is larger than {limit:,} bytes, the most that can be uploaded.") from None
+        raise HTTPException(413, f"The file is larger than {limit:,} bytes, {what}.") from None
+    except UploadRefused as e:
+        raise HTTPException(409, str(e)) from None
     return {"size": stored.size, "sha256": stored.sha256}
 
 

@@ -22,7 +22,7 @@ from dataport.services import Services
 from formats import WRITERS
 from storage.base import UploadTarget
 from storage.local import PARTIAL
-from tasks import queue
+from tasks import queue, sealing
 from tasks.exports import Owner, request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
@@ -159,24 +159,30 @@ async def start(services: Services, task: Task) -> Task:
         if task.status in (TaskStatus.PROCESSING, TaskStatus.SUCCEEDED):
             return task
         raise UserErrors.one(f"The import is {task.status.value} and cannot be started.", errors.INVALID_STATUS, "id")
-    limit = services.settings.max_upload_bytes
-    size = await services.storage.size_of(task.object_key) if task.object_key else None
-    if size is None:
+    # The worker reads a sealed copy (tasks/sealing.py): an upload landing later cannot change it.
+    sealed = await sealing.seal(services.storage, task)
+    if sealed is None:
+        current = await services.store.get(task.id)
+        if current is not None and current.status is not TaskStatus.WAITING_FOR_UPLOAD:
+            return await start(services, current)  # started meanwhile, which removed the upload
         if task.upload_expires_at and task.upload_expires_at < now():
             raise UserErrors.one("The upload window has closed and no file arrived; request a new import.",
                                  errors.UPLOAD_EXPIRED, "id")
         raise UserErrors.one("No file has been uploaded for this import yet; upload it, then start it.",
                              errors.UPLOAD_MISSING, "id")
-    if size > limit:
-        raise UserErrors.one(f"The uploaded file is {size:,} bytes; at most {limit:,} bytes can be imported.",
-                             errors.FILE_TOO_LARGE, "id")
+    sealed_key, size = sealed
+    problem = sealing.size_problem(size, services.settings.max_upload_bytes, task.request.get("fileSize"))
+    if problem is not None:
+        await sealing.discard(services.storage, sealed_key)
+        raise problem
     moved = await services.store.transition(
         task.id, TaskStatus.PENDING, f"file received: {size:,} bytes",
         allowed_from=[TaskStatus.WAITING_FOR_UPLOAD],
-        fields={"total_bytes": size, "file_size": size},
+        fields={"total_bytes": size, "file_size": size, "object_key": sealed_key},
     )
     current = await services.store.get(task.id)
     assert current is not None
+    await sealing.discard(services.storage, task.object_key if moved.ok else sealed_key)
     if moved.ok:
         await services.store.unschedule_expiry(task.id)
         await queue.enqueue(services.arq, services.settings.queue_name, IMPORT_JOB, current)
