@@ -3,7 +3,12 @@
 The same auth, the same compiled query and the same pipeline as the worker, so a streamed file
 equals the worker's file for the same query. Everything that can be refused is refused before the
 first byte: a bad token (401), too many requests (429), bad input (400), more rows than the
-dataset's ``stream_max_rows`` (413, pointing to ``requestExport``).
+dataset's ``stream_max_rows`` (413, pointing to ``requestExport``), more open streams than the
+user's share (429) or the api's (503), each 429/503 with ``Retry-After``.
+
+Once it runs, a stream holds a slot (``api.stream_slots``) and a source read; a client that reads
+nothing for ``stream_idle_timeout_seconds`` is dropped and both are freed
+(``api.stream_response``).
 """
 
 from __future__ import annotations
@@ -15,18 +20,29 @@ from contextlib import aclosing
 
 import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
+from redis.exceptions import RedisError
 
 from api.auth import AuthError, owner_from_header
 from api.ratelimit import retry_after
+from api.stream_response import IdleTimeoutStreamingResponse
+from api.stream_slots import RETRY_AFTER_SECONDS, NoSlot, take_slot
 from dataport import errors
 from dataport.errors import UserError, UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from formats.pipeline import encode
-from sources.base import Source, SourceError
-from sources.query import build_query, parse_filter_text, parse_sort_text
+from sources.base import SourceError
+from sources.query import (
+    MAX_FILTERS,
+    QueryTooComplex,
+    build_query,
+    parse_filter_text,
+    parse_limit_text,
+    parse_sort_text,
+    shown,
+)
 from storage import content_disposition
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
@@ -36,10 +52,14 @@ READS_IN_PROGRESS = Gauge("dataport_stream_reads_in_progress", "Streaming-route 
 router = APIRouter()
 
 
-def _error(status: int, code: str, message: str, field: list[str] | None = None, **extra) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(status: int, code: str, message: str, field: list[str] | None = None, retry: int | None = None,
+           **extra) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+        extra["retryAfterSeconds"] = retry
     body = {"error": {"code": code, "message": message, "field": field, **extra}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _user_errors(problems: list[UserError]) -> JSONResponse:
@@ -51,14 +71,14 @@ def _user_errors(problems: list[UserError]) -> JSONResponse:
     )
 
 
-async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]], source: Source) -> AsyncIterator[bytes]:
+async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[bytes]:
     """The file's chunks, read from the source in a task of their own.
 
     Starlette stops a response whose client went away by cancelling an anyio scope, and that
     cancellation holds for every later ``await`` in the scope: a source cut off in the middle of a
     request could not then release its cursor, point in time or scroll, which takes a request too.
     Read apart, the source is stopped by one plain task cancellation (as an arq abort stops the
-    worker's read) and its clean-up runs to the end."""
+    worker's read) and its clean-up runs to the end. The response closes the source afterwards."""
     handoff: asyncio.Queue = asyncio.Queue(maxsize=1)
     done = object()
 
@@ -72,7 +92,6 @@ async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]], source: Source) 
             await handoff.put(e)
 
     reader = asyncio.create_task(read())
-    READS_IN_PROGRESS.inc()
     try:
         while (item := await handoff.get()) is not done:
             if isinstance(item, Exception):
@@ -83,8 +102,6 @@ async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]], source: Source) 
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            await source.close()
-            READS_IN_PROGRESS.dec()
 
 
 @router.get("/exports/stream")
@@ -95,7 +112,7 @@ async def stream_export(
     columns: str | None = None,
     filter: list[str] = Query(default=[]),
     sort: str | None = None,
-    limit: int | None = None,
+    limit: str | None = None,
 ):
     services: Services = request.app.state.services
     settings = services.settings
@@ -108,35 +125,75 @@ async def stream_export(
                                         ("ip", client, settings.stream_rate_per_ip)):
         wait = await retry_after(services.redis, f"stream:{scope}", identity, per_minute)
         if wait is not None:
-            response = _error(429, "RATE_LIMITED", f"Too many streaming requests; try again in {wait} s.")
-            response.headers["Retry-After"] = str(wait)
-            return response
+            return _error(429, errors.RATE_LIMITED, f"Too many streaming requests; try again in {wait} s.",
+                          retry=wait)
 
     file_format = format.upper()
     if file_format not in STREAM_FORMATS:
         return _error(400, errors.UNSUPPORTED_FORMAT,
-                      f"format must be csv, json or ndjson, not '{format}'; XLSX needs requestExport.", ["format"])
+                      f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX needs requestExport.",
+                      ["format"])
     ds = services.registry.get(dataset)
     if ds is None:
-        return _error(404, errors.DATASET_NOT_FOUND, f"There is no dataset '{dataset}'.", ["dataset"])
+        return _error(404, errors.DATASET_NOT_FOUND, f"There is no dataset '{shown(dataset)}'.", ["dataset"])
+    if len(filter) > MAX_FILTERS:
+        return _error(400, errors.TOO_MANY_VALUES,
+                      f"At most {MAX_FILTERS} filters can be given, not {len(filter):,}; use in: for a list of values.",
+                      ["filter"])
     try:
         filters = [parse_filter_text(f) for f in filter]
     except ValueError as e:
         return _error(400, errors.INVALID_FILTER_VALUE, str(e), ["filter"])
     try:
+        rows = parse_limit_text(limit) if limit is not None else None
+    except ValueError as e:
+        return _error(400, errors.INVALID_LIMIT, str(e), ["limit"])
+    try:
         query = build_query(ds, columns.split(",") if columns else None, filters,
-                            parse_sort_text(sort) if sort else None, limit, path=("query",))
+                            parse_sort_text(sort) if sort else None, rows, path=("query",))
     except UserErrors as e:
         return _user_errors(e.errors)
 
+    try:
+        slot = await take_slot(services.redis, settings.queue_name, owner.id,
+                               settings.stream_concurrency_per_user, settings.stream_concurrency)
+    except NoSlot as e:
+        if e.scope == "user":
+            return _error(429, errors.RATE_LIMITED,
+                          f"You have {settings.stream_concurrency_per_user} streams open, the most at once; "
+                          f"finish one, or try again in {RETRY_AFTER_SECONDS} s.", retry=RETRY_AFTER_SECONDS)
+        return _error(503, errors.SERVICE_UNAVAILABLE,
+                      f"The api is streaming as much as it can; try again in {RETRY_AFTER_SECONDS} s.",
+                      retry=RETRY_AFTER_SECONDS)
+    except RedisError:
+        return _error(503, errors.SERVICE_UNAVAILABLE, "Streams cannot be counted right now; try again soon.",
+                      retry=RETRY_AFTER_SECONDS)
+
     source = services.registry.open(ds)
+    READS_IN_PROGRESS.inc()
+
+    async def close() -> None:
+        try:
+            await source.close()
+        finally:
+            READS_IN_PROGRESS.dec()
+            await slot.release()
+
     try:
         matching = await source.count(query, cap=ds.stream_max_rows + 1)
+    except QueryTooComplex as e:
+        await close()
+        return _error(400, errors.TOO_MANY_VALUES, f"The filters are too complex for this dataset: {e}",
+                      ["filter"])
     except SourceError as e:
-        await source.close()
+        await close()
         return _error(503, errors.SOURCE_UNAVAILABLE, f"The dataset cannot be read right now: {e}")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await close()
+        raise
     if matching > ds.stream_max_rows:
-        await source.close()
+        await close()
         return _error(
             413, errors.TOO_MANY_ROWS,
             f"More than {ds.stream_max_rows:,} rows match, the most this route streams. Narrow the filters, set "
@@ -148,7 +205,8 @@ async def stream_export(
                     formula_guard=settings.csv_formula_guard)
 
     writer = WRITERS[file_format]
-    return StreamingResponse(
-        _read_apart(chunks, source), media_type=writer.content_type,
+    return IdleTimeoutStreamingResponse(
+        _read_apart(chunks), idle_timeout=settings.stream_idle_timeout_seconds, on_close=close,
+        media_type=writer.content_type,
         headers={"Content-Disposition": content_disposition(f"{ds.name}.{writer.extension}")},
     )
