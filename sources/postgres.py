@@ -1069,7 +1069,12 @@ def _translate(e: BaseException, dataset: Dataset) -> SourceError:
     if isinstance(e, pge.QueryCanceled):
         return SourceError(f"dataset '{name}': the server cancelled the read ({text}); ask your database "
                            f"administrator about statement_timeout")
-    if state.startswith(_TRANSIENT_CLASSES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
+    # A connection lost mid-read can also surface as a client-side error without an SQL state
+    # (psycopg's InternalError "received 2 results" when a FETCH's answer is cut off): no server
+    # refused anything, so a fresh attempt on a fresh connection can succeed.
+    lost = not state and isinstance(e, psycopg.InternalError)
+    if (state.startswith(_TRANSIENT_CLASSES) or lost
+            or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError)):
         if "password authentication failed" in text or "does not exist" in text or "no pg_hba.conf" in text:
             return SourceError(f"dataset '{name}': cannot connect: {text}")
         return TransientSourceError(f"dataset '{name}' is unavailable: {text}")

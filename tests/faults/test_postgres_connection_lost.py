@@ -1,0 +1,62 @@
+"""A PostgreSQL connection dropped under a running export: the attempt is retried, not failed.
+
+psycopg reports some lost connections without an SQL state (``InternalError: received 2 results``
+when a FETCH's answer is cut off); those were classed as permanent and failed the export for good.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+
+from sources.base import Dataset, TransientSourceError
+from sources.postgres import _translate
+
+BIG_ROWS = 40_000  # tests/fixtures/stack.py
+
+
+def test_a_lost_connection_without_an_sql_state_is_transient():
+    dataset = Dataset("d", "postgres", "postgresql://x@127.0.0.1/db", "t", ())
+    error = _translate(psycopg.InternalError("received 2 results from the server, expected 1"), dataset)
+    assert isinstance(error, TransientSourceError), error
+
+
+def _terminate_a_read(url: str, api, task_id: str) -> int:
+    """Terminates every backend that is answering a FETCH or a COPY of the export, as soon as one
+    is seen; the number terminated (0 when the export ended first)."""
+    deadline = time.monotonic() + 60
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state = 'active' "
+                "AND (query LIKE 'FETCH%' OR query LIKE 'COPY%')").fetchall()
+            if killed:
+                return len(killed)
+            if api.task(task_id)["status"] in ("SUCCEEDED", "FAILED"):
+                return 0
+            time.sleep(0.002)
+    return 0
+
+
+@pytest.mark.parametrize("file_format", ["JSON", "NDJSON", "CSV"])
+def test_pg_terminate_backend_mid_read_ends_succeeded_with_every_row(local_stack, postgres_db, file_format):
+    api = local_stack.api()
+    task = api.export(dataset="big_pg", format=file_format, columns=["id", "x", "label"])
+    terminated = _terminate_a_read(postgres_db, api, task["id"])
+    assert terminated, "the export ended before its read could be cut off"
+
+    done = api.wait(task["id"], timeout=120)
+    assert done["status"] == "SUCCEEDED", done
+    assert done["rowCount"] == BIG_ROWS and done["attempts"] >= 2, done
+    assert any("failed" in (e["message"] or "") for e in done["events"]), done["events"]
+    content = api.download(done["downloadUrl"]).content
+    if file_format == "JSON":
+        assert [r["id"] for r in json.loads(content)] == list(range(1, BIG_ROWS + 1))
+    elif file_format == "NDJSON":
+        assert [json.loads(line)["id"] for line in content.splitlines()] == list(range(1, BIG_ROWS + 1))
+    else:
+        assert content.count(b"\r\n") == BIG_ROWS + 1
