@@ -22,9 +22,9 @@ from tasks.imports import IMPORT_JOB
 from tasks.notifications import NOTIFY_JOB
 from workers.cron import expire_tasks
 from workers.export import run_export
+from workers.fair import FairWorker
 from workers.imports import run_import
 from workers.notify import notify_task
-from workers.outages import Worker
 
 log = logging.getLogger("dataport.worker")
 
@@ -65,6 +65,8 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         "poll_delay": 0.05,
         "keep_result": 60,
         "handle_signals": True,
+        # SIGTERM: stop taking jobs, let running ones finish this long, then hand them back.
+        "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
 
 
@@ -72,4 +74,4 @@ def run_worker(settings: Settings, registry: Registry | None = None) -> None:
     """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere.
     Redis outages do not end it (``workers/outages.py``)."""
     asyncio.set_event_loop(new_event_loop())  # uvloop's where installed; arq's Worker takes the thread's loop
-    Worker(lease_seconds=settings.worker_lease_seconds, **worker_settings(settings, registry)).run()
+    FairWorker(lease_seconds=settings.worker_lease_seconds, **worker_settings(settings, registry)).run()
