@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # A running job renews its claim this often; a dead worker's job is picked up again once the
     # claim lapses (lease), by whichever worker polls next.
     worker_lease_seconds: float = 10.0
+    # On SIGTERM (or Ctrl-C) a worker takes no new job and lets running ones finish for this long;
+    # what is still running then is handed back to the queue at once and does not count as a try.
+    # Keep it below the orchestrator's grace period (compose: stop_grace_period 30s).
+    worker_shutdown_grace_seconds: float = 25.0
     batch_rows: int = 2_000
     sqlite_busy_timeout_seconds: float = 2.0
     opensearch_timeout_seconds: float = 30.0

@@ -1,6 +1,7 @@
-"""arq's worker, made to ride out Redis outages and to hold short leases from a job's first instant.
+"""arq's worker, made to ride out Redis outages, to hold short leases from a job's first instant,
+and to shut down without throwing work away.
 
-Two things in arq's own worker turn ordinary production events into stuck tasks:
+Three things in arq's own worker turn ordinary production events into stuck or failed tasks:
 
 - Its poll loop lets every Redis error through, so a one-second Redis restart ends every worker
   (``ConnectionError``, or ``WatchError`` when the connection drops inside a ``WATCH``), and their
@@ -12,6 +13,12 @@ Two things in arq's own worker turn ordinary production events into stuck tasks:
   long. Here the key is set for one lease, and the poll loop renews the leases of every job this
   worker runs, so a dead worker's job is free again within ``worker_lease_seconds`` whatever it was
   doing when it died.
+- On SIGTERM it cancelled every running job at once, and the next worker counted the cancelled run
+  as a failed try: three rolling deploys failed a good export. Here (with arq's
+  ``job_completion_wait``) a stopping worker takes no new job and lets running ones finish for
+  ``worker_shutdown_grace_seconds``; a job still running then is handed back to the queue at once
+  (arq removes its in-progress key) and its try is given back, so the next worker's run has the
+  same attempt number.
 
 The loop also stamps the worker's heartbeat (``workers/heartbeat.py``) for ``/readyz`` and
 ``dataport_workers``.
@@ -27,7 +34,7 @@ from typing import Any
 
 import arq
 import redis.exceptions
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, retry_key_prefix
 
 from workers.heartbeat import Heartbeat
 
@@ -73,6 +80,20 @@ class Worker(arq.Worker):
         self.heartbeat = Heartbeat(self.queue_name)
         self.outage = Backoff()
         self._renewed_at = 0.0
+        self.stopping = False
+
+    def handle_sig_wait_for_completion(self, signum: Any) -> None:
+        self.stopping = True
+        super().handle_sig_wait_for_completion(signum)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        await super().run_job(job_id, score)
+        task = asyncio.current_task()
+        if self.stopping and task is not None and task.cancelling():
+            # Cut off by the shutdown, not by its own failure: arq leaves it queued for the next
+            # worker, and the try it began is not one of the job's tries.
+            await self.pool.decr(retry_key_prefix + job_id)
+            log.info("handed %s back to the queue: the worker is stopping", job_id)
 
     async def _poll_iteration(self) -> None:
         try:
