@@ -46,6 +46,8 @@ from sources.query import (
 from storage import content_disposition
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
+# Rows per read: what a stream holds while its client is slow is a few batches, so they are small.
+STREAM_BATCH_ROWS = 200
 
 READS_IN_PROGRESS = Gauge("dataport_stream_reads_in_progress", "Streaming-route reads holding a source open")
 
@@ -201,7 +203,7 @@ async def stream_export(
             maxRows=ds.stream_max_rows, use="requestExport",
         )
 
-    chunks = encode(source, query, file_format, batch_rows=settings.batch_rows,
+    chunks = encode(source, query, file_format, batch_rows=min(settings.batch_rows, STREAM_BATCH_ROWS),
                     formula_guard=settings.csv_formula_guard)
 
     writer = WRITERS[file_format]
