@@ -52,6 +52,7 @@ from itertools import chain
 from typing import Any
 
 from formats.csv import unguard
+from formats.limits import LongNumber, listed
 from sources.base import Column, iso_datetime
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -113,9 +114,12 @@ def converter(column: Column, *, unguard_text: bool) -> Callable[[Any], Any]:
 
 
 def show(value: Any) -> str:
-    """A cell as an error message quotes it: text in quotes (cut after 40 characters), else repr."""
+    """A cell as an error message quotes it: text in quotes (cut after 40 characters), else repr
+    (an integer of more than 40 digits by its size: repr() of a huge one is slow, or refused)."""
     if isinstance(value, str):
         return repr(value if len(value) <= 40 else value[:40] + "…")
+    if value.__class__ is int and value.bit_length() > 132:
+        return f"an integer of about {int(value.bit_length() * 0.30103):,} digits"
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     return repr(value)
@@ -125,7 +129,9 @@ def kind_of(value: Any) -> str:
     if value is True or value is False:
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return f"a number ({value!r})"
+        return f"a number ({show(value)})"
+    if isinstance(value, LongNumber):
+        return value.describe()
     if isinstance(value, str):
         return f"text ({show(value)})"
     if isinstance(value, dict):
@@ -177,6 +183,9 @@ def _integer(required: bool) -> Callable[[Any], Any]:
             if v.isascii() and (v.isdigit() or (v[:1] in ("-", "+") and v[1:].isdigit())):
                 if len(v) < 19:  # at most 18 digits: within 64 bits
                     return int(v)
+                if len(v.lstrip("+-0")) > 19:  # out of range: never int() of it (4,301 digits raise)
+                    raise Refused(f"{show(v)} is out of range for an integer (-2^63 to 2^63-1; "
+                                  f"{len(v.lstrip('+-0')):,} digits)")
                 n = int(v)
             elif v:
                 raise Refused(f"{show(v)} is not an integer")
@@ -696,6 +705,7 @@ class ColumnChecker:
 # --- header ----------------------------------------------------------------------------------------
 
 SHOWN_NAMES = 10
+SHOWN_UNKNOWN = 20
 
 
 def _quoted(name: str) -> str:
@@ -711,16 +721,17 @@ def header_problems(fields: Sequence[str], columns: Sequence[Column]) -> list[st
     problems = []
     unknown = [f for f in fields if f not in known]
     if unknown:
-        message = f"unknown columns: {', '.join(map(_quoted, unknown))}"
+        # (a 100,000-column header once made a 789 KB message, stored in the task and sent on every poll)
+        message = f"unknown columns: {listed([_quoted(u) for u in unknown[:SHOWN_UNKNOWN]] + unknown[SHOWN_UNKNOWN:])}"
         hints = _suggestions(unknown, names, known.difference(fields))
         if hints:
             message += f" (did you mean {'; '.join(hints)}?)"
         if len(fields) == 1 and any(sep in fields[0] for sep in ";\t|"):
             sep = next(sep for sep in ";\t|" if sep in fields[0])
             message += f" (the header seems separated by {sep!r}: a CSV import needs commas)"
-        listed = ", ".join(map(_quoted, names[:SHOWN_NAMES]))
+        shown = ", ".join(map(_quoted, names[:SHOWN_NAMES]))
         more = f" and {len(names) - SHOWN_NAMES:,} more" if len(names) > SHOWN_NAMES else ""
-        message += f" (the dataset has: {listed}{more})"
+        message += f" (the dataset has: {shown}{more})"
         problems.append(message)
     present = set(fields)
     missing = [c.name for c in columns if c.required and c.name not in present]

@@ -31,6 +31,8 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
+from formats.limits import ParseLimits
+
 # Reads of this size: large enough that the per-read Python work is noise, small enough to stay
 # in the cache. boto3's StreamingBody may return fewer bytes; that is fine.
 CHUNK_BYTES = 64 * 1024
@@ -42,7 +44,17 @@ ORIGINAL_MAX_CHARS = 10_000
 
 class FileError(Exception):
     """The file as a whole cannot be read. The message is for the end user: what is wrong, where
-    (line, row, element or byte offset), and what to do about it."""
+    (line, row, element or byte offset), and what to do about it. ``code`` is the task's error code."""
+
+    code = "INVALID_FILE"
+
+
+class FileLimitError(FileError):
+    """The file goes past one of the parsers' hard bounds (``formats.limits``): nesting depth, a
+    row's size, an archive's inflated size or ratio, a sheet's dimensions. Refused before the
+    bound is crossed, never after."""
+
+    code = "FILE_LIMIT_EXCEEDED"
 
 
 def csv_line(cells: Any) -> str:
@@ -153,14 +165,16 @@ class Reader(Protocol):
     # for ``formats.cells.ColumnChecker``; the worker uses it where a reader has it.
 
 
-def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int) -> Reader:
+def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int, limits: ParseLimits | None = None) -> Reader:
     """A reader for ``stream`` in ``format`` (CSV, JSON, NDJSON or XLSX, any case); ``KeyError`` for
     another name.
 
     ``stream`` needs only ``read(n)`` (a local file or boto3's StreamingBody), except for XLSX, a
     zip archive, which needs a seekable file. CSV and XLSX readers read the header here, so this
-    may raise ``FileError`` already. A cell larger than ``max_cell_bytes`` (UTF-8) fails its row.
+    may raise ``FileError`` already. A cell larger than ``max_cell_bytes`` (UTF-8) fails its row;
+    ``limits`` are the other bounds (``formats.limits``; the settings' defaults when None).
     """
+    limits = limits or ParseLimits()
     name = format.upper()
     if name == "CSV":
         from formats.csv_reader import CsvReader
@@ -169,15 +183,15 @@ def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int) -> Reader:
     if name == "JSON":
         from formats.json_reader import JsonReader
 
-        return JsonReader(stream, max_cell_bytes=max_cell_bytes)
+        return JsonReader(stream, max_cell_bytes=max_cell_bytes, max_nesting=limits.max_nesting)
     if name == "NDJSON":
         from formats.json_reader import NdjsonReader
 
-        return NdjsonReader(stream, max_cell_bytes=max_cell_bytes)
+        return NdjsonReader(stream, max_cell_bytes=max_cell_bytes, max_nesting=limits.max_nesting)
     if name == "XLSX":
         from formats.xlsx_reader import XlsxReader
 
-        return XlsxReader(stream, max_cell_bytes=max_cell_bytes)
+        return XlsxReader(stream, max_cell_bytes=max_cell_bytes, limits=limits)
     raise KeyError(format)
 
 

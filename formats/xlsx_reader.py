@@ -1,9 +1,26 @@
 """XLSX reader: the first sheet of a workbook, its first row the header, through openpyxl.
 
-openpyxl's read-only mode streams the sheet's XML out of the zip archive row by row (shared
-strings, if any, are held whole: that is the format). ``data_only=False`` keeps formulas as
-formulas, so a formula cell is reported (paste values instead) rather than read as its last
-cached result, which a file written by a program other than a spreadsheet may not even have.
+openpyxl's read-only mode reads the workbook's parts (shared strings, if any, are held whole: that
+is the format); the sheet's XML is streamed out of the zip archive here, cell by cell, with
+openpyxl's own cell parser. ``data_only=False`` keeps formulas as formulas, so a formula cell is
+reported (paste values instead) rather than read as its last cached result, which a file written
+by a program other than a spreadsheet may not even have.
+
+Bounds (issue 15), so that a small file cannot cost a lot:
+
+* Before openpyxl reads anything, the archive's directory is measured (``check_archive``): at
+  most ``MAX_MEMBERS`` members, each part openpyxl holds whole (shared strings, styles, the
+  workbook) within its limit, the sheets' inflated total within ``xlsx_max_inflated_bytes``, and
+  no member of more than 1 MiB inflated more than ``xlsx_max_ratio`` times its compressed size.
+  Python's zipfile never inflates a member past the size its directory declares, so the
+  declared sizes are a real bound. Any of these is a ``FileLimitError``.
+* A row may hold at most ``MAX_COLUMNS`` cells, and no cell may lie beyond ``XFD1048576`` (the
+  largest sheet Excel makes): the sheet is read cell by cell, so a row is refused as soon as it
+  goes past, before it is held. Cells right of the header are not kept (the first one with a
+  value fails its row); cells and rows read are cleared from the XML tree at once.
+* A number of more than ``MAX_NUMBER_CHARS`` characters is a ``LongNumber`` (it fails its cell,
+  naming the column), never ``int()``; a cell that cannot be read (a shared string index past the
+  table) fails its row.
 
 Cells come as openpyxl gives them: ``str``, ``int``, ``float``, ``bool``, ``datetime`` (a number
 formatted as a date), ``None`` for an empty cell. Text is un-escaped as Excel does (``_x000D_``
@@ -27,10 +44,24 @@ from typing import Any, BinaryIO
 
 import openpyxl
 from openpyxl.utils import get_column_letter
+from openpyxl.utils.cell import coordinate_to_tuple
 from openpyxl.utils.escape import unescape
+from openpyxl.worksheet._reader import CELL_TAG, ROW_TAG, VALUE_TAG, WorkSheetParser
+from openpyxl.xml.functions import iterparse
 
 from formats.csv import unguard
-from formats.readers import FileError, Record, csv_line, text_over
+from formats.limits import MAX_NUMBER_CHARS, LongNumber, ParseLimits
+from formats.readers import FileError, FileLimitError, Record, csv_line, text_over
+
+# Excel's largest sheet: XFD1048576.
+MAX_COLUMNS = 16_384
+MAX_ROWS = 1_048_576
+# An XLSX workbook has a dozen members; a directory this long is not one.
+MAX_MEMBERS = 10_000
+# Parts openpyxl reads whole (the workbook, styles, relations), apart from the shared strings.
+MAX_PART_BYTES = 32 * 1024 * 1024
+# The inflated/compressed ratio is only judged for members larger than this.
+RATIO_FROM_BYTES = 1024 * 1024
 
 
 class CountingFile:
@@ -81,28 +112,101 @@ def xlsx_line(cells: list) -> str:
 # The damage a broken archive or sheet shows while rows are read.
 _DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, SyntaxError, KeyError)
 
+MiB = 1024 * 1024
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:,.1f} MiB" if n >= MiB else f"{n:,} bytes"
+
+
+def check_archive(file: BinaryIO, limits: ParseLimits) -> None:
+    """Refuse an archive whose parts would inflate past the limits (see the module docstring),
+    from its directory alone. A file that is not a zip archive passes: openpyxl says what it is."""
+    file.seek(0)
+    try:
+        end = zipfile._EndRecData(file)  # (private, but stable since Python 2): reads only the end record
+    except OSError:
+        end = None
+    if not end:
+        file.seek(0)
+        return
+    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_MEMBERS or end[zipfile._ECD_SIZE] > MAX_MEMBERS * 1024:
+        raise FileLimitError(
+            f"the archive lists {end[zipfile._ECD_ENTRIES_TOTAL]:,} members; an XLSX workbook has a few dozen "
+            f"(at most {MAX_MEMBERS:,} are read)"
+        )
+    file.seek(0)
+    try:
+        with zipfile.ZipFile(file) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError):
+        file.seek(0)
+        return  # openpyxl reports the damage
+    sheets = 0
+    for member in members:
+        name, inflated = member.filename, member.file_size
+        if inflated > RATIO_FROM_BYTES and inflated > limits.xlsx_max_ratio * max(member.compress_size, 1):
+            raise FileLimitError(
+                f"the member {name[:100]!r} inflates {inflated / max(member.compress_size, 1):,.0f} times "
+                f"(to {_size(inflated)}); at most {limits.xlsx_max_ratio:,} times is read (a zip bomb?)"
+            )
+        lower = name.lower()
+        if lower.endswith("sharedstrings.xml"):
+            if inflated > limits.xlsx_max_shared_strings_bytes:
+                raise FileLimitError(
+                    f"the workbook's shared strings inflate to {_size(inflated)}; at most "
+                    f"{_size(limits.xlsx_max_shared_strings_bytes)} can be read (they are held whole while "
+                    "the sheet is read): split the sheet into smaller files, or save it as CSV UTF-8"
+                )
+        elif lower.startswith("xl/worksheets/"):
+            sheets += inflated
+        elif lower.endswith((".xml", ".rels")) and inflated > MAX_PART_BYTES:
+            raise FileLimitError(
+                f"the part {name[:100]!r} inflates to {_size(inflated)}; at most {_size(MAX_PART_BYTES)} is read"
+            )
+    if sheets > limits.xlsx_max_inflated_bytes:
+        raise FileLimitError(
+            f"the workbook's sheets inflate to {_size(sheets)}; at most {_size(limits.xlsx_max_inflated_bytes)} "
+            "can be read: split the rows into smaller files, or save the sheet as CSV UTF-8"
+        )
+    file.seek(0)
+
+
+def _coordinate(row: int, column: int) -> str:
+    return f"{get_column_letter(column)}{row}" if column <= MAX_COLUMNS else f"column {column:,} of row {row:,}"
+
 
 class XlsxReader:
-    def __init__(self, stream: BinaryIO, *, max_cell_bytes: int) -> None:
+    def __init__(self, stream: BinaryIO, *, max_cell_bytes: int, limits: ParseLimits | None = None) -> None:
         self.max_cell_bytes = max_cell_bytes
         self._file = CountingFile(stream)
         self._done = False  # every row read: the whole file counts as read
+        check_archive(self._file, limits or ParseLimits())
         try:
             self._book = openpyxl.load_workbook(self._file, read_only=True, data_only=False)
+            if not self._book.worksheets:
+                self._book.close()
+                raise FileError("the workbook has no sheet: the first sheet must hold a header row and the rows")
+            sheet = self._book.worksheets[0]
+            self.sheet_name = sheet.title
+            source = self._book._archive.open(sheet._worksheet_path)
+        except FileError:
+            raise
         except Exception as error:  # openpyxl raises a dozen kinds for a file that is not a workbook
             raise FileError(
                 "the file is not an XLSX workbook that can be read "
                 f"({type(error).__name__}: {str(error)[:200] or 'no detail'}); save it from your spreadsheet "
                 "as 'Excel Workbook (.xlsx)': old .xls files and password-protected workbooks cannot be read"
             ) from None
-        if not self._book.worksheets:
-            self._book.close()
-            raise FileError("the workbook has no sheet: the first sheet must hold a header row and the rows")
-        sheet = self._book.worksheets[0]
-        self.sheet_name = sheet.title
-        sheet.reset_dimensions()  # some writers store wrong dimensions; read the rows that are there
-        self._rows = sheet.iter_rows()
+        # openpyxl's own cell parser (shared strings, dates, formulas), fed one cell at a time.
+        self._cells = WorkSheetParser(source, sheet._shared_strings, data_only=False, epoch=self._book.epoch,
+                                      date_formats=self._book._date_formats,
+                                      timedelta_formats=self._book._timedelta_formats)
+        self._source = source
+        self._width = MAX_COLUMNS  # cells kept per row: the header's width once it is read
+        self._rows = self._sheet_rows()
         self.fields = self._read_header()
+        self._width = len(self.fields)
 
     @property
     def bytes_read(self) -> int:
@@ -110,21 +214,101 @@ class XlsxReader:
             return self._file.size
         return min(self._file.read_total, self._file.size)
 
+    def _close(self) -> None:
+        self._source.close()
+        self._book.close()
+
+    # --- the sheet, cell by cell -------------------------------------------------------------
+
+    def _sheet_rows(self) -> Iterator[tuple[int, list[Any], list[str], str | None]]:
+        """Each stored row: its number, its values (up to the header's width; a formula or error
+        cell as openpyxl gives it), its cells' kinds, and the first problem of a cell (a value
+        right of the header, a cell that cannot be read). Only "end" events: a row's number is
+        known at its end, and its cells are read (and cleared) as each one ends."""
+        parser = self._cells
+        number = 0
+        values: list[Any] = []
+        kinds: list[str] = []
+        problem: str | None = None
+        extra = 0  # the first column right of the header with a value
+        count = 0
+        for _, element in iterparse(self._source):
+            tag = element.tag
+            if tag == CELL_TAG:
+                count += 1
+                if count > MAX_COLUMNS:
+                    raise FileLimitError(f"row {number + 1:,} of the sheet holds more than {MAX_COLUMNS:,} cells, "
+                                         "the most a sheet row can have")
+                cell, trouble = self._cell(element, number + 1)
+                element.clear()
+                if trouble is not None:
+                    problem = problem or trouble
+                    continue
+                column = cell["column"]
+                if column > self._width:
+                    if column > MAX_COLUMNS:
+                        raise FileLimitError(f"the sheet has a cell in column {column:,}, beyond column XFD "
+                                             "(a sheet ends at XFD1048576)")
+                    if cell["value"] is not None and not extra:
+                        extra = column
+                    continue
+                if column > len(values):
+                    values += [None] * (column - len(values))
+                    kinds += ["n"] * (column - len(kinds))
+                values[column - 1], kinds[column - 1] = cell["value"], cell["data_type"]
+            elif tag == ROW_TAG:
+                r = element.get("r")
+                number = int(r) if r and r.isdigit() and len(r) < 10 else number + 1
+                if number > MAX_ROWS:
+                    raise FileLimitError(f"the sheet has a row {number:,}; a sheet ends at row {MAX_ROWS:,} "
+                                         "(XFD1048576)")
+                # Cleared, a row stays in the tree as an empty element (~80 bytes: 80 MB for a full
+                # sheet of 1,048,576 rows, as in openpyxl): dropping it needs "start" events, 20% slower.
+                element.clear()
+                if extra and problem is None:
+                    problem = (f"cell {get_column_letter(extra)}{number} has a value, but its column has no name "
+                               "in the header")
+                yield number, values, kinds, problem
+                values, kinds, problem, extra, count = [], [], None, 0, 0
+                parser.row_counter, parser.col_counter = number + 1, 0
+
+    def _cell(self, element: Any, row: int) -> tuple[dict[str, Any], str | None]:
+        """openpyxl's reading of one cell, or why it cannot be read."""
+        try:
+            if element.get("t", "n") == "n":
+                text = element.findtext(VALUE_TAG)
+                if text is not None and len(text) > MAX_NUMBER_CHARS:
+                    at = element.get("r")
+                    column = coordinate_to_tuple(at)[1] if at else self._cells.col_counter + 1
+                    self._cells.col_counter = column
+                    return {"row": row, "column": column, "value": LongNumber(text), "data_type": "n"}, None
+            return self._cells.parse_cell(element), None
+        except (ValueError, IndexError, TypeError, OverflowError) as error:
+            at = element.get("r") or f"{self._cells.col_counter + 1} of row {row:,}"
+            return {}, f"cell {at[:20]} cannot be read ({type(error).__name__}: {str(error)[:100]})"
+
     def _read_header(self) -> list[str]:
         try:
-            row = next(self._rows, None)
+            first = next(self._rows, None)
         except _DAMAGE as error:
-            self._book.close()
+            self._close()
             raise FileError(f"the workbook is damaged ({type(error).__name__}: {error})") from None
-        if row is None or all(cell.value is None for cell in row):
-            self._book.close()
+        except FileError:
+            self._close()
+            raise
+        if first is None or first[0] != 1 or all(v is None for v in first[1]):
+            self._close()
             raise FileError(f"the first row of the sheet {self.sheet_name!r} is empty: it must name the columns")
+        _, row, kinds, trouble = first
+        if trouble is not None:
+            self._close()
+            raise FileError(f"the header cannot be read: {trouble}")
         names = []
-        for cell in row:
-            value = cell.value
-            if cell.data_type == "f":
-                self._book.close()
-                raise FileError(f"the header cell {cell.coordinate} holds a formula; type the column name instead")
+        for i, (value, kind) in enumerate(zip(row, kinds, strict=True), 1):
+            if kind == "f":
+                self._close()
+                raise FileError(f"the header cell {get_column_letter(i)}1 holds a formula; "
+                                "type the column name instead")
             if isinstance(value, str):
                 value = unguard(unescape(value))
             names.append("" if value is None else cell_text(value))
@@ -132,9 +316,9 @@ class XlsxReader:
             names.pop()
         blank = [get_column_letter(i) for i, name in enumerate(names, 1) if not name.strip()]
         if blank:
-            self._book.close()
+            self._close()
             raise FileError(
-                f"the header has no name in column {', '.join(blank)}: every column needs a name in the "
+                f"the header has no name in column {', '.join(blank[:20])}: every column needs a name in the "
                 "first row (or delete the empty column)"
             )
         seen: dict[str, list[str]] = {}
@@ -142,7 +326,7 @@ class XlsxReader:
             seen.setdefault(name, []).append(get_column_letter(i))
         twice = [f"{name!r} (columns {', '.join(at)})" for name, at in seen.items() if len(at) > 1]
         if twice:
-            self._book.close()
+            self._close()
             raise FileError(f"the header names a column more than once: {'; '.join(twice)}; each may appear once")
         return names
 
@@ -150,49 +334,48 @@ class XlsxReader:
         fields, n = self.fields, len(self.fields)
         limit = self.max_cell_bytes
         quarter = limit // 4
+        last = 1  # the sheet row read last (the header)
         number = 0
         empty = 0  # empty rows just read
         try:
-            for row in self._rows:
-                number += 1
-                values: list[Any] = []
-                problem = None
-                for cell in row:
-                    value = cell.value
+            for row_number, values, kinds, trouble in self._rows:
+                problem = trouble
+                for i, value in enumerate(values):
                     if value is None:
-                        values.append(None)
                         continue
-                    kind = cell.data_type
+                    kind = kinds[i]
                     if kind == "f":
                         formula = getattr(value, "text", value)
                         problem = problem or (
-                            f"cell {cell.coordinate} holds a formula ({str(formula)[:60]}); paste values instead"
+                            f"cell {get_column_letter(i + 1)}{row_number} holds a formula ({str(formula)[:60]}); "
+                            "paste values instead"
                         )
                     elif kind == "e":
-                        problem = problem or f"cell {cell.coordinate} holds the error value {value}"
+                        at = f"{get_column_letter(i + 1)}{row_number}"
+                        problem = problem or f"cell {at} holds the error value {value}"
                     elif value.__class__ is str:
                         if "_x" in value:
-                            value = unescape(value)
+                            value = values[i] = unescape(value)
                         if len(value) > quarter and text_over(value, limit) and problem is None:
-                            problem = f"cell {cell.coordinate} is larger than {limit:,} bytes (the limit per cell)"
-                    values.append(value)
-                if len(values) > n:
-                    extra = next((i for i in range(n, len(values)) if values[i] is not None), None)
-                    if extra is not None and problem is None:
-                        problem = f"cell {row[extra].coordinate} has a value, but its column has no name in the header"
-                elif len(values) < n:
+                            problem = (f"cell {get_column_letter(i + 1)}{row_number} is larger than {limit:,} bytes "
+                                       "(the limit per cell)")
+                if len(values) < n:
                     values += [None] * (n - len(values))
+                # Rows the sheet does not store between the last one and this one are empty.
+                empty += max(0, row_number - last - 1)
+                last = row_number
+                number = row_number - 1
                 if problem is None and not any(v is not None for v in values):
                     empty += 1  # a record of empty cells if a row follows, else nothing
                     continue
                 for at in range(number - empty, number):
                     yield Record(at, dict.fromkeys(fields), None, [None] * n, xlsx_line)
                 empty = 0
-                record = dict(zip(fields, values, strict=False))  # values past the names: a problem
+                record = dict(zip(fields, values, strict=True))
                 yield Record(number, record, problem, values, xlsx_line)
         except _DAMAGE as error:
             raise FileError(f"the workbook is damaged after row {number:,} ({type(error).__name__}: {error})") from None
         else:
             self._done = True
         finally:
-            self._book.close()
+            self._close()
