@@ -20,6 +20,7 @@ from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
 from tasks.imports import IMPORT_JOB
 from tasks.notifications import NOTIFY_JOB
+from workers import memory
 from workers.cron import expire_tasks
 from workers.export import run_export
 from workers.fair import FairWorker
@@ -74,4 +75,5 @@ def run_worker(settings: Settings, registry: Registry | None = None) -> None:
     """Run one worker until SIGINT/SIGTERM; a job cut off by the signal is run again elsewhere.
     Redis outages do not end it (``workers/outages.py``)."""
     asyncio.set_event_loop(new_event_loop())  # uvloop's where installed; arq's Worker takes the thread's loop
-    FairWorker(lease_seconds=settings.worker_lease_seconds, **worker_settings(settings, registry)).run()
+    # memory.run: a worker grown past worker_restart_rss_bytes execs itself afresh (workers/memory.py).
+    memory.run(FairWorker(lease_seconds=settings.worker_lease_seconds, **worker_settings(settings, registry)))
