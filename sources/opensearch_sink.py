@@ -60,6 +60,7 @@ from sources.opensearch import (
     redact,
 )
 from sources.opensearch_pages import cell_converter
+from sources.receipts import Receipt
 from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 
 log = logging.getLogger("dataport.sinks.opensearch")
@@ -145,7 +146,8 @@ class OpenSearchSink:
             raise
         self.rows += len(rows)
 
-    async def commit(self) -> int:
+    async def commit(self, receipt: Receipt | None = None) -> int:
+        """``receipt`` is not kept: a re-run converges on the same documents (module docstring)."""
         self._check_open()
         await self._call(f"refreshing index '{self.index}'", lambda: self.client.indices.refresh(index=self.index))
         self._done = True

@@ -83,8 +83,10 @@ import psycopg.errors as pge
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
+from sources import receipts
 from sources.base import Column, Dataset, Row
 from sources.postgres import CONNECT_TIMEOUT_SECONDS, POSTGRES, quote_ident
+from sources.receipts import Receipt
 from sources.sinks import (
     DuplicateKeyError,
     SinkError,
@@ -255,7 +257,7 @@ class PostgresSink:
                 raise await self._explain(e) from e
             raise
 
-    async def commit(self) -> int:
+    async def commit(self, receipt: Receipt | None = None) -> int:
         self._check_open()
         conn = self._conn
         assert conn is not None
@@ -263,6 +265,8 @@ class PostgresSink:
             await self._end_copy()
             if self.mode == "UPSERT":
                 await self._merge(conn)
+            if receipt is not None:
+                await self._write_receipt(conn, receipt)
             await conn.execute("COMMIT")
         except BaseException as e:
             self._failed = f"{type(e).__name__}: {e}".strip()
@@ -272,6 +276,15 @@ class PostgresSink:
         self._done = True
         await self._close_connection()
         return self.rows
+
+    async def _write_receipt(self, conn: psycopg.AsyncConnection, receipt: Receipt) -> None:
+        """The run's receipt, in the rows' transaction (sources/receipts.py). The lock keeps two
+        first imports from both creating the table (a unique violation on its type otherwise)."""
+        table = receipts.table_for(self.dataset, _q)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (receipts.TABLE,))
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {receipts.COLUMNS}")
+        await conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s, now()::text)",
+                           (receipt.task_id, receipt.run, self.rows))
 
     async def rollback(self) -> None:
         if self._done:

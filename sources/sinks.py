@@ -38,6 +38,7 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from sources.base import Column, Dataset, Row
+from sources.receipts import Receipt
 
 MODES = ("INSERT", "UPSERT")
 
@@ -64,8 +65,9 @@ class RowSink(Protocol):
         (SQL stores)."""
         ...
 
-    async def commit(self) -> int:
-        """Make every written row visible at once; the number of rows handed to ``write``."""
+    async def commit(self, receipt: Receipt | None = None) -> int:
+        """Make every written row visible at once; the number of rows handed to ``write``. SQL
+        stores commit ``receipt`` with the rows (``sources/receipts.py``)."""
         ...
 
     async def rollback(self) -> None:

@@ -29,6 +29,7 @@ it needs a primary key or a unique index (not partial) on exactly the key column
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sources import receipts
 from sources.base import Column, Dataset, Row
+from sources.receipts import Receipt
 from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 from sources.sql import SQLITE
 
@@ -100,9 +103,9 @@ class SqliteSink:
             raise
         self.rows += len(rows)
 
-    async def commit(self) -> int:
+    async def commit(self, receipt: Receipt | None = None) -> int:
         self._check_open()
-        await self._run(self._commit)
+        await self._run(lambda: self._commit(receipt))
         self._done = True
         await self._run(self._close_connection)
         return self.rows
@@ -224,8 +227,13 @@ class SqliteSink:
                              f"'{table}' requires", row=number)
         return SinkError(f"dataset '{name}': row {number} was refused by table '{table}': {text}", row=number)
 
-    def _commit(self) -> None:
+    def _commit(self, receipt: Receipt | None) -> None:
         if self._conn is not None and self._conn.in_transaction:
+            if receipt is not None:  # in the same transaction as the rows (sources/receipts.py)
+                table = receipts.table_for(self.dataset, SQLITE.quote)
+                self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {receipts.COLUMNS}")
+                self._conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)",
+                                   (receipt.task_id, receipt.run, self.rows, _now()))
             self._conn.execute("COMMIT")
 
     def _rollback(self) -> None:
@@ -251,6 +259,10 @@ class SqliteSink:
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _translated, fn, self.dataset)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:

@@ -35,6 +35,7 @@ from sources.base import Column, Dataset
 from sources.opensearch import OpenSearchSource
 from sources.postgres import PostgresSource
 from sources.query import build_query
+from sources.receipts import Receipt, find_receipt
 from sources.sinks import DuplicateKeyError, SinkError, open_sink
 from sources.sqlite import SqliteSource
 from tests.test_opensearch import FAST, FaultyProxy
@@ -308,6 +309,22 @@ async def test_nothing_is_visible_before_commit(sql_store):
     finally:
         await sink.close()
     assert len(await sql_store.read(ds)) == len(ROWS)
+
+
+@pytest.mark.parametrize("mode", ["INSERT", "UPSERT"])
+async def test_a_receipt_is_committed_with_the_rows_and_only_with_them(sql_store, mode):
+    ds = sql_store.make()
+    task = f"task-{uuid.uuid4().hex[:8]}"
+    assert await find_receipt(ds, task, 1) is None  # no receipts table yet
+    sink = await open_sink(ds, ds.columns, mode, None)
+    try:
+        await sink.write(ROWS)
+        assert await find_receipt(ds, task, 1) is None  # not before the commit
+        assert await sink.commit(Receipt(task, 1)) == len(ROWS)
+    finally:
+        await sink.close()
+    assert await find_receipt(ds, task, 1) == Receipt(task, 1, len(ROWS))
+    assert await find_receipt(ds, task, 2) is None  # another run of the same task
 
 
 @pytest.mark.parametrize("end", ["rollback", "close"])
