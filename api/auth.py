@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import jwt
 
@@ -22,10 +23,27 @@ def issue_token(settings: Settings, user: str, email: str | None = None, ttl: in
     return jwt.encode(claims, settings.signing_secret, algorithm="HS256")
 
 
-def owner_from_header(settings: Settings, authorization: str | None) -> Owner:
+@dataclass(frozen=True)
+class Credentials:
+    """Who is asking, and until when (the token's ``exp``, seconds since the epoch)."""
+
+    owner: Owner
+    expires_at: float
+
+
+def owner_from_header(settings: Settings, authorization: object) -> Owner:
     """The owner named by an ``Authorization: Bearer <JWT>`` value, or ``AuthError``."""
+    return credentials_from_header(settings, authorization).owner
+
+
+def credentials_from_header(settings: Settings, authorization: object) -> Credentials:
+    """The owner and expiry of an ``Authorization: Bearer <JWT>`` value, or ``AuthError``. The value
+    comes from a header or from a WebSocket's ``connection_init`` payload, where it can be any JSON
+    value: anything but a string is refused like a missing token."""
     if not authorization:
         raise AuthError("Sign in: send an Authorization: Bearer <token> header.")
+    if not isinstance(authorization, str):
+        raise AuthError("The authorization value must be a string: 'Bearer <token>'.")
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("The Authorization header must be 'Bearer <token>'.")
@@ -41,4 +59,5 @@ def owner_from_header(settings: Settings, authorization: str | None) -> Owner:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise AuthError("The token names no user.")
-    return Owner(subject, claims.get("email"))
+    email = claims.get("email")
+    return Credentials(Owner(subject, email if isinstance(email, str) else None), float(claims["exp"]))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import MaskErrors
+from strawberry.types import ExecutionContext
 
+from api.graphql_errors import is_unexpected, log_errors
+from api.graphql_limits import GraphQLLimits
 from resolvers import mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
 from schema.types import (
@@ -51,21 +54,20 @@ class Subscription:
     )
 
 
-def _is_unexpected(error: GraphQLError) -> bool:
-    """Errors we raise on purpose carry a code; anything else is masked, so that no internal
-    detail or stack trace reaches a client (it is logged instead)."""
-    original = error.original_error
-    if original is None:
-        return False  # validation and parsing errors describe the client's query
-    return not (error.extensions or {}).get("code") and not isinstance(original, GraphQLError)
+class Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        """A traceback for our own failures only, never for a refused request (api/graphql_errors.py)."""
+        log_errors(errors)
 
 
-schema = strawberry.Schema(
+schema = Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
-    # A factory, so each request gets a fresh extension (Strawberry's advice for stateful ones).
+    # Factories and classes, so each request gets fresh extensions (Strawberry's advice for stateful
+    # ones). The limits come first: a refused document is never validated in full.
     extensions=[
-        lambda: MaskErrors(should_mask_error=_is_unexpected, error_message="Internal error; it has been logged.")
+        GraphQLLimits,
+        lambda: MaskErrors(should_mask_error=is_unexpected, error_message="Internal error; it has been logged."),
     ],
 )
