@@ -1,4 +1,4 @@
-"""The FastAPI app: GraphQL (HTTP + WebSocket, GraphiQL), signed downloads, health, dev tokens."""
+"""The FastAPI app: GraphQL (HTTP + WebSocket, GraphiQL, size-limited), signed downloads, health, dev tokens."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import HTTPConnection, Request
-from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from api import stream, uploads
 from api.auth import issue_token
 from api.context import Context
+from api.graphql_view import GraphQLView
 from api.metrics import ServiceMetrics, exposition
 from api.readiness import Readiness
+from api.request_limits import RequestSizeLimit
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
@@ -47,15 +48,19 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def context(connection: HTTPConnection) -> Context:
         return Context(connection.app.state.services)
 
+    # api/graphql_view.py: bodies it cannot read are 400s, WebSockets need a token to be acknowledged.
     app.include_router(
-        GraphQLRouter(
+        GraphQLView(
             schema,
+            settings,
             context_getter=context,
             graphql_ide="graphiql",
             subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
         ),
         prefix="/graphql",
     )
+    # A body over the limit is refused before it is read whole (api/request_limits.py).
+    app.add_middleware(RequestSizeLimit, settings=settings)
 
     app.include_router(stream.router)
     app.include_router(uploads.router)
