@@ -1,4 +1,5 @@
-"""Subscription resolvers: the current snapshot first, then every change, then done."""
+"""Subscription resolvers: the current snapshot first, then every change, then done; each inside
+``api.subscription_guard`` (the user's subscription quota, and an end when the token expires)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import strawberry
 from graphql import GraphQLError
 
 from api.context import Info
+from api.subscription_guard import guarded
 from schema.types import ExportTask, ImportTask
 from tasks import exports, imports
 from tasks.watch import watch
@@ -18,7 +20,7 @@ async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Expor
     if await exports.get_export(services, info.context.owner, id) is None:
         # the same answer for a missing task and for someone else's
         raise GraphQLError(f"There is no export '{id}'.", extensions={"code": "NOT_FOUND"})
-    async for task in watch(services, id):
+    async for task in guarded(info, watch(services, id)):
         yield ExportTask(task=task)
 
 
@@ -26,5 +28,5 @@ async def import_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Impor
     services = info.context.services
     if await imports.get_import(services, info.context.owner, id) is None:
         raise GraphQLError(f"There is no import '{id}'.", extensions={"code": "NOT_FOUND"})
-    async for task in watch(services, id):
+    async for task in guarded(info, watch(services, id)):
         yield ImportTask(task=task)
