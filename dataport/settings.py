@@ -63,7 +63,13 @@ class Settings(BaseSettings):
     # Worker.
     worker_concurrency: int = 3
     max_tries: int = 3
+    # Transient failures (a store or storage restarting, a lock) are tried again after
+    # retry_delay_seconds, doubling up to retry_max_delay_seconds, with jitter; a run gives up
+    # only after max_tries tries AND retry_window_seconds since its first failure, so a restart of
+    # a minute or so is ridden out. 0 turns the window off (max_tries alone).
     retry_delay_seconds: float = 1.0
+    retry_max_delay_seconds: float = 20.0
+    retry_window_seconds: float = 90.0
     job_timeout_seconds: int = 6 * 3600
     # A running job renews its claim this often; a dead worker's job is picked up again once the
     # claim lapses (lease), by whichever worker polls next.
@@ -129,7 +135,8 @@ class Settings(BaseSettings):
     # XLSX: the archive's members are measured before anything is inflated. The sheets' inflated
     # total, the shared strings (held whole while the sheet is read) and the inflated/compressed ratio.
     import_xlsx_max_inflated_bytes: int = 2 * 1024**3
-    import_xlsx_max_shared_strings_bytes: int = 64 * 1024 * 1024
+    import_xlsx_max_shared_strings_bytes: int = 48 * 1024 * 1024
+    import_xlsx_max_shared_strings: int = 1_000_000
     import_xlsx_max_ratio: int = 200
     # A worker whose memory (RSS) is above this after an import stops taking jobs, finishes the ones
     # it runs and starts afresh in the same process (exec): freed memory is not given back otherwise.

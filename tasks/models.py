@@ -108,6 +108,8 @@ class Task:
     rows_failed: int = 0
     report_key: str | None = None
     upload_expires_at: dt.datetime | None = None
+    # "{run}@{time}": when this run's first transient failure happened (workers/attempts.py).
+    retrying_since: str | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Task:
@@ -148,6 +150,7 @@ class Task:
             rows_failed=int(h.get("rows_failed") or 0),
             report_key=h.get("report_key") or None,
             upload_expires_at=parse_time(h.get("upload_expires_at")),
+            retrying_since=h.get("retrying_since") or None,
         )
 
 

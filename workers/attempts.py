@@ -3,18 +3,25 @@
 An attempt claims its task (PENDING, or PROCESSING left by a dead worker) by bumping ``attempts``;
 every later write is fenced on that number, so a stale attempt can never overwrite a newer one or
 revive a cancelled task.
+
+A transient failure is tried again after an exponential, jittered pause (``backoff``). A run gives
+up after ``max_tries`` tries, but never before ``retry_window_seconds`` have passed since its first
+failure: a storage or database restart of a minute is ridden out, while a lock held for a moment
+costs a one-second pause. arq is told how many tries that can take (``tries_allowed``).
 """
 
 from __future__ import annotations
 
+import random
 import socket
 
 import redis.exceptions
 from arq import Retry
 
 from dataport.services import Services
+from dataport.settings import Settings
 from sources.base import TransientSourceError
-from tasks.models import Task, TaskStatus, stamp
+from tasks.models import Task, TaskStatus, now, parse_time, stamp
 from tasks.notifications import NOTIFIED_STATUSES, task_finished
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
@@ -38,8 +45,11 @@ async def claim(services: Services, task_id: str, run: int, attempt: int, what: 
             await task_finished(services, task)  # this run ended, but its worker may have died before notifying
         return None  # cancelled while waiting, deleted, or superseded by a newer run
     resumed = task.status is TaskStatus.PROCESSING
-    if attempt > services.settings.max_tries:
-        # arq grants one try beyond max_tries so that this, not a silent drop, ends the task
+    settings = services.settings
+    if attempt > tries_allowed(settings) or (
+            resumed and attempt > settings.max_tries and _retrying_for(task) >= settings.retry_window_seconds):
+        # arq grants one try beyond tries_allowed so that this, not a silent drop, ends the task;
+        # a worker that keeps dying (a file that crashes it) ends it after max_tries
         gave_up = await store.transition(
             task_id, TaskStatus.FAILED, f"gave up: the worker running attempt {attempt - 1} stopped",
             allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
@@ -61,15 +71,46 @@ async def claim(services: Services, task_id: str, run: int, attempt: int, what: 
     return task if claimed.ok else None
 
 
+def backoff(settings: Settings, attempt: int) -> float:
+    """The pause after failed try ``attempt``: retry_delay_seconds doubled per try, at most
+    retry_max_delay_seconds, half of it fixed and half random, so that the tasks a restart failed
+    together do not all come back together."""
+    ceiling = min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def tries_allowed(settings: Settings) -> int:
+    """Tries one run may take: max_tries, or as many as the retry window needs if every pause is
+    as short as ``backoff`` can make it."""
+    tries, waited = 1, 0.0
+    while tries < settings.max_tries or (waited < settings.retry_window_seconds and tries < 1000):
+        waited += min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (tries - 1)) / 2
+        tries += 1
+    return tries
+
+
+def _retrying_for(task: Task) -> float:
+    """Seconds since this run's first transient failure; 0 if it has had none."""
+    run, _, since = (task.retrying_since or "").partition("@")
+    if run != str(task.run) or not since:
+        return 0.0
+    return (now() - parse_time(since)).total_seconds()
+
+
 async def retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:
+    settings = services.settings
     reason = str(error) or type(error).__name__
-    if attempt >= services.settings.max_tries:
+    elapsed = _retrying_for(task)
+    if attempt >= tries_allowed(settings) or (attempt >= settings.max_tries
+                                              and elapsed >= settings.retry_window_seconds):
+        over = f" over {elapsed:.0f} s" if elapsed >= 1 else ""
         return await fail(services, task, attempt, "TRANSIENT_ERROR",
-                          f"Gave up after {attempt} attempts; the last one failed with: {reason}")
-    delay = services.settings.retry_delay_seconds * attempt
+                          f"Gave up after {attempt} attempts{over}; the last one failed with: {reason}")
+    delay = backoff(settings, attempt)
+    first_failure = task.retrying_since if elapsed else f"{task.run}@{stamp()}"
     moved = await services.store.transition(
-        task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:g}s",
-        allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
+        task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:.1f}s",
+        allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt, fields={"retrying_since": first_failure},
     )
     if not moved.ok:
         return "stopped"

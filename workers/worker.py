@@ -21,6 +21,7 @@ from tasks.exports import EXPORT_JOB
 from tasks.imports import IMPORT_JOB
 from tasks.notifications import NOTIFY_JOB
 from workers import memory
+from workers.attempts import tries_allowed
 from workers.cron import expire_tasks
 from workers.export import run_export
 from workers.fair import FairWorker
@@ -44,10 +45,10 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
             await ctx["services"].close()
 
     return {
-        # One try more than max_tries: the job itself ends a task whose last worker died.
+        # One try more than allowed: the job itself ends a task whose last worker died.
         "functions": [
-            func(run_export, name=EXPORT_JOB, max_tries=settings.max_tries + 1),
-            func(run_import, name=IMPORT_JOB, max_tries=settings.max_tries + 1),
+            func(run_export, name=EXPORT_JOB, max_tries=tries_allowed(settings) + 1),
+            func(run_import, name=IMPORT_JOB, max_tries=tries_allowed(settings) + 1),
             # Email and webhook each stop at their own limit; the extra try records a give-up after a crash.
             func(notify_task, name=NOTIFY_JOB, max_tries=max(settings.max_tries, settings.webhook_max_tries) + 1,
                  timeout=600),
