@@ -35,7 +35,8 @@ Cell size
 
 Line length
     A physical line longer than ``MAX_LINE_CELLS`` cells' worth of ``max_cell_bytes`` is a
-    ``FileError``: no valid row is that long, and holding it would make memory grow with the file.
+    ``FileLimitError`` (``FILE_LIMIT_EXCEEDED``): no valid row is that long, and holding it would
+    make memory grow with the file.
 """
 
 from __future__ import annotations
@@ -47,7 +48,17 @@ from itertools import chain, islice
 from typing import BinaryIO
 
 from formats.csv import unguard
-from formats.readers import FileError, Record, RowBatch, Utf8Chunks, as_text, csv_line, shorten, text_over
+from formats.readers import (
+    FileError,
+    FileLimitError,
+    Record,
+    RowBatch,
+    Utf8Chunks,
+    as_text,
+    csv_line,
+    shorten,
+    text_over,
+)
 
 MAX_LINE_CELLS = 16
 
@@ -143,7 +154,7 @@ class CsvReader:
             yield self._hand_over(["".join(pending)], waiting, waiting > quarter)
 
     def _too_long(self, line: int) -> FileError:
-        return FileError(
+        return FileLimitError(
             f"line {line:,} is longer than {self._max_line:,} characters without a line break: "
             f"no row can be that long (each cell may hold at most {self.max_cell_bytes:,} bytes); "
             "is this a CSV file?"

@@ -28,7 +28,8 @@ class ParseLimits:
 
     max_nesting: int = 8
     xlsx_max_inflated_bytes: int = 2 * 1024**3
-    xlsx_max_shared_strings_bytes: int = 64 * 1024 * 1024
+    xlsx_max_shared_strings_bytes: int = 48 * 1024 * 1024
+    xlsx_max_shared_strings: int = 1_000_000
     xlsx_max_ratio: int = 200
 
     @classmethod
@@ -37,6 +38,7 @@ class ParseLimits:
             max_nesting=settings.import_max_nesting,
             xlsx_max_inflated_bytes=settings.import_xlsx_max_inflated_bytes,
             xlsx_max_shared_strings_bytes=settings.import_xlsx_max_shared_strings_bytes,
+            xlsx_max_shared_strings=settings.import_xlsx_max_shared_strings,
             xlsx_max_ratio=settings.import_xlsx_max_ratio,
         )
 

@@ -93,6 +93,11 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
     if max_errors is not None and max_errors < 1:
         problems.append(errors.UserError("maxErrors must be at least 1 (the import stops when it is reached).",
                                          errors.INVALID_MAX_ERRORS, ("input", "maxErrors")))
+    elif max_errors is not None and max_errors > settings.import_max_errors_limit:
+        # The error report holds a line per failed row: its size is bounded through this.
+        problems.append(errors.UserError(
+            f"maxErrors can be at most {settings.import_max_errors_limit:,} (the error report lists every failed row).",
+            errors.INVALID_MAX_ERRORS, ("input", "maxErrors")))
     if problems:
         raise UserErrors(problems)
 

@@ -10,6 +10,14 @@ starts again from the first byte.
 A CSV file is read and checked column by column (``CsvReader.batches``, ``ColumnChecker``), and
 its valid rows go to a sink that takes text (PostgreSQL) as text, never as typed values; other
 formats go record by record through ``RowConverter``. Both make the same rows and the same report.
+
+Bounds (issue 15): ``maxErrors`` is at most ``import_max_errors_limit``; the error report lists at
+most ``MAX_CELLS_PER_ROW`` cells of a row and stops at ``import_max_report_bytes`` (its last line
+says how many failures were left out); a message stored in the task is cut after a few KB
+(``formats.limits.capped``). A file past a parser's bound fails with its ``FileError.code``
+(``FILE_LIMIT_EXCEEDED``); a ``MemoryError`` fails the import with that code too, and restarts
+the worker once its other jobs are done (``workers.memory``), as does an RSS above
+``worker_restart_rss_bytes`` after any import.
 """
 
 from __future__ import annotations
@@ -27,16 +35,19 @@ from typing import IO, Any
 
 from dataport.logs import bind_job
 from dataport.services import Services
-from formats.cells import NO_OUTPUT, TEXT, TYPED, ColumnChecker, RowConverter, header_problems
+from formats.cells import NO_OUTPUT, TEXT, TYPED, CellError, ColumnChecker, RowConverter, header_problems
 from formats.csv import CsvWriter
-from formats.readers import FileError, Reader, Record, RowBatch, reader_for
+from formats.limits import ParseLimits, capped, listed
+from formats.readers import FileError, FileLimitError, Reader, Record, RowBatch, reader_for
 from sources.base import Column, Dataset, SourceError
 from sources.sinks import RowSink, SinkError, open_sink
 from storage.base import ObjectWriter, StorageError
 from tasks.imports import report_key
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
-from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
+from workers import memory
+from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
+from workers.attempts import fail as _fail
 from workers.lease import lease_held
 from workers.progress import ProgressReporter, TaskMovedOn
 
@@ -45,6 +56,8 @@ log = logging.getLogger("dataport.worker")
 REPORT_COLUMNS = (Column("row", "integer"), Column("column"), Column("reason"), Column("original"))
 # Formats whose exports carry the formula guard: their text cells lose exactly that prefix again.
 GUARDED_FORMATS = ("CSV", "XLSX")
+# The report lists at most this many bad cells of one row (a 16,384-column row once took 160 MB).
+MAX_CELLS_PER_ROW = 20
 
 
 async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
@@ -54,6 +67,17 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
     task = await claim(services, task_id, run, attempt, "import")
     if task is None:
         return "nothing to do"
+    try:
+        return await _attempt(services, task, attempt, ctx)
+    finally:
+        rss = memory.over(services.settings.worker_restart_rss_bytes)  # a few ms, once per import
+        if rss is not None:
+            memory.request_restart(ctx, f"RSS {rss / 2**20:,.0f} MiB after import {task_id} "
+                                        f"(limit {services.settings.worker_restart_rss_bytes / 2**20:,.0f} MiB)")
+
+
+async def _attempt(services: Services, task: Task, attempt: int, ctx: dict[str, Any]) -> str:
+    task_id = task.id
     async with lease_held(services, ctx["job_id"]):
         try:
             return await _import(services, task, attempt)
@@ -72,11 +96,23 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
         except Failure as e:
             return await fail(services, task, attempt, e.code, str(e))
         except FileError as e:
-            return await fail(services, task, attempt, "INVALID_FILE", f"The file cannot be imported: {e}")
+            return await fail(services, task, attempt, e.code, f"The file cannot be imported: {e}")
+        except MemoryError:
+            # Not bounded by formats.limits after all: this attempt fails (a retry would fail
+            # alike), and the worker starts afresh once its other jobs are done.
+            memory.request_restart(ctx, f"MemoryError in import {task_id}")
+            return await fail(services, task, attempt, FileLimitError.code,
+                              "The file needs more memory than an import may use; split it into smaller files. "
+                              f"{nothing_written(task, services)}")
         except Exception as e:
             log.exception("import %s attempt %s crashed", task_id, attempt)
             return await fail(services, task, attempt, "INTERNAL_ERROR",
                               f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
+
+
+async def fail(services: Services, task: Task, attempt: int, code: str, message: str, **fields: Any) -> str:
+    """``workers.attempts.fail`` with the message capped: it is stored in the task and sent on every poll."""
+    return await _fail(services, task, attempt, code, capped(message), **fields)
 
 
 @dataclass
@@ -144,7 +180,7 @@ class FileBatches:
         if problem is None and self.names is not None:
             unknown = [name for name in record.values if name not in self.names]
             if unknown:
-                problem = f"not a column of dataset '{self.dataset.name}': {', '.join(unknown)}"
+                problem = f"not a column of dataset '{self.dataset.name}': {listed(unknown)}"
         if problem is not None:
             batch.failed_rows += 1
             batch.failures.append((record.number, "", problem, record.original()))
@@ -155,7 +191,7 @@ class FileBatches:
             return
         batch.failed_rows += 1
         original = record.original()
-        batch.failures.extend((record.number, e.column, e.reason, original) for e in errors)
+        batch.failures.extend((record.number, e.column, e.reason, original) for e in first_cells(errors))
 
     def _next_columns(self, size: int, failures_allowed: int) -> Batch:
         if self._batches is None:
@@ -176,7 +212,7 @@ class FileBatches:
             for number, i, problem in failed:
                 if problem is None:
                     original = read.original(i)
-                    batch.failures.extend((number, e.column, e.reason, original) for e in errors[i])
+                    batch.failures.extend((number, e.column, e.reason, original) for e in first_cells(errors[i]))
                 else:
                     batch.failures.append((number, "", problem.problem or "", problem.original()))
                 batch.failed_rows += 1
@@ -199,27 +235,62 @@ class FileBatches:
         return batch
 
 
+def first_cells(errors: list[CellError]) -> list[CellError]:
+    """A row's bad cells as the report lists them: the first ``MAX_CELLS_PER_ROW``, then one line
+    for the rest."""
+    if len(errors) <= MAX_CELLS_PER_ROW:
+        return errors
+    more = len(errors) - MAX_CELLS_PER_ROW
+    return [*errors[:MAX_CELLS_PER_ROW], CellError("", f"… and {more:,} more cells of this row failed")]
+
+
 class ErrorReport:
     """The failed rows as CSV (row, column, reason, original), written to storage only once there
-    is something in it. Text is formula-guarded: people open this file in spreadsheets."""
+    is something in it. Text is formula-guarded: people open this file in spreadsheets. It stops
+    growing past ``max_bytes``: a last line says how many failure lines were left out."""
 
-    def __init__(self, services: Services, key: str):
+    def __init__(self, services: Services, key: str, max_bytes: int | None = None):
         self.services = services
         self.key = key
         self.writer = CsvWriter(REPORT_COLUMNS, formula_guard=True)
         self.out: ObjectWriter | None = None
+        self.max_bytes = max_bytes if max_bytes is not None else services.settings.import_max_report_bytes
+        self.written = 0
+        self.left_out = 0  # failure lines not written: the report was full
 
     async def add(self, failures: list[tuple[int, str, str, str]]) -> None:
         if not failures:
             return
+        if self.left_out:
+            self.left_out += len(failures)
+            return
         if self.out is None:
             self.out = await self.services.storage.open_writer(self.key, "text/csv; charset=utf-8")
-            await self.out.write(self.writer.begin())
-        await self.out.write(self.writer.write(failures))
+            await self._put(self.writer.begin())
+        data = self.writer.write(failures)
+        if self.written + len(data) > self.max_bytes:
+            # Line by line up to the limit (only this once), then nothing more.
+            for i, failure in enumerate(failures):
+                line = self.writer.write([failure])
+                if self.written + len(line) > self.max_bytes:
+                    self.left_out = len(failures) - i
+                    return
+                await self._put(line)
+            return
+        await self._put(data)
+
+    async def _put(self, data: bytes) -> None:
+        assert self.out is not None
+        self.written += len(data)
+        await self.out.write(data)
 
     async def complete(self) -> str | None:
         if self.out is None:
             return None
+        if self.left_out:
+            note = (f"the report stops here at {self.max_bytes:,} bytes: {self.left_out:,} more failure "
+                    "lines were left out")
+            await self.out.write(self.writer.write([(None, "", note, "")]))
         await self.out.complete()
         return self.key
 
@@ -235,7 +306,8 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer accepts imports.")
     request = task.request
     dry_run = bool(request.get("dryRun"))
-    max_errors = request.get("maxErrors") or settings.import_max_errors
+    # Tasks requested before the limit existed may ask for more: the limit holds for them too.
+    max_errors = min(request.get("maxErrors") or settings.import_max_errors, settings.import_max_errors_limit)
     size = await services.storage.size_of(task.object_key) if task.object_key else None
     if size is None:
         raise Failure("UPLOAD_MISSING", "The uploaded file is gone from storage; upload it again.")
@@ -250,7 +322,8 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     ahead: asyncio.Future[Batch] | None = None  # the next batch, read while this one is written
     try:
         reader = await asyncio.to_thread(reader_for, task.format, stream,
-                                         max_cell_bytes=settings.import_max_cell_bytes)
+                                         max_cell_bytes=settings.import_max_cell_bytes,
+                                         limits=ParseLimits.from_settings(settings))
         columns = _columns(dataset, reader)
         if not dry_run:
             sink = await open_sink(dataset, columns, request["mode"], settings)
@@ -362,7 +435,7 @@ async def _too_many_errors(
     report_at = await report.complete()
     message = (f"Stopped after {max_errors:,} failed rows (maxErrors); {nothing_written(task, services)} "
                "The error report lists them.")
-    return await fail(services, task, attempt, "TOO_MANY_ERRORS", message, report_key=report_at,
+    return await _fail(services, task, attempt, "TOO_MANY_ERRORS", message, report_key=report_at,
                       rows_failed=progress.counters["rows_failed"], rows_imported=0,
                       processed_rows=progress.rows)
 
