@@ -20,7 +20,7 @@ from dataport.errors import UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from sources.base import Dataset, SourceError
-from sources.query import Query, build_query
+from sources.query import Query, QueryTooComplex, build_query
 from tasks import queue
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
@@ -127,6 +127,9 @@ async def _count_within_limit(services: Services, dataset: Dataset, query: Query
     source = services.registry.open(dataset)
     try:
         matching = await source.count(query, cap=dataset.max_export_rows + 1)
+    except QueryTooComplex as e:  # the request's fault: simplify it, waiting will not help
+        raise UserErrors.one(f"The filters are too complex for this dataset: {e}", errors.TOO_MANY_VALUES,
+                             *fields[1]) from None
     except SourceError as e:
         raise UserErrors.one(f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE,
                              *fields[0]) from None
