@@ -108,6 +108,12 @@ class Storage(Protocol):
         """Remove partial writes to ``key`` left by an earlier attempt (a killed worker)."""
         ...
 
+    async def sweep_incomplete(self, older_than: dt.datetime) -> int:
+        """Remove every partial write begun before ``older_than`` (open S3 multipart uploads,
+        local ``.partial-`` files): those a worker could not clean up because it was killed, or
+        because the storage was down when it gave up. The number removed."""
+        ...
+
     async def verify(self, key: str) -> StoredObject | None:
         """Read the stored object back: its size and SHA-256, or None when it is missing."""
         ...

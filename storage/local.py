@@ -272,6 +272,27 @@ class LocalStorage:
         except OSError as e:
             raise _os_error("discarding partial writes of", key, e) from e
 
+    async def sweep_incomplete(self, older_than: dt.datetime) -> int:
+        cutoff = older_than.timestamp()
+
+        def _sweep() -> int:
+            swept = 0
+            for folder, _, names in os.walk(self.root):
+                for name in names:
+                    if PARTIAL not in name:
+                        continue
+                    path = Path(folder, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.stat().st_mtime < cutoff:
+                            path.unlink()
+                            swept += 1
+            return swept
+
+        try:
+            return await asyncio.to_thread(_sweep)
+        except OSError as e:
+            raise _os_error("sweeping partial writes under", str(self.root), e) from e
+
     async def verify(self, key: str) -> StoredObject | None:
         path = self.path_for(key)
 

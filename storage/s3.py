@@ -428,6 +428,20 @@ class S3Storage:
                 if not _caused_by(e, "NoSuchUpload"):
                     raise
 
+    async def sweep_incomplete(self, older_than: dt.datetime) -> int:
+        swept = 0
+        for upload in await self.incomplete_uploads(""):
+            if upload["Initiated"] >= older_than:
+                continue  # may belong to a job that is still writing
+            try:
+                await self._call("AbortMultipartUpload", upload["Key"], self.client.abort_multipart_upload,
+                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                swept += 1
+            except StorageError as e:
+                if not _caused_by(e, "NoSuchUpload"):
+                    raise
+        return swept
+
     async def verify(self, key: str) -> StoredObject | None:
         """Size from HeadObject, SHA-256 from the body streamed in chunks (never whole in memory),
         read with If-Match so both describe the same version of the object."""

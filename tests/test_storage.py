@@ -270,6 +270,26 @@ async def test_discard_incomplete_of_a_folder(storage: Backend):
         assert open_uploads(storage, folder) == []
 
 
+async def test_the_sweep_removes_old_partial_writes_and_keeps_young_ones(storage: Backend):
+    """What a killed worker, or one that gave up while the storage was down, left behind: the cron
+    sweep removes what began before the cutoff, and nothing that may still be written."""
+    folder = f"exports/sweep/{secrets.token_hex(6)}/"
+    await make_stale_partial(storage, folder + "a.csv")
+    await make_stale_partial(storage, folder + "b.csv")
+    kept = await write_all(storage, folder + "done.csv", b"complete")
+
+    def left() -> int:
+        if isinstance(storage, S3Storage):
+            return len(open_uploads(storage, folder))
+        return len([p for p in (storage.root / folder).iterdir() if ".partial-" in p.name])
+
+    assert await storage.sweep_incomplete(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)) == 0  # too young
+    assert left() == 2
+    assert await storage.sweep_incomplete(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)) >= 2
+    assert left() == 0
+    assert await storage.verify(folder + "done.csv") == kept  # finished objects are never touched
+
+
 async def test_verify_of_missing_key_is_none(storage: Backend):
     assert await storage.verify(new_key()) is None
 

@@ -1,12 +1,14 @@
-"""Scheduled jobs: expire finished tasks and their files after the retention period."""
+"""Scheduled jobs: expire finished tasks and their files after the retention period; sweep away
+partial writes that no running job can still own."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
 from dataport.services import Services
-from tasks.models import FINAL_STATUSES, TaskStatus
+from tasks.models import FINAL_STATUSES, TaskStatus, now
 from tasks.store import EXPIRY_KEY
 
 log = logging.getLogger("dataport.cron")
@@ -33,3 +35,17 @@ async def expire_tasks(ctx: dict[str, Any]) -> int:
     if expired:
         log.info("expired %d tasks", expired)
     return expired
+
+
+async def sweep_incomplete(ctx: dict[str, Any]) -> int:
+    """Abort open multipart uploads and delete ``.partial-`` files begun longer ago than the
+    longest job can run: a worker killed mid-write, or one that gave up while the storage was
+    down, could not remove its own. (On S3, a bucket lifecycle rule that aborts incomplete
+    multipart uploads after a day is the second line; README, "Faults".)"""
+    services: Services = ctx["services"]
+    settings = services.settings
+    older_than = now() - dt.timedelta(seconds=settings.job_timeout_seconds + settings.worker_lease_seconds)
+    swept = await services.storage.sweep_incomplete(older_than)
+    if swept:
+        log.info("swept %d partial writes begun before %s", swept, older_than.isoformat(timespec="seconds"))
+    return swept

@@ -22,7 +22,7 @@ from tasks.imports import IMPORT_JOB
 from tasks.notifications import NOTIFY_JOB
 from workers import memory
 from workers.attempts import tries_allowed
-from workers.cron import expire_tasks
+from workers.cron import expire_tasks, sweep_incomplete
 from workers.export import run_export
 from workers.fair import FairWorker
 from workers.imports import run_import
@@ -53,8 +53,9 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
             func(notify_task, name=NOTIFY_JOB, max_tries=max(settings.max_tries, settings.webhook_max_tries) + 1,
                  timeout=600),
         ],
-        # Every minute, on one worker only (arq's cron jobs are unique by default).
-        "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True)],
+        # Expiry every minute, the sweep every ten; each on one worker only (arq cron jobs are unique).
+        "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True),
+                      cron(sweep_incomplete, minute=set(range(5, 60, 10)), second=30, run_at_startup=True)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": redis_settings(settings),
