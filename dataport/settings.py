@@ -147,9 +147,10 @@ class Settings(BaseSettings):
     graphql_max_tokens: int = 5_000
     max_request_bytes: int = 1024 * 1024
     # Operations (query/mutation/subscription definitions) in one document; fields in one document,
-    # fragments counted as often as they are spread (bounds the overlapping-fields check).
+    # fragments counted as often as they are spread (bounds the overlapping-fields check; the
+    # standard introspection query selects 229).
     graphql_max_operations: int = 5
-    graphql_max_fields: int = 500
+    graphql_max_fields: int = 300
     # Requests without a valid token can only introspect: they get a smaller body and token budget.
     graphql_anonymous_max_tokens: int = 1_000
     max_anonymous_request_bytes: int = 16 * 1024
