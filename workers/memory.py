@@ -64,17 +64,17 @@ def over(limit: int) -> int | None:
 def request_restart(ctx: dict[str, Any], reason: str) -> None:
     """Stop taking jobs, and once those running have finished, restart (see ``run``)."""
     worker = ctx.get(WORKER_KEY)
-    if worker is None or ctx.get(RESTART_KEY):
+    if worker is None or worker.ctx.get(RESTART_KEY):
         return
-    ctx[RESTART_KEY] = reason
+    worker.ctx[RESTART_KEY] = reason  # (a job's ctx is a copy of the worker's)
     log.warning("worker restart requested: %s; taking no more jobs", reason)
     worker.allow_pick_jobs = False
-    ctx["restart_task"] = asyncio.get_running_loop().create_task(_stop_when_idle(worker))
+    worker.ctx["restart_task"] = asyncio.get_running_loop().create_task(_stop_when_idle(worker))
 
 
 async def _stop_when_idle(worker: Any) -> None:
-    running = [task for task in worker.tasks.values() if not task.done()]  # no job starts after this
-    if running:
+    # A poll under way when picking stopped may still start a job: wait until none runs at all.
+    while running := [task for task in worker.tasks.values() if not task.done()]:
         await asyncio.wait(running)
     worker.handle_sig(signal.SIGUSR1)  # as on a signal: the main loop stops, run() shuts down
 
