@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from graphql import GraphQLError
+from redis.exceptions import RedisError
 
 from api.context import Info
 from api.subscription_slots import take_slot
@@ -44,6 +45,9 @@ async def guarded(info: Info, source: AsyncIterator[T]) -> AsyncGenerator[T, Non
                 return
             except TimeoutError:  # wait_for cancelled the wait, which closed the source
                 raise token_expired() from None
+            except RedisError:  # coded, not masked as an internal error (resuming is left to tasks/watch.py)
+                raise GraphQLError("The task store is unavailable; subscribe again shortly.",
+                                   extensions={"code": errors.SERVICE_UNAVAILABLE}) from None
             yield item
     finally:
         await slot.release()
