@@ -62,7 +62,10 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     settings = get_settings()
     app = create_app(settings, _registry(settings))
     # log_config=None: uvicorn's own and access lines go through the handler _logging() set up.
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, ws="websockets-sansio")
+    # ws_max_size: a WebSocket frame over the request limit is refused by the protocol (1009)
+    # before it is read whole (uvicorn's default reads up to 16 MiB).
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, ws="websockets-sansio",
+                ws_max_size=settings.max_request_bytes)
 
 
 @app.command()
