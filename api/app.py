@@ -16,10 +16,12 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_P
 from api import stream, uploads
 from api.auth import issue_token
 from api.context import Context
+from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
 from api.graphql_view import GraphQLView
 from api.metrics import ServiceMetrics, exposition
 from api.readiness import Readiness
 from api.request_limits import RequestSizeLimit
+from dataport import errors
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
@@ -64,6 +66,14 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     app.include_router(stream.router)
     app.include_router(uploads.router)
+
+    @app.exception_handler(STORE_DOWN[0])
+    @app.exception_handler(STORE_DOWN[1])
+    async def store_down(request: Request, e: Exception) -> JSONResponse:
+        """Redis down (after redis-py's retries): the plain routes say so, as GraphQL does."""
+        log.warning("%s %s: the task store is down (%s: %s)", request.method, request.url.path, type(e).__name__, e)
+        return JSONResponse({"error": {"code": errors.SERVICE_UNAVAILABLE, "message": STORE_DOWN_MESSAGE}},
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     service_metrics = ServiceMetrics()
 

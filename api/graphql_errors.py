@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import redis.exceptions
 from graphql import GraphQLError
+from strawberry.extensions import MaskErrors
 
 from dataport import errors
 
@@ -32,8 +34,37 @@ def is_unexpected(error: GraphQLError) -> bool:
     return not (error.extensions or {}).get("code") and not isinstance(original, GraphQLError)
 
 
+# Redis (the task store and queue) not answering, after redis-py's own retries (dataport/services.py).
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+RETRY_AFTER_SECONDS = 5
+STORE_DOWN_MESSAGE = "Dataport's task store is not answering; try again in a few seconds."
+
+
+def is_outage(error: GraphQLError) -> bool:
+    return isinstance(error.original_error, STORE_DOWN)
+
+
+class MaskUnexpectedErrors(MaskErrors):
+    """Strawberry's masking, except that an outage of the task store is told as it is: a client
+    that read "Internal error" (or a null task) would take the task for lost."""
+
+    def __init__(self) -> None:
+        super().__init__(should_mask_error=is_unexpected, error_message="Internal error; it has been logged.")
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        if not is_outage(error):
+            return super().anonymise_error(error)
+        return GraphQLError(STORE_DOWN_MESSAGE, nodes=error.nodes, source=error.source, positions=error.positions,
+                            path=error.path, extensions={"code": errors.SERVICE_UNAVAILABLE,
+                                                        "retryAfterSeconds": RETRY_AFTER_SECONDS})
+
+
 def log_errors(graphql_errors: Iterable[GraphQLError]) -> None:
     for error in graphql_errors:
+        if is_outage(error):
+            log.warning("GraphQL request failed: the task store is down (%s: %s)",
+                        type(error.original_error).__name__, error.original_error)
+            continue
         if is_unexpected(error):
             log.error("%s", error.message, exc_info=error.original_error)
             continue

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import MaskErrors
 from strawberry.types import ExecutionContext
 
-from api.graphql_errors import is_unexpected, log_errors
+from api.graphql_errors import MaskUnexpectedErrors, log_errors
 from api.graphql_limits import GraphQLLimits
 from resolvers import mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
@@ -68,6 +67,6 @@ schema = Schema(
     # ones). The limits come first: a refused document is never validated in full.
     extensions=[
         GraphQLLimits,
-        lambda: MaskErrors(should_mask_error=is_unexpected, error_message="Internal error; it has been logged."),
+        MaskUnexpectedErrors,
     ],
 )

@@ -7,6 +7,7 @@ worker`` processes that are never restarted.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -16,7 +17,8 @@ import httpx
 import pytest
 
 from dataport.embedded_redis import EmbeddedRedis
-from tests.fixtures.stack import DEMO_ROWS, Stack, _stack
+from storage.signing import signed_path
+from tests.fixtures.stack import DEMO_ROWS, SECRET, Stack, _stack
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,45 @@ def test_readyz_and_metrics_report_the_live_workers(outage_stack):
     assert body["checks"]["workers"] == "ok", body
     metrics = httpx.get(f"{outage_stack.url}/metrics", timeout=30).text
     assert "\ndataport_workers 2.0\n" in metrics
+
+
+def test_during_an_outage_clients_are_told_the_store_is_down_not_that_the_task_is_gone(outage_stack, own_redis):
+    api = outage_stack.api()
+    done = api.wait(api.export(dataset="special", format="CSV", columns=["id"])["id"])
+    link = signed_path(SECRET, "GET", "/files", done["id"], int(time.time()) + 600)
+
+    own_redis.stop()
+    try:
+        body = api.gql("query($id: ID!) { exportTask(id: $id) { id status } }", {"id": done["id"]})
+        download = httpx.get(outage_stack.url + link, timeout=60)
+    finally:
+        own_redis.start()
+
+    (error,) = body["errors"]
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE", "retryAfterSeconds": 5}, body
+    assert "Internal error" not in error["message"]
+    assert download.status_code == 503 and download.headers["retry-after"] == "5"
+    assert download.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert "Traceback" not in (outage_stack.data_dir / "api.log").read_text()
+    # and once Redis is back, the same task reads as before
+    assert api.task(done["id"])["status"] == "SUCCEEDED"
+
+
+async def test_an_open_subscription_never_completes_before_a_final_status(outage_stack, own_redis):
+    api = outage_stack.api()
+    task = api.export(dataset="samples", format="CSV", columns=["sample_id", "site", "notes"])
+    _processing(api, task["id"])
+    watching = asyncio.ensure_future(api.subscribe(task["id"], within=120))
+    await asyncio.sleep(0.5)
+    own_redis.stop()
+    await asyncio.sleep(7)  # past redis-py's retries
+    own_redis.start()
+    messages = await watching
+    last = messages[-1]
+    if last["type"] == "complete":  # it followed the task to its end
+        assert messages[-2]["payload"]["data"]["exportProgress"]["status"] == "SUCCEEDED", messages[-3:]
+    else:  # or it told the truth and stopped
+        assert last["type"] == "error" or last["payload"].get("errors"), last
+        errors = last["payload"] if last["type"] == "error" else last["payload"]["errors"]
+        assert errors[0]["extensions"]["code"] == "SERVICE_UNAVAILABLE", last
+    assert api.wait(task["id"], timeout=120)["status"] == "SUCCEEDED"
