@@ -169,7 +169,9 @@ def test_queue_position_is_the_order_workers_take(idle_queue):
             _cleanup(api, [t])
 
 
-def test_a_killed_workers_job_runs_again_before_the_rest(idle_queue):
+def test_a_killed_workers_job_runs_again_before_the_rest(idle_queue, redis_url):
+    import redis
+
     ann, bob = idle_queue.api(), idle_queue.api()
     with _concurrency(idle_queue, 1):
         first = idle_queue.start_worker()
@@ -182,6 +184,12 @@ def test_a_killed_workers_job_runs_again_before_the_rest(idle_queue):
     waiting.append(bob.export(dataset="special", format="CSV", limit=3))
     try:
         idle_queue.kill(first)
+        # its claim lapses within the lease (2 s here); until then nobody can tell it is dead
+        claim = f"arq:in-progress:export:{victim['id']}:1"
+        deadline = time.monotonic() + 30
+        while redis.Redis.from_url(redis_url).exists(claim):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         with _concurrency(idle_queue, 1):
             idle_queue.start_worker()
         done = ann.wait(victim["id"], timeout=120)
