@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from sources.base import Dataset
+from sources.sinks import SinkError
 
 TABLE = "dataport_import_receipts"
 COLUMNS = "(task_id TEXT NOT NULL, run INTEGER NOT NULL, rows_written BIGINT NOT NULL, " \
@@ -43,11 +44,18 @@ def table_for(dataset: Dataset, quote_name) -> str:
 
 async def find_receipt(dataset: Dataset, task_id: str, run: int) -> Receipt | None:
     """The receipt of ``task_id``'s run ``run`` in the dataset's database; None if it never
-    committed (or the store keeps no receipts)."""
-    if dataset.source == "sqlite":
-        return await asyncio.to_thread(_find_sqlite, dataset, task_id, run)
-    if dataset.source == "postgres":
-        return await _find_postgres(dataset, task_id, run)
+    committed (or the store keeps no receipts). A store that cannot be asked is a transient
+    ``SinkError``: the import must not write before it knows."""
+    try:
+        if dataset.source == "sqlite":
+            return await asyncio.to_thread(_find_sqlite, dataset, task_id, run)
+        if dataset.source == "postgres":
+            return await _find_postgres(dataset, task_id, run)
+    except SinkError:
+        raise
+    except Exception as e:  # sqlite3's and psycopg's errors: locked, connection lost, ...
+        raise SinkError(f"dataset '{dataset.name}': cannot tell whether an earlier attempt committed "
+                        f"({type(e).__name__}: {e})", transient=True) from e
     return None
 
 

@@ -35,10 +35,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sources.base import Column, Dataset, Row
-from sources.receipts import Receipt
+
+if TYPE_CHECKING:
+    from sources.receipts import Receipt
 
 MODES = ("INSERT", "UPSERT")
 

@@ -40,6 +40,7 @@ from formats.csv import CsvWriter
 from formats.limits import ParseLimits, capped, listed
 from formats.readers import FileError, FileLimitError, Reader, Record, RowBatch, reader_for
 from sources.base import Column, Dataset, SourceError
+from sources.receipts import Receipt, find_receipt
 from sources.sinks import RowSink, SinkError, open_sink
 from storage.base import ObjectWriter, StorageError
 from tasks.imports import report_key
@@ -325,7 +326,10 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
                                          max_cell_bytes=settings.import_max_cell_bytes,
                                          limits=ParseLimits.from_settings(settings))
         columns = _columns(dataset, reader)
-        if not dry_run:
+        # An earlier attempt of this run may have committed before its worker died: then its rows
+        # are in, and this attempt only reads the file again for the counts and the error report.
+        committed = None if dry_run else await find_receipt(dataset, task.id, task.run)
+        if not dry_run and committed is None:
             sink = await open_sink(dataset, columns, request["mode"], settings)
         batches = FileBatches(reader, dataset, columns, task.format, output=_output(sink))
         rows = settings.import_batch_rows
@@ -348,7 +352,11 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             if batch.done:
                 break
         await progress.flush()  # raises TaskMovedOn if cancelled: nothing is committed then
-        written = await sink.commit() if sink is not None else 0
+        written = await sink.commit(Receipt(task.id, task.run)) if sink is not None else 0
+        if committed is not None:
+            written = committed.rows
+            log.info("import %s run %d had committed %d rows before its worker stopped", task.id, task.run,
+                     written)
     except BaseException:
         await asyncio.shield(_discard(sink, report))
         raise
@@ -362,7 +370,8 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         await services.store.mark_dataset_written(dataset.name)
     report_at = await report.complete()
     message = (f"dry run: {valid:,} rows valid, {failed:,} failed; nothing was written" if dry_run
-               else f"{written:,} rows written, {failed:,} failed")
+               else f"{written:,} rows written, {failed:,} failed"
+               + (" (committed by an earlier attempt whose worker stopped)" if committed is not None else ""))
     finished = await services.store.transition(
         task.id, TaskStatus.SUCCEEDED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
         fields={"finished_at": stamp(), "processed_rows": progress.rows, "total_rows": progress.rows,
