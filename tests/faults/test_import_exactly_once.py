@@ -5,86 +5,90 @@ the dataset was never marked written, so an older export of it was reused with s
 commit now carries a receipt (``sources/receipts.py``): the re-run finds it, writes nothing, and
 ends SUCCEEDED with the committed count.
 
-The window between COMMIT and SUCCEEDED is milliseconds wide. The test watches the database for
-the receipt and freezes the worker (SIGSTOP) the moment it appears; if the task had already
-succeeded by then, that round missed the window and another one is tried.
+The window between COMMIT and SUCCEEDED is milliseconds wide, so the test holds the worker in it
+with real locks rather than racing it: a lock on the receipts table stops the worker inside its
+transaction, just before COMMIT (every Redis write of the run before the commit is done by then);
+Redis then pauses writes (``CLIENT PAUSE … WRITE``) and the lock is released, so the worker commits
+and stops at its first Redis write after the commit. The receipt is visible, the task still
+PROCESSING: the worker is SIGKILLed there.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
 import time
 
 import psycopg
-import pytest
+import redis
 
-from sources.receipts import TABLE
+from sources.receipts import COLUMNS, TABLE
 from tests.fixtures.stack import Stack, TestData
 from tests.test_imports import Target, big_csv
 
 ROWS = 20_000
-ROUNDS = 12
+BASE = 90_000_000
 
 
-def _has_receipt(test_data: TestData, source: str, task_id: str) -> bool:
-    try:
-        if source == "sqlite":
-            with sqlite3.connect(test_data.imports_db, timeout=0.05) as conn:
-                return conn.execute(f"SELECT 1 FROM {TABLE} WHERE task_id = ?", (task_id,)).fetchone() is not None
-        with psycopg.connect(test_data.postgres_url, autocommit=True) as conn:
-            return conn.execute(f"SELECT 1 FROM {TABLE} WHERE task_id = %s", (task_id,)).fetchone() is not None
-    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
-        return False  # no receipt table yet, or the writer holds the lock
+def _wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
 
 
-def _freeze_after_commit(stack: Stack, api, test_data: TestData, source: str, task_id: str, worker) -> bool:
-    """SIGSTOP ``worker`` as soon as the import's receipt is committed; True if the task was then
-    still PROCESSING (the worker frozen inside the window), else the worker is let go."""
-    deadline = time.monotonic() + 60
-    while not _has_receipt(test_data, source, task_id):
-        assert time.monotonic() < deadline, api.import_task(task_id)
-        assert worker.poll() is None
-    os.kill(worker.pid, signal.SIGSTOP)
-    if api.import_task(task_id)["status"] == "PROCESSING":
-        return True
-    os.kill(worker.pid, signal.SIGCONT)
-    return False
-
-
-@pytest.mark.parametrize("source", ["sqlite", "postgres"])
-def test_a_worker_killed_right_after_its_commit_ends_succeeded_with_its_rows(idle_queue: Stack,
-                                                                              test_data: TestData, source):
+def test_a_worker_killed_right_after_its_commit_ends_succeeded_with_its_rows(idle_queue: Stack, test_data: TestData):
     api = idle_queue.api()
-    dataset = f"imp_{source}"
-    base = 80_000_000 if source == "sqlite" else 90_000_000
+    dataset = "imp_postgres"
     request = dict(dataset=dataset, format="CSV", columns=["id"], limit=5,
-                   filters=[{"field": "id", "op": "GTE", "value": base}])
+                   filters=[{"field": "id", "op": "GTE", "value": BASE}])
     idle_queue.start_worker()
     before = api.wait(api.export(**request)["id"])
     assert before["rowCount"] == 0
     idle_queue.stop_workers()
 
-    for round_ in range(ROUNDS):
-        start = base + round_ * ROWS
-        task = api.start_import(dataset, big_csv(start, ROWS))
+    pg = psycopg.connect(test_data.postgres_url, autocommit=True)
+    queue_redis = redis.Redis.from_url(idle_queue.env["DATAPORT_REDIS_URL"])
+    try:
+        pg.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} {COLUMNS}")
+        pg.execute("BEGIN")
+        pg.execute(f"LOCK TABLE {TABLE} IN EXCLUSIVE MODE")  # the worker's receipt waits on it
+
+        task = api.start_import(dataset, big_csv(BASE, ROWS))
         worker = idle_queue.start_worker()
-        if _freeze_after_commit(idle_queue, api, test_data, source, task["id"], worker):
-            idle_queue.kill(worker)
-            break
-        assert api.wait_import(task["id"], timeout=60)["status"] == "SUCCEEDED"
-        idle_queue.stop_workers()
-    else:
-        pytest.fail(f"none of {ROUNDS} rounds froze the worker between its COMMIT and SUCCEEDED")
+
+        def waiting_on_the_receipt() -> bool:
+            with psycopg.connect(test_data.postgres_url, autocommit=True) as probe:
+                return probe.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    (f"%{TABLE}%",)).fetchone() is not None
+
+        _wait_for(waiting_on_the_receipt, "the worker never reached its receipt")
+        queue_redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        try:
+            pg.execute("ROLLBACK")  # the lock goes: the worker inserts its receipt and commits
+
+            def committed() -> bool:
+                with psycopg.connect(test_data.postgres_url, autocommit=True) as probe:
+                    return probe.execute(f"SELECT 1 FROM {TABLE} WHERE task_id = %s",
+                                         (task["id"],)).fetchone() is not None
+
+            _wait_for(committed, "the import never committed")
+            idle_queue.kill(worker)  # between its COMMIT and its first Redis write after it
+        finally:
+            queue_redis.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        pg.close()
+        queue_redis.close()
+
+    target = Target(test_data, "postgres")
+    assert target.ids([BASE, BASE + ROWS - 1]) == [BASE, BASE + ROWS - 1]  # the rows are in
+    assert api.import_task(task["id"])["status"] == "PROCESSING"  # and the task does not know it yet
 
     idle_queue.start_worker()
     done = api.wait_import(task["id"], timeout=120)
     assert done["status"] == "SUCCEEDED" and done["attempts"] == 2, done
     assert done["rowsImported"] == ROWS and done["rowsFailed"] == 0
     assert any("committed by an earlier attempt" in (e["message"] or "") for e in done["events"]), done["events"]
-    target = Target(test_data, source)
-    assert target.ids([start, start + ROWS - 1, start + ROWS]) == [start, start + ROWS - 1]
+    assert target.ids([BASE, BASE + ROWS - 1, BASE + ROWS]) == [BASE, BASE + ROWS - 1]  # written once
 
     # The dataset was marked written: the same export is run again, not the stale one reused.
     again = api.export(**request)
