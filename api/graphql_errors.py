@@ -37,6 +37,7 @@ def is_unexpected(error: GraphQLError) -> bool:
 # Redis (the task store and queue) not answering, after redis-py's own retries (dataport/services.py).
 STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RETRY_AFTER_SECONDS = 5
+GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
 STORE_DOWN_MESSAGE = "Dataport's task store is not answering; try again in a few seconds."
 
 
@@ -53,10 +54,24 @@ class MaskUnexpectedErrors(MaskErrors):
 
     def anonymise_error(self, error: GraphQLError) -> GraphQLError:
         if not is_outage(error):
-            return super().anonymise_error(error)
+            masked = super().anonymise_error(error)
+            masked.extensions = {"code": "INTERNAL_ERROR"}
+            return masked
         return GraphQLError(STORE_DOWN_MESSAGE, nodes=error.nodes, source=error.source, positions=error.positions,
                             path=error.path, extensions={"code": errors.SERVICE_UNAVAILABLE,
                                                         "retryAfterSeconds": RETRY_AFTER_SECONDS})
+
+
+def code_client_errors(graphql_errors: Iterable[GraphQLError]) -> None:
+    """graphql-core's own parse, validation and variable errors (a syntax error, an unknown field,
+    an Int beyond 32 bits) carry no code; clients branch on codes, so they get
+    ``GRAPHQL_VALIDATION_FAILED``. In place: some of them (variables) reach no extension."""
+    for error in graphql_errors:
+        # No path: raised before any resolver ran; graphql-core wraps a variable's own error.
+        before_execution = error.path is None and (error.original_error is None
+                                                   or isinstance(error.original_error, GraphQLError))
+        if before_execution and not (error.extensions or {}).get("code"):
+            error.extensions = {**(error.extensions or {}), "code": GRAPHQL_VALIDATION_FAILED}
 
 
 def log_errors(graphql_errors: Iterable[GraphQLError]) -> None:

@@ -6,7 +6,7 @@ import strawberry
 from graphql import GraphQLError
 from strawberry.types import ExecutionContext
 
-from api.graphql_errors import MaskUnexpectedErrors, log_errors
+from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, log_errors
 from api.graphql_limits import GraphQLLimits
 from resolvers import mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
@@ -56,6 +56,7 @@ class Subscription:
 class Schema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         """A traceback for our own failures only, never for a refused request (api/graphql_errors.py)."""
+        code_client_errors(errors)
         log_errors(errors)
 
 

@@ -285,6 +285,7 @@ def test_a_limit_beyond_graphql_int_is_a_coded_error_not_an_internal_one(stack: 
     assert body.get("data") in (None, {"requestExport": None}) or body["data"]["requestExport"] is None
     assert body["errors"] and "Internal" not in body["errors"][0]["message"], body
     assert "Int cannot represent" in body["errors"][0]["message"]
+    assert body["errors"][0]["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED"
     payload = _export(api, dataset="special", limit=0)
     assert _errors(payload) == [("INVALID_LIMIT", ["input", "limit"])]
     _nothing_queued(api)
