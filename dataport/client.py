@@ -3,7 +3,10 @@ progress over the subscription, download."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +50,26 @@ IMPORT_TASK = f"query($id: ID!) {{ importTask(id: $id) {{ {IMPORT_FIELDS} }} }}"
 IMPORT_PROGRESS = f"subscription($id: ID!) {{ importProgress(id: $id) {{ {IMPORT_FIELDS} }} }}"
 
 
+FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"})
+# Errors that pass by themselves: the client waits and asks again.
+PASSING_CODES = frozenset({"SERVICE_UNAVAILABLE", "RATE_LIMITED"})
+# WebSocket closes that waiting cannot fix: bad token (4401), forbidden, malformed.
+REFUSED_CLOSE_CODES = frozenset({4400, 4401, 4403})
+
+
 class ClientError(Exception):
     pass
+
+
+class PassingError(ClientError):
+    """Dataport is briefly unavailable; the same request can succeed a little later."""
+
+
+def _error(errors: list[dict[str, Any]]) -> ClientError:
+    first = errors[0] if errors else {}
+    code = (first.get("extensions") or {}).get("code")
+    kind = PassingError if code in PASSING_CODES else ClientError
+    return kind(first.get("message") or "the server reported an error")
 
 
 @dataclass
@@ -66,7 +87,7 @@ class DataportClient:
                                        headers=self.headers)
         body = response.json()
         if body.get("errors"):
-            raise ClientError("; ".join(e["message"] for e in body["errors"]))
+            raise _error(body["errors"])
         return body["data"]
 
     async def request_export(self, export_input: dict[str, Any]) -> dict[str, Any]:
@@ -111,14 +132,46 @@ class DataportClient:
         if response.status_code not in (200, 201, 204):
             raise ClientError(f"the upload was refused: HTTP {response.status_code} {response.text[:300]}")
 
-    async def follow(self, task_id: str, subscription: str = EXPORT_PROGRESS) -> AsyncIterator[dict[str, Any]]:
-        """Snapshots from the exportProgress (or importProgress) subscription (graphql-transport-ws)."""
+    async def follow(self, task_id: str, subscription: str = EXPORT_PROGRESS,
+                     give_up_after: float = 600.0) -> AsyncIterator[dict[str, Any]]:
+        """Snapshots from the exportProgress (or importProgress) subscription until a final status.
+
+        A dropped connection, an api restart or a ``SERVICE_UNAVAILABLE`` (Redis down) does not end
+        it: it subscribes again after a pause that doubles from 1 s up to 30 s (with jitter), the
+        current snapshot coming first, until the task ends or Dataport has been unreachable for
+        ``give_up_after`` seconds. Refusals that waiting cannot fix (no such task, a bad token)
+        raise ``ClientError`` at once."""
+        failures = 0
+        lost_since: float | None = None
+        while True:
+            try:
+                async for snapshot in self._subscription(task_id, subscription):
+                    failures, lost_since = 0, None
+                    yield snapshot
+                    if snapshot["status"] in FINAL_STATUSES:
+                        return
+                reason = "the subscription ended before the task did"
+            except (PassingError, OSError, websockets.ConnectionClosed) as e:
+                reason = str(e) or type(e).__name__
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > give_up_after:
+                raise ClientError(f"lost touch with Dataport for {give_up_after:.0f} s: {reason}")
+            await asyncio.sleep(min(30.0, 2.0 ** failures) * random.uniform(0.5, 1.0))
+            failures += 1
+
+    async def _subscription(self, task_id: str, subscription: str) -> AsyncIterator[dict[str, Any]]:
+        """One subscription (graphql-transport-ws), from connection_init to its end."""
         field = "importProgress" if subscription is IMPORT_PROGRESS else "exportProgress"
         ws_url = self.url.replace("http", "ws", 1) + "/graphql"
         async with websockets.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:
             await ws.send(json.dumps({"type": "connection_init",
                                       "payload": {"authorization": f"Bearer {self.token}"}}))
-            ack = json.loads(await ws.recv())
+            try:
+                ack = json.loads(await ws.recv())
+            except websockets.ConnectionClosed as e:
+                if e.rcvd is not None and e.rcvd.code in REFUSED_CLOSE_CODES:
+                    raise ClientError(f"the server refused the connection: {e.rcvd.reason or e.rcvd.code}") from None
+                raise
             if ack.get("type") != "connection_ack":
                 raise ClientError(f"the server refused the connection: {ack}")
             await ws.send(json.dumps({"id": "1", "type": "subscribe",
@@ -127,10 +180,10 @@ class DataportClient:
                 message = json.loads(raw)
                 if message["type"] == "next":
                     if message["payload"].get("errors"):
-                        raise ClientError(message["payload"]["errors"][0]["message"])
+                        raise _error(message["payload"]["errors"])
                     yield message["payload"]["data"][field]
                 elif message["type"] == "error":
-                    raise ClientError(message["payload"][0]["message"])
+                    raise _error(message["payload"])
                 elif message["type"] == "complete":
                     return
 

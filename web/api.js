@@ -142,9 +142,16 @@ export const ERROR_MESSAGES = {
   INVALID_MAX_ERRORS: "“Stop after failed rows” must be a whole number greater than zero.",
   UPLOAD_MISSING: "The file has not arrived in storage; upload it again.",
   UPLOAD_EXPIRED: "The upload window has closed; start the import again.",
+  FILE_SIZE_MISMATCH: "The uploaded file is not the size announced; upload it again.",
+  QUOTA_EXCEEDED: "You have too many exports and imports running. Wait for one to finish, or cancel one.",
   // top-level
   UNAUTHENTICATED: "You are not signed in, or your token has expired. Sign in again.",
   RATE_LIMITED: "Too many requests just now. Wait a moment and try again.",
+  QUERY_TOO_COMPLEX: "The request is too large or too deeply nested for Dataport to run.",
+  PAYLOAD_TOO_LARGE: "The request is too large to send.",
+  BAD_REQUEST: "The request could not be read.",
+  GRAPHQL_VALIDATION_FAILED: "The request does not fit Dataport's API.",
+  SERVICE_UNAVAILABLE: "Dataport is briefly unavailable. It will try again by itself.",
   NETWORK: "Dataport cannot be reached.",
   // a failed task's error.code
   SOURCE_ERROR: "The data store reported an error while reading.",
@@ -156,6 +163,7 @@ export const ERROR_MESSAGES = {
   INVALID_HEADER: "The file's header does not match the dataset's columns.",
   TOO_MANY_ERRORS: "Too many rows failed, so nothing was written. See the error report.",
   WRITE_FAILED: "Writing the rows failed, so nothing was written.",
+  FILE_LIMIT_EXCEEDED: "The file goes past a size or nesting limit, so nothing was written.",
 };
 
 /** {summary, detail}: the friendly sentence for `code`, and the server's own message beside it. */

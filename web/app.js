@@ -592,6 +592,8 @@ function follow(entry) {
         next: (data) => data && data[field] && track(entry.kind, data[field]),
         complete: () => {
           entry.stop = null;
+          // Ended before a final status (a server restarting): read the task, follow it again.
+          if (ACTIVE.has(entry.task.status)) later(entry);
         },
         error: (e) => {
           entry.stop = null;
@@ -600,8 +602,9 @@ function follow(entry) {
             render(entry);
             return;
           }
-          // The socket went away: read the task once, and follow it again if it is still running.
-          setTimeout(() => refresh(entry), 2000);
+          // The socket went away, or Dataport is briefly unavailable: read the task again after a
+          // pause, and follow it again if it is still running.
+          later(entry);
         },
       },
     );
@@ -622,16 +625,33 @@ function stopFollowing(entry) {
   entry.poll = null;
 }
 
+/** Refresh the task after a pause that doubles with each failure in a row (1 s up to 30 s, with
+ * jitter), so that a page keeps following through an outage without hammering the server. */
+function later(entry) {
+  const failures = entry.failures || 0;
+  const pause = Math.min(30000, 1000 * 2 ** failures) * (0.5 + Math.random() / 2);
+  clearTimeout(entry.retry);
+  entry.retry = setTimeout(() => refresh(entry), pause);
+}
+
+const PASSING = new Set(["SERVICE_UNAVAILABLE", "NETWORK", "HTTP", "RATE_LIMITED"]);
+
 async function refresh(entry) {
   if (tasks.get(entry.task.id) !== entry) return; // signed out meanwhile
   const query = entry.kind === "export" ? Q.exportTask : Q.importTask;
   try {
     const data = await api.query(query, { id: entry.task.id });
     const task = data.exportTask || data.importTask;
+    entry.failures = 0;
+    if (entry.problem && PASSING.has(entry.problem.code)) entry.problem = null; // it has passed
     if (task) track(entry.kind, task);
   } catch (e) {
     entry.problem = errorOf(e);
     render(entry);
+    if (PASSING.has(e.code) && ACTIVE.has(entry.task.status)) {
+      entry.failures = (entry.failures || 0) + 1;
+      later(entry);
+    }
   }
 }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -18,6 +20,7 @@ import pytest
 
 from dataport.embedded_redis import EmbeddedRedis
 from storage.signing import signed_path
+from tests.client import Api
 from tests.fixtures.stack import DEMO_ROWS, SECRET, Stack, _stack
 
 
@@ -116,3 +119,22 @@ async def test_an_open_subscription_never_completes_before_a_final_status(outage
         errors = last["payload"] if last["type"] == "error" else last["payload"]["errors"]
         assert errors[0]["extensions"]["code"] == "SERVICE_UNAVAILABLE", last
     assert api.wait(task["id"], timeout=120)["status"] == "SUCCEEDED"
+
+
+def test_the_cli_follows_an_export_through_an_outage(outage_stack, own_redis, tmp_path):
+    out = tmp_path / "samples.csv"
+    env = {**outage_stack.env, "DATAPORT_TOKEN": outage_stack.token("cli-outage")}
+    cli = subprocess.Popen([sys.executable, "-m", "dataport.cli", "export", "samples", "--columns",
+                            "sample_id,site,notes", "--out", str(out), "--url", outage_stack.url],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    api = Api(outage_stack.url, env["DATAPORT_TOKEN"])
+    deadline = time.monotonic() + 60
+    while not (page := api.data("{ exportTasks(first: 1) { edges { node { id status } } } }")["exportTasks"]["edges"]):
+        assert time.monotonic() < deadline and cli.poll() is None
+        time.sleep(0.05)
+    _processing(api, page[0]["node"]["id"])
+    _outage(own_redis, 7)  # past redis-py's retries: the subscription is cut off
+    output, _ = cli.communicate(timeout=180)
+    assert cli.returncode == 0, output
+    rows = list(csv.reader(io.StringIO(out.read_text(), newline="")))
+    assert len(rows) == DEMO_ROWS + 1
