@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     webhook_max_tries: int = Field(default=5, ge=1)
     webhook_backoff_seconds: float = Field(default=10.0, gt=0)
 
-    # ---- Hostile input (issue 15). Each block below belongs to one part of the work. ----
+    # ---- Limits on what clients can send (docs/limits.md) ----
     # Parsers of import files (formats/, workers/imports.py).
     # maxErrors may not be set above this; the error report stops there in rows and bytes.
     import_max_errors_limit: int = 100_000
@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     stream_concurrency: int = 50
     # A stream whose client reads nothing for this long is dropped, and its source read and slot freed.
     stream_idle_timeout_seconds: float = Field(default=30.0, gt=0)
-    # ---- end of hostile-input settings ----
+    # ---- end of the limits ----
 
     # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
     # (`dataport dev` starts its api and worker with text unless this is set).
