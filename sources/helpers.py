@@ -110,8 +110,14 @@ class HelperPool:
     async def start(self) -> None:
         """``begin``, and wait until the processes have started."""
         self.begin()
-        assert self._starting is not None
-        await asyncio.shield(self._starting)
+        starting = self._starting
+        assert starting is not None
+        pool = await asyncio.shield(starting)
+        # Taken from the result, not left to ``_started``: a future completed in this turn of the
+        # loop has its callbacks queued behind the tasks already queued, so a task submitting work
+        # could find the pool started and ``self.pool`` still None.
+        if starting is self._starting:
+            self.pool = pool
 
     def submit(self, rows: int, work: Callable[..., Any], *args: Any) -> None:
         """Hand ``work(*args)`` (a module-level function) to a process; its result holds ``rows``."""
