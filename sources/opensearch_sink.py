@@ -61,7 +61,7 @@ from sources.opensearch import (
 )
 from sources.opensearch_pages import cell_converter
 from sources.receipts import Receipt
-from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
+from sources.sink_base import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 
 log = logging.getLogger("dataport.sinks.opensearch")
 

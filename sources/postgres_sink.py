@@ -87,7 +87,7 @@ from sources import receipts
 from sources.base import Column, Dataset, Row
 from sources.postgres import CONNECT_TIMEOUT_SECONDS, POSTGRES, quote_ident
 from sources.receipts import Receipt
-from sources.sinks import (
+from sources.sink_base import (
     DuplicateKeyError,
     SinkError,
     check_key_texts,

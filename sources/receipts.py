@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from sources.base import Dataset
-from sources.sinks import SinkError
+from sources.sink_base import SinkError
 
 TABLE = "dataport_import_receipts"
 COLUMNS = "(task_id TEXT NOT NULL, run INTEGER NOT NULL, rows_written BIGINT NOT NULL, " \

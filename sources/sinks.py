@@ -27,38 +27,25 @@ date-times and text as in typed rows, and floats either their ``repr`` or a plai
 ``float()`` reads as the value (``PLAIN_FLOAT_TEXT``: ``1.50``, ``2e-3``; bounded, so that it
 neither overflows nor underflows): a sink that does not read such text exactly as ``float()`` does
 makes it ``repr(float(text))``. All but text is ASCII. What is stored must be what ``write``
-stores for the typed rows (``rows_from_text``), errors included; rows count on across both methods.
+stores for the typed rows (``sink_base.rows_from_text``), errors included; rows count on across both
+methods.
+
+What every sink shares (errors, key and float checks) is in ``sources.sink_base``, which the sinks
+import; this module imports the sinks, only to open one.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sources.base import Column, Dataset, Row
+from sources.sink_base import SinkError
 
 if TYPE_CHECKING:
     from sources.receipts import Receipt
 
 MODES = ("INSERT", "UPSERT")
-
-
-class SinkError(Exception):
-    """A write failed. The message names the dataset and, where known, the row, column and value.
-    ``transient`` is true when a retry of the whole import may succeed (connection lost, locked,
-    overloaded); ``row`` is the failing row's number among the rows handed to ``write`` (1-based),
-    when the store said which row it was."""
-
-    def __init__(self, message: str, *, transient: bool = False, row: int | None = None):
-        super().__init__(message)
-        self.transient = transient
-        self.row = row
-
-
-class DuplicateKeyError(SinkError):
-    """INSERT mode met a row whose key already exists (in the dataset, or earlier in the same import)."""
 
 
 class RowSink(Protocol):
@@ -88,24 +75,6 @@ class TextRowSink(RowSink, Protocol):
         ``columns`` order); see the module docstring."""
         ...
 
-
-_TEXT_BOOL = {"t": True, "f": False}
-
-
-def rows_from_text(columns: Sequence[Column], cells: Sequence[Sequence[str]]) -> list[Row]:
-    """The typed rows that ``cells`` (``write_text``'s columns) stand for."""
-    typed: list[Sequence[Any]] = []
-    for column, texts in zip(columns, cells, strict=True):
-        kind = column.type
-        if kind == "integer":
-            typed.append([int(v) if v else None for v in texts])
-        elif kind == "float":
-            typed.append([float(v) if v else None for v in texts])
-        elif kind == "boolean":
-            typed.append([_TEXT_BOOL.get(v) for v in texts])
-        else:
-            typed.append([v or None for v in texts])
-    return list(zip(*typed, strict=True))
 
 
 async def open_sink(dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any) -> RowSink:
@@ -150,67 +119,3 @@ def check_request(dataset: Dataset, columns: Sequence[Column], mode: str) -> tup
                             f"({', '.join(dataset.key)}), but the file has no column '{missing[0]}'")
     return columns
 
-
-def key_positions(dataset: Dataset, columns: Sequence[Column]) -> list[int]:
-    """Where the key's columns are in a row; [] unless every key column is imported."""
-    names = [c.name for c in columns]
-    if not dataset.key or any(k not in names for k in dataset.key):
-        return []
-    return [names.index(k) for k in dataset.key]
-
-
-def check_key_texts(dataset: Dataset, columns: Sequence[Column], positions: Sequence[int],
-                    cells: Sequence[Sequence[str]], first_row: int) -> None:
-    """``check_keys`` for ``write_text``'s columns (where ``""`` is no value)."""
-    for i in positions:
-        if not all(cells[i]):  # (quicker than `"" in`, which compares every text)
-            n = list(cells[i]).index("")
-            raise SinkError(f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
-                            f"'{columns[i].name}'", row=first_row + n)
-
-
-def describe_key(names: Sequence[str], values: Sequence[Any]) -> str:
-    """``sample_id=42``, or ``(site, no)=('Kiruna', 7)`` for a compound key."""
-    if len(names) == 1:
-        return f"{names[0]}={_show(values[0])}"
-    return f"({', '.join(names)})=({', '.join(_show(v) for v in values)})"
-
-
-def _show(value: Any) -> str:
-    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else repr(value)
-
-
-def check_keys(dataset: Dataset, columns: Sequence[Column], positions: Sequence[int], rows: list[Row],
-               first_row: int) -> None:
-    """Every row has a value in each key column: a row without one cannot be matched (UPSERT),
-    and SQLite would even make up a row id for it."""
-    for i in positions:
-        for n, row in enumerate(rows):
-            if row[i] is None:
-                raise SinkError(f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
-                                f"'{columns[i].name}'", row=first_row + n)
-
-
-def check_floats(dataset: Dataset, columns: Sequence[Column], rows: list[Row], first_row: int, store: str,
-                 infinite: bool = False) -> None:
-    """Refuse NaN (and, with ``infinite``, ±Infinity) in float columns for stores that would keep
-    something else (SQLite stores NaN as NULL; JSON has neither). The worker's checks refuse them
-    already, so this must cost little: a column is summed in C (NaN and infinities carry through
-    a sum; None and 0.0 are left out) and searched cell by cell only when the sum is not finite."""
-    for i, column in enumerate(columns):
-        if column.type != "float":
-            continue
-        try:
-            total = sum(filter(None, map(itemgetter(i), rows)))
-            if math.isfinite(total):
-                continue
-        except TypeError:  # not numbers: the store's own checks will say
-            continue
-        for n, row in enumerate(rows):
-            v = row[i]
-            if v.__class__ is float and (v != v or (infinite and v in (_INF, -_INF))):
-                raise SinkError(f"dataset '{dataset.name}': row {first_row + n}, column '{column.name}' holds {v}, "
-                                f"which {store} cannot store", row=first_row + n)
-
-
-_INF = float("inf")

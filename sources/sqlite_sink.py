@@ -41,7 +41,7 @@ from urllib.parse import quote
 from sources import receipts
 from sources.base import Column, Dataset, Row
 from sources.receipts import Receipt
-from sources.sinks import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
+from sources.sink_base import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 from sources.sql import SQLITE
 
 log = logging.getLogger("dataport.sinks.sqlite")

@@ -36,7 +36,8 @@ from sources.opensearch import OpenSearchSource
 from sources.postgres import PostgresSource
 from sources.query import build_query
 from sources.receipts import Receipt, find_receipt
-from sources.sinks import DuplicateKeyError, SinkError, open_sink
+from sources.sink_base import DuplicateKeyError, SinkError
+from sources.sinks import open_sink
 from sources.sqlite import SqliteSource
 from tests.test_opensearch import FAST, FaultyProxy
 
