@@ -132,9 +132,9 @@ DP_TABLE = "bench_import_dp"
 PEER_TABLE = "bench_import_psql"
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 # The code that ran: the import path is new (some of it untracked), so its files are hashed into the JSON.
-IMPORT_CODE = ("workers/imports.py", "formats/readers.py", "formats/csv_reader.py", "formats/cells.py",
-               "sources/sinks.py", "sources/postgres_sink.py", "api/uploads.py", "storage/local.py",
-               "tasks/imports.py")
+IMPORT_CODE = ("workers/imports.py", "formats/readers.py", "formats/records.py", "formats/utf8.py",
+               "formats/csv_reader.py", "formats/cells.py", "sources/sinks.py", "sources/sink_base.py",
+               "sources/postgres_sink.py", "api/uploads.py", "storage/local.py", "tasks/imports.py")
 
 # name, Dataport type, PostgreSQL type
 COLUMNS = (

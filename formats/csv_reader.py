@@ -48,17 +48,17 @@ from itertools import chain, islice
 from typing import BinaryIO
 
 from formats.csv import unguard
-from formats.readers import (
+from formats.records import (
     FileError,
     FileLimitError,
     Record,
     RowBatch,
-    Utf8Chunks,
     as_text,
     csv_line,
     shorten,
     text_over,
 )
+from formats.utf8 import Utf8Chunks
 
 MAX_LINE_CELLS = 16
 

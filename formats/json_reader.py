@@ -54,7 +54,8 @@ from typing import Any, BinaryIO
 import orjson
 
 from formats.limits import number_or_long
-from formats.readers import FileError, FileLimitError, Record, Utf8Chunks, as_text, json_text, text_over
+from formats.records import FileError, FileLimitError, Record, as_text, json_text, text_over
+from formats.utf8 import Utf8Chunks
 
 # A row may take at most this many cells' worth of bytes (a JSON element, an NDJSON line).
 MAX_ROW_CELLS = 16

@@ -53,7 +53,7 @@ from openpyxl.xml.functions import iterparse
 
 from formats.csv import unguard
 from formats.limits import MAX_NUMBER_CHARS, LongNumber, ParseLimits
-from formats.readers import FileError, FileLimitError, Record, csv_line, text_over
+from formats.records import FileError, FileLimitError, Record, csv_line, text_over
 
 # Excel's largest sheet: XFD1048576.
 MAX_COLUMNS = 16_384

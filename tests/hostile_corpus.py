@@ -323,7 +323,8 @@ def run_case(case: Case, batch_rows: int = 5_000) -> Outcome:
     from formats.cells import TYPED
     from formats.csv import CsvWriter
     from formats.limits import ParseLimits, capped
-    from formats.readers import FileError, reader_for
+    from formats.readers import reader_for
+    from formats.records import FileError
     from workers.attempts import Failure
     from workers.imports import REPORT_COLUMNS, FileBatches, _columns
 

@@ -34,7 +34,9 @@ from formats.cells import (
     header_problems,
     text_form,
 )
-from formats.readers import CHUNK_BYTES, FileError, Record, csv_line, reader_for
+from formats.readers import reader_for
+from formats.records import FileError, Record, csv_line
+from formats.utf8 import CHUNK_BYTES
 from sources.base import Column, Dataset
 
 MiB = 1024 * 1024

@@ -38,10 +38,12 @@ from dataport.services import Services
 from formats.cells import NO_OUTPUT, TEXT, TYPED, CellError, ColumnChecker, RowConverter, header_problems
 from formats.csv import CsvWriter
 from formats.limits import ParseLimits, capped, listed
-from formats.readers import FileError, FileLimitError, Reader, Record, RowBatch, reader_for
+from formats.readers import Reader, reader_for
+from formats.records import FileError, FileLimitError, Record, RowBatch
 from sources.base import Column, Dataset, SourceError
 from sources.receipts import Receipt, find_receipt
-from sources.sinks import RowSink, SinkError, open_sink
+from sources.sink_base import SinkError
+from sources.sinks import RowSink, open_sink
 from storage.base import ObjectWriter, StorageError
 from tasks.imports import report_key
 from tasks.models import Task, TaskStatus, stamp
