@@ -229,8 +229,8 @@ async def test_cells_of_every_postgres_type(pg, pg_table, postgres_db):
     assert rows[1] == (2, *([None] * 10), "[]", "text", None)
     assert [type(v) for v in rows[0][:4]] == [int, float, float, int]
     with pytest.MonkeyPatch.context() as patch:  # the same cells when the document is flattened in Python
-        patch.setattr("sources.postgres.INLINE_FIELDS", 0)
-        patch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+        patch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
+        patch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
         assert await _rows(ds) == rows
     # filters compare in the column's type: a Decimal column against a float, a naive time stamp as UTC
     assert await _rows(ds, columns=["id"], filters=[{"field": "amount", "op": "EQ", "value": 12.5}]) == [(1,)]
@@ -431,8 +431,8 @@ async def test_csv_fast_path_writes_what_the_python_writer_writes(pg, pg_table, 
         assert _parsed(fast)[10][score] == "123456789.125"  # numbers are never guarded
     if kind == "docs":  # documents flattened in Python type their fields as the SQL casts do
         inline = await _rows(ds, batch_rows=5)
-        monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
-        monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+        monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
+        monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
         assert await _rows(ds, batch_rows=5) == inline
         assert (await _both_csvs(ds, query, formula_guard))[1] == slow
         monkeypatch.undo()
@@ -490,8 +490,8 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
     """Documents flattened in Python go to CSV column-wise (runs of float fields in one orjson call):
     the bytes are those of the csv module over the rows ``batches`` reads. Without nested fields,
     documents are decoded into a Struct of their keys (``_decoder``); with them, into dicts."""
-    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
-    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     decoded: list[object] = []
     decoder = postgres_source._decoder
 
@@ -499,7 +499,7 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
         decode = decoder(groups, kinds)
         return decode and (lambda text: decoded.append(decode(text)) or decoded[-1])
 
-    monkeypatch.setattr("sources.postgres._decoder", counted)
+    monkeypatch.setattr("sources.postgres.plans._decoder", counted)
     rng = random.Random(5)
     table = pg_table("flat")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
@@ -549,7 +549,7 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
 
 
 async def test_flattened_csv_read_closed_early_releases_the_connection(pg, pg_table, postgres_db, monkeypatch):
-    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = pg_table("flatclose")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
     pg.execute(f"INSERT INTO {table} SELECT g, (SELECT jsonb_object_agg('k' || k, g * k) FROM generate_series(1, 20) k)"
@@ -596,7 +596,7 @@ async def test_csv_fast_path_hands_over_a_slow_copy_as_it_comes(postgres_db):
 async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, postgres_db, flattened, monkeypatch):
     fields = INLINE_FIELDS + 1 if flattened else 1
     if flattened:  # documents this small are read in SQL unless told otherwise
-        monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+        monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = pg_table("badcast")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
     extra = {f"f{i:02d}": i for i in range(fields - 1)}
@@ -734,8 +734,8 @@ async def test_a_large_table_is_copied_by_key_ranges_on_two_connections_in_one_s
                                                                                        "value": "n"}])]
     serial = [await _csv(PostgresSource(ds), q) for q in queries]
     serial_rows = await _rows(ds, batch_rows=100, sort=[{"field": "id", "direction": "DESC"}])
-    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 16 * 1024)
     for query, (data, counts) in zip(queries, serial, strict=True):
         source = PostgresSource(ds)
         conn = await source._connect(snapshot=True)
@@ -773,8 +773,8 @@ async def test_a_server_that_exports_no_snapshot_is_read_on_one_connection(pg, p
         ds = Dataset(name="nosnap", source="postgres", url=_url(postgres_db, user=role), table=table, key=("id",),
                      columns=discover_columns(postgres_db, table))
         serial = await _csv(PostgresSource(ds), build_query(ds))
-        monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
-        monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
+        monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+        monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 16 * 1024)
         # The same bytes and rows; not the same chunks, which follow what libpq had received.
         data, counts = await _csv(PostgresSource(ds), build_query(ds))
         assert data == serial[0] and sum(counts) == sum(serial[1]) == 3000
@@ -808,20 +808,20 @@ async def test_the_connections_of_a_split_read_ask_for_no_parallel_workers(pg, p
         async for item in copy_chunks(conn, statement, params, batch_rows):
             yield item
 
-    monkeypatch.setattr("sources.postgres._copy_chunks", explained)
+    monkeypatch.setattr("sources.postgres.source._copy_chunks", explained)
     serial = await _csv(PostgresSource(ds), build_query(ds))
     assert len(plans) == 1 and '"Gather' in plans[0]  # the planner would use workers here
     plans.clear()
-    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 64 * 1024)
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
     assert (await _csv(PostgresSource(ds), build_query(ds)))[0] == serial[0]
     assert len(plans) > 4
     assert not [plan for plan in plans if '"Gather' in plan]
 
 
 async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, pg_table, postgres_db, monkeypatch):
-    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 64 * 1024)
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
     table = pg_table("rangeclose")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
@@ -868,8 +868,8 @@ def _odd_documents_table(pg: psycopg.Connection, pg_table, name: str, rng: rando
 
 
 async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table, postgres_db, monkeypatch):
-    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
-    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = _odd_documents_table(pg, pg_table, "helpers", random.Random(7))
     columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.deep.x", "float"),
                *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
@@ -878,7 +878,7 @@ async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table
                  key=("id",), columns=columns)
     query = build_query(ds)
     in_process = await _csv(PostgresSource(ds), query, 50)
-    monkeypatch.setattr("sources.postgres.HELPERS_AFTER_CELLS", 2000)  # from the third batch on
+    monkeypatch.setattr("sources.postgres.helper_reads.HELPERS_AFTER_CELLS", 2000)  # from the third batch on
     assert await _csv(PostgresSource(ds), query, 50) == in_process
     # a document that does not cast fails the read with the same message, from a helper
     pg.execute(f"UPDATE {table} SET data = jsonb_set(data, '{{f07}}', '\"abc\"') WHERE id = 1100")
@@ -898,8 +898,8 @@ async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, p
     a connection of its own, in the read's snapshot, and flattened there, so the documents never
     pass through the worker (which runs no cursor over them). The bytes are those of a read in one
     process; a bad cell names the read's row; no connection outlives the read, however it ends."""
-    monkeypatch.setattr("sources.postgres.INLINE_FIELDS", 0)
-    monkeypatch.setattr("sources.postgres.SMALL_DOCUMENT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
+    monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = _odd_documents_table(pg, pg_table, "rangehelpers", random.Random(11))
     columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"),
                *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
@@ -908,8 +908,8 @@ async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, p
                  key=("id",), columns=columns)
     query = build_query(ds)
     in_process, _ = await _csv(PostgresSource(ds), query, 50)  # a small table: one connection, no helpers
-    monkeypatch.setattr("sources.postgres.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.RANGE_BYTES", 16 * 1024)
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 16 * 1024)
     source = PostgresSource(ds)
     conn = await source._connect(snapshot=True)
     assert len(await source._key_ranges(conn, query)) > 4
@@ -921,7 +921,7 @@ async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, p
         cursors.append(select)
         return cursor_batches(conn, select, params, size)
 
-    monkeypatch.setattr("sources.postgres._cursor_batches", recorded)  # in this process only
+    monkeypatch.setattr("sources.postgres.source._cursor_batches", recorded)  # in this process only
     data, counts = await _csv(source, query, 50)
     assert data == in_process and counts[0] == 0 and sum(counts) == 1200
     assert cursors == []
