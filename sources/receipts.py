@@ -79,7 +79,7 @@ def _find_sqlite(dataset: Dataset, task_id: str, run: int) -> Receipt | None:
 async def _find_postgres(dataset: Dataset, task_id: str, run: int) -> Receipt | None:
     import psycopg.errors
 
-    from sources.postgres import POSTGRES
+    from sources.postgres.dialect import POSTGRES
     from sources.postgres_sink import _connect  # the sink's connection settings
 
     conn = await _connect(dataset)
