@@ -34,7 +34,7 @@ HELPERS = 2 if (os.cpu_count() or 1) > 1 else 0
 # Imported by the fork server, so that each helper has them from the start: the OpenSearch page
 # converter, whose reads last seconds. The PostgreSQL source (~10 MiB more, idle, with psycopg) is
 # imported by its own helpers, for reads of 5,000,000 cells or more: tens of seconds.
-HELPER_MODULES = ("sources.opensearch_pages",)
+HELPER_MODULES = ("sources.opensearch.rendering",)
 
 _context = multiprocessing.get_context("forkserver")
 

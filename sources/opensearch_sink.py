@@ -59,7 +59,7 @@ from sources.opensearch import (
     is_transient,
     redact,
 )
-from sources.opensearch_pages import cell_converter
+from sources.opensearch.cells import cell_converter
 from sources.receipts import Receipt
 from sources.sink_base import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
 

@@ -897,7 +897,7 @@ async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_
 async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset, pit_max_pages, monkeypatch):
     """Answers, the first one's too, are decoded straight into typed Structs: the same rows as
     parsing every page into dicts, through a scroll and through a point in time."""
-    from sources.opensearch_pages import PageReader
+    from sources.opensearch.decoding import PageReader
 
     flat = [c.name for c in dataset.columns if "." not in c.name]
     queries = [build_query(dataset, columns=flat), build_query(dataset, columns=flat, sort=[{"field": "score"}]),
@@ -919,7 +919,7 @@ def test_the_page_reader_learns_the_order_of_keys_from_the_first_document_of_an_
     """The first answer is decoded typed: the order of the documents' keys is read from the first
     hit alone. A first document too long to read so is parsed with its page, as dicts; the next
     answer is decoded typed."""
-    from sources.opensearch_pages import _LEARN_WINDOW, PageReader
+    from sources.opensearch.decoding import _LEARN_WINDOW, PageReader
 
     columns = (Column("s", "string"), Column("n", "integer"))
 
@@ -950,7 +950,8 @@ FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Col
 def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
     """Both ways of the page reader (dicts, and typed pages decoded from the answer's bytes) give
     the cells the row converter gives, of the same types."""
-    from sources.opensearch_pages import BadCell, PageReader, cell_converter
+    from sources.opensearch.cells import BadCell, cell_converter
+    from sources.opensearch.decoding import PageReader
 
     odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
            "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
@@ -1005,7 +1006,8 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
 def test_the_column_check_of_dates_keeps_exactly_what_the_cell_converter_keeps(values):
     """A page's date column is passed as it is only when every cell is what ``_date`` would give
     back unchanged: the week date 2020-W01-1, full-width digits and 2020-02-30 are not."""
-    from sources.opensearch_pages import BadCell, _checked_dates, _date
+    from sources.opensearch.cells import BadCell, _date
+    from sources.opensearch.decoding import _checked_dates
 
     def kept(value):
         try:
@@ -1023,7 +1025,7 @@ def test_a_helper_writes_each_answer_as_the_csv_writer_writes_its_rows():
     import gc
 
     from formats.csv import CsvWriter
-    from sources import opensearch_pages as pages
+    from sources.opensearch import cells, rendering
 
     columns = (Column("i", "integer"), Column("f", "float"), Column("s"), Column("b", "boolean"),
                Column("d", "date"), Column("t", "datetime"))
@@ -1033,15 +1035,15 @@ def test_a_helper_writes_each_answer_as_the_csv_writer_writes_its_rows():
                [{**plain, "f": 3}, {**plain, "d": "2020-W01-1"}],
                [{**plain, "f": "1e400"}, plain]]  # "1e400" is written bare, below
     try:
-        pages._start_rendering(columns, True)
+        rendering._start_rendering(columns, True)
         writer = CsvWriter(columns, formula_guard=True)
-        convert = pages.cell_converter(columns)
+        convert = cells.cell_converter(columns)
         for sources in answers:
             hits = [{"_id": str(n), "_source": source} for n, source in enumerate(sources)]
             answer = json.dumps({"_shards": {"failed": 0}, "hits": {"hits": hits}}).replace('"1e400"', "1e400")
             rows = convert(json.loads(answer)["hits"]["hits"])
-            assert pages._render(answer.encode(), len(hits)) == writer.write(rows), sources
-            assert pages._render(answer.encode(), 1) == writer.write(rows[:1]), sources
+            assert rendering._render(answer.encode(), len(hits)) == writer.write(rows), sources
+            assert rendering._render(answer.encode(), 1) == writer.write(rows[:1]), sources
         assert b"inf" in writer.write(rows)
     finally:
         gc.enable()  # the helper's initializer turns the collector off for good
