@@ -25,7 +25,7 @@ What it does:
    * dataset ``docs`` (``source = "opensearch"``, ``key = ["id"]``, ``columns = "discover"`` from
      the mapping): the configuration to use, and the one the target is judged on. Dataport reads it
      sorted by ``id`` (pages of 10,000), so that a rerun writes the same file: 20 pages, so one
-     scroll sorted by ``id`` rather than a point in time + ``search_after`` (sources/opensearch.py,
+     scroll sorted by ``id`` rather than a point in time + ``search_after`` (sources/opensearch/plan.py,
      ``PIT_MAX_PAGES``: osmem sorts every match again for each ``search_after`` page);
    * dataset ``docs_scroll``: the same index without a key, which Dataport reads with one scroll in
      ``_doc`` order, as elasticdump reads it (``--no-scroll-variant`` skips it).
