@@ -133,7 +133,8 @@ PEER_TABLE = "bench_import_psql"
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 # The code that ran: the import path is new (some of it untracked), so its files are hashed into the JSON.
 IMPORT_CODE = ("workers/imports.py", "formats/readers.py", "formats/records.py", "formats/utf8.py",
-               "formats/csv_reader.py", "formats/cells.py", "sources/sinks.py", "sources/sink_base.py",
+               "formats/csv_reader.py", "formats/converters.py", "formats/column_checker.py",
+               "formats/row_converter.py", "formats/header_check.py", "sources/sinks.py", "sources/sink_base.py",
                "sources/postgres_sink.py", "api/uploads.py", "storage/local.py", "tasks/imports.py")
 
 # name, Dataport type, PostgreSQL type

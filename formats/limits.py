@@ -46,7 +46,7 @@ class ParseLimits:
 @dataclass(frozen=True, slots=True)
 class LongNumber:
     """A number cell whose text is longer than ``MAX_NUMBER_CHARS``: kept as text, never converted.
-    No column type takes it; ``formats.cells`` says what it is."""
+    No column type takes it; ``formats.converters`` says what it is."""
 
     text: str
 

@@ -7,9 +7,9 @@ only when asked for, so that a CSV import never pays for openpyxl's import. What
 the text formats read their bytes through ``formats.utf8``. Imports point one way: this module
 imports the readers, the readers import ``records`` and ``utf8``, never this module.
 
-What a reader does not do is judge cells against the dataset's columns: ``formats.cells`` does.
-The CSV reader also reads a batch of rows at a time, column by column (``RowBatch``), for
-``formats.cells.ColumnChecker``: that is how the worker reads CSV.
+What a reader does not do is judge cells against the dataset's columns: ``formats.converters``
+does. The CSV reader also reads a batch of rows at a time, column by column (``RowBatch``), for
+``formats.column_checker.ColumnChecker``: that is how the worker reads CSV.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Reader(Protocol):
         ...
 
     # Optional (CSV): ``batches(size) -> Iterator[RowBatch]``, the same records a batch at a time,
-    # for ``formats.cells.ColumnChecker``; the worker uses it where a reader has it.
+    # for ``formats.column_checker.ColumnChecker``; the worker uses it where a reader has it.
 
 
 def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int, limits: ParseLimits | None = None) -> Reader:

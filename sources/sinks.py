@@ -20,14 +20,14 @@ Rows are numbered in errors as they were handed to ``write`` (1 = the first row 
 
 A sink may also take rows as text, column by column: ``write_text(columns, count)`` (the
 ``TextRowSink`` protocol; the worker looks for the method). That is for stores that parse text
-anyway (PostgreSQL's COPY), so that a CSV import never makes typed values only to print them
-again. The cells are what ``formats.cells.ColumnChecker`` gives for ``TEXT``: ``""`` is no value
+anyway (PostgreSQL's COPY), so that a CSV import never makes typed values only to print them again.
+The cells are what ``formats.column_checker.ColumnChecker`` gives for ``TEXT``: ``""`` is no value
 (None; there is no empty text, as in CSV), integers are decimal, booleans ``t``/``f``, dates,
 date-times and text as in typed rows, and floats either their ``repr`` or a plain decimal that
 ``float()`` reads as the value (``PLAIN_FLOAT_TEXT``: ``1.50``, ``2e-3``; bounded, so that it
 neither overflows nor underflows): a sink that does not read such text exactly as ``float()`` does
-makes it ``repr(float(text))``. All but text is ASCII. What is stored must be what ``write``
-stores for the typed rows (``sink_base.rows_from_text``), errors included; rows count on across both
+makes it ``repr(float(text))``. All but text is ASCII. What is stored must be what ``write`` stores
+for the typed rows (``sink_base.rows_from_text``), errors included; rows count on across both
 methods.
 
 What every sink shares (errors, key and float checks) is in ``sources.sink_base``, which the sinks

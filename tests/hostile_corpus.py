@@ -320,7 +320,7 @@ def run_case(case: Case, batch_rows: int = 5_000) -> Outcome:
     """``case`` through the worker's reading half (readers, limits, checks and the report's
     encoding), with the default settings."""
     from dataport.settings import Settings
-    from formats.cells import TYPED
+    from formats.column_checker import TYPED
     from formats.csv import CsvWriter
     from formats.limits import ParseLimits, capped
     from formats.readers import reader_for

@@ -20,22 +20,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formats import writer_for
-from formats.cells import (
+from formats.column_checker import (
     CANONICAL_DATETIME_TEXT,
     DATE_TEXT,
     NO_OUTPUT,
     PLAIN_FLOAT_TEXT,
     TEXT,
     TYPED,
-    CellError,
     ColumnChecker,
-    RowConverter,
-    converter,
-    header_problems,
     text_form,
 )
+from formats.converters import CellError, converter
+from formats.header_check import header_problems
 from formats.readers import reader_for
 from formats.records import FileError, Record, csv_line
+from formats.row_converter import RowConverter
 from formats.utf8 import CHUNK_BYTES
 from sources.base import Column, Dataset
 

@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dataport.net import free_port
 from dataport.settings import Settings
-from formats.cells import PLAIN_FLOAT_TEXT, text_form
+from formats.column_checker import PLAIN_FLOAT_TEXT, text_form
 from sources.base import Column, Dataset
 from sources.opensearch import OpenSearchSource
 from sources.postgres import PostgresSource

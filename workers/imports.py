@@ -35,11 +35,14 @@ from typing import IO, Any
 
 from dataport.logs import bind_job
 from dataport.services import Services
-from formats.cells import NO_OUTPUT, TEXT, TYPED, CellError, ColumnChecker, RowConverter, header_problems
+from formats.column_checker import NO_OUTPUT, TEXT, TYPED, ColumnChecker
+from formats.converters import CellError
 from formats.csv import CsvWriter
+from formats.header_check import header_problems
 from formats.limits import ParseLimits, capped, listed
 from formats.readers import Reader, reader_for
 from formats.records import FileError, FileLimitError, Record, RowBatch
+from formats.row_converter import RowConverter
 from sources.base import Column, Dataset, SourceError
 from sources.receipts import Receipt, find_receipt
 from sources.sink_base import SinkError
@@ -120,8 +123,8 @@ async def fail(services: Services, task: Task, attempt: int, code: str, message:
 
 @dataclass
 class Batch:
-    # The valid rows: typed row tuples (``rows``), or with TEXT output their cells as text,
-    # column by column (``text``, see formats.cells.ColumnChecker); ``valid`` counts them either way.
+    # The valid rows: typed row tuples (``rows``), or with TEXT output their cells as text, column
+    # by column (``text``, see formats.column_checker.ColumnChecker); ``valid`` counts them either way.
     rows: list[tuple] = field(default_factory=list)
     text: list[Sequence[str]] | None = None
     valid: int = 0
@@ -139,7 +142,7 @@ class FileBatches:
     A reader with ``batches`` (CSV) is checked column by column (``ColumnChecker``), and its valid
     rows come out as ``output`` asks: TYPED rows, TEXT columns (for a sink with ``write_text``) or
     nothing (a dry run). Other readers go record by record through ``RowConverter`` (TYPED rows;
-    none for a dry run). Both check and convert every cell as ``formats.cells`` defines."""
+    none for a dry run). Both check and convert every cell as ``formats.converters`` defines."""
 
     def __init__(self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str,
                  output: int = TYPED):
