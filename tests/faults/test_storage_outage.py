@@ -13,9 +13,11 @@ import datetime as dt
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from storage.s3 import S3Storage
+from tests.faults.test_graceful_shutdown import start_worker
 from tests.fixtures.s3 import S3Server, start_server
 from tests.fixtures.stack import Stack, _stack
 
@@ -38,9 +40,10 @@ def s3_outage_stack(tmp_path_factory, own_s3, redis_url, test_data) -> Iterator[
     yield from _stack("s3outage", tmp_path_factory, redis_url, test_data, env, workers=1)
 
 
-def _writing(api, task_id: str) -> None:
+def _writing(api, task_id: str, past: int = 0) -> None:
+    """Until the export has written more than ``past`` bytes."""
     deadline = time.monotonic() + 60
-    while api.task(task_id)["progress"]["bytes"] == 0:
+    while api.task(task_id)["progress"]["bytes"] <= past:
         assert time.monotonic() < deadline, api.task(task_id)
         time.sleep(0.01)
 
@@ -67,7 +70,31 @@ def test_s3_killed_mid_upload_and_back_within_the_window(s3_outage_stack, own_s3
     assert _open_uploads(own_s3, s3_outage_stack.env["DATAPORT_S3_BUCKET"]) == []
 
 
+def test_a_worker_killed_mid_upload_leaves_no_upload_and_no_process(s3_outage_stack, own_s3):
+    api = s3_outage_stack.api()
+    task = api.export(**WIDE, columns=None, limit=95_000)
+    _writing(api, task["id"], past=12 * 1024 * 1024)  # past the first 8 MiB part: the upload is open
+    (worker,) = s3_outage_stack.workers
+    family = psutil.Process(worker.pid).children(recursive=True)  # its fork server and helpers, if any
+    s3_outage_stack.kill(worker)
+    s3_outage_stack.workers.remove(worker)
+    bucket = s3_outage_stack.env["DATAPORT_S3_BUCKET"]
+    assert [u["Key"] for u in _open_uploads(own_s3, bucket)], "the killed attempt's upload was not open"
+
+    s3_outage_stack.start_worker()
+    done = api.wait(task["id"], timeout=180)
+    assert done["status"] == "SUCCEEDED" and done["attempts"] == 2, done
+    other = s3_outage_stack.api()
+    reference = other.wait(other.export(**WIDE, columns=None, limit=95_000)["id"], timeout=180)
+    assert done["checksumSha256"] == reference["checksumSha256"]
+    assert _open_uploads(own_s3, bucket) == []  # the next attempt discarded the killed one's parts
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == [], f"the killed worker left processes behind: {alive}"
+
+
 def test_s3_gone_for_good_fails_after_the_window_and_leaves_nothing_once_swept(s3_outage_stack, own_s3):
+    s3_outage_stack.stop_workers()  # a worker with a short window: the outcome is the same, sooner
+    start_worker(s3_outage_stack, grace=1, DATAPORT_RETRY_WINDOW_SECONDS="6")
     api = s3_outage_stack.api()
     task = api.export(**WIDE, columns=None, limit=90_000)
     _writing(api, task["id"])
