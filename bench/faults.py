@@ -17,7 +17,7 @@ fresh PostgreSQL database made for the run and dropped at its end, the tests' 40
 ``_big`` table (``big_pg``) and an empty copy of their special table to import into (``imp``).
 With ``--s3`` a SeaweedFS of its own (``tests.fixtures.s3.start_server``) and a second api + worker
 on it. Each fault is injected as its test in ``tests/faults/`` does, with the tests'
-helpers where they fit (``freeze_after_commit`` and ``terminate_a_read`` say why they are the bench's):
+helpers where they fit (``freeze_after_commit`` says why it is the bench's own):
 
 - ``kill``: SIGKILL the worker once the export has read rows (plus 0-1 s), then start another;
 - ``redis``: two workers; Redis stopped (SIGTERM, AOF written) for 2 s mid-export and started on the
@@ -87,6 +87,7 @@ from sources.receipts import TABLE as RECEIPTS
 
 sys.path.insert(0, str(REPO_DIR))  # the test fixtures and the fault tests' injections, from tests/
 from tests.faults.test_graceful_shutdown import start_worker, wait_reading  # noqa: E402
+from tests.faults.test_postgres_connection_lost import _terminate_a_read as terminate_a_read  # noqa: E402
 from tests.faults.test_redis_outage import _outage  # noqa: E402
 from tests.faults.test_storage_outage import _open_uploads, _writing  # noqa: E402
 from tests.fixtures.postgres import _with_database  # noqa: E402
@@ -345,28 +346,6 @@ def redis_outage(bench: Bench, rnd: Round) -> None:
     if exited:
         rnd.right = False
         rnd.note = f"workers exited: {exited}"
-
-
-def terminate_a_read(url: str, api: Any, task_id: str) -> int:
-    """``_terminate_a_read`` of tests/faults/test_postgres_connection_lost.py, polling the server
-    without pause and the task only every 0.2 s: a 40,000-row read here lasts ~0.3 s, and the
-    test's loop (a GraphQL query at every turn) let most of them end untouched. The number of
-    backends terminated (0 when the export ended first)."""
-    deadline = time.monotonic() + 60
-    next_look = 0.0
-    with psycopg.connect(url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            killed = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND state = 'active' "
-                "AND (query LIKE 'FETCH%' OR query LIKE 'COPY%')").fetchall()
-            if killed:
-                return len(killed)
-            if time.monotonic() > next_look:
-                if api.task(task_id)["status"] in ("SUCCEEDED", "FAILED"):
-                    return 0
-                next_look = time.monotonic() + 0.2
-    return 0
 
 
 def pg_terminate(bench: Bench, rnd: Round) -> None:
