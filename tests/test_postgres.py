@@ -819,6 +819,32 @@ async def test_the_connections_of_a_split_read_ask_for_no_parallel_workers(pg, p
     assert not [plan for plan in plans if '"Gather' in plan]
 
 
+@pytest.mark.parametrize("which", ["first", "second"])
+async def test_a_connection_of_a_split_read_terminated_mid_read_is_a_transient_error(
+        pg, pg_table, postgres_db, monkeypatch, which):
+    """``pg_terminate_backend`` of either connection of a read by key ranges (a restart, a failover,
+    an administrator) fails the read as transient, so the worker tries again from a fresh snapshot,
+    and leaves no connection behind."""
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
+    table = pg_table("rangekill")
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name="rangekill", source="postgres", url=_url(postgres_db, application_name=app), table=table,
+                 key=("id",), columns=discover_columns(postgres_db, table))
+    chunks = PostgresSource(ds).csv_batches(build_query(ds), 100, formula_guard=True)
+    await anext(chunks)
+    await anext(chunks)
+    backends = sorted(pid for pid, _, _ in await _backends(pg, app))
+    assert len(backends) == 2
+    pg.execute("SELECT pg_terminate_backend(%s)", (backends[0 if which == "first" else 1],))
+    with pytest.raises(TransientSourceError):
+        async for _ in chunks:
+            pass
+    await _gone_within(pg, app, 2.0)
+
+
 async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, pg_table, postgres_db, monkeypatch):
     monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
     monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
