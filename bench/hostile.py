@@ -356,7 +356,7 @@ class Requests:
              lambda: self.export_with([{"field": "seen_at", "op": "LT", "value": "9999-12-31T23:59:59-01:00"}])),
             ("5,000 filters", "200 TOO_MANY_VALUES",
              lambda: self.export_with([{"field": "id", "op": "GTE", "value": i} for i in range(5000)])),
-            ("requestExport limit 2^63", "a coded error", self.limit_beyond_int),
+            ("requestExport limit 2^63", "200 GRAPHQL_VALIDATION_FAILED", self.limit_beyond_int),
             ("stream limit 2^63", "400 INVALID_LIMIT", lambda: self.stream(limit=str(2**63))),
             ("stream filter id:eq:2^64", "400 INVALID_FILTER_VALUE", lambda: self.stream(filter=f"id:eq:{2**64}")),
             ("stream filter seen_at 9999-12-31T23:59:59-01:00", "400 INVALID_FILTER_VALUE",
