@@ -31,6 +31,7 @@ import psycopg
 from sources.base import SourceError
 from sources.postgres.columns import _regclass_arg
 from sources.postgres.dialect import CONNECT_TIMEOUT_SECONDS, quote_ident
+from sources.postgres.errors import _translate
 from sources.postgres.fields import resolve
 from sources.query import Filter, Query
 
@@ -98,7 +99,10 @@ async def _key_ranges(
 async def _split(source: PostgresSource, conns: list[psycopg.AsyncConnection], query: Query) -> _Split:
     """The key ranges to read ``query`` by, and the snapshot of ``conns[0]`` exported for the
     connections that read them; no ranges to read it in one go on ``conns[0]``."""
-    ranges = await source._key_ranges(conns[0], query)
+    try:
+        ranges = await source._key_ranges(conns[0], query)
+    except psycopg.Error as e:  # the read's first statements: a connection lost here is lost to the read
+        raise _translate(e, source.dataset) from e
     if not ranges:
         return [], None
     try:
