@@ -92,6 +92,7 @@ from dataport.settings import Settings
 
 sys.path.insert(0, str(REPO_DIR))  # tests/ is not an installed package
 from tests.hostile_corpus import COLUMNS, ROW_ERRORS, Case, cases  # noqa: E402
+from tests.test_hostile_api import _raw_post  # noqa: E402
 
 RSS_TARGET = 400 * MiB  # the worker's peak, per input
 IMPORT_TIMEOUT = 120.0  # an import with no final status by then is HUNG
@@ -406,29 +407,8 @@ class Requests:
     # request bodies over a raw socket
 
     async def raw_post(self, headers: str, chunks: Iterator[bytes]) -> tuple[bytes | None, int]:
-        """Send while reading; the response (None if reset while the body was coming), bytes sent."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.stack.port)
-        writer.write(headers.encode())
-        sent = 0
-
-        async def send_body() -> None:
-            nonlocal sent
-            for chunk in chunks:
-                writer.write(chunk)
-                sent += len(chunk)
-                await writer.drain()
-
-        sender = asyncio.create_task(send_body())
-        try:
-            async with asyncio.timeout(15):
-                head = await reader.read()
-        except ConnectionResetError:
-            head = None
-        finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-            writer.close()
-        return head, sent
+        """Send while reading (the tests' ``_raw_post``); the response (None if reset), bytes sent."""
+        return await _raw_post(self.stack, headers, chunks)
 
     @staticmethod
     def raw_answer(head: bytes | None) -> tuple[str, bool]:
