@@ -819,20 +819,27 @@ async def test_the_connections_of_a_split_read_ask_for_no_parallel_workers(pg, p
     assert not [plan for plan in plans if '"Gather' in plan]
 
 
+def _split_read_table(pg, pg_table, postgres_db, monkeypatch, name: str) -> tuple[Dataset, str]:
+    """A 50,000-row table read by key ranges on two connections (every table is split, in ranges
+    of 64 KiB), and the application name that tells its reads' backends apart."""
+    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
+    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
+    table = pg_table(name)
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
+    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
+    ds = Dataset(name=name, source="postgres", url=_url(postgres_db, application_name=app), table=table,
+                 key=("id",), columns=discover_columns(postgres_db, table))
+    return ds, app
+
+
 @pytest.mark.parametrize("which", ["first", "second"])
 async def test_a_connection_of_a_split_read_terminated_mid_read_is_a_transient_error(
         pg, pg_table, postgres_db, monkeypatch, which):
     """``pg_terminate_backend`` of either connection of a read by key ranges (a restart, a failover,
     an administrator) fails the read as transient, so the worker tries again from a fresh snapshot,
     and leaves no connection behind."""
-    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
-    table = pg_table("rangekill")
-    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
-    pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
-    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="rangekill", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=discover_columns(postgres_db, table))
+    ds, app = _split_read_table(pg, pg_table, postgres_db, monkeypatch, "rangekill")
     chunks = PostgresSource(ds).csv_batches(build_query(ds), 100, formula_guard=True)
     await anext(chunks)
     await anext(chunks)
@@ -846,14 +853,7 @@ async def test_a_connection_of_a_split_read_terminated_mid_read_is_a_transient_e
 
 
 async def test_closing_a_read_by_key_ranges_early_releases_every_connection(pg, pg_table, postgres_db, monkeypatch):
-    monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
-    monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 64 * 1024)
-    table = pg_table("rangeclose")
-    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
-    pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
-    app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="rangeclose", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=discover_columns(postgres_db, table))
+    ds, app = _split_read_table(pg, pg_table, postgres_db, monkeypatch, "rangeclose")
     source = PostgresSource(ds)
     chunks = source.csv_batches(build_query(ds), 100, formula_guard=True)
     await anext(chunks)
