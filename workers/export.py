@@ -22,7 +22,6 @@ from storage.base import StorageError
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
-from workers.lease import lease_held
 from workers.progress import ProgressReporter, TaskMovedOn
 
 log = logging.getLogger("dataport.worker")
@@ -36,33 +35,32 @@ async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
     if task is None:
         return "nothing to do"
 
-    async with lease_held(services, ctx["job_id"]):
-        try:
-            await _export(services, task, attempt)
-            return "succeeded"
-        except TaskMovedOn:
-            log.info("export %s stopped: the task moved on (cancelled or deleted)", task_id)
-            return "stopped"
-        except asyncio.CancelledError:
-            # arq cancels the job on abort (the task is CANCELLED already) and on worker shutdown
-            # (the task stays PROCESSING and is claimed again by the next worker).
-            raise
-        except TRANSIENT as e:
+    try:
+        await _export(services, task, attempt)
+        return "succeeded"
+    except TaskMovedOn:
+        log.info("export %s stopped: the task moved on (cancelled or deleted)", task_id)
+        return "stopped"
+    except asyncio.CancelledError:
+        # arq cancels the job on abort (the task is CANCELLED already) and on worker shutdown
+        # (the task stays PROCESSING and is claimed again by the next worker).
+        raise
+    except TRANSIENT as e:
+        return await retry_or_fail(services, task, attempt, e)
+    except StorageError as e:
+        if e.transient:
             return await retry_or_fail(services, task, attempt, e)
-        except StorageError as e:
-            if e.transient:
-                return await retry_or_fail(services, task, attempt, e)
-            return await fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
-        except SourceError as e:
-            return await fail(services, task, attempt, "SOURCE_ERROR", str(e))
-        except UserErrors as e:  # the dataset changed under a queued request
-            return await fail(services, task, attempt, "INVALID_REQUEST", str(e))
-        except Failure as e:
-            return await fail(services, task, attempt, e.code, str(e))
-        except Exception as e:
-            log.exception("export %s attempt %s crashed", task_id, attempt)
-            return await fail(services, task, attempt, "INTERNAL_ERROR",
-                              f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
+        return await fail(services, task, attempt, "STORAGE_ERROR", f"The file could not be stored: {e}")
+    except SourceError as e:
+        return await fail(services, task, attempt, "SOURCE_ERROR", str(e))
+    except UserErrors as e:  # the dataset changed under a queued request
+        return await fail(services, task, attempt, "INVALID_REQUEST", str(e))
+    except Failure as e:
+        return await fail(services, task, attempt, e.code, str(e))
+    except Exception as e:
+        log.exception("export %s attempt %s crashed", task_id, attempt)
+        return await fail(services, task, attempt, "INTERNAL_ERROR",
+                          f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
 
 
 async def _export(services: Services, task: Task, attempt: int) -> None:

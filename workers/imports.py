@@ -54,7 +54,6 @@ from tasks.notifications import task_finished
 from workers import memory
 from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
 from workers.attempts import fail as _fail
-from workers.lease import lease_held
 from workers.progress import ProgressReporter, TaskMovedOn
 
 log = logging.getLogger("dataport.worker")
@@ -84,36 +83,35 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
 
 async def _attempt(services: Services, task: Task, attempt: int, ctx: dict[str, Any]) -> str:
     task_id = task.id
-    async with lease_held(services, ctx["job_id"]):
-        try:
-            return await _import(services, task, attempt)
-        except TaskMovedOn:
-            log.info("import %s stopped: the task moved on (cancelled)", task_id)
-            return "stopped"
-        except (SinkError, StorageError) as e:
-            if e.transient:
-                return await retry_or_fail(services, task, attempt, e)
-            code = "STORAGE_ERROR" if isinstance(e, StorageError) else "WRITE_FAILED"
-            return await fail(services, task, attempt, code, str(e))
-        except TRANSIENT as e:
+    try:
+        return await _import(services, task, attempt)
+    except TaskMovedOn:
+        log.info("import %s stopped: the task moved on (cancelled)", task_id)
+        return "stopped"
+    except (SinkError, StorageError) as e:
+        if e.transient:
             return await retry_or_fail(services, task, attempt, e)
-        except SourceError as e:
-            return await fail(services, task, attempt, "WRITE_FAILED", str(e))
-        except Failure as e:
-            return await fail(services, task, attempt, e.code, str(e))
-        except FileError as e:
-            return await fail(services, task, attempt, e.code, f"The file cannot be imported: {e}")
-        except MemoryError:
-            # Not bounded by formats.limits after all: this attempt fails (a retry would fail
-            # alike), and the worker starts afresh once its other jobs are done.
-            memory.request_restart(ctx, f"MemoryError in import {task_id}")
-            return await fail(services, task, attempt, FileLimitError.code,
-                              "The file needs more memory than an import may use; split it into smaller files. "
-                              f"{nothing_written(task, services)}")
-        except Exception as e:
-            log.exception("import %s attempt %s crashed", task_id, attempt)
-            return await fail(services, task, attempt, "INTERNAL_ERROR",
-                              f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
+        code = "STORAGE_ERROR" if isinstance(e, StorageError) else "WRITE_FAILED"
+        return await fail(services, task, attempt, code, str(e))
+    except TRANSIENT as e:
+        return await retry_or_fail(services, task, attempt, e)
+    except SourceError as e:
+        return await fail(services, task, attempt, "WRITE_FAILED", str(e))
+    except Failure as e:
+        return await fail(services, task, attempt, e.code, str(e))
+    except FileError as e:
+        return await fail(services, task, attempt, e.code, f"The file cannot be imported: {e}")
+    except MemoryError:
+        # Not bounded by formats.limits after all: this attempt fails (a retry would fail
+        # alike), and the worker starts afresh once its other jobs are done.
+        memory.request_restart(ctx, f"MemoryError in import {task_id}")
+        return await fail(services, task, attempt, FileLimitError.code,
+                          "The file needs more memory than an import may use; split it into smaller files. "
+                          f"{nothing_written(task, services)}")
+    except Exception as e:
+        log.exception("import %s attempt %s crashed", task_id, attempt)
+        return await fail(services, task, attempt, "INTERNAL_ERROR",
+                          f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
 
 
 async def fail(services: Services, task: Task, attempt: int, code: str, message: str, **fields: Any) -> str:

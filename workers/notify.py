@@ -49,7 +49,6 @@ from dataport.services import Services
 from tasks import exports, imports
 from tasks.models import Task, TaskKind, TaskStatus
 from tasks.notifications import NOTIFIED_STATUSES, delivery_key, email_requested
-from workers.lease import renew_lease
 
 log = logging.getLogger("dataport.notify")
 
@@ -83,17 +82,11 @@ async def notify_task(ctx: dict[str, Any], task_id: str, run: int) -> str:
                  f"{task.status.value}, run {task.run}" if task else "deleted")
         return "nothing to do: the task moved on"
 
-    lease = asyncio.create_task(renew_lease(services, ctx["job_id"]))
     outcomes: dict[str, str | Later] = {}
-    try:
-        if await email_requested(services, task):
-            outcomes["email"] = await deliver_email(services, task, attempt)
-        if services.settings.webhook_url:
-            outcomes["webhook"] = await deliver_webhook(services, task, attempt)
-    finally:
-        lease.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await lease
+    if await email_requested(services, task):
+        outcomes["email"] = await deliver_email(services, task, attempt)
+    if services.settings.webhook_url:
+        outcomes["webhook"] = await deliver_webhook(services, task, attempt)
     later = [o for o in outcomes.values() if isinstance(o, Later)]
     if later:
         raise Retry(defer=min(o.delay for o in later))
