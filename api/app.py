@@ -72,8 +72,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def store_down(request: Request, e: Exception) -> JSONResponse:
         """Redis down (after redis-py's retries): the plain routes say so, as GraphQL does."""
         log.warning("%s %s: the task store is down (%s: %s)", request.method, request.url.path, type(e).__name__, e)
-        return JSONResponse({"error": {"code": errors.SERVICE_UNAVAILABLE, "message": STORE_DOWN_MESSAGE}},
-                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return JSONResponse(
+            {"error": {"code": errors.SERVICE_UNAVAILABLE, "message": STORE_DOWN_MESSAGE}},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
     service_metrics = ServiceMetrics()
 
@@ -93,8 +96,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         task = await services.store.get(task_id)
         # An export's file once it succeeded; an import's error report once it finished.
         key = (task.report_key if task.kind is TaskKind.IMPORT else task.object_key) if task else None
-        ready = task is not None and (task.status.is_final if task.kind is TaskKind.IMPORT
-                                      else task.status is TaskStatus.SUCCEEDED)
+        ready = task is not None and (
+            task.status.is_final if task.kind is TaskKind.IMPORT else task.status is TaskStatus.SUCCEEDED
+        )
         if not ready or not key or services.storage.name != "local":
             raise HTTPException(404, "There is no such file.")
         path = services.storage.path_for(key)

@@ -49,7 +49,10 @@ def credentials_from_header(settings: Settings, authorization: object) -> Creden
         raise AuthError("The Authorization header must be 'Bearer <token>'.")
     try:
         claims = jwt.decode(
-            token.strip(), settings.signing_secret, algorithms=["HS256"], issuer=settings.jwt_issuer,
+            token.strip(),
+            settings.signing_secret,
+            algorithms=["HS256"],
+            issuer=settings.jwt_issuer,
             options={"require": ["sub", "exp"]},
         )
     except jwt.ExpiredSignatureError:

@@ -21,8 +21,15 @@ from dataport import errors
 log = logging.getLogger("strawberry.execution")
 
 # Refusals an operator wants to see at the default log level.
-_LIMITS = frozenset({errors.QUERY_TOO_COMPLEX, errors.PAYLOAD_TOO_LARGE, errors.RATE_LIMITED,
-                     errors.QUOTA_EXCEEDED, errors.SERVICE_UNAVAILABLE})
+_LIMITS = frozenset(
+    {
+        errors.QUERY_TOO_COMPLEX,
+        errors.PAYLOAD_TOO_LARGE,
+        errors.RATE_LIMITED,
+        errors.QUOTA_EXCEEDED,
+        errors.SERVICE_UNAVAILABLE,
+    }
+)
 
 
 def is_unexpected(error: GraphQLError) -> bool:
@@ -57,9 +64,14 @@ class MaskUnexpectedErrors(MaskErrors):
             masked = super().anonymise_error(error)
             masked.extensions = {"code": "INTERNAL_ERROR"}
             return masked
-        return GraphQLError(STORE_DOWN_MESSAGE, nodes=error.nodes, source=error.source, positions=error.positions,
-                            path=error.path, extensions={"code": errors.SERVICE_UNAVAILABLE,
-                                                        "retryAfterSeconds": RETRY_AFTER_SECONDS})
+        return GraphQLError(
+            STORE_DOWN_MESSAGE,
+            nodes=error.nodes,
+            source=error.source,
+            positions=error.positions,
+            path=error.path,
+            extensions={"code": errors.SERVICE_UNAVAILABLE, "retryAfterSeconds": RETRY_AFTER_SECONDS},
+        )
 
 
 def code_client_errors(graphql_errors: Iterable[GraphQLError]) -> None:
@@ -68,8 +80,9 @@ def code_client_errors(graphql_errors: Iterable[GraphQLError]) -> None:
     ``GRAPHQL_VALIDATION_FAILED``. In place: some of them (variables) reach no extension."""
     for error in graphql_errors:
         # No path: raised before any resolver ran; graphql-core wraps a variable's own error.
-        before_execution = error.path is None and (error.original_error is None
-                                                   or isinstance(error.original_error, GraphQLError))
+        before_execution = error.path is None and (
+            error.original_error is None or isinstance(error.original_error, GraphQLError)
+        )
         if before_execution and not (error.extensions or {}).get("code"):
             error.extensions = {**(error.extensions or {}), "code": GRAPHQL_VALIDATION_FAILED}
 
@@ -77,8 +90,11 @@ def code_client_errors(graphql_errors: Iterable[GraphQLError]) -> None:
 def log_errors(graphql_errors: Iterable[GraphQLError]) -> None:
     for error in graphql_errors:
         if is_outage(error):
-            log.warning("GraphQL request failed: the task store is down (%s: %s)",
-                        type(error.original_error).__name__, error.original_error)
+            log.warning(
+                "GraphQL request failed: the task store is down (%s: %s)",
+                type(error.original_error).__name__,
+                error.original_error,
+            )
             continue
         if is_unexpected(error):
             log.error("%s", error.message, exc_info=error.original_error)

@@ -78,8 +78,11 @@ class Shape:
     fields: int = 0
 
     def plus(self, other: Shape, depth_offset: int = 0) -> Shape:
-        return Shape(max(self.depth, other.depth + depth_offset if other.depth else 0),
-                     min(self.aliases + other.aliases, _SATURATED), min(self.fields + other.fields, _SATURATED))
+        return Shape(
+            max(self.depth, other.depth + depth_offset if other.depth else 0),
+            min(self.aliases + other.aliases, _SATURATED),
+            min(self.fields + other.fields, _SATURATED),
+        )
 
 
 def too_complex(message: str, limit: int) -> GraphQLError:
@@ -152,17 +155,22 @@ def check(document: DocumentNode, limits: QueryLimits) -> GraphQLError | None:
     """The first limit the document exceeds, as a coded error; None when it is within all."""
     operations, shape = measure(document)
     if operations > limits.operations:
-        return too_complex(f"The document holds {operations} operations; at most {limits.operations} are allowed.",
-                           limits.operations)
+        return too_complex(
+            f"The document holds {operations} operations; at most {limits.operations} are allowed.", limits.operations
+        )
     if shape.depth > limits.depth:
-        return too_complex(f"The query nests fields {shape.depth} deep; at most {limits.depth} levels are allowed.",
-                           limits.depth)
+        return too_complex(
+            f"The query nests fields {shape.depth} deep; at most {limits.depth} levels are allowed.", limits.depth
+        )
     if shape.aliases > limits.aliases:
         allowed = f"at most {limits.aliases} are allowed" if limits.aliases else "sign in to use aliases"
         return too_complex(f"The query uses {shape.aliases} aliases; {allowed}.", limits.aliases)
     if shape.fields > limits.fields:
-        return too_complex(f"The query selects {shape.fields} fields (fragments counted each time they are "
-                           f"spread); at most {limits.fields} are allowed.", limits.fields)
+        return too_complex(
+            f"The query selects {shape.fields} fields (fragments counted each time they are "
+            f"spread); at most {limits.fields} are allowed.",
+            limits.fields,
+        )
     return None
 
 
@@ -187,8 +195,13 @@ class GraphQLLimits(SchemaExtension):
             # not a typo, so the error says which limit.
             if isinstance(error, GraphQLSyntaxError) and error.message.endswith("Parsing aborted."):
                 limits = self._limits()
-                limit = (limits.tokens if "tokens" in error.message
-                         else limits.source_length if "code points" in error.message else MAX_NESTING_DEPTH)
+                limit = (
+                    limits.tokens
+                    if "tokens" in error.message
+                    else limits.source_length
+                    if "code points" in error.message
+                    else MAX_NESTING_DEPTH
+                )
                 error.extensions = {"code": errors.QUERY_TOO_COMPLEX, "limit": limit}
 
     def on_validate(self) -> Iterator[None]:

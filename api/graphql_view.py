@@ -112,8 +112,9 @@ class GraphQLView(GraphQLRouter):
         try:
             response = await super().run(request, context, root_value)
         except HTTPException as e:
-            return Response(error_body(e.reason, errors.BAD_REQUEST), status_code=e.status_code,
-                            media_type="application/json")
+            return Response(
+                error_body(e.reason, errors.BAD_REQUEST), status_code=e.status_code, media_type="application/json"
+            )
         if _accepts_graphql_response(request) and response.media_type == "application/json":
             response.headers["content-type"] = GRAPHQL_RESPONSE_JSON
             if getattr(request.state, "graphql_request_error", False):

@@ -110,43 +110,62 @@ class ServiceMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         up = self.stats is not None and self.queue is not None
-        yield GaugeMetricFamily("dataport_task_store_up", "1 when the last scrape could read the task "
-                                "statistics and the queue from Redis, else 0", value=1 if up else 0)
+        yield GaugeMetricFamily(
+            "dataport_task_store_up",
+            "1 when the last scrape could read the task statistics and the queue from Redis, else 0",
+            value=1 if up else 0,
+        )
         if not up:
             return
         stats, queue = self.stats, self.queue
-        yield GaugeMetricFamily("dataport_workers", "Workers on this queue whose heartbeat is fresh",
-                                value=self.workers or 0)
+        yield GaugeMetricFamily(
+            "dataport_workers", "Workers on this queue whose heartbeat is fresh", value=self.workers or 0
+        )
 
-        tasks = GaugeMetricFamily("dataport_tasks", "Tasks now in each status (EXPIRED: until they are deleted)",
-                                  labels=["kind", "status"])
+        tasks = GaugeMetricFamily(
+            "dataport_tasks", "Tasks now in each status (EXPIRED: until they are deleted)", labels=["kind", "status"]
+        )
         for (kind, status), n in stats.tasks.items():
             tasks.add_metric([kind.value, status.value], n)
         yield tasks
 
         durations = HistogramMetricFamily(
-            "dataport_task_duration_seconds", "Seconds from startedAt to finishedAt of tasks that ended",
-            labels=["kind", "status"])
+            "dataport_task_duration_seconds",
+            "Seconds from startedAt to finishedAt of tasks that ended",
+            labels=["kind", "status"],
+        )
         for kind in TaskKind:
             for status in DURATION_STATUSES:
                 h = stats.durations[kind, status]
                 durations.add_metric([kind.value, status.value], h.buckets, h.sum)
         yield durations
 
-        rows = CounterMetricFamily("dataport_rows", "Rows of succeeded tasks: exported, or written by imports "
-                                   "(dry runs write none)", labels=["kind"])
-        size = CounterMetricFamily("dataport_bytes", "Bytes of succeeded tasks: files written by exports, "
-                                   "files read by imports", labels=["kind"])
+        rows = CounterMetricFamily(
+            "dataport_rows",
+            "Rows of succeeded tasks: exported, or written by imports (dry runs write none)",
+            labels=["kind"],
+        )
+        size = CounterMetricFamily(
+            "dataport_bytes",
+            "Bytes of succeeded tasks: files written by exports, files read by imports",
+            labels=["kind"],
+        )
         for kind in TaskKind:
             rows.add_metric([kind.value], stats.rows[kind])
             size.add_metric([kind.value], stats.bytes[kind])
         yield rows
         yield size
 
-        depth = GaugeMetricFamily("dataport_queue_depth", "Jobs in the queue waiting for a worker (deferred "
-                                  "retries included), by job function", labels=["function"])
-        running = GaugeMetricFamily("dataport_jobs_in_progress", "Jobs of the queue running on a worker now, "
-                                    "by job function", labels=["function"])
+        depth = GaugeMetricFamily(
+            "dataport_queue_depth",
+            "Jobs in the queue waiting for a worker (deferred retries included), by job function",
+            labels=["function"],
+        )
+        running = GaugeMetricFamily(
+            "dataport_jobs_in_progress",
+            "Jobs of the queue running on a worker now, by job function",
+            labels=["function"],
+        )
         for function, n in sorted(queue.waiting.items()):
             depth.add_metric([function], n)
         for function, n in sorted(queue.running.items()):
@@ -159,4 +178,3 @@ async def exposition(services: Services, metrics: ServiceMetrics) -> bytes:
     """The text exposition: this process's metrics, then the service's."""
     await metrics.refresh(services)
     return generate_latest(REGISTRY) + generate_latest(metrics)
-

@@ -30,10 +30,14 @@ async def check_mutation(info: Info) -> None:
     settings = ctx.services.settings
     wait = await retry_after_all(
         ctx.services.redis,
-        [("mutation:user", ctx.owner.id, settings.mutation_rate_per_user),
-         ("mutation:ip", client_address(info), settings.mutation_rate_per_ip)],
+        [
+            ("mutation:user", ctx.owner.id, settings.mutation_rate_per_user),
+            ("mutation:ip", client_address(info), settings.mutation_rate_per_ip),
+        ],
         settings.mutation_rate_window_seconds,
     )
     if wait is not None:
-        raise GraphQLError(f"Too many requests; try again in {wait} s.",
-                           extensions={"code": errors.RATE_LIMITED, "retryAfterSeconds": wait})
+        raise GraphQLError(
+            f"Too many requests; try again in {wait} s.",
+            extensions={"code": errors.RATE_LIMITED, "retryAfterSeconds": wait},
+        )

@@ -35,8 +35,15 @@ async def retry_after(redis: Redis, scope: str, identity: str, per_minute: int) 
     """Count one request of ``identity``; seconds to wait when it is over the limit, else None.
     A refused request is not counted, so a client that waits as told gets through."""
     now = time.time()
-    oldest = await redis.eval(_SLIDING_WINDOW, 1, f"dataport:ratelimit:{scope}:{identity}",
-                              f"{now:.6f}", WINDOW_SECONDS, per_minute, f"{now:.6f}:{uuid.uuid4().hex[:8]}")
+    oldest = await redis.eval(
+        _SLIDING_WINDOW,
+        1,
+        f"dataport:ratelimit:{scope}:{identity}",
+        f"{now:.6f}",
+        WINDOW_SECONDS,
+        per_minute,
+        f"{now:.6f}:{uuid.uuid4().hex[:8]}",
+    )
     if oldest is None:
         return None
     return max(1, math.ceil(float(oldest) + WINDOW_SECONDS - now))
@@ -70,8 +77,15 @@ async def retry_after_all(redis: Redis, checks: list[tuple[str, str, int]], wind
     (if nothing else was counted meanwhile)."""
     now = time.time()
     keys = [f"dataport:ratelimit:{scope}:{identity}" for scope, identity, _ in checks]
-    wait = await redis.eval(_SLIDING_WINDOWS, len(keys), *keys, f"{now:.6f}", window_seconds,
-                            f"{now:.6f}:{uuid.uuid4().hex[:8]}", *(limit for _, _, limit in checks))
+    wait = await redis.eval(
+        _SLIDING_WINDOWS,
+        len(keys),
+        *keys,
+        f"{now:.6f}",
+        window_seconds,
+        f"{now:.6f}:{uuid.uuid4().hex[:8]}",
+        *(limit for _, _, limit in checks),
+    )
     if wait is None:
         return None
     return max(1, math.ceil(float(wait) - (time.time() - now)))

@@ -112,8 +112,9 @@ class Readiness:
     @staticmethod
     async def _workers(services: Services) -> None:
         if not await live_workers(services.redis, services.settings.queue_name):
-            raise NoWorkers(f"no worker on queue {services.settings.queue_name} has reported "
-                            f"in the last {STALE_SECONDS:g} s")
+            raise NoWorkers(
+                f"no worker on queue {services.settings.queue_name} has reported in the last {STALE_SECONDS:g} s"
+            )
 
     @staticmethod
     async def _storage(services: Services) -> None:

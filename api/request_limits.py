@@ -92,9 +92,17 @@ class RequestSizeLimit:
         message = f"The request is larger than {limit} bytes, the most allowed"
         message += " without a valid token; sign in for more." if anonymous else "."
         body = error_body(message, errors.PAYLOAD_TOO_LARGE, limit=limit)
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -54,8 +54,9 @@ READS_IN_PROGRESS = Gauge("dataport_stream_reads_in_progress", "Streaming-route 
 router = APIRouter()
 
 
-def _error(status: int, code: str, message: str, field: list[str] | None = None, retry: int | None = None,
-           **extra) -> JSONResponse:
+def _error(
+    status: int, code: str, message: str, field: list[str] | None = None, retry: int | None = None, **extra
+) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if retry is not None:
         headers["Retry-After"] = str(retry)
@@ -67,8 +68,10 @@ def _error(status: int, code: str, message: str, field: list[str] | None = None,
 def _user_errors(problems: list[UserError]) -> JSONResponse:
     first = problems[0]
     return JSONResponse(
-        {"error": {"code": first.code, "message": first.message, "field": list(first.field or ())},
-         "errors": [{"code": p.code, "message": p.message, "field": list(p.field or ())} for p in problems]},
+        {
+            "error": {"code": first.code, "message": first.message, "field": list(first.field or ())},
+            "errors": [{"code": p.code, "message": p.message, "field": list(p.field or ())} for p in problems],
+        },
         status_code=400,
     )
 
@@ -123,25 +126,32 @@ async def stream_export(
     except AuthError as e:
         return _error(401, "UNAUTHENTICATED", str(e))
     client = request.client.host if request.client else "unknown"
-    for scope, identity, per_minute in (("user", owner.id, settings.stream_rate_per_user),
-                                        ("ip", client, settings.stream_rate_per_ip)):
+    for scope, identity, per_minute in (
+        ("user", owner.id, settings.stream_rate_per_user),
+        ("ip", client, settings.stream_rate_per_ip),
+    ):
         wait = await retry_after(services.redis, f"stream:{scope}", identity, per_minute)
         if wait is not None:
-            return _error(429, errors.RATE_LIMITED, f"Too many streaming requests; try again in {wait} s.",
-                          retry=wait)
+            return _error(429, errors.RATE_LIMITED, f"Too many streaming requests; try again in {wait} s.", retry=wait)
 
     file_format = format.upper()
     if file_format not in STREAM_FORMATS:
-        return _error(400, errors.UNSUPPORTED_FORMAT,
-                      f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX needs requestExport.",
-                      ["format"])
+        return _error(
+            400,
+            errors.UNSUPPORTED_FORMAT,
+            f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX needs requestExport.",
+            ["format"],
+        )
     ds = services.registry.get(dataset)
     if ds is None:
         return _error(404, errors.DATASET_NOT_FOUND, f"There is no dataset '{shown(dataset)}'.", ["dataset"])
     if len(filter) > MAX_FILTERS:
-        return _error(400, errors.TOO_MANY_VALUES,
-                      f"At most {MAX_FILTERS} filters can be given, not {len(filter):,}; use in: for a list of values.",
-                      ["filter"])
+        return _error(
+            400,
+            errors.TOO_MANY_VALUES,
+            f"At most {MAX_FILTERS} filters can be given, not {len(filter):,}; use in: for a list of values.",
+            ["filter"],
+        )
     try:
         filters = [parse_filter_text(f) for f in filter]
     except ValueError as e:
@@ -151,25 +161,47 @@ async def stream_export(
     except ValueError as e:
         return _error(400, errors.INVALID_LIMIT, str(e), ["limit"])
     try:
-        query = build_query(ds, columns.split(",") if columns else None, filters,
-                            parse_sort_text(sort) if sort else None, rows, path=("query",))
+        query = build_query(
+            ds,
+            columns.split(",") if columns else None,
+            filters,
+            parse_sort_text(sort) if sort else None,
+            rows,
+            path=("query",),
+        )
     except UserErrors as e:
         return _user_errors(e.errors)
 
     try:
-        slot = await take_slot(services.redis, settings.queue_name, owner.id,
-                               settings.stream_concurrency_per_user, settings.stream_concurrency)
+        slot = await take_slot(
+            services.redis,
+            settings.queue_name,
+            owner.id,
+            settings.stream_concurrency_per_user,
+            settings.stream_concurrency,
+        )
     except NoSlot as e:
         if e.scope == "user":
-            return _error(429, errors.RATE_LIMITED,
-                          f"You have {settings.stream_concurrency_per_user} streams open, the most at once; "
-                          f"finish one, or try again in {RETRY_AFTER_SECONDS} s.", retry=RETRY_AFTER_SECONDS)
-        return _error(503, errors.SERVICE_UNAVAILABLE,
-                      f"The api is streaming as much as it can; try again in {RETRY_AFTER_SECONDS} s.",
-                      retry=RETRY_AFTER_SECONDS)
+            return _error(
+                429,
+                errors.RATE_LIMITED,
+                f"You have {settings.stream_concurrency_per_user} streams open, the most at once; "
+                f"finish one, or try again in {RETRY_AFTER_SECONDS} s.",
+                retry=RETRY_AFTER_SECONDS,
+            )
+        return _error(
+            503,
+            errors.SERVICE_UNAVAILABLE,
+            f"The api is streaming as much as it can; try again in {RETRY_AFTER_SECONDS} s.",
+            retry=RETRY_AFTER_SECONDS,
+        )
     except RedisError:
-        return _error(503, errors.SERVICE_UNAVAILABLE, "Streams cannot be counted right now; try again soon.",
-                      retry=RETRY_AFTER_SECONDS)
+        return _error(
+            503,
+            errors.SERVICE_UNAVAILABLE,
+            "Streams cannot be counted right now; try again soon.",
+            retry=RETRY_AFTER_SECONDS,
+        )
 
     source = services.registry.open(ds)
     READS_IN_PROGRESS.inc()
@@ -185,8 +217,7 @@ async def stream_export(
         matching = await source.count(query, cap=ds.stream_max_rows + 1)
     except QueryTooComplex as e:
         await close()
-        return _error(400, errors.TOO_MANY_VALUES, f"The filters are too complex for this dataset: {e}",
-                      ["filter"])
+        return _error(400, errors.TOO_MANY_VALUES, f"The filters are too complex for this dataset: {e}", ["filter"])
     except SourceError as e:
         await close()
         return _error(503, errors.SOURCE_UNAVAILABLE, f"The dataset cannot be read right now: {e}")
@@ -197,18 +228,27 @@ async def stream_export(
     if matching > ds.stream_max_rows:
         await close()
         return _error(
-            413, errors.TOO_MANY_ROWS,
+            413,
+            errors.TOO_MANY_ROWS,
             f"More than {ds.stream_max_rows:,} rows match, the most this route streams. Narrow the filters, set "
             f"a limit, or ask for a background export with the requestExport mutation.",
-            maxRows=ds.stream_max_rows, use="requestExport",
+            maxRows=ds.stream_max_rows,
+            use="requestExport",
         )
 
-    chunks = encode(source, query, file_format, batch_rows=min(settings.batch_rows, STREAM_BATCH_ROWS),
-                    formula_guard=settings.csv_formula_guard)
+    chunks = encode(
+        source,
+        query,
+        file_format,
+        batch_rows=min(settings.batch_rows, STREAM_BATCH_ROWS),
+        formula_guard=settings.csv_formula_guard,
+    )
 
     writer = WRITERS[file_format]
     return IdleTimeoutStreamingResponse(
-        _read_apart(chunks), idle_timeout=settings.stream_idle_timeout_seconds, on_close=close,
+        _read_apart(chunks),
+        idle_timeout=settings.stream_idle_timeout_seconds,
+        on_close=close,
         media_type=writer.content_type,
         headers={"Content-Disposition": content_disposition(f"{ds.name}.{writer.extension}")},
     )

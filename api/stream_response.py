@@ -27,8 +27,9 @@ PIECE_BYTES = 64 * 1024
 
 
 class IdleTimeoutStreamingResponse(StreamingResponse):
-    def __init__(self, content: AsyncIterator[bytes], *, idle_timeout: float,
-                 on_close: Callable[[], Awaitable[None]], **kwargs) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], *, idle_timeout: float, on_close: Callable[[], Awaitable[None]], **kwargs
+    ) -> None:
         super().__init__(content, **kwargs)
         self.idle_timeout = idle_timeout
         self.on_close = on_close
@@ -45,13 +46,14 @@ class IdleTimeoutStreamingResponse(StreamingResponse):
         return True
 
     async def stream_response(self, send: Send) -> None:
-        if not await self._send(send, {"type": "http.response.start", "status": self.status_code,
-                                       "headers": self.raw_headers}):
+        if not await self._send(
+            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        ):
             return
         async for chunk in self.body_iterator:
             view = memoryview(chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset))
             for start in range(0, len(view), PIECE_BYTES):
-                piece = bytes(view[start:start + PIECE_BYTES])
+                piece = bytes(view[start : start + PIECE_BYTES])
                 if not await self._send(send, {"type": "http.response.body", "body": piece, "more_body": True}):
                     return  # uvicorn closes the connection: the response is incomplete
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})

@@ -99,8 +99,9 @@ async def take_slot(redis: Redis, namespace: str, user: str, per_user: int, in_a
     keys = (f"dataport:streams:{namespace}:user:{user}", f"dataport:streams:{namespace}:all")
     member = uuid.uuid4().hex
     now = time.time()
-    taken = await redis.eval(_TAKE, 2, *keys, f"{now:.6f}", f"{now + LEASE_SECONDS:.6f}", per_user, in_all,
-                             member, int(LEASE_SECONDS) + 1)
+    taken = await redis.eval(
+        _TAKE, 2, *keys, f"{now:.6f}", f"{now + LEASE_SECONDS:.6f}", per_user, in_all, member, int(LEASE_SECONDS) + 1
+    )
     if int(taken) == 1:
         raise NoSlot("user")
     if int(taken) == 2:

@@ -24,16 +24,22 @@ T = TypeVar("T")
 
 
 def token_expired() -> GraphQLError:
-    return GraphQLError("The token has expired; sign in again and resubscribe.",
-                        extensions={"code": errors.UNAUTHENTICATED})
+    return GraphQLError(
+        "The token has expired; sign in again and resubscribe.", extensions={"code": errors.UNAUTHENTICATED}
+    )
 
 
 async def guarded(info: Info, source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     context = info.context
     settings = context.services.settings
     credentials = context.credentials
-    slot = await take_slot(context.services.redis, settings.queue_name, credentials.owner.id,
-                           settings.max_subscriptions_per_user, settings.subscription_lease_seconds)
+    slot = await take_slot(
+        context.services.redis,
+        settings.queue_name,
+        credentials.owner.id,
+        settings.max_subscriptions_per_user,
+        settings.subscription_lease_seconds,
+    )
     try:
         while True:
             remaining = credentials.expires_at - time.time()
@@ -46,8 +52,10 @@ async def guarded(info: Info, source: AsyncIterator[T]) -> AsyncGenerator[T, Non
             except TimeoutError:  # wait_for cancelled the wait, which closed the source
                 raise token_expired() from None
             except RedisError:  # coded, not masked as an internal error (resuming is left to tasks/watch.py)
-                raise GraphQLError("The task store is unavailable; subscribe again shortly.",
-                                   extensions={"code": errors.SERVICE_UNAVAILABLE}) from None
+                raise GraphQLError(
+                    "The task store is unavailable; subscribe again shortly.",
+                    extensions={"code": errors.SERVICE_UNAVAILABLE},
+                ) from None
             yield item
     finally:
         await slot.release()

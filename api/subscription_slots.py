@@ -90,8 +90,9 @@ async def take_slot(redis: Redis, namespace: str, user: str, limit: int, lease_s
     try:
         taken = int(await redis.eval(_TAKE, 1, key, lease_seconds, limit, member))
     except RedisError:
-        raise GraphQLError("The task store is unavailable; try again shortly.",
-                           extensions={"code": errors.SERVICE_UNAVAILABLE}) from None
+        raise GraphQLError(
+            "The task store is unavailable; try again shortly.", extensions={"code": errors.SERVICE_UNAVAILABLE}
+        ) from None
     if not taken:
         raise GraphQLError(
             f"You have {limit} subscriptions open, the most allowed; end one before starting another.",

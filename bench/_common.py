@@ -162,8 +162,13 @@ class Stack:
 
     def _spawn(self, *args: str, log: Path) -> subprocess.Popen:
         with log.open("wb") as out:
-            return subprocess.Popen([sys.executable, "-m", "dataport.cli", *args], env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [sys.executable, "-m", "dataport.cli", *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def start(self, timeout: float = 60) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -184,8 +189,17 @@ class Stack:
             stop(process)
 
 
-def stack_env(data_dir: Path, files_dir: Path, redis_url: str, secret: str, port: int, *,
-              storage: str = "local", datasets: Path | None = None, **extra: str) -> dict[str, str]:
+def stack_env(
+    data_dir: Path,
+    files_dir: Path,
+    redis_url: str,
+    secret: str,
+    port: int,
+    *,
+    storage: str = "local",
+    datasets: Path | None = None,
+    **extra: str,
+) -> dict[str, str]:
     """The environment of one stack: no ``DATAPORT_*`` of ours leaks in; ``extra`` as
     ``max_export_rows="1000"`` becomes ``DATAPORT_MAX_EXPORT_ROWS=1000``."""
     env = {
@@ -204,8 +218,9 @@ def stack_env(data_dir: Path, files_dir: Path, redis_url: str, secret: str, port
     return env
 
 
-def run_peer(command: Sequence[str], stdout: IO[bytes] | int | None = None,
-             env: dict[str, str] | None = None) -> tuple[float, int]:
+def run_peer(
+    command: Sequence[str], stdout: IO[bytes] | int | None = None, env: dict[str, str] | None = None
+) -> tuple[float, int]:
     """Run a peer program to its end, its RSS (with children) sampled like the worker's:
     (seconds, peak RSS). Raises if it exits non-zero."""
     started = time.perf_counter()
@@ -337,8 +352,9 @@ def median_of(values: Sequence[float]) -> float:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -346,23 +362,34 @@ def git_commit() -> str | None:
 def working_tree() -> dict[str, Any]:
     """What code was measured: the commit, and the files outside ``bench/`` that differ from it (with a
     hash of that diff), since a shared working tree may hold someone's uncommitted edits."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout
 
     try:
-        modified = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-                    if not line[3:].startswith("bench/")]
+        modified = [
+            line[3:]
+            for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            if not line[3:].startswith("bench/")
+        ]
         diff = git("diff", "HEAD", "--", ".", ":(exclude)bench") if modified else ""
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None}
-    return {"commit": git_commit(), "modified_outside_bench": modified,
-            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
+    return {
+        "commit": git_commit(),
+        "modified_outside_bench": modified,
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-            "load_average_at_end": os.getloadavg()}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "load_average_at_end": os.getloadavg(),
+    }
 
 
 def note_load() -> tuple[float, float, float]:
@@ -370,20 +397,30 @@ def note_load() -> tuple[float, float, float]:
     code measured holds uncommitted changes outside ``bench/``."""
     load = os.getloadavg()
     if load[0] > 0.5 * (os.cpu_count() or 1):
-        console.print(f"[yellow]the machine is busy (load average {load[0]:.2f} on {os.cpu_count()} CPUs): "
-                      "timings will be noisier; ratios are measured in the same run[/yellow]")
+        console.print(
+            f"[yellow]the machine is busy (load average {load[0]:.2f} on {os.cpu_count()} CPUs): "
+            "timings will be noisier; ratios are measured in the same run[/yellow]"
+        )
     modified = working_tree().get("modified_outside_bench")
     if modified:
-        console.print(f"[yellow]measuring uncommitted changes to {', '.join(modified)} "
-                      "(listed in the JSON with a hash of the diff)[/yellow]")
+        console.print(
+            f"[yellow]measuring uncommitted changes to {', '.join(modified)} "
+            "(listed in the JSON with a hash of the diff)[/yellow]"
+        )
     return load
 
 
 def write_json(path: Path, bench: str, **body: Any) -> None:
     """One JSON document for the run: which bench, when, at which commit, on what machine, then ``body``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"bench": bench, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit(),
-                "working_tree": working_tree(), "machine": machine(), **body}
+    document = {
+        "bench": bench,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),
+        "working_tree": working_tree(),
+        "machine": machine(),
+        **body,
+    }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
 
 

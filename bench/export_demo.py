@@ -98,10 +98,12 @@ with open(out, "w", newline="", encoding="utf-8") as f:
 # --- processes -------------------------------------------------------------------------------
 
 
-def stack_env(rows: int, data_dir: Path, files_dir: Path, redis_url: str, secret: str, port: int,
-              storage: str) -> dict[str, str]:
-    return common_stack_env(data_dir, files_dir, redis_url, secret, port, storage=storage,
-                            demo_rows=str(rows), max_export_rows=str(rows))
+def stack_env(
+    rows: int, data_dir: Path, files_dir: Path, redis_url: str, secret: str, port: int, storage: str
+) -> dict[str, str]:
+    return common_stack_env(
+        data_dir, files_dir, redis_url, secret, port, storage=storage, demo_rows=str(rows), max_export_rows=str(rows)
+    )
 
 
 # --- one export through Dataport -------------------------------------------------------------
@@ -131,8 +133,12 @@ def run_peer(db: Path, out: Path, file_format: str) -> dict:
     sampler.stop()
     if code != 0:
         raise RuntimeError(f"the peer export exited with {code}")
-    return {"seconds": seconds, "peak_rss": sampler.peak, "bytes": out.stat().st_size,
-            "records": count_records(out, file_format)}
+    return {
+        "seconds": seconds,
+        "peak_rss": sampler.peak,
+        "bytes": out.stat().st_size,
+        "records": count_records(out, file_format),
+    }
 
 
 # --- one row count ---------------------------------------------------------------------------
@@ -172,8 +178,13 @@ class Result:
         return self.error is None and bool(self.checks) and all(self.checks.values())
 
     def as_json(self) -> dict:
-        return {**asdict(self), "rows_per_second": self.rows_per_second, "mb_per_second": self.mb_per_second,
-                "ratio_to_peer": self.ratio, "ok": self.ok}
+        return {
+            **asdict(self),
+            "rows_per_second": self.rows_per_second,
+            "mb_per_second": self.mb_per_second,
+            "ratio_to_peer": self.ratio,
+            "ok": self.ok,
+        }
 
 
 def prepare_database(rows: int) -> tuple[Path, Path]:
@@ -193,8 +204,9 @@ def measure(rows: int, args: argparse.Namespace, redis_url: str, scratch: Path) 
     logs.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
     port = free_port()
-    stack = Stack(stack_env(rows, data_dir, scratch / f"files-{rows}", redis_url, secret, port, args.storage),
-                  port, logs)
+    stack = Stack(
+        stack_env(rows, data_dir, scratch / f"files-{rows}", redis_url, secret, port, args.storage), port, logs
+    )
     exported = scratch / f"dataport-{rows}.{args.format.lower()}"
     try:
         stack.start()
@@ -208,8 +220,7 @@ def measure(rows: int, args: argparse.Namespace, redis_url: str, scratch: Path) 
         sampler = PeakRss(stack.worker.pid)
         sampler.start()
         try:
-            task, result.seconds = asyncio.run(export_and_follow(client, {"dataset": "samples",
-                                                                           "format": args.format}))
+            task, result.seconds = asyncio.run(export_and_follow(client, {"dataset": "samples", "format": args.format}))
         finally:
             result.worker_peak_rss = sampler.stop()
             result.rss_samples = sampler.samples
@@ -261,10 +272,22 @@ def rss_verdict(results: list[Result]) -> tuple[float | None, bool]:
 
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
-    table = Table(title=f"Export of the demo dataset: {args.format}, {args.storage} storage, api + 1 worker "
-                        "(RSS in MiB; ratio = seconds / peer seconds)")
-    for name in ("rows", "seconds", "rows/s", "MB/s", "worker peak MiB", "worker idle MiB",
-                 "peer seconds", "peer peak MiB", "ratio", "checks"):
+    table = Table(
+        title=f"Export of the demo dataset: {args.format}, {args.storage} storage, api + 1 worker "
+        "(RSS in MiB; ratio = seconds / peer seconds)"
+    )
+    for name in (
+        "rows",
+        "seconds",
+        "rows/s",
+        "MB/s",
+        "worker peak MiB",
+        "worker idle MiB",
+        "peer seconds",
+        "peer peak MiB",
+        "ratio",
+        "checks",
+    ):
         table.add_column(name, justify="left" if name == "checks" else "right")
     for r in results:
         if r.error:
@@ -272,9 +295,15 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
             continue
         failed = [name for name, ok in r.checks.items() if not ok]
         table.add_row(
-            f"{r.rows:,}", f"{r.seconds:.2f}", f"{r.rows_per_second:,.0f}", f"{r.mb_per_second:.1f}",
-            f"{r.worker_peak_rss / MiB:.1f}", f"{r.worker_idle_rss / MiB:.1f}",
-            f"{r.peer['seconds']:.2f}", f"{r.peer['peak_rss'] / MiB:.1f}", f"{r.ratio:.2f}x",
+            f"{r.rows:,}",
+            f"{r.seconds:.2f}",
+            f"{r.rows_per_second:,.0f}",
+            f"{r.mb_per_second:.1f}",
+            f"{r.worker_peak_rss / MiB:.1f}",
+            f"{r.worker_idle_rss / MiB:.1f}",
+            f"{r.peer['seconds']:.2f}",
+            f"{r.peer['peak_rss'] / MiB:.1f}",
+            f"{r.ratio:.2f}x",
             "[green]ok[/green]" if not failed else f"[red]FAILED: {', '.join(failed)}[/red]",
         )
     console.print(table)
@@ -289,17 +318,25 @@ def print_verdict(results: list[Result], ratio: float | None, passed: bool) -> N
         return
     first, largest = results[0], max(results, key=lambda r: r.rows)
     verdict = "[green]PASS[/green]" if passed else "[red]FAIL[/red]"
-    console.print(f"worker peak RSS {largest.rows:,} / {first.rows:,} rows: "
-                  f"{largest.worker_peak_rss / MiB:.1f} / {first.worker_peak_rss / MiB:.1f} MiB = "
-                  f"{ratio:.3f}x (limit {RSS_LIMIT}x) {verdict}")
+    console.print(
+        f"worker peak RSS {largest.rows:,} / {first.rows:,} rows: "
+        f"{largest.worker_peak_rss / MiB:.1f} / {first.worker_peak_rss / MiB:.1f} MiB = "
+        f"{ratio:.3f}x (limit {RSS_LIMIT}x) {verdict}"
+    )
 
 
-def write_report(path: Path, results: list[Result], args: argparse.Namespace, ratio: float | None,
-                 passed: bool) -> None:
-    write_json(path, "export_demo",
-               settings={"format": args.format, "storage": args.storage, "sample_seconds": SAMPLE_SECONDS},
-               results=[r.as_json() for r in results], peak_rss_ratio=ratio, peak_rss_limit=RSS_LIMIT,
-               passed=passed)
+def write_report(
+    path: Path, results: list[Result], args: argparse.Namespace, ratio: float | None, passed: bool
+) -> None:
+    write_json(
+        path,
+        "export_demo",
+        settings={"format": args.format, "storage": args.storage, "sample_seconds": SAMPLE_SECONDS},
+        results=[r.as_json() for r in results],
+        peak_rss_ratio=ratio,
+        peak_rss_limit=RSS_LIMIT,
+        passed=passed,
+    )
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -307,8 +344,13 @@ def write_report(path: Path, results: list[Result], args: argparse.Namespace, ra
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000],
-                        help="row counts, in order; the first is the RSS reference")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[100_000, 1_000_000],
+        help="row counts, in order; the first is the RSS reference",
+    )
     parser.add_argument("--format", default="CSV", type=str.upper, choices=["CSV", "NDJSON"])
     parser.add_argument("--storage", default="local", choices=["local"])
     parser.add_argument("--out", type=Path, default=OUT_DIR / "export_demo.json")

@@ -74,9 +74,14 @@ class TreeStack(Stack):
 
     def _spawn(self, *args: str, log: Path) -> subprocess.Popen:
         with log.open("wb") as out:
-            return subprocess.Popen([sys.executable, "-m", "dataport.cli", *args], env=self.env,
-                                    cwd=self.tree or REPO_DIR, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [sys.executable, "-m", "dataport.cli", *args],
+                env=self.env,
+                cwd=self.tree or REPO_DIR,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
 
 def extract(commit: str, into: Path) -> Path:
@@ -92,8 +97,12 @@ def extract(commit: str, into: Path) -> Path:
 
 
 def gql(url: str, token: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-    response = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables or {}},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    response = httpx.post(
+        f"{url}/graphql",
+        json={"query": query, "variables": variables or {}},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
     body = response.json()
     if body.get("errors"):
         raise RuntimeError(body["errors"])
@@ -101,8 +110,10 @@ def gql(url: str, token: str, query: str, variables: dict[str, Any] | None = Non
 
 
 def request_export(url: str, token: str, limit: int) -> dict[str, Any]:
-    query = (f"mutation($i: ExportInput!) {{ requestExport(input: $i) {{ task {{ {TASK} }} "
-             "userErrors { code message } } }")
+    query = (
+        f"mutation($i: ExportInput!) {{ requestExport(input: $i) {{ task {{ {TASK} }} "
+        "userErrors { code message } } }"
+    )
     payload = gql(url, token, query, {"i": {"dataset": "samples", "format": "CSV", "limit": limit}})["requestExport"]
     if payload["userErrors"]:
         raise RuntimeError(payload["userErrors"])
@@ -117,16 +128,26 @@ def at(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
-def fairness(redis_url: str, scratch: Path, *, label: str, heavy: int = 30, rows: int = 100_000,
-             tree: Path | None = None) -> Outcome:
+def fairness(
+    redis_url: str, scratch: Path, *, label: str, heavy: int = 30, rows: int = 100_000, tree: Path | None = None
+) -> Outcome:
     """One run: A's ``heavy`` full-size exports, then B's 10-row export, on one api and one worker."""
     outcome = Outcome(label, heavy, rows)
     data_dir = OUT_DIR / f"data-{rows}"
     ensure_demo_database(data_dir, rows)
     secret = secrets.token_urlsafe(32)
     port = free_port()
-    env = stack_env(data_dir, scratch / f"files-{label}", redis_url, secret, port, demo_rows=str(rows),
-                    max_export_rows=str(rows), max_active_tasks_per_user="1000", log_format="text")
+    env = stack_env(
+        data_dir,
+        scratch / f"files-{label}",
+        redis_url,
+        secret,
+        port,
+        demo_rows=str(rows),
+        max_export_rows=str(rows),
+        max_active_tasks_per_user="1000",
+        log_format="text",
+    )
     stack = TreeStack(env, port, OUT_DIR / "logs" / f"fairness-{label}")
     stack.tree = tree
     settings = Settings(jwt_secret=secret)
@@ -155,16 +176,22 @@ def fairness(redis_url: str, scratch: Path, *, label: str, heavy: int = 30, rows
                 break
             time.sleep(0.2)
         for task in backlog:
-            gql(stack.url, ann, 'mutation($id: ID!) { cancelExport(id: $id) { userErrors { code } } }',
-                {"id": task["id"]})
+            gql(
+                stack.url,
+                ann,
+                "mutation($id: ID!) { cancelExport(id: $id) { userErrors { code } } }",
+                {"id": task["id"]},
+            )
         everything = [read(stack.url, ann, b["id"]) for b in backlog]
         outcome.b_wait_seconds = (at(mine["startedAt"]) - at(mine["createdAt"])).total_seconds()
         outcome.b_total_seconds = (at(mine["finishedAt"]) - at(mine["createdAt"])).total_seconds()
-        outcome.job_seconds = statistics.median((at(t["finishedAt"]) - at(t["startedAt"])).total_seconds()
-                                                for t in done)
+        outcome.job_seconds = statistics.median(
+            (at(t["finishedAt"]) - at(t["startedAt"])).total_seconds() for t in done
+        )
         waited = (at(mine["createdAt"]), at(mine["startedAt"]))
         outcome.heavy_started_while_b_waited = sum(
-            1 for t in everything if t["startedAt"] and waited[0] < at(t["startedAt"]) < waited[1])
+            1 for t in everything if t["startedAt"] and waited[0] < at(t["startedAt"]) < waited[1]
+        )
     except Exception as e:  # reported in the table; the other run goes on
         outcome.error = f"{type(e).__name__}: {e}"
     finally:
@@ -174,16 +201,31 @@ def fairness(redis_url: str, scratch: Path, *, label: str, heavy: int = 30, rows
 
 def print_table(outcomes: list[Outcome]) -> None:
     table = Table(title="B's 10-row export behind A's backlog of full-size exports (1 worker, 3 slots)")
-    for column in ("queue", "A's backlog", "B's queuePosition", "B waited", "B done after", "one full-size job",
-                   "wait / job", "A's jobs started while B waited"):
+    for column in (
+        "queue",
+        "A's backlog",
+        "B's queuePosition",
+        "B waited",
+        "B done after",
+        "one full-size job",
+        "wait / job",
+        "A's jobs started while B waited",
+    ):
         table.add_column(column, justify="right")
     for o in outcomes:
         if o.error:
             table.add_row(o.label, str(o.heavy), o.error, "", "", "", "", "")
             continue
-        table.add_row(o.label, f"{o.heavy} × {o.rows:,} rows", str(o.b_queue_position), f"{o.b_wait_seconds:.2f} s",
-                      f"{o.b_total_seconds:.2f} s", f"{o.job_seconds:.2f} s", f"{o.ratio:.2f}",
-                      str(o.heavy_started_while_b_waited))
+        table.add_row(
+            o.label,
+            f"{o.heavy} × {o.rows:,} rows",
+            str(o.b_queue_position),
+            f"{o.b_wait_seconds:.2f} s",
+            f"{o.b_total_seconds:.2f} s",
+            f"{o.job_seconds:.2f} s",
+            f"{o.ratio:.2f}",
+            str(o.heavy_started_while_b_waited),
+        )
     console.print(table)
 
 
@@ -203,16 +245,20 @@ def main() -> int:
         outcomes.append(fairness(redis.url, scratch, label="fair", heavy=args.heavy, rows=args.rows))
         if args.peer:
             tree = extract(args.peer, scratch / "peer")
-            outcomes.append(fairness(redis.url, scratch, label=f"FIFO ({args.peer})", heavy=args.heavy,
-                                     rows=args.rows, tree=tree))
+            outcomes.append(
+                fairness(redis.url, scratch, label=f"FIFO ({args.peer})", heavy=args.heavy, rows=args.rows, tree=tree)
+            )
     finally:
         redis.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     print_table(outcomes)
     fair = outcomes[0]
     passed = fair.ratio is not None and fair.ratio < 1.0
-    console.print(f"B waited {fair.ratio:.2f} of one full-size job: {'PASS' if passed else 'FAIL'} (target < 1)"
-                  if fair.ratio is not None else f"no figure: {fair.error}")
+    console.print(
+        f"B waited {fair.ratio:.2f} of one full-size job: {'PASS' if passed else 'FAIL'} (target < 1)"
+        if fair.ratio is not None
+        else f"no figure: {fair.error}"
+    )
     write_json(args.out, "fairness", results=[{**asdict(o), "ratio": o.ratio} for o in outcomes], passed=passed)
     console.print(f"numbers in {args.out}")
     return 0 if passed else 1

@@ -101,10 +101,17 @@ PG_TABLE = "faults"  # _load_postgres makes faults, faults_docs and faults_big (
 WIDE = dict(dataset="samples", format="CSV")  # every column of the demo rows
 PG_FORMATS = ("JSON", "NDJSON", "CSV")
 SETTINGS = dict(  # passed to the api and every worker
-    worker_lease_seconds="2", retry_delay_seconds="0.5", retry_max_delay_seconds="4",
-    retry_window_seconds="60", worker_shutdown_grace_seconds="1", export_reuse_seconds="0",
-    max_export_rows="150000", max_active_tasks_per_user="1000000", mutation_rate_per_user="1000000",
-    mutation_rate_per_ip="1000000", log_format="text",
+    worker_lease_seconds="2",
+    retry_delay_seconds="0.5",
+    retry_max_delay_seconds="4",
+    retry_window_seconds="60",
+    worker_shutdown_grace_seconds="1",
+    export_reuse_seconds="0",
+    max_export_rows="150000",
+    max_active_tasks_per_user="1000000",
+    mutation_rate_per_user="1000000",
+    mutation_rate_per_ip="1000000",
+    log_format="text",
 )
 LEASE = float(SETTINGS["worker_lease_seconds"])
 LONGEST_DELAY = float(SETTINGS["retry_max_delay_seconds"])
@@ -206,8 +213,15 @@ def make_stack(name: str, scratch: Path, redis_url: str, datasets: Path, **extra
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     (data_dir / "files").mkdir(parents=True)
-    env = stack_env(data_dir, data_dir / "files", redis_url, secrets.token_urlsafe(32), port,
-                    datasets=datasets, **{**SETTINGS, **extra})
+    env = stack_env(
+        data_dir,
+        data_dir / "files",
+        redis_url,
+        secrets.token_urlsafe(32),
+        port,
+        datasets=datasets,
+        **{**SETTINGS, **extra},
+    )
     stack = Stack(name, env, port, logs)  # tests/fixtures/stack.py: logs go to its data_dir
     stack.start_api()
     return stack
@@ -224,8 +238,9 @@ def prepare_postgres(url: str) -> None:
 
 def table_digest(url: str, table: str) -> tuple[int, str]:
     with psycopg.connect(url) as conn:
-        return conn.execute(f"SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY id), '')) "
-                            f"FROM {table} t").fetchone()
+        return conn.execute(
+            f"SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY id), '')) FROM {table} t"
+        ).fetchone()
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -312,8 +327,10 @@ def reference_run(bench: Bench, stack: Stack, name: str, **request: Any) -> None
     if done["status"] != "SUCCEEDED":
         raise RuntimeError(f"the undisturbed {name} export ended {done['status']}: {done['error']}")
     bench.references[name] = Reference(file_sha256(bench, done), at(done["finishedAt"]) - at(done["startedAt"]))
-    console.print(f"reference {name}: {done['rowCount']:,} rows, {done['fileSize'] / 1e6:.1f} MB, "
-                  f"job {bench.references[name].job_seconds:.2f} s")
+    console.print(
+        f"reference {name}: {done['rowCount']:,} rows, {done['fileSize'] / 1e6:.1f} MB, "
+        f"job {bench.references[name].job_seconds:.2f} s"
+    )
 
 
 # --- the faults ---------------------------------------------------------------------------------
@@ -358,8 +375,7 @@ def pg_terminate(bench: Bench, rnd: Round) -> None:
     if not terminated:
         raise MissedWindow
     rnd.note = f"{file_format}, {terminated} backend(s) terminated"
-    judge_export(bench, rnd, wait_final(lambda: api.task(task["id"])), f"big_pg {file_format}", BIG_ROWS,
-                 cleared_at)
+    judge_export(bench, rnd, wait_final(lambda: api.task(task["id"])), f"big_pg {file_format}", BIG_ROWS, cleared_at)
 
 
 def sigterm_three_times(bench: Bench, rnd: Round) -> None:
@@ -444,8 +460,12 @@ def s3_outage(bench: Bench, rnd: Round) -> None:
 
 
 INJECT: dict[str, Callable[[Bench, Round], None]] = {
-    "kill": kill_mid_export, "redis": redis_outage, "pg": pg_terminate, "sigterm": sigterm_three_times,
-    "import": import_after_commit, "s3": s3_outage,
+    "kill": kill_mid_export,
+    "redis": redis_outage,
+    "pg": pg_terminate,
+    "sigterm": sigterm_three_times,
+    "import": import_after_commit,
+    "s3": s3_outage,
 }
 
 
@@ -471,26 +491,40 @@ def run_round(bench: Bench, fault: str, index: int) -> Round:
 
 
 def passed(rounds: list[Round]) -> bool:
-    return bool(rounds) and all(r.right and r.exact and not r.leftovers and r.in_time and not r.error
-                                for r in rounds)
+    return bool(rounds) and all(r.right and r.exact and not r.leftovers and r.in_time and not r.error for r in rounds)
 
 
 def print_table(results: dict[str, list[Round]]) -> None:
-    table = Table(title=f"Faults against real processes (lease {LEASE:g} s, retry delays "
-                        f"{SETTINGS['retry_delay_seconds']}-{LONGEST_DELAY:g} s)")
-    for column in ("fault", "runs", "retried", "right", "exact", "leftovers", "recovery median (max)", "bound",
-                   "target"):
+    table = Table(
+        title=f"Faults against real processes (lease {LEASE:g} s, retry delays "
+        f"{SETTINGS['retry_delay_seconds']}-{LONGEST_DELAY:g} s)"
+    )
+    for column in (
+        "fault",
+        "runs",
+        "retried",
+        "right",
+        "exact",
+        "leftovers",
+        "recovery median (max)",
+        "bound",
+        "target",
+    ):
         table.add_column(column, justify="left" if column == "fault" else "right")
     for fault, rounds in results.items():
         recoveries = [r.recovery_seconds for r in rounds if r.recovery_seconds is not None]
         bounds = [r.bound_seconds for r in rounds if r.bound_seconds is not None]
         table.add_row(
-            f"{fault}: {TITLES[fault]}", str(len(rounds)), str(sum(r.tries - 1 for r in rounds)),
-            f"{sum(r.right for r in rounds)}/{len(rounds)}", f"{sum(r.exact for r in rounds)}/{len(rounds)}",
+            f"{fault}: {TITLES[fault]}",
+            str(len(rounds)),
+            str(sum(r.tries - 1 for r in rounds)),
+            f"{sum(r.right for r in rounds)}/{len(rounds)}",
+            f"{sum(r.exact for r in rounds)}/{len(rounds)}",
             str(sum(len(r.leftovers) for r in rounds)),
             f"{median_of(recoveries):.2f} s ({max(recoveries):.2f})" if recoveries else "",
             f"{median_of(bounds):.2f} s" if bounds else "",
-            "met" if passed(rounds) else "MISS")
+            "met" if passed(rounds) else "MISS",
+        )
     console.print(table)
 
 
@@ -500,10 +534,12 @@ def print_wrong(results: dict[str, list[Round]]) -> None:
             if passed([r]):
                 continue
             task = r.task or {}
-            console.print(f"[yellow]{r.fault} round {r.index + 1}[/yellow]: status {r.status}, right {r.right}, "
-                          f"exact {r.exact}, recovery {r.recovery_seconds and round(r.recovery_seconds, 2)} s "
-                          f"(bound {r.bound_seconds and round(r.bound_seconds, 2)} s), attempts "
-                          f"{task.get('attempts')}, {r.note} {r.error or ''}")
+            console.print(
+                f"[yellow]{r.fault} round {r.index + 1}[/yellow]: status {r.status}, right {r.right}, "
+                f"exact {r.exact}, recovery {r.recovery_seconds and round(r.recovery_seconds, 2)} s "
+                f"(bound {r.bound_seconds and round(r.bound_seconds, 2)} s), attempts "
+                f"{task.get('attempts')}, {r.note} {r.error or ''}"
+            )
             if task.get("error"):
                 console.print(f"  error: {task['error']}")
             for item in r.leftovers:
@@ -520,8 +556,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of each fault")
     parser.add_argument("--only", choices=FAULTS, help="this fault alone")
     parser.add_argument("--s3", action="store_true", help="also SeaweedFS killed mid-upload (~10-25 s to start)")
-    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="a server where the bench may create (and drop) a database of its own")
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a server where the bench may create (and drop) a database of its own",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 on a missed target")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "faults.json")
     return parser.parse_args()
@@ -560,9 +599,15 @@ def main() -> int:
             s3 = start_server(scratch / "s3")
             console.print(f"SeaweedFS ready in {s3.startup_seconds:.1f} s")
             bench.s3 = s3
-            bench.s3_stack = make_stack("s3", scratch, redis.url, datasets,
-                                        **{k.removeprefix("DATAPORT_").lower(): v
-                                           for k, v in s3.settings_env(s3.make_bucket("faults")).items()})
+            bench.s3_stack = make_stack(
+                "s3",
+                scratch,
+                redis.url,
+                datasets,
+                **{
+                    k.removeprefix("DATAPORT_").lower(): v for k, v in s3.settings_env(s3.make_bucket("faults")).items()
+                },
+            )
             stacks.append(bench.s3_stack)
             reference_run(bench, bench.s3_stack, "samples S3", **WIDE)
         for fault in faults:
@@ -571,10 +616,12 @@ def main() -> int:
                 started = time.monotonic()
                 rnd = run_round(bench, fault, index)
                 results[fault].append(rnd)
-                console.print(f"{fault} {index + 1}/{args.rounds}: {rnd.status or rnd.error}, right {rnd.right}, "
-                              f"exact {rnd.exact}, leftovers {len(rnd.leftovers)}, recovery "
-                              f"{rnd.recovery_seconds and round(rnd.recovery_seconds, 2)} s, tries {rnd.tries} "
-                              f"({time.monotonic() - started:.1f} s)")
+                console.print(
+                    f"{fault} {index + 1}/{args.rounds}: {rnd.status or rnd.error}, right {rnd.right}, "
+                    f"exact {rnd.exact}, leftovers {len(rnd.leftovers)}, recovery "
+                    f"{rnd.recovery_seconds and round(rnd.recovery_seconds, 2)} s, tries {rnd.tries} "
+                    f"({time.monotonic() - started:.1f} s)"
+                )
     finally:
         for stack in stacks:
             stack.stop()
@@ -587,11 +634,18 @@ def main() -> int:
     print_table(results)
     print_wrong(results)
     met = all(passed(rounds) for rounds in results.values())
-    console.print(f"target (every round right and exact, no leftovers, recovery within its bound): "
-                  f"{'met' if met else 'MISS'}")
-    write_json(args.out, "faults", settings=SETTINGS, rounds_per_fault=args.rounds, met=met,
-               references={k: asdict(v) for k, v in bench.references.items()} if bench else {},
-               results={fault: [asdict(r) for r in rounds] for fault, rounds in results.items()})
+    console.print(
+        f"target (every round right and exact, no leftovers, recovery within its bound): {'met' if met else 'MISS'}"
+    )
+    write_json(
+        args.out,
+        "faults",
+        settings=SETTINGS,
+        rounds_per_fault=args.rounds,
+        met=met,
+        references={k: asdict(v) for k, v in bench.references.items()} if bench else {},
+        results={fault: [asdict(r) for r in rounds] for fault, rounds in results.items()},
+    )
     console.print(f"numbers in {args.out}")
     return 1 if args.strict and not met else 0
 

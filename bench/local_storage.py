@@ -76,8 +76,14 @@ def main() -> None:
         writes, completes = [w for w, _ in rounds], [c for _, c in rounds]
         totals = [w + c for w, c in rounds]
         print(f"{name:26} {cell(writes):>22} {cell(completes):>22} {cell(totals):>22}")
-    write_json(OUT / "local_storage.json", "local_storage", mb=args.mb, chunk=CHUNK,
-               sync_every=local_storage.SYNC_EVERY, rounds={k: v for k, v in times.items()})
+    write_json(
+        OUT / "local_storage.json",
+        "local_storage",
+        mb=args.mb,
+        chunk=CHUNK,
+        sync_every=local_storage.SYNC_EVERY,
+        rounds={k: v for k, v in times.items()},
+    )
 
 
 if __name__ == "__main__":

@@ -153,8 +153,9 @@ def document(i: int) -> dict:
         "lithology": None if i % 11 == 0 else ROCKS[i % len(ROCKS)],
         "lab": LABS[i % len(LABS)],
         "collected_on": (date(2010, 1, 1) + timedelta(days=i % 5000)).isoformat(),
-        "analysed_at": None if i % 13 == 0 else
-        (datetime(2010, 1, 1, tzinfo=UTC) + timedelta(seconds=317 * i)).isoformat().replace("+00:00", "Z"),
+        "analysed_at": None
+        if i % 13 == 0
+        else (datetime(2010, 1, 1, tzinfo=UTC) + timedelta(seconds=317 * i)).isoformat().replace("+00:00", "Z"),
         "depth_m": None if i % 9 == 0 else round(h % 8000 / 10, 1),
         "au_ppm": None if i % 7 == 0 else h / 2**32 * 12,
         "ag_ppm": None if i % 5 == 0 else round(h % 90000 / 1000, 3),
@@ -165,9 +166,13 @@ def document(i: int) -> dict:
         "is_duplicate": i % 23 == 0,
         "qc_passed": None if i % 10 == 0 else i % 3 != 0,
         "weight_g": None if i % 12 == 0 else round(h % 500000 / 100, 2),
-        "notes": None if i % 3 == 0 else
-        "=HYPERLINK(\"http://example.com\")" if i % 97 == 0 else
-        'two lines,\nand "quotes"' if i % 53 == 0 else f"note {i}",
+        "notes": None
+        if i % 3 == 0
+        else '=HYPERLINK("http://example.com")'
+        if i % 97 == 0
+        else 'two lines,\nand "quotes"'
+        if i % 53 == 0
+        else f"note {i}",
     }
     return {k: v for k, v in doc.items() if v is not None}
 
@@ -190,7 +195,10 @@ def start_osmem(port: int, log: Path, timeout: float = 30.0) -> subprocess.Popen
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(osmem_binary()), "-addr", f"127.0.0.1:{port}", "-no-stdin-watch", "-parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),
         )
     deadline = time.monotonic() + timeout
     while True:
@@ -255,8 +263,13 @@ class Result(PeerComparison):
         return self.docs / self.seconds if self.seconds else 0.0
 
     def as_json(self) -> dict:
-        return {**asdict(self), "docs_per_second": self.docs_per_second, "ratio_to_peer": self.ratio,
-                "ratios_to_peers": {p["name"]: self.ratio_to(p) for p in self.peers}, "ok": self.ok}
+        return {
+            **asdict(self),
+            "docs_per_second": self.docs_per_second,
+            "ratio_to_peer": self.ratio,
+            "ratios_to_peers": {p["name"]: self.ratio_to(p) for p in self.peers},
+            "ok": self.ok,
+        }
 
 
 def datasets_toml(url: str, docs: int) -> str:
@@ -358,45 +371,82 @@ with open(out, "w") as f:
 
 
 def run_elasticdump(binary: Path, url: str, out: Path, limit: int, log: Path) -> dict:
-    command = [str(binary), f"--input={url}/{INDEX}", f"--output={out}", "--type=data", f"--limit={limit}",
-               f"--searchBody={ELASTICDUMP_SEARCH_BODY}"]
+    command = [
+        str(binary),
+        f"--input={url}/{INDEX}",
+        f"--output={out}",
+        "--type=data",
+        f"--limit={limit}",
+        f"--searchBody={ELASTICDUMP_SEARCH_BODY}",
+    ]
     with log.open("wb") as f:  # elasticdump logs a line per page to stdout
         seconds, peak = run_peer(command, stdout=f)
     lines = count_lines(out)
     with out.open("rb") as f:
         first = json.loads(f.readline())
-    return {"name": "elasticdump", "command": " ".join(command), "limit": limit, "seconds": seconds,
-            "peak_rss": peak, "bytes": out.stat().st_size, "records": lines,
-            "format_ok": isinstance(first.get("_source"), dict)}
+    return {
+        "name": "elasticdump",
+        "command": " ".join(command),
+        "limit": limit,
+        "seconds": seconds,
+        "peak_rss": peak,
+        "bytes": out.stat().st_size,
+        "records": lines,
+        "format_ok": isinstance(first.get("_source"), dict),
+    }
 
 
 def run_python_pit(url: str, out: Path, columns: list[str]) -> dict:
     seconds, peak = run_peer([sys.executable, "-c", PYTHON_PIT, url, INDEX, str(out), ",".join(columns)])
     header, records = csv_records(out)
-    return {"name": "python PIT", "seconds": seconds, "peak_rss": peak, "bytes": out.stat().st_size,
-            "records": records, "format_ok": header == columns}
+    return {
+        "name": "python PIT",
+        "seconds": seconds,
+        "peak_rss": peak,
+        "bytes": out.stat().st_size,
+        "records": records,
+        "format_ok": header == columns,
+    }
 
 
 def run_python_fetch(url: str, out: Path) -> dict:
     seconds, peak = run_peer([sys.executable, "-c", PYTHON_FETCH, url, INDEX, str(out)])
-    return {"name": "python fetch", "seconds": seconds, "peak_rss": peak, "bytes": 0,
-            "records": int(out.read_text()), "format_ok": True}
+    return {
+        "name": "python fetch",
+        "seconds": seconds,
+        "peak_rss": peak,
+        "bytes": 0,
+        "records": int(out.read_text()),
+        "format_ok": True,
+    }
 
 
 def run_python_scroll(url: str, out: Path, columns: list[str]) -> dict:
     seconds, peak = run_peer([sys.executable, "-c", PYTHON_SCROLL, url, INDEX, str(out), ",".join(columns)])
     header, records = csv_records(out)
-    return {"name": "python scroll", "seconds": seconds, "peak_rss": peak, "bytes": out.stat().st_size,
-            "records": records, "format_ok": header == columns}
+    return {
+        "name": "python scroll",
+        "seconds": seconds,
+        "peak_rss": peak,
+        "bytes": out.stat().st_size,
+        "records": records,
+        "format_ok": header == columns,
+    }
 
 
-def export_once(dataset: str, args: argparse.Namespace, redis_url: str, datasets: Path, scratch: Path,
-                logs: Path) -> dict:
+def export_once(
+    dataset: str, args: argparse.Namespace, redis_url: str, datasets: Path, scratch: Path, logs: Path
+) -> dict:
     """One export of ``dataset`` on a fresh api + worker: timings, worker memory, file checks."""
     secret = secrets.token_urlsafe(32)
     port = free_port()
-    stack = Stack(stack_env(scratch / f"data-{dataset}", scratch / f"files-{dataset}", redis_url, secret, port,
-                            datasets=datasets), port, logs / dataset)
+    stack = Stack(
+        stack_env(
+            scratch / f"data-{dataset}", scratch / f"files-{dataset}", redis_url, secret, port, datasets=datasets
+        ),
+        port,
+        logs / dataset,
+    )
     exported = scratch / f"{dataset}.csv"
     out: dict = {"dataset": dataset}
     try:
@@ -411,9 +461,14 @@ def export_once(dataset: str, args: argparse.Namespace, redis_url: str, datasets
         wait_for_helpers(stack.worker.pid)
         out["cpu_seconds"] = tree_cpu(stack.worker.pid) - cpu  # the worker's and its helpers'
         task = followed.task
-        out.update(seconds=followed.seconds, worker_peak_rss=followed.worker_peak_rss,
-                   rss_samples=followed.rss_samples, worker_hwm=high_water_mark(stack.worker.pid),
-                   queued_seconds=followed.queued_seconds, worker_seconds=followed.worker_seconds)
+        out.update(
+            seconds=followed.seconds,
+            worker_peak_rss=followed.worker_peak_rss,
+            rss_samples=followed.rss_samples,
+            worker_hwm=high_water_mark(stack.worker.pid),
+            queued_seconds=followed.queued_seconds,
+            worker_seconds=followed.worker_seconds,
+        )
         if task["status"] != "SUCCEEDED":
             raise RuntimeError(f"{dataset}: task {task['status']}: {task.get('error')}")
         out["file_bytes"] = task["fileSize"]
@@ -453,26 +508,41 @@ def index_holds(url: str, docs: int) -> bool | None:
         client.close()
 
 
-def measure_once(args: argparse.Namespace, osmem_url: str, redis_url: str, datasets: Path, scratch: Path,
-                 logs: Path, result: Result) -> Result:
+def measure_once(
+    args: argparse.Namespace, osmem_url: str, redis_url: str, datasets: Path, scratch: Path, logs: Path, result: Result
+) -> Result:
     """One run: both Dataport exports, each on a fresh api + worker, then the peers, one at a time."""
     try:
         main = export_once("docs", args, redis_url, datasets, scratch, logs)
         header = main.pop("header")
         result.columns = len(header)
         result.checks = main.pop("checks")
-        for name in ("seconds", "file_bytes", "worker_idle_rss", "worker_peak_rss", "worker_hwm", "rss_samples",
-                     "queued_seconds", "worker_seconds", "cpu_seconds", "download_seconds"):
+        for name in (
+            "seconds",
+            "file_bytes",
+            "worker_idle_rss",
+            "worker_peak_rss",
+            "worker_hwm",
+            "rss_samples",
+            "queued_seconds",
+            "worker_seconds",
+            "cpu_seconds",
+            "download_seconds",
+        ):
             setattr(result, name, main[name])
         if args.scroll_variant:
             result.scroll = export_once("docs_scroll", args, redis_url, datasets, scratch, logs)
             result.scroll.pop("header")
             result.checks.update({f"scroll {k}": v for k, v in result.scroll["checks"].items()})
 
-        peers = [("elasticdump", lambda out: run_elasticdump(args.elasticdump, osmem_url, out, args.limit,
-                                                             logs / "elasticdump.log")),
-                 ("python scroll", lambda out: run_python_scroll(osmem_url, out, header)),
-                 ("python fetch", lambda out: run_python_fetch(osmem_url, out))]
+        peers = [
+            (
+                "elasticdump",
+                lambda out: run_elasticdump(args.elasticdump, osmem_url, out, args.limit, logs / "elasticdump.log"),
+            ),
+            ("python scroll", lambda out: run_python_scroll(osmem_url, out, header)),
+            ("python fetch", lambda out: run_python_fetch(osmem_url, out)),
+        ]
         if args.pit_peer:
             peers.append(("python PIT", lambda out: run_python_pit(osmem_url, out, header)))
         for name, run in peers:
@@ -536,13 +606,17 @@ def measure(args: argparse.Namespace, scratch: Path) -> list[Result]:
 
 
 def print_table(r: Result, args: argparse.Namespace) -> None:
-    table = Table(title=f"OpenSearch (osmem) to a file: {r.docs:,} documents x {len(MAPPING)} fields; "
-                        "x = Dataport (key) seconds / this column's seconds")
+    table = Table(
+        title=f"OpenSearch (osmem) to a file: {r.docs:,} documents x {len(MAPPING)} fields; "
+        "x = Dataport (key) seconds / this column's seconds"
+    )
     table.add_column("")
-    names = {"elasticdump": f"elasticdump (JSON lines, --limit={args.limit}, scroll)",
-             "python scroll": "python scroll sorted by id (CSV)",
-             "python fetch": "python fetch + orjson parse (floor; no output)",
-             "python PIT": "python PIT + search_after (CSV, sorted)"}
+    names = {
+        "elasticdump": f"elasticdump (JSON lines, --limit={args.limit}, scroll)",
+        "python scroll": "python scroll sorted by id (CSV)",
+        "python fetch": "python fetch + orjson parse (floor; no output)",
+        "python PIT": "python PIT + search_after (CSV, sorted)",
+    }
     runs = [{"name": "Dataport (CSV, key: sorted by id)", **asdict(r)}]
     if r.scroll:
         runs.append({"name": "Dataport (CSV, no key: scroll)", **r.scroll})
@@ -554,28 +628,51 @@ def print_table(r: Result, args: argparse.Namespace) -> None:
         table.add_row(label, *(cell(run) if run.get("seconds") else "" for run in runs))
 
     row("seconds", lambda run: f"{run['seconds']:.2f}")
-    row("  queued / job", lambda run: f"{run['queued_seconds'] or 0:.2f} / {run['worker_seconds'] or 0:.2f}"
-        if "worker_seconds" in run else "")
+    row(
+        "  queued / job",
+        lambda run: (
+            f"{run['queued_seconds'] or 0:.2f} / {run['worker_seconds'] or 0:.2f}" if "worker_seconds" in run else ""
+        ),
+    )
     row("CPU seconds (+ helpers; peer)", lambda run: f"{run['cpu_seconds']:.2f}" if run.get("cpu_seconds") else "")
     row("documents/s", lambda run: f"{r.docs / run['seconds']:,.0f}")
     row("file MB", lambda run: f"{run.get('file_bytes', run.get('bytes', 0)) / 1e6:,.1f}")
-    row("peak RSS MiB (worker idle)", lambda run: f"{mib(run['worker_peak_rss'])} ({mib(run['worker_idle_rss'])})"
-        if "worker_peak_rss" in run else mib(run["peak_rss"]))
-    row("download seconds (not in x)",
-        lambda run: f"{run['download_seconds']:.2f}" if "download_seconds" in run else "")
+    row(
+        "peak RSS MiB (worker idle)",
+        lambda run: (
+            f"{mib(run['worker_peak_rss'])} ({mib(run['worker_idle_rss'])})"
+            if "worker_peak_rss" in run
+            else mib(run["peak_rss"])
+        ),
+    )
+    row(
+        "download seconds (not in x)", lambda run: f"{run['download_seconds']:.2f}" if "download_seconds" in run else ""
+    )
     row("x", lambda run: f"{r.seconds / run['seconds']:.2f}x" if r.seconds else "")
     console.print(table)
     verdict = {True: "[green]PASS[/green]", False: "[red]MISS[/red]", None: ""}[r.target_met]
     if r.ratio:
-        console.print(f"target: Dataport at least 2x faster than elasticdump (ratio <= {TARGET_RATIO}): "
-                      f"Dataport / elasticdump = {r.ratio:.2f}x, i.e. {1 / r.ratio:.2f}x the speed {verdict}")
+        console.print(
+            f"target: Dataport at least 2x faster than elasticdump (ratio <= {TARGET_RATIO}): "
+            f"Dataport / elasticdump = {r.ratio:.2f}x, i.e. {1 / r.ratio:.2f}x the speed {verdict}"
+        )
         if r.scroll.get("seconds") and r.peers:
             scroll_ratio = r.scroll["seconds"] / r.peers[0]["seconds"]
-            console.print(f"  the same with the keyless dataset (scroll): {scroll_ratio:.2f}x, "
-                          f"{1 / scroll_ratio:.2f}x the speed of elasticdump")
+            console.print(
+                f"  the same with the keyless dataset (scroll): {scroll_ratio:.2f}x, "
+                f"{1 / scroll_ratio:.2f}x the speed of elasticdump"
+            )
     failed = [name for name, ok in r.checks.items() if not ok]
-    console.print("checks: " + ("[red]FAILED: see below[/red]" if r.error else
-                                "[green]ok[/green]" if not failed else f"[red]FAILED: {', '.join(failed)}[/red]"))
+    console.print(
+        "checks: "
+        + (
+            "[red]FAILED: see below[/red]"
+            if r.error
+            else "[green]ok[/green]"
+            if not failed
+            else f"[red]FAILED: {', '.join(failed)}[/red]"
+        )
+    )
     console.print(f"osmem RSS after loading: {mib(r.osmem_rss)} MiB (loaded in {r.load_seconds:.0f} s, not timed)")
     if r.error:
         console.print(f"[red]error:[/red] {r.error} (logs in {OUT_DIR / 'logs' / 'opensearch_export'})")
@@ -594,8 +691,7 @@ def print_summary(results: list[Result]) -> None:
     def cell(seconds: float | None, cpu: float | None, dump: float | None) -> str:
         if not seconds:
             return ""
-        return (f"{seconds:.2f}" + (f" ({seconds / dump:.2f}x)" if dump else "")
-                + (f" [{cpu:.2f}]" if cpu else ""))
+        return f"{seconds:.2f}" + (f" ({seconds / dump:.2f}x)" if dump else "") + (f" [{cpu:.2f}]" if cpu else "")
 
     for i, r in enumerate(results, 1):
         peers = {p["name"]: p for p in r.peers}
@@ -605,16 +701,20 @@ def print_summary(results: list[Result]) -> None:
                 ratios[label].append(run["seconds"] / dump["seconds"])
             if run.get("cpu_seconds") and dump.get("cpu_seconds"):
                 ratios[f"{label}, CPU"].append(run["cpu_seconds"] / dump["cpu_seconds"])
-        table.add_row(str(i), cell(r.seconds, r.cpu_seconds, dump.get("seconds")),
-                      cell(r.scroll.get("seconds"), r.scroll.get("cpu_seconds"), dump.get("seconds")),
-                      cell(dump.get("seconds"), dump.get("cpu_seconds"), None),
-                      *(cell(peers[n]["seconds"], peers[n].get("cpu_seconds"), None) if n in peers else ""
-                        for n in PYTHON_PEERS))
+        table.add_row(
+            str(i),
+            cell(r.seconds, r.cpu_seconds, dump.get("seconds")),
+            cell(r.scroll.get("seconds"), r.scroll.get("cpu_seconds"), dump.get("seconds")),
+            cell(dump.get("seconds"), dump.get("cpu_seconds"), None),
+            *(cell(peers[n]["seconds"], peers[n].get("cpu_seconds"), None) if n in peers else "" for n in PYTHON_PEERS),
+        )
     console.print(table)
     for label, found in ratios.items():
         if found:
-            console.print(f"Dataport ({label}) / elasticdump: {min(found):.2f}x-{max(found):.2f}x "
-                          f"(target <= {TARGET_RATIO}); {1 / max(found):.2f}x-{1 / min(found):.2f}x the speed")
+            console.print(
+                f"Dataport ({label}) / elasticdump: {min(found):.2f}x-{max(found):.2f}x "
+                f"(target <= {TARGET_RATIO}); {1 / max(found):.2f}x-{1 / min(found):.2f}x the speed"
+            )
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -625,13 +725,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--limit", type=int, default=10_000, help="elasticdump --limit (its page size)")
     parser.add_argument("--elasticdump", type=Path, default=DEFAULT_ELASTICDUMP)
-    parser.add_argument("--no-scroll-variant", dest="scroll_variant", action="store_false",
-                        help="skip the second Dataport export (the dataset without a key, read by a scroll)")
-    parser.add_argument("--no-pit-peer", dest="pit_peer", action="store_false",
-                        help="skip the python PIT peer (~15-20 s a run on osmem)")
+    parser.add_argument(
+        "--no-scroll-variant",
+        dest="scroll_variant",
+        action="store_false",
+        help="skip the second Dataport export (the dataset without a key, read by a scroll)",
+    )
+    parser.add_argument(
+        "--no-pit-peer",
+        dest="pit_peer",
+        action="store_false",
+        help="skip the python PIT peer (~15-20 s a run on osmem)",
+    )
     parser.add_argument("--runs", type=int, default=1, help="measure this many times on the one loaded index")
-    parser.add_argument("--osmem-url", help="use this running osmem (loading the index only if it is missing) "
-                        "instead of starting one: saves the ~5 minutes of loading between invocations")
+    parser.add_argument(
+        "--osmem-url",
+        help="use this running osmem (loading the index only if it is missing) "
+        "instead of starting one: saves the ~5 minutes of loading between invocations",
+    )
     parser.add_argument("--strict", action="store_true", help="also exit 1 when the target is missed")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "opensearch_export.json")
     return parser.parse_args()
@@ -642,8 +753,9 @@ def main() -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     load = note_load()
     if not os.access(args.elasticdump, os.X_OK) and shutil.which(str(args.elasticdump)) is None:
-        console.print(f"[red]elasticdump not found at {args.elasticdump}[/red]: "
-                      "npm install --prefix bench/out/node elasticdump")
+        console.print(
+            f"[red]elasticdump not found at {args.elasticdump}[/red]: npm install --prefix bench/out/node elasticdump"
+        )
         return 1
     scratch = Path(tempfile.mkdtemp(prefix="opensearch_export-", dir=OUT_DIR))
     try:
@@ -654,10 +766,23 @@ def main() -> int:
         print_table(result, args)
     if len(results) > 1:
         print_summary(results)
-    write_json(args.out, "opensearch_export", load_average_at_start=load,
-               settings={"docs": args.docs, "fields": len(MAPPING), "elasticdump_limit": args.limit,
-                         "storage": "local", "format": "CSV", "sample_seconds": SAMPLE_SECONDS, "runs": args.runs},
-               result=results[0].as_json(), runs=[r.as_json() for r in results], target_ratio=TARGET_RATIO)
+    write_json(
+        args.out,
+        "opensearch_export",
+        load_average_at_start=load,
+        settings={
+            "docs": args.docs,
+            "fields": len(MAPPING),
+            "elasticdump_limit": args.limit,
+            "storage": "local",
+            "format": "CSV",
+            "sample_seconds": SAMPLE_SECONDS,
+            "runs": args.runs,
+        },
+        result=results[0].as_json(),
+        runs=[r.as_json() for r in results],
+        target_ratio=TARGET_RATIO,
+    )
     console.print(f"numbers in {args.out}")
     if not all(r.ok for r in results):
         return 1

@@ -270,8 +270,17 @@ class Peer:
 
 def psql_copy(url: str, select: str) -> list[str]:
     """The psql command that writes ``select`` as CSV with a header to its standard output."""
-    return ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url,
-            "-c", f"\\copy ({select}) TO STDOUT WITH CSV HEADER"]
+    return [
+        "psql",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        url,
+        "-c",
+        f"\\copy ({select}) TO STDOUT WITH CSV HEADER",
+    ]
 
 
 def warm_up(url: str, table: str) -> float:
@@ -289,10 +298,16 @@ def measure_peer(peer: Peer, out: Path, rows: int, header: list[str], dataport_s
         with out.open("wb") as f:
             seconds, peak = run_peer(peer.command, stdout=f)
     peer_header, records = csv_records(out)
-    return {"name": peer.name, "seconds": seconds, "peak_rss": peak, "bytes": out.stat().st_size,
-            "records": records, "records_ok": records == rows,
-            "header_ok": peer_header == header if peer.same_columns else None,
-            "same_bytes_as_dataport": sha256_of(out) == dataport_sha256}
+    return {
+        "name": peer.name,
+        "seconds": seconds,
+        "peak_rss": peak,
+        "bytes": out.stat().st_size,
+        "records": records,
+        "records_ok": records == rows,
+        "header_ok": peer_header == header if peer.same_columns else None,
+        "same_bytes_as_dataport": sha256_of(out) == dataport_sha256,
+    }
 
 
 # --- one case ------------------------------------------------------------------------------------
@@ -368,9 +383,13 @@ class Result(PeerComparison):
         return self.file_bytes / 1e6 / self.seconds if self.seconds else 0.0
 
     def as_json(self) -> dict:
-        extra = {"rows_per_second": self.rows_per_second, "mb_per_second": self.mb_per_second,
-                 "ratio_to_peer": self.ratio, "ratios_to_peers": {p["name"]: self.ratio_to(p) for p in self.peers},
-                 "ok": self.ok}
+        extra = {
+            "rows_per_second": self.rows_per_second,
+            "mb_per_second": self.mb_per_second,
+            "ratio_to_peer": self.ratio,
+            "ratios_to_peers": {p["name"]: self.ratio_to(p) for p in self.peers},
+            "ok": self.ok,
+        }
         if self.case == "wide":
             extra["reference_seconds"] = WIDE_REFERENCE_SECONDS
             extra["ratio_to_reference"] = self.seconds / WIDE_REFERENCE_SECONDS if self.seconds else None
@@ -398,8 +417,13 @@ def measure(case: Case, args: argparse.Namespace, redis_url: str, scratch: Path)
     datasets.write_text(datasets_toml(case, args.postgres_url))
     secret = secrets.token_urlsafe(32)
     port = free_port()
-    stack = Stack(stack_env(scratch / f"data-{case.name}", scratch / f"files-{case.name}", redis_url, secret, port,
-                            datasets=datasets), port, logs)
+    stack = Stack(
+        stack_env(
+            scratch / f"data-{case.name}", scratch / f"files-{case.name}", redis_url, secret, port, datasets=datasets
+        ),
+        port,
+        logs,
+    )
     try:
         result.warm_up_seconds = warm_up(args.postgres_url, case.table)
         stack.start()
@@ -510,10 +534,14 @@ def summarize(result: Result) -> None:
 def summarize_peer(runs: list[dict]) -> dict:
     """One peer over the rounds: the median of its seconds, its highest peak RSS, its checks in all rounds."""
     last = runs[-1]
-    return {**last, "seconds": median(p["seconds"] for p in runs), "peak_rss": max(p["peak_rss"] for p in runs),
-            "records_ok": all(p["records_ok"] for p in runs),
-            "header_ok": None if last["header_ok"] is None else all(p["header_ok"] for p in runs),
-            "same_bytes_as_dataport": all(p["same_bytes_as_dataport"] for p in runs)}
+    return {
+        **last,
+        "seconds": median(p["seconds"] for p in runs),
+        "peak_rss": max(p["peak_rss"] for p in runs),
+        "records_ok": all(p["records_ok"] for p in runs),
+        "header_ok": None if last["header_ok"] is None else all(p["header_ok"] for p in runs),
+        "same_bytes_as_dataport": all(p["same_bytes_as_dataport"] for p in runs),
+    }
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -536,8 +564,10 @@ def judge(result: Result) -> None:
 def print_table(results: list[Result], runs: int) -> None:
     """One column per case, one row per figure: the table fits a terminal however many figures. With
     more than one round, the figures are medians and rows "each round" list the rounds'."""
-    table = Table(title="PostgreSQL to CSV through api + 1 worker, local storage",
-                  caption=f"medians of {runs} rounds; peak RSS: the highest" if runs > 1 else None)
+    table = Table(
+        title="PostgreSQL to CSV through api + 1 worker, local storage",
+        caption=f"medians of {runs} rounds; peak RSS: the highest" if runs > 1 else None,
+    )
     table.add_column("")
     for r in results:
         table.add_column(f"{r.case}: {r.rows:,} rows x {r.columns:,} cols", justify="right")
@@ -558,22 +588,30 @@ def print_table(results: list[Result], runs: int) -> None:
     row("file MB, MB/s", lambda r: f"{r.file_bytes / 1e6:,.1f}, {r.mb_per_second:.1f}")
     row("worker peak RSS MiB (idle)", lambda r: f"{mib(r.worker_peak_rss)} ({mib(r.worker_idle_rss)})")
     for i in range(max(len(r.peers) for r in results) if results else 0):
+
         def peer(r: Result | Round, i: int = i) -> dict:  # of the case, or of one round
             return r.peers[i] if i < len(r.peers) else {}
 
         row(f"peer {i + 1}", lambda r, peer=peer: peer(r).get("name", ""))
         row(f"  peer {i + 1} seconds", lambda r, peer=peer: f"{peer(r)['seconds']:.2f}" if peer(r) else "")
         each_round(f"  peer {i + 1} seconds, each round", lambda rnd, peer=peer: peer(rnd).get("seconds"))
-        row(f"  peer {i + 1} file MB (same bytes)", lambda r, peer=peer: (
-            f"{peer(r)['bytes'] / 1e6:,.1f} ({'yes' if peer(r)['same_bytes_as_dataport'] else 'no'})"
-            if peer(r) else ""))
+        row(
+            f"  peer {i + 1} file MB (same bytes)",
+            lambda r, peer=peer: (
+                f"{peer(r)['bytes'] / 1e6:,.1f} ({'yes' if peer(r)['same_bytes_as_dataport'] else 'no'})"
+                if peer(r)
+                else ""
+            ),
+        )
         row(f"  peer {i + 1} peak RSS MiB", lambda r, peer=peer: mib(peer(r).get("peak_rss")))
         ratio_label = f"  ratio to peer {i + 1}" + (f" (median of {runs} rounds)" if runs > 1 else "")
         row(ratio_label, lambda r, peer=peer: f"{r.ratio_to(peer(r)):.2f}x" if peer(r) else "")
         each_round(f"  ratio to peer {i + 1}, each round", lambda rnd, peer=peer: rnd.ratio_to(peer(rnd)))
     row("vs reference 260 s", lambda r: f"{r.seconds / WIDE_REFERENCE_SECONDS:.3f}x" if r.case == "wide" else "")
-    row("target", lambda r: f"{r.target} " + {True: "[green]PASS[/green]", False: "[red]MISS[/red]",
-                                               None: ""}[r.target_met])
+    row(
+        "target",
+        lambda r: f"{r.target} " + {True: "[green]PASS[/green]", False: "[red]MISS[/red]", None: ""}[r.target_met],
+    )
     table.add_row("checks", *(check_cell(r) for r in results))
     console.print(table)
     for r in results:
@@ -602,10 +640,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--copy-rows", type=int, default=1_000_000, help="rows of the copy case")
     parser.add_argument("--wide-rows", type=int, default=40_000, help="rows of the wide case")
     parser.add_argument("--rows", type=int, help="rows of the chosen case (with --case copy or wide)")
-    parser.add_argument("--runs", type=int, default=1,
-                        help="rounds on the case's one stack, each a Dataport export then each peer; medians")
-    parser.add_argument("--floor-only", action="store_true",
-                        help="wide: leave out the Python flattener peer (~2 minutes a round), for A/B rounds")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="rounds on the case's one stack, each a Dataport export then each peer; medians",
+    )
+    parser.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="wide: leave out the Python flattener peer (~2 minutes a round), for A/B rounds",
+    )
     parser.add_argument("--strict", action="store_true", help="also exit 1 when a target is missed")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "postgres_export.json")
     args = parser.parse_args()
@@ -624,15 +669,24 @@ def cases(args: argparse.Namespace) -> list[Case]:
         table = ensure_copy_table(args.postgres_url, args.copy_rows)
         columns = ", ".join(f'"{n}"' for n, _ in COPY_COLUMNS)
         peers = [Peer("psql \\copy", psql_copy(args.postgres_url, f'SELECT {columns} FROM "{table}" ORDER BY id'))]
-        chosen.append(Case("copy", table, args.copy_rows, len(COPY_COLUMNS), peers,
-                           f"ratio <= {COPY_TARGET_RATIO}x"))
+        chosen.append(Case("copy", table, args.copy_rows, len(COPY_COLUMNS), peers, f"ratio <= {COPY_TARGET_RATIO}x"))
     if args.case in ("wide", "all"):
         table = ensure_wide_table(args.postgres_url, args.wide_rows)
-        peers = [Peer("psql \\copy of the documents (floor)",
-                      psql_copy(args.postgres_url, f'SELECT id, data FROM "{table}" ORDER BY id'), same_columns=False)]
+        peers = [
+            Peer(
+                "psql \\copy of the documents (floor)",
+                psql_copy(args.postgres_url, f'SELECT id, data FROM "{table}" ORDER BY id'),
+                same_columns=False,
+            )
+        ]
         if not args.floor_only:
-            peers.append(Peer("python: psycopg + orjson + csv.writer",
-                              [sys.executable, "-c", PYTHON_FLATTEN, args.postgres_url, table], to_file=True))
+            peers.append(
+                Peer(
+                    "python: psycopg + orjson + csv.writer",
+                    [sys.executable, "-c", PYTHON_FLATTEN, args.postgres_url, table],
+                    to_file=True,
+                )
+            )
         chosen.append(Case("wide", table, args.wide_rows, 1 + WIDE_KEYS, peers, f"< {WIDE_TARGET_SECONDS:.0f} s"))
     return chosen
 
@@ -659,14 +713,29 @@ def main() -> int:
     for r in results:
         if r.worker_peak_rss:
             peers = "; ".join(f"{p['name']} {mib(p['peak_rss'])} MiB" for p in r.peers)
-            console.print(f"{r.case}: worker peak RSS {r.worker_peak_rss / MiB:.1f} MiB (kernel high-water mark "
-                          f"{mib(r.worker_hwm)} MiB, {r.rss_samples:,} samples); peer peak RSS: {peers}")
-    write_json(args.out, "postgres_export", load_average_at_start=load,
-               settings={"postgres_url": args.postgres_url, "storage": "local", "format": "CSV",
-                         "sample_seconds": SAMPLE_SECONDS, "case": args.case, "runs": args.runs},
-               results=[r.as_json() for r in results],
-               targets={"copy_ratio": COPY_TARGET_RATIO, "wide_seconds": WIDE_TARGET_SECONDS,
-                        "wide_reference_seconds": WIDE_REFERENCE_SECONDS})
+            console.print(
+                f"{r.case}: worker peak RSS {r.worker_peak_rss / MiB:.1f} MiB (kernel high-water mark "
+                f"{mib(r.worker_hwm)} MiB, {r.rss_samples:,} samples); peer peak RSS: {peers}"
+            )
+    write_json(
+        args.out,
+        "postgres_export",
+        load_average_at_start=load,
+        settings={
+            "postgres_url": args.postgres_url,
+            "storage": "local",
+            "format": "CSV",
+            "sample_seconds": SAMPLE_SECONDS,
+            "case": args.case,
+            "runs": args.runs,
+        },
+        results=[r.as_json() for r in results],
+        targets={
+            "copy_ratio": COPY_TARGET_RATIO,
+            "wide_seconds": WIDE_TARGET_SECONDS,
+            "wide_reference_seconds": WIDE_REFERENCE_SECONDS,
+        },
+    )
     console.print(f"numbers in {args.out}")
     if not all(r.ok for r in results):
         return 1

@@ -132,10 +132,23 @@ DP_TABLE = "bench_import_dp"
 PEER_TABLE = "bench_import_psql"
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 # The code that ran: the import path is new (some of it untracked), so its files are hashed into the JSON.
-IMPORT_CODE = ("workers/imports.py", "formats/readers.py", "formats/records.py", "formats/utf8.py",
-               "formats/csv_reader.py", "formats/converters.py", "formats/column_checker.py",
-               "formats/row_converter.py", "formats/header_check.py", "sources/sinks.py", "sources/sink_base.py",
-               "sources/postgres_sink.py", "api/uploads.py", "storage/local.py", "tasks/imports.py")
+IMPORT_CODE = (
+    "workers/imports.py",
+    "formats/readers.py",
+    "formats/records.py",
+    "formats/utf8.py",
+    "formats/csv_reader.py",
+    "formats/converters.py",
+    "formats/column_checker.py",
+    "formats/row_converter.py",
+    "formats/header_check.py",
+    "sources/sinks.py",
+    "sources/sink_base.py",
+    "sources/postgres_sink.py",
+    "api/uploads.py",
+    "storage/local.py",
+    "tasks/imports.py",
+)
 
 # name, Dataport type, PostgreSQL type
 COLUMNS = (
@@ -152,8 +165,16 @@ COLUMNS = (
 )
 NAMES = [name for name, _, _ in COLUMNS]
 
-SITES = ("North Ridge", "Ørsted Fell", 'Mount "Grey"', "Lake, East", "東京 Basin", "Zoë's Creek",
-         "Site 7", "Río Tinto, \"Upper\"")
+SITES = (
+    "North Ridge",
+    "Ørsted Fell",
+    'Mount "Grey"',
+    "Lake, East",
+    "東京 Basin",
+    "Zoë's Creek",
+    "Site 7",
+    'Río Tinto, "Upper"',
+)
 
 IMPORT_FIELDS = """id status rowsImported rowsFailed createdAt startedAt finishedAt attempts
   progress { processedRows bytes percent } error { code message } events { at status message }"""
@@ -212,7 +233,7 @@ def ensure_csv(rows: int, quiet: bool = False) -> Path:
     path = csv_path(rows)
     if path.exists():
         if not quiet:
-                console.print(f"[dim]reusing {path.relative_to(REPO_DIR)} ({path.stat().st_size / 1e6:,.1f} MB)[/dim]")
+            console.print(f"[dim]reusing {path.relative_to(REPO_DIR)} ({path.stat().st_size / 1e6:,.1f} MB)[/dim]")
         return path
     console.print(f"[dim]generating {path.relative_to(REPO_DIR)} ({rows:,} rows; once, not timed)…[/dim]")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,8 +293,9 @@ def table_summary(url: str, table: str) -> dict[str, Any]:
 
 
 def datasets_toml(url: str, rows: int) -> str:
-    columns = "\n".join(f'{name} = {{ type = "{kind}"{", required = true" if name == "id" else ""} }}'
-                        for name, kind, _ in COLUMNS)
+    columns = "\n".join(
+        f'{name} = {{ type = "{kind}"{", required = true" if name == "id" else ""} }}' for name, kind, _ in COLUMNS
+    )
     return f"""
 [datasets.{DATASET}]
 title = "bench: PostgreSQL import"
@@ -318,8 +340,11 @@ def import_file(http: httpx.Client, path: Path, timeout: float) -> Imported:
     """requestImport, upload (streamed), startImport, then importTask every 100 ms until final."""
     size = path.stat().st_size
     started = time.perf_counter()
-    payload = gql(http, REQUEST_IMPORT, {"i": {"dataset": DATASET, "format": "CSV", "mode": "INSERT",
-                                               "fileName": path.name, "fileSize": size}})["requestImport"]
+    payload = gql(
+        http,
+        REQUEST_IMPORT,
+        {"i": {"dataset": DATASET, "format": "CSV", "mode": "INSERT", "fileName": path.name, "fileSize": size}},
+    )["requestImport"]
     user_errors(payload)
     task = payload["task"]
     target = task["upload"]
@@ -358,9 +383,24 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
         console.print("[yellow]--profile: py-spy is not on PATH; not profiling[/yellow]")
         return None
     # --gil: only the thread holding the GIL is sampled, so the samples are the worker's Python CPU time.
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--gil",
-                             "--nonblocking", "--format", "raw", "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(PROFILE_RATE),
+            "--gil",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stop_profile(process: subprocess.Popen | None) -> None:
@@ -398,8 +438,11 @@ def profile_summary(path: Path, top: int = 15) -> tuple[int, list[tuple[str, flo
                 total[frame] += n
     if not samples:
         return 0, [], []
-    return (samples, [(f, n / samples) for f, n in own.most_common(top)],
-            [(f, n / samples) for f, n in total.most_common(top)])
+    return (
+        samples,
+        [(f, n / samples) for f, n in own.most_common(top)],
+        [(f, n / samples) for f, n in total.most_common(top)],
+    )
 
 
 # --- one run, one row count ------------------------------------------------------------------------
@@ -483,13 +526,28 @@ class Size(PeerComparison):
         return max((r.api_peak_rss for r in self.runs), default=0)
 
     def as_json(self) -> dict:
-        medians = {name: self._median(name) for name in (
-            "seconds", "request_seconds", "upload_seconds", "start_seconds", "queued_seconds", "job_seconds",
-            "peer_seconds")}
-        return {**asdict(self), "medians": medians, "ratio_to_psql": self.ratio,
-                "ratios_per_run": [r.ratio for r in self.runs], "worker_peak_rss": self.worker_peak_rss,
-                "api_peak_rss": self.api_peak_rss, "rows_per_second": self.rows / self.seconds if self.seconds else 0,
-                "ok": self.ok}
+        medians = {
+            name: self._median(name)
+            for name in (
+                "seconds",
+                "request_seconds",
+                "upload_seconds",
+                "start_seconds",
+                "queued_seconds",
+                "job_seconds",
+                "peer_seconds",
+            )
+        }
+        return {
+            **asdict(self),
+            "medians": medians,
+            "ratio_to_psql": self.ratio,
+            "ratios_per_run": [r.ratio for r in self.runs],
+            "worker_peak_rss": self.worker_peak_rss,
+            "api_peak_rss": self.api_peak_rss,
+            "rows_per_second": self.rows / self.seconds if self.seconds else 0,
+            "ok": self.ok,
+        }
 
 
 def measure_run(run: Run, stack: Stack, http: httpx.Client, path: Path, args: argparse.Namespace) -> None:
@@ -523,8 +581,18 @@ def measure_run(run: Run, stack: Stack, http: httpx.Client, path: Path, args: ar
     os.sync()
     columns = ", ".join(f'"{n}"' for n in NAMES)
     run.peer_seconds, run.peer_peak_rss = run_peer(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url,
-         "-c", f"\\copy \"{PEER_TABLE}\" ({columns}) FROM '{path}' WITH (FORMAT csv, HEADER true)"])
+        [
+            "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            f"\\copy \"{PEER_TABLE}\" ({columns}) FROM '{path}' WITH (FORMAT csv, HEADER true)",
+        ]
+    )
 
     run.dataport_table = table_summary(url, DP_TABLE)
     run.peer_table = table_summary(url, PEER_TABLE)
@@ -552,16 +620,28 @@ def measure_size(rows: int, args: argparse.Namespace, redis_url: str, scratch: P
     datasets.write_text(datasets_toml(args.postgres_url, rows))
     secret = secrets.token_urlsafe(32)
     port = free_port()
-    stack = Stack(stack_env(scratch / f"data-{rows}", scratch / f"files-{rows}", redis_url, secret, port,
-                            datasets=datasets, **args.settings), port, logs)
+    stack = Stack(
+        stack_env(
+            scratch / f"data-{rows}",
+            scratch / f"files-{rows}",
+            redis_url,
+            secret,
+            port,
+            datasets=datasets,
+            **args.settings,
+        ),
+        port,
+        logs,
+    )
     try:
         stack.start()
         assert stack.worker is not None and stack.api is not None
         time.sleep(0.5)  # let start-up settle before the idle readings
         size.worker_idle_rss, size.api_idle_rss = tree_rss(stack.worker.pid), tree_rss(stack.api.pid)
         token = issue_token(Settings(jwt_secret=secret), f"bench-{secrets.token_hex(4)}")
-        with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"},
-                          timeout=httpx.Timeout(600, connect=10)) as http:
+        with httpx.Client(
+            base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=httpx.Timeout(600, connect=10)
+        ) as http:
             for n in range(1, args.runs + 1):
                 console.print(f"[bold]{rows:,} rows, run {n}/{args.runs}[/bold]…")
                 run = Run(rows, n)
@@ -596,8 +676,10 @@ def verdict(ok: bool | None) -> str:
 
 def print_table(sizes: list[Size], args: argparse.Namespace) -> None:
     many = args.runs > 1
-    table = Table(title=f"CSV into PostgreSQL through api + 1 worker, local storage "
-                        f"({'median of ' + str(args.runs) + ' runs' if many else '1 run'})")
+    table = Table(
+        title=f"CSV into PostgreSQL through api + 1 worker, local storage "
+        f"({'median of ' + str(args.runs) + ' runs' if many else '1 run'})"
+    )
     table.add_column("")
     for s in sizes:
         table.add_column(f"{s.rows:,} rows ({s.file_bytes / 1e6:,.1f} MB)", justify="right")
@@ -612,6 +694,7 @@ def print_table(sizes: list[Size], args: argparse.Namespace) -> None:
                 return ""
             spread = [getattr(r, name) for r in s.runs if not r.error and getattr(r, name) is not None]
             return f"{value:.2f}" + (f" ({min(spread):.2f}-{max(spread):.2f})" if many else "")
+
         return cell
 
     row("Dataport seconds (request to SUCCEEDED)", seconds("seconds"))
@@ -627,8 +710,10 @@ def print_table(sizes: list[Size], args: argparse.Namespace) -> None:
     row("api peak RSS MiB (idle)", lambda s: f"{mib(s.api_peak_rss)} ({mib(s.api_idle_rss)})")
     row("psql peak RSS MiB", lambda s: mib(max((r.peer_peak_rss for r in s.runs), default=0)))
     largest = max((s.rows for s in sizes), default=0)
-    row(f"target ratio <= {TARGET_RATIO}", lambda s: verdict(s.ratio <= TARGET_RATIO if s.ratio else None)
-        if s.rows == largest else "(information)")
+    row(
+        f"target ratio <= {TARGET_RATIO}",
+        lambda s: verdict(s.ratio <= TARGET_RATIO if s.ratio else None) if s.rows == largest else "(information)",
+    )
     table.add_row("checks", *(check_cell(s) for s in sizes))
     console.print(table)
     for s in sizes:
@@ -653,11 +738,15 @@ def print_memory(sizes: list[Size], ratios: dict[str, float | None]) -> None:
     small, large = min(sizes, key=lambda s: s.rows), max(sizes, key=lambda s: s.rows)
     for who in ("worker", "api"):
         peak_large, peak_small = getattr(large, f"{who}_peak_rss"), getattr(small, f"{who}_peak_rss")
-        console.print(f"{who} peak RSS {large.rows:,} / {small.rows:,} rows: {peak_large / MiB:.1f} / "
-                      f"{peak_small / MiB:.1f} MiB = {ratios[who]:.3f}x (limit {RSS_LIMIT}x, flat) "
-                      f"{verdict(ratios[who] <= RSS_LIMIT)}")
-    console.print(f"[dim]kernel high-water marks at {large.rows:,}: worker {mib(large.worker_hwm)} MiB, "
-                  f"api {mib(large.api_hwm)} MiB[/dim]")
+        console.print(
+            f"{who} peak RSS {large.rows:,} / {small.rows:,} rows: {peak_large / MiB:.1f} / "
+            f"{peak_small / MiB:.1f} MiB = {ratios[who]:.3f}x (limit {RSS_LIMIT}x, flat) "
+            f"{verdict(ratios[who] <= RSS_LIMIT)}"
+        )
+    console.print(
+        f"[dim]kernel high-water marks at {large.rows:,}: worker {mib(large.worker_hwm)} MiB, "
+        f"api {mib(large.api_hwm)} MiB[/dim]"
+    )
 
 
 def print_profiles(sizes: list[Size]) -> None:
@@ -667,8 +756,10 @@ def print_profiles(sizes: list[Size]) -> None:
                 continue
             samples, own, total = profile_summary(Path(r.profile))
             held = samples / PROFILE_RATE
-            table = Table(title=f"worker holding the GIL (py-spy --gil), {s.rows:,} rows, run {r.run}: {held:.1f} s "
-                                f"of samples over a {r.seconds:.1f} s import ({r.profile})")
+            table = Table(
+                title=f"worker holding the GIL (py-spy --gil), {s.rows:,} rows, run {r.run}: {held:.1f} s "
+                f"of samples over a {r.seconds:.1f} s import ({r.profile})"
+            )
             table.add_column("self: function (file)")
             table.add_column("share", justify="right")
             table.add_column("total: project function (file)")
@@ -695,15 +786,24 @@ def import_code() -> dict[str, str | None]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="N, the rows of the file (default 1,000,000)")
-    parser.add_argument("--flat-check", action=argparse.BooleanOptionalAction, default=True,
-                        help="also import N/10 rows first and compare peak RSS (default: on)")
+    parser.add_argument(
+        "--flat-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also import N/10 rows first and compare peak RSS (default: on)",
+    )
     parser.add_argument("--runs", type=int, default=1, help="runs per row count (default 1)")
     parser.add_argument("--postgres-url", default=DEFAULT_URL)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one import")
     parser.add_argument("--profile", action="store_true", help="py-spy the worker during each import")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a Dataport setting for the api and worker, e.g. import_batch_rows=20000 "
-                             "(DATAPORT_IMPORT_BATCH_ROWS); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a Dataport setting for the api and worker, e.g. import_batch_rows=20000 "
+        "(DATAPORT_IMPORT_BATCH_ROWS); repeatable",
+    )
     parser.add_argument("--strict", action="store_true", help="also exit 1 when a target is missed")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "postgres_import.json")
     args = parser.parse_args()
@@ -741,14 +841,27 @@ def main() -> int:
     largest = max(sizes, key=lambda s: s.rows)
     ratio_met = largest.ratio is not None and largest.ratio <= TARGET_RATIO
     flat = None if ratios["worker"] is None else ratios["worker"] <= RSS_LIMIT and ratios["api"] <= RSS_LIMIT
-    write_json(args.out, "postgres_import", load_average_at_start=load,
-               settings={"postgres_url": args.postgres_url, "storage": "local", "format": "CSV", "mode": "INSERT",
-                         "runs": args.runs, "poll_seconds": POLL_SECONDS, "sample_seconds": SAMPLE_SECONDS,
-                         "csv_version": CSV_VERSION, "profile": args.profile, "dataport_settings": args.settings},
-               import_code_sha256=import_code(),
-               results=[s.as_json() for s in sizes],
-               targets={"ratio": TARGET_RATIO, "rss_limit": RSS_LIMIT},
-               verdict={"ratio": largest.ratio, "ratio_met": ratio_met, "peak_rss_ratios": ratios, "flat": flat})
+    write_json(
+        args.out,
+        "postgres_import",
+        load_average_at_start=load,
+        settings={
+            "postgres_url": args.postgres_url,
+            "storage": "local",
+            "format": "CSV",
+            "mode": "INSERT",
+            "runs": args.runs,
+            "poll_seconds": POLL_SECONDS,
+            "sample_seconds": SAMPLE_SECONDS,
+            "csv_version": CSV_VERSION,
+            "profile": args.profile,
+            "dataport_settings": args.settings,
+        },
+        import_code_sha256=import_code(),
+        results=[s.as_json() for s in sizes],
+        targets={"ratio": TARGET_RATIO, "rss_limit": RSS_LIMIT},
+        verdict={"ratio": largest.ratio, "ratio_met": ratio_met, "peak_rss_ratios": ratios, "flat": flat},
+    )
     console.print(f"numbers in {args.out}")
     if not all(s.ok for s in sizes):
         return 1

@@ -109,8 +109,9 @@ def count_records(data: bytes, file_format: str) -> int:
     return sum(1 for line in data.splitlines() if line.strip())
 
 
-async def read_timed(http: httpx.AsyncClient, method: str, url: str, started: float, file_format: str,
-                     **kwargs) -> tuple[float, float, float, bytes]:
+async def read_timed(
+    http: httpx.AsyncClient, method: str, url: str, started: float, file_format: str, **kwargs
+) -> tuple[float, float, float, bytes]:
     """(ms to the first body byte, to the first byte of the first data row, to the last byte; the
     body), all from ``started``. CSV's first row starts after the header line (names hold no newline)."""
     first = first_row = None
@@ -137,9 +138,14 @@ async def stream_once(base_url: str, token: str, file_format: str) -> Run:
     async with httpx.AsyncClient(timeout=120) as http:
         started = time.perf_counter()
         ttfb, first_row, total, body = await read_timed(
-            http, "GET", f"{base_url}/exports/stream", started, file_format,
+            http,
+            "GET",
+            f"{base_url}/exports/stream",
+            started,
+            file_format,
             params={"dataset": "samples", "format": file_format.lower()},
-            headers={"Authorization": f"Bearer {token}"})
+            headers={"Authorization": f"Bearer {token}"},
+        )
     return Run(ttfb, first_row, total, len(body), hashlib.sha256(body).hexdigest(), count_records(body, file_format))
 
 
@@ -157,8 +163,15 @@ async def background_once(base_url: str, secret: str, file_format: str) -> Run:
             raise RuntimeError(f"the export ended {task['status']}: {task.get('error')}")
         ttfb, first_row, total, body = await read_timed(http, "GET", task["downloadUrl"], started, file_format)
     sha256 = hashlib.sha256(body).hexdigest()
-    return Run(ttfb, first_row, total, len(body), sha256, count_records(body, file_format),
-               checksum_ok=sha256 == task["checksumSha256"])
+    return Run(
+        ttfb,
+        first_row,
+        total,
+        len(body),
+        sha256,
+        count_records(body, file_format),
+        checksum_ok=sha256 == task["checksumSha256"],
+    )
 
 
 async def measure(stack: Stack, secret: str, runs: int) -> list[Series]:
@@ -169,8 +182,10 @@ async def measure(stack: Stack, secret: str, runs: int) -> list[Series]:
         await stream_once(stack.url, token, file_format)  # warm-up: connections, caches, imports
         await background_once(stack.url, secret, file_format)
         for i in range(runs):
-            order = [(stream, stream_once(stack.url, token, file_format)),
-                     (background, background_once(stack.url, secret, file_format))]
+            order = [
+                (stream, stream_once(stack.url, token, file_format)),
+                (background, background_once(stack.url, secret, file_format)),
+            ]
             for target, run in order if i % 2 == 0 else reversed(order):
                 target.runs.append(await run)
         console.print(f"  {file_format}: {runs} runs of each path done")
@@ -194,8 +209,10 @@ def checks_of(series: list[Series], rows: int) -> dict[str, bool]:
 
 
 def print_table(series: list[Series], rows: int, runs: int) -> None:
-    table = Table(title=f"{rows:,} demo rows (58 columns): GET /exports/stream against requestExport -> "
-                        f"SUCCEEDED -> download; median (min-max) of {runs} runs, ms; x = background / stream")
+    table = Table(
+        title=f"{rows:,} demo rows (58 columns): GET /exports/stream against requestExport -> "
+        f"SUCCEEDED -> download; median (min-max) of {runs} runs, ms; x = background / stream"
+    )
     for name in ("format", "path", "TTFB", "first row", "total", "bytes", "x TTFB", "x first row", "x total"):
         table.add_column(name, justify="left" if name in ("format", "path") else "right")
     by = {(s.format, s.path): s for s in series}
@@ -204,9 +221,13 @@ def print_table(series: list[Series], rows: int, runs: int) -> None:
         if s.path == "background":
             peer = by[(s.format, "stream")]
             ratios = [f"{s.median(n) / peer.median(n):.1f}x" for n in ("ttfb_ms", "first_row_ms", "total_ms")]
-        table.add_row(s.format, s.path, *(f"{s.median(n):.0f} ({s.spread(n)})" for n in ("ttfb_ms", "first_row_ms",
-                                                                                           "total_ms")),
-                      f"{s.runs[0].bytes:,}", *ratios)
+        table.add_row(
+            s.format,
+            s.path,
+            *(f"{s.median(n):.0f} ({s.spread(n)})" for n in ("ttfb_ms", "first_row_ms", "total_ms")),
+            f"{s.runs[0].bytes:,}",
+            *ratios,
+        )
     console.print(table)
 
 
@@ -230,11 +251,22 @@ def main() -> int:
     error = None
     try:
         redis.start()
-        stack = Stack(stack_env(data_dir, scratch / "files", redis.url, secret, port,
-                                demo_rows=str(args.rows), max_export_rows=str(args.rows),
-                                stream_max_rows=str(max(args.rows, 10_000)),
-                                stream_rate_per_user="100000", stream_rate_per_ip="100000"),
-                      port, OUT_DIR / "logs" / "stream_route")
+        stack = Stack(
+            stack_env(
+                data_dir,
+                scratch / "files",
+                redis.url,
+                secret,
+                port,
+                demo_rows=str(args.rows),
+                max_export_rows=str(args.rows),
+                stream_max_rows=str(max(args.rows, 10_000)),
+                stream_rate_per_user="100000",
+                stream_rate_per_ip="100000",
+            ),
+            port,
+            OUT_DIR / "logs" / "stream_route",
+        )
         stack.start()
         os.sync()
         series = asyncio.run(measure(stack, secret, args.runs))
@@ -252,18 +284,34 @@ def main() -> int:
     failed = [name for name, ok in checks.items() if not ok]
     if error:
         console.print(f"[red]error:[/red] {error} (logs in {OUT_DIR / 'logs' / 'stream_route'})")
-    console.print("checks: " + ("[green]ok[/green]" if checks and not failed else
-                                f"[red]FAILED: {', '.join(failed) or 'nothing measured'}[/red]"))
-    write_json(args.out, "stream_route", load_average_at_start=load,
-               settings={"rows": args.rows, "runs": args.runs, "storage": "local"},
-               series=[{**asdict(s), "median_ttfb_ms": s.median("ttfb_ms"),
-                        "median_first_row_ms": s.median("first_row_ms"), "median_total_ms": s.median("total_ms")}
-                       for s in series],
-               checks=checks, error=error)
+    console.print(
+        "checks: "
+        + (
+            "[green]ok[/green]"
+            if checks and not failed
+            else f"[red]FAILED: {', '.join(failed) or 'nothing measured'}[/red]"
+        )
+    )
+    write_json(
+        args.out,
+        "stream_route",
+        load_average_at_start=load,
+        settings={"rows": args.rows, "runs": args.runs, "storage": "local"},
+        series=[
+            {
+                **asdict(s),
+                "median_ttfb_ms": s.median("ttfb_ms"),
+                "median_first_row_ms": s.median("first_row_ms"),
+                "median_total_ms": s.median("total_ms"),
+            }
+            for s in series
+        ],
+        checks=checks,
+        error=error,
+    )
     console.print(f"numbers in {args.out}")
     return 0 if checks and not failed and error is None else 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -13,8 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dataport.settings import Settings, get_settings
 
-app = typer.Typer(help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 console = Console(stderr=True)
 
 
@@ -64,8 +65,15 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     # log_config=None: uvicorn's own and access lines go through the handler _logging() set up.
     # ws_max_size: a WebSocket frame over the request limit is refused by the protocol (1009)
     # before it is read whole (uvicorn's default reads up to 16 MiB).
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, ws="websockets-sansio",
-                ws_max_size=settings.max_request_bytes)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_request_bytes,
+    )
 
 
 @app.command()
@@ -126,8 +134,13 @@ def export(
         console.print(f"[red]--filter:[/red] {e}")
         raise typer.Exit(2) from None
     try:
-        export_input = {"dataset": dataset, "format": format.upper(), "filters": filters,
-                        "columns": columns.split(",") if columns else None, "limit": limit}
+        export_input = {
+            "dataset": dataset,
+            "format": format.upper(),
+            "filters": filters,
+            "columns": columns.split(",") if columns else None,
+            "limit": limit,
+        }
         task = asyncio.run(_export(client, export_input, out))
     except ClientError as e:
         console.print(f"[red]Export failed:[/red] {e}")
@@ -139,15 +152,25 @@ async def _export(client, export_input: dict, out: Path | None) -> dict:
     from dataport.client import EXPORT_TASK, ClientError
 
     task = await client.request_export(export_input)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console) as bar:
         line = bar.add_task("waiting", total=None, rate="")
         async for snapshot in client.follow(task["id"]):
             task = snapshot
             p = snapshot["progress"]
-            bar.update(line, description=snapshot["status"].lower(), completed=p["processedRows"],
-                       total=p["totalRows"], rate=f"{p['rowsPerSecond'] or 0:,.0f} rows/s")
+            bar.update(
+                line,
+                description=snapshot["status"].lower(),
+                completed=p["processedRows"],
+                total=p["totalRows"],
+                rate=f"{p['rowsPerSecond'] or 0:,.0f} rows/s",
+            )
     if task["status"] != "SUCCEEDED":
         reason = (task.get("error") or {}).get("message") or task["status"].lower()
         raise ClientError(reason)
@@ -181,8 +204,15 @@ def import_(
         console.print(f"[red]--format:[/red] cannot tell the format of {file.name}; pass --format CSV|JSON|NDJSON|XLSX")
         raise typer.Exit(2)
     client = DataportClient(url.rstrip("/"), token or _local_token(get_settings()))
-    import_input = {"dataset": dataset, "format": file_format, "mode": mode.upper(), "fileName": file.name,
-                    "fileSize": file.stat().st_size, "dryRun": dry_run, "maxErrors": max_errors}
+    import_input = {
+        "dataset": dataset,
+        "format": file_format,
+        "mode": mode.upper(),
+        "fileName": file.name,
+        "fileSize": file.stat().st_size,
+        "dryRun": dry_run,
+        "maxErrors": max_errors,
+    }
     try:
         task = asyncio.run(_import(client, import_input, file, report))
     except ClientError as e:
@@ -196,8 +226,13 @@ async def _import(client, import_input: dict, file: Path, report: Path | None) -
     from dataport.client import IMPORT_PROGRESS, IMPORT_TASK, ClientError
 
     task = await client.request_import(import_input)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console) as bar:
         sending = bar.add_task("uploading", total=import_input["fileSize"], rate="")
         await asyncio.to_thread(client.upload, task["upload"], file, lambda n: bar.advance(sending, n))
@@ -206,8 +241,12 @@ async def _import(client, import_input: dict, file: Path, report: Path | None) -
         async for snapshot in client.follow(task["id"], IMPORT_PROGRESS):
             task = snapshot
             p = snapshot["progress"]
-            bar.update(line, description=snapshot["status"].lower(), completed=p["percent"] or 0,
-                       rate=f"{p['processedRows']:,} rows")
+            bar.update(
+                line,
+                description=snapshot["status"].lower(),
+                completed=p["percent"] or 0,
+                rate=f"{p['processedRows']:,} rows",
+            )
     fresh = (await client.execute(IMPORT_TASK, {"id": task["id"]}))["importTask"]  # a fresh report URL
     if fresh["errorReportUrl"]:
         target = report or file.with_name(f"{file.stem}-errors.csv")

@@ -83,8 +83,9 @@ class DataportClient:
 
     async def execute(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=60) as http:
-            response = await http.post(f"{self.url}/graphql", json={"query": query, "variables": variables},
-                                       headers=self.headers)
+            response = await http.post(
+                f"{self.url}/graphql", json={"query": query, "variables": variables}, headers=self.headers
+            )
         body = response.json()
         if body.get("errors"):
             raise _error(body["errors"])
@@ -125,15 +126,19 @@ class DataportClient:
 
         with path.open("rb") as f, httpx.Client(timeout=None) as http:
             if target["method"] == "PUT":
-                response = http.put(target["url"], content=chunks(Counted(f)),
-                                    headers={**target["headers"], "Content-Length": str(path.stat().st_size)})
+                response = http.put(
+                    target["url"],
+                    content=chunks(Counted(f)),
+                    headers={**target["headers"], "Content-Length": str(path.stat().st_size)},
+                )
             else:  # a presigned POST: the policy's fields first, the file last
                 response = http.post(target["url"], data=target["fields"], files={"file": (path.name, Counted(f))})
         if response.status_code not in (200, 201, 204):
             raise ClientError(f"the upload was refused: HTTP {response.status_code} {response.text[:300]}")
 
-    async def follow(self, task_id: str, subscription: str = EXPORT_PROGRESS,
-                     give_up_after: float = 600.0) -> AsyncIterator[dict[str, Any]]:
+    async def follow(
+        self, task_id: str, subscription: str = EXPORT_PROGRESS, give_up_after: float = 600.0
+    ) -> AsyncIterator[dict[str, Any]]:
         """Snapshots from the exportProgress (or importProgress) subscription until a final status.
 
         A dropped connection, an api restart or a ``SERVICE_UNAVAILABLE`` (Redis down) does not end
@@ -156,7 +161,7 @@ class DataportClient:
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since > give_up_after:
                 raise ClientError(f"lost touch with Dataport for {give_up_after:.0f} s: {reason}")
-            await asyncio.sleep(min(30.0, 2.0 ** failures) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(min(30.0, 2.0**failures) * random.uniform(0.5, 1.0))
             failures += 1
 
     async def _subscription(self, task_id: str, subscription: str) -> AsyncIterator[dict[str, Any]]:
@@ -164,8 +169,7 @@ class DataportClient:
         field = "importProgress" if subscription is IMPORT_PROGRESS else "exportProgress"
         ws_url = self.url.replace("http", "ws", 1) + "/graphql"
         async with websockets.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:
-            await ws.send(json.dumps({"type": "connection_init",
-                                      "payload": {"authorization": f"Bearer {self.token}"}}))
+            await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {self.token}"}}))
             try:
                 ack = json.loads(await ws.recv())
             except websockets.ConnectionClosed as e:
@@ -174,8 +178,11 @@ class DataportClient:
                 raise
             if ack.get("type") != "connection_ack":
                 raise ClientError(f"the server refused the connection: {ack}")
-            await ws.send(json.dumps({"id": "1", "type": "subscribe",
-                                      "payload": {"query": subscription, "variables": {"id": task_id}}}))
+            await ws.send(
+                json.dumps(
+                    {"id": "1", "type": "subscribe", "payload": {"query": subscription, "variables": {"id": task_id}}}
+                )
+            )
             async for raw in ws:
                 message = json.loads(raw)
                 if message["type"] == "next":
@@ -198,5 +205,3 @@ class DataportClient:
                     if on_bytes:
                         on_bytes(len(chunk))
         partial.replace(out)
-
-

@@ -130,9 +130,7 @@ PROJECTS = (
     "Iron Crown", "Silverbell", "Rare Earth Frontier",
 )  # fmt: skip
 # 44% core, 26% RC chips, 12% rock chips, 12% soil, 6% stream sediment: one pick out of 50.
-SAMPLE_TYPES = (
-    ("core",) * 22 + ("rc chips",) * 13 + ("rock chip",) * 6 + ("soil",) * 6 + ("stream sediment",) * 3
-)
+SAMPLE_TYPES = ("core",) * 22 + ("rc chips",) * 13 + ("rock chip",) * 6 + ("soil",) * 6 + ("stream sediment",) * 3
 LITHOLOGIES = (
     ("Basalt", "igneous"), ("Granite", "igneous"), ("Andesite", "igneous"), ("Gabbro", "igneous"),
     ("Rhyolite", "igneous"), ("Komatiite", "igneous"), ("Schist", "metamorphic"),
@@ -319,8 +317,7 @@ def _assay_table(name: str, median: float, sd: float, decimals: int, nulls: floa
     """
     mu, scale, same = math.log(median), 10**decimals, {}
     table: list = [
-        same.setdefault(v, v)
-        for v in (int(math.exp(mu + sd * z) * scale + 0.5) / scale for z in _normal_quantiles())
+        same.setdefault(v, v) for v in (int(math.exp(mu + sd * z) * scale + 0.5) / scale for z in _normal_quantiles())
     ]
     for k in random.Random(f"dataport-demo:nulls:{name}").sample(range(_GRID), round(nulls * _GRID)):
         table[k] = None

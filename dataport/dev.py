@@ -69,8 +69,10 @@ def run_dev(settings: Settings, host: str, port: int) -> int:
             console.print("[red]The api did not start; see the messages above.[/red]")
             return 1
         token = issue_token(settings, os.environ.get("USER") or "dev")
-        console.print(f"[bold]Dataport[/bold] is running.\n  GraphQL   http://{host}:{port}/graphql"
-                      f"\n  Browser   http://{host}:{port}/\n  Press Ctrl-C to stop.")
+        console.print(
+            f"[bold]Dataport[/bold] is running.\n  GraphQL   http://{host}:{port}/graphql"
+            f"\n  Browser   http://{host}:{port}/\n  Press Ctrl-C to stop."
+        )
         console.print("Dev token (Authorization: Bearer …):", style="dim")
         print(token, flush=True)
         while not stopping:

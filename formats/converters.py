@@ -151,8 +151,9 @@ def _integer(required: bool) -> Callable[[Any], Any]:
                 if len(v) < 19:  # at most 18 digits: within 64 bits
                     return int(v)
                 if len(v.lstrip("+-0")) > 19:  # out of range: never int() of it (4,301 digits raise)
-                    raise Refused(f"{show(v)} is out of range for an integer (-2^63 to 2^63-1; "
-                                  f"{len(v.lstrip('+-0')):,} digits)")
+                    raise Refused(
+                        f"{show(v)} is out of range for an integer (-2^63 to 2^63-1; {len(v.lstrip('+-0')):,} digits)"
+                    )
                 n = int(v)
             elif v:
                 raise Refused(f"{show(v)} is not an integer")

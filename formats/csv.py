@@ -94,9 +94,7 @@ def bool_column(cells: Sequence) -> list:
     return list(map(_BOOL_TEXT.get, cells, cells))
 
 
-def column_fixes(
-    columns: Sequence[Column], formula_guard: bool
-) -> list[tuple[int, Callable[[Sequence], Sequence]]]:
+def column_fixes(columns: Sequence[Column], formula_guard: bool) -> list[tuple[int, Callable[[Sequence], Sequence]]]:
     """(index, transform) for the columns whose cells need Python-side work before encoding."""
     fixes: list[tuple[int, Callable[[Sequence], Sequence]]] = []
     for i, column in enumerate(columns):
@@ -171,9 +169,34 @@ def _numbers(values: Sequence, *, rows: bool, known: int = UNKNOWN) -> bytes | N
 def orjson_writes_repr() -> bool:
     """Whether the installed orjson writes numbers the way ``_number_text`` expects: checked on
     values around every place where orjson's spelling and ``repr``'s part ways."""
-    values: list = [0.0, -0.0, 1.0, -1.5, 0.1, 1 / 3, 2.5e-8, 123456789.125, 5e-324, 1.7976931348623157e308,
-                    2.0**53, 9999999999999998.0, 1e15, 1e16, 1e22, 1e100, 1e-4, 1e-5, 1e-7, 1e-10,
-                    0, -7, 2**63 - 1, -(2**63), 2**64 - 1, None]
+    values: list = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.5,
+        0.1,
+        1 / 3,
+        2.5e-8,
+        123456789.125,
+        5e-324,
+        1.7976931348623157e308,
+        2.0**53,
+        9999999999999998.0,
+        1e15,
+        1e16,
+        1e22,
+        1e100,
+        1e-4,
+        1e-5,
+        1e-7,
+        1e-10,
+        0,
+        -7,
+        2**63 - 1,
+        -(2**63),
+        2**64 - 1,
+        None,
+    ]
     for e in range(-30, 30):
         for m in (1.0, 1.5, 9.999999999999998, 4.35):
             x = m * 10.0**e
@@ -278,8 +301,9 @@ class CsvWriter:
         # terminator made of the dialect's other special characters, so that the same cells are
         # quoted in the same way as in the file.
         self._column_buffer = io.StringIO()
-        self._column_csv = csv.writer(self._column_buffer, delimiter="\0", lineterminator="\r\n,",
-                                      quoting=csv.QUOTE_MINIMAL)
+        self._column_csv = csv.writer(
+            self._column_buffer, delimiter="\0", lineterminator="\r\n,", quoting=csv.QUOTE_MINIMAL
+        )
         # The fast path's pieces: ("run", start, stop) for a long run of number columns, else
         # (kind, index, index + 1) with kind "number", "boolean", "guarded" or "text".
         self._segments: list[tuple[str, int, int]] = []

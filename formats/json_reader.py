@@ -88,6 +88,7 @@ def long_digits(data: bytes) -> bool:
     """Whether ``data`` holds a run of 19 digits or more (a number orjson may not read exactly)."""
     return data.translate(_DIGITS).find(_NINETEEN) >= 0
 
+
 # Scanning an element: structure outside strings, the end (or an escape) inside one, and the end
 # of a top-level scalar.
 _STRUCTURE = re.compile(rb'[\[\]{}"]')
@@ -157,8 +158,9 @@ def surrogate_reason(text: bytes) -> str | None:
     lone = _LONE_SURROGATE.search(text)
     if lone is None:
         return None
-    return (f"holds the escape {lone.group().decode()}, half of a UTF-16 pair (a lone surrogate), "
-            "which is not a character")
+    return (
+        f"holds the escape {lone.group().decode()}, half of a UTF-16 pair (a lone surrogate), which is not a character"
+    )
 
 
 def nesting_reason(limit: int) -> str:
@@ -566,7 +568,7 @@ class NdjsonReader:
                 return Record(number, {}, f"line {number} is not valid JSON: {reason}", line, as_text)
         if value.__class__ is not dict:
             return Record(number, {}, f"line {number} holds {kind_of(value)}, not an object", value, json_text)
-        if (line.count(b"{") + line.count(b"[") > self.max_nesting and nesting(value) > self.max_nesting):
+        if line.count(b"{") + line.count(b"[") > self.max_nesting and nesting(value) > self.max_nesting:
             return Record(number, {}, f"line {number} {nesting_reason(self.max_nesting)}", line, as_text)
         if len(line) > self.max_cell_bytes:
             key = oversized(value, self.max_cell_bytes)

@@ -67,4 +67,3 @@ def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int, limits: Pa
 
         return XlsxReader(stream, max_cell_bytes=max_cell_bytes, limits=limits)
     raise KeyError(format)
-

@@ -137,4 +137,3 @@ def text_over(text: str, limit: int) -> bool:
     """Whether ``text`` takes more than ``limit`` bytes in UTF-8, encoding only when it may."""
     n = len(text)
     return n > limit or (n * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
-

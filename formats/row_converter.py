@@ -103,4 +103,3 @@ def compile_row(
     lines.append(f"    return ({''.join(f'v{i}, ' for i in range(len(columns)))})")
     exec("\n".join(lines), scope)
     return scope["row"]
-

@@ -227,9 +227,14 @@ class XlsxReader:
                 "as 'Excel Workbook (.xlsx)': old .xls files and password-protected workbooks cannot be read"
             ) from None
         # openpyxl's own cell parser (shared strings, dates, formulas), fed one cell at a time.
-        self._cells = WorkSheetParser(source, sheet._shared_strings, data_only=False, epoch=self._book.epoch,
-                                      date_formats=self._book._date_formats,
-                                      timedelta_formats=self._book._timedelta_formats)
+        self._cells = WorkSheetParser(
+            source,
+            sheet._shared_strings,
+            data_only=False,
+            epoch=self._book.epoch,
+            date_formats=self._book._date_formats,
+            timedelta_formats=self._book._timedelta_formats,
+        )
         self._source = source
         self._width = MAX_COLUMNS  # cells kept per row: the header's width once it is read
         self._rows = self._sheet_rows()
@@ -265,8 +270,10 @@ class XlsxReader:
             if tag == CELL_TAG:
                 count += 1
                 if count > MAX_COLUMNS:
-                    raise FileLimitError(f"row {number + 1:,} of the sheet holds more than {MAX_COLUMNS:,} cells, "
-                                         "the most a sheet row can have")
+                    raise FileLimitError(
+                        f"row {number + 1:,} of the sheet holds more than {MAX_COLUMNS:,} cells, "
+                        "the most a sheet row can have"
+                    )
                 cell, trouble = self._cell(element, number + 1)
                 element.clear()
                 if trouble is not None:
@@ -275,8 +282,9 @@ class XlsxReader:
                 column = cell["column"]
                 if column > self._width:
                     if column > MAX_COLUMNS:
-                        raise FileLimitError(f"the sheet has a cell in column {column:,}, beyond column XFD "
-                                             "(a sheet ends at XFD1048576)")
+                        raise FileLimitError(
+                            f"the sheet has a cell in column {column:,}, beyond column XFD (a sheet ends at XFD1048576)"
+                        )
                     if cell["value"] is not None and not extra:
                         extra = column
                     continue
@@ -288,14 +296,16 @@ class XlsxReader:
                 r = element.get("r")
                 number = int(r) if r and r.isdigit() and len(r) < 10 else number + 1
                 if number > MAX_ROWS:
-                    raise FileLimitError(f"the sheet has a row {number:,}; a sheet ends at row {MAX_ROWS:,} "
-                                         "(XFD1048576)")
+                    raise FileLimitError(
+                        f"the sheet has a row {number:,}; a sheet ends at row {MAX_ROWS:,} (XFD1048576)"
+                    )
                 # Cleared, a row stays in the tree as an empty element (~80 bytes: 80 MB for a full
                 # sheet of 1,048,576 rows, as in openpyxl): dropping it needs "start" events, 20% slower.
                 element.clear()
                 if extra and problem is None:
-                    problem = (f"cell {get_column_letter(extra)}{number} has a value, but its column has no name "
-                               "in the header")
+                    problem = (
+                        f"cell {get_column_letter(extra)}{number} has a value, but its column has no name in the header"
+                    )
                 yield number, values, kinds, problem
                 values, kinds, problem, extra, count = [], [], None, 0, 0
                 parser.row_counter, parser.col_counter = number + 1, 0
@@ -335,8 +345,9 @@ class XlsxReader:
         for i, (value, kind) in enumerate(zip(row, kinds, strict=True), 1):
             if kind == "f":
                 self._close()
-                raise FileError(f"the header cell {get_column_letter(i)}1 holds a formula; "
-                                "type the column name instead")
+                raise FileError(
+                    f"the header cell {get_column_letter(i)}1 holds a formula; type the column name instead"
+                )
             if isinstance(value, str):
                 value = unguard(unescape(value))
             names.append("" if value is None else cell_text(value))
@@ -385,8 +396,10 @@ class XlsxReader:
                         if "_x" in value:
                             value = values[i] = unescape(value)
                         if len(value) > quarter and text_over(value, limit) and problem is None:
-                            problem = (f"cell {get_column_letter(i + 1)}{row_number} is larger than {limit:,} bytes "
-                                       "(the limit per cell)")
+                            problem = (
+                                f"cell {get_column_letter(i + 1)}{row_number} is larger than {limit:,} bytes "
+                                "(the limit per cell)"
+                            )
                 if len(values) < n:
                     values += [None] * (n - len(values))
                 # Rows the sheet does not store between the last one and this one are empty.

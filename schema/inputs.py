@@ -39,8 +39,9 @@ class ExportInput:
             "dataset": self.dataset,
             "format": self.format.value,
             "columns": self.columns,
-            "filters": [{"field": f.field, "op": f.op.value, "value": f.value, "values": f.values}
-                        for f in self.filters or []],
+            "filters": [
+                {"field": f.field, "op": f.op.value, "value": f.value, "values": f.values} for f in self.filters or []
+            ],
             "sort": [{"field": s.field, "direction": s.direction.value} for s in self.sort or []],
             "limit": self.limit,
             "notify": self.notify,

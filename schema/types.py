@@ -32,8 +32,12 @@ class Progress:
     @classmethod
     def of(cls, p: DomainProgress) -> Progress:
         return cls(
-            processed_rows=p.processed_rows, total_rows=p.total_rows, percent=p.percent, bytes=p.bytes,
-            rows_per_second=p.rows_per_second, eta_seconds=p.eta_seconds,
+            processed_rows=p.processed_rows,
+            total_rows=p.total_rows,
+            percent=p.percent,
+            bytes=p.bytes,
+            rows_per_second=p.rows_per_second,
+            eta_seconds=p.eta_seconds,
         )
 
 
@@ -215,10 +219,13 @@ class Dataset:
     @classmethod
     def of(cls, d: DomainDataset) -> Dataset:
         return cls(
-            name=d.name, title=d.title, source=d.source, importable=d.importable,
-            max_export_rows=d.max_export_rows, stream_max_rows=d.stream_max_rows,
-            columns=[Column(name=c.name, type=c.type, filterable=c.filterable, sortable=c.sortable)
-                     for c in d.columns],
+            name=d.name,
+            title=d.title,
+            source=d.source,
+            importable=d.importable,
+            max_export_rows=d.max_export_rows,
+            stream_max_rows=d.stream_max_rows,
+            columns=[Column(name=c.name, type=c.type, filterable=c.filterable, sortable=c.sortable) for c in d.columns],
         )
 
 

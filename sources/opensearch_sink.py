@@ -69,8 +69,15 @@ MAX_BULK_BYTES = 8 * 1024 * 1024  # far below http.max_content_length (100 MB by
 
 
 class OpenSearchSink:
-    def __init__(self, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any = None, *,
-                 retry_delays: tuple[float, ...] = RETRY_DELAYS):
+    def __init__(
+        self,
+        dataset: Dataset,
+        columns: tuple[Column, ...],
+        mode: str,
+        settings: Any = None,
+        *,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+    ):
         self.dataset = dataset
         self.columns = columns
         self.mode = mode
@@ -78,8 +85,9 @@ class OpenSearchSink:
         self.rows = 0
         self.retry_delays = tuple(retry_delays)
         timeout = float(settings.opensearch_timeout_seconds if settings is not None else REQUEST_TIMEOUT_SECONDS)
-        self.client = AsyncOpenSearch(hosts=[dataset.url], timeout=timeout, max_retries=0, retry_on_status=(),
-                                      serializer=OrjsonSerializer())
+        self.client = AsyncOpenSearch(
+            hosts=[dataset.url], timeout=timeout, max_retries=0, retry_on_status=(), serializer=OrjsonSerializer()
+        )
         self._keys = key_positions(dataset, columns)
         self._names = [c.name for c in columns]
         self._paths = [tuple(c.name.split(".")) for c in columns]
@@ -89,30 +97,40 @@ class OpenSearchSink:
         self._failed: str | None = None
 
     @classmethod
-    async def open(cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any,
-                   **options: Any) -> OpenSearchSink:
+    async def open(
+        cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any, **options: Any
+    ) -> OpenSearchSink:
         if not dataset.key:
-            raise SinkError(f"dataset '{dataset.name}' has no key: OpenSearch imports derive document ids from the "
-                            f"key, so that a retried import does not add its rows twice; set `key` in the datasets "
-                            f"file")
+            raise SinkError(
+                f"dataset '{dataset.name}' has no key: OpenSearch imports derive document ids from the "
+                f"key, so that a retried import does not add its rows twice; set `key` in the datasets "
+                f"file"
+            )
         missing = [k for k in dataset.key if k not in {c.name for c in columns}]
         if missing:
-            raise SinkError(f"dataset '{dataset.name}': the file has no column '{missing[0]}', which is part of the "
-                            f"key ({', '.join(dataset.key)}) that document ids are made from")
+            raise SinkError(
+                f"dataset '{dataset.name}': the file has no column '{missing[0]}', which is part of the "
+                f"key ({', '.join(dataset.key)}) that document ids are made from"
+            )
         paths = {c.name for c in columns}
         for c in columns:
             parts = c.name.split(".")
             for i in range(1, len(parts)):
                 if ".".join(parts[:i]) in paths:
-                    raise SinkError(f"dataset '{dataset.name}': columns '{'.'.join(parts[:i])}' and '{c.name}' "
-                                    f"cannot both be written: the first would be a value and an object at once")
+                    raise SinkError(
+                        f"dataset '{dataset.name}': columns '{'.'.join(parts[:i])}' and '{c.name}' "
+                        f"cannot both be written: the first would be a value and an object at once"
+                    )
         sink = cls(dataset, columns, mode, settings, **options)
         try:
-            exists = await sink._call(f"checking index '{sink.index}'",
-                                      lambda: sink.client.indices.exists(index=sink.index))
+            exists = await sink._call(
+                f"checking index '{sink.index}'", lambda: sink.client.indices.exists(index=sink.index)
+            )
             if not exists:
-                raise SinkError(f"dataset '{dataset.name}': index '{sink.index}' does not exist at "
-                                f"{redact(dataset.url)}; create it (with its mapping) first")
+                raise SinkError(
+                    f"dataset '{dataset.name}': index '{sink.index}' does not exist at "
+                    f"{redact(dataset.url)}; create it (with its mapping) first"
+                )
         except BaseException:
             await sink.client.close()
             raise
@@ -159,8 +177,13 @@ class OpenSearchSink:
             return
         self._done = True
         if self.rows:
-            log.warning("dataset %s: rollback cannot remove the %d rows already written to index '%s'; running the "
-                        "import again converges on the same documents", self.dataset.name, self.rows, self.index)
+            log.warning(
+                "dataset %s: rollback cannot remove the %d rows already written to index '%s'; running the "
+                "import again converges on the same documents",
+                self.dataset.name,
+                self.rows,
+                self.index,
+            )
 
     async def close(self) -> None:
         await self.rollback()
@@ -189,10 +212,15 @@ class OpenSearchSink:
         """Each row's action and source lines of the bulk body."""
         dumps = orjson.dumps
         if self.mode == "INSERT":
-            return [b'{"create":{"_id":%b}}\n%b\n' % (dumps(i), dumps(self._doc(row)))
-                    for i, row in zip(ids, rows, strict=True)]
-        return [b'{"update":{"_id":%b,"retry_on_conflict":3}}\n{"doc":%b,"doc_as_upsert":true}\n'
-                % (dumps(i), dumps(self._doc(row))) for i, row in zip(ids, rows, strict=True)]
+            return [
+                b'{"create":{"_id":%b}}\n%b\n' % (dumps(i), dumps(self._doc(row)))
+                for i, row in zip(ids, rows, strict=True)
+            ]
+        return [
+            b'{"update":{"_id":%b,"retry_on_conflict":3}}\n{"doc":%b,"doc_as_upsert":true}\n'
+            % (dumps(i), dumps(self._doc(row)))
+            for i, row in zip(ids, rows, strict=True)
+        ]
 
     # -- requests
 
@@ -206,8 +234,11 @@ class OpenSearchSink:
             response = await self._call(what, lambda body=body: self.client.bulk(body=body, index=self.index))
             items = response.get("items") or []
             if len(items) != len(pending):
-                raise SinkError(f"dataset '{self.dataset.name}': OpenSearch answered {len(items)} results for "
-                                f"{len(pending)} documents while {what}", transient=True)
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': OpenSearch answered {len(items)} results for "
+                    f"{len(pending)} documents while {what}",
+                    transient=True,
+                )
             again: list[int] = []
             last_error = ""
             for i, item in zip(pending, items, strict=True):
@@ -216,8 +247,9 @@ class OpenSearchSink:
                 if 200 <= status < 300:
                     continue
                 error = result.get("error") or {}
-                reason = (f"{error.get('type')}: {error.get('reason')}" if isinstance(error, dict)
-                          else str(error)) or f"status {status}"
+                reason = (
+                    f"{error.get('type')}: {error.get('reason')}" if isinstance(error, dict) else str(error)
+                ) or f"status {status}"
                 if status == 409 and self.mode == "INSERT":
                     conflicts.append(i)
                 elif status == 429 or status >= 500 or status == 409:  # 409 in UPSERT: concurrent updates
@@ -227,17 +259,30 @@ class OpenSearchSink:
                     caused = error.get("caused_by") if isinstance(error, dict) else None
                     if isinstance(caused, dict) and caused.get("reason"):
                         reason += f" ({caused.get('reason')})"
-                    raise SinkError(f"dataset '{self.dataset.name}': row {first + i} (document '{ids[i]}') was "
-                                    f"refused by index '{self.index}': {reason}", row=first + i)
+                    raise SinkError(
+                        f"dataset '{self.dataset.name}': row {first + i} (document '{ids[i]}') was "
+                        f"refused by index '{self.index}': {reason}",
+                        row=first + i,
+                    )
             if not again:
                 return conflicts
             if attempt == len(self.retry_delays):
-                raise SinkError(f"dataset '{self.dataset.name}': {len(again)} documents could not be written to index "
-                                f"'{self.index}' after {attempt + 1} tries (last: {last_error}); the cluster may be "
-                                f"overloaded", transient=True, row=first + again[0])
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': {len(again)} documents could not be written to index "
+                    f"'{self.index}' after {attempt + 1} tries (last: {last_error}); the cluster may be "
+                    f"overloaded",
+                    transient=True,
+                    row=first + again[0],
+                )
             delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
-            log.info("index '%s': %d documents failed (%s); try %d in %.1f s", self.index, len(again), last_error,
-                     attempt + 2, delay)
+            log.info(
+                "index '%s': %d documents failed (%s); try %d in %.1f s",
+                self.index,
+                len(again),
+                last_error,
+                attempt + 2,
+                delay,
+            )
             await asyncio.sleep(delay)
             pending = again
         raise AssertionError("unreachable")
@@ -247,15 +292,21 @@ class OpenSearchSink:
         imported columns (a re-run), else ``DuplicateKeyError``."""
         response = await self._call(
             f"reading existing documents of index '{self.index}'",
-            lambda: self.client.mget(index=self.index, body={"ids": [ids[i] for i in conflicts]},
-                                     params={"_source_includes": ",".join(self._names)}),
+            lambda: self.client.mget(
+                index=self.index,
+                body={"ids": [ids[i] for i in conflicts]},
+                params={"_source_includes": ",".join(self._names)},
+            ),
         )
         docs = response.get("docs") or []
         for i, doc in zip(conflicts, docs, strict=False):
             key = describe_key(self.dataset.key, [rows[i][k] for k in self._keys])
             if not doc.get("found"):  # deleted since the conflict: the import has to run again
-                raise SinkError(f"dataset '{self.dataset.name}': the document with {key} changed during the import",
-                                transient=True, row=first + i)
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': the document with {key} changed during the import",
+                    transient=True,
+                    row=first + i,
+                )
             try:
                 stored = self._read([doc])[0]
             except SourceError:
@@ -264,11 +315,15 @@ class OpenSearchSink:
                 continue
             difference = ""
             if stored is not None:
-                column, old, new = next((c.name, a, b) for c, a, b in zip(self.columns, stored, rows[i], strict=True)
-                                        if not _same(a, b))
+                column, old, new = next(
+                    (c.name, a, b) for c, a, b in zip(self.columns, stored, rows[i], strict=True) if not _same(a, b)
+                )
                 difference = f" with {column}={old!r} (the file has {new!r})"
-            raise DuplicateKeyError(f"a row with {key} already exists in dataset '{self.dataset.name}'{difference}; "
-                                    f"import in UPSERT mode to update it (row {first + i})", row=first + i)
+            raise DuplicateKeyError(
+                f"a row with {key} already exists in dataset '{self.dataset.name}'{difference}; "
+                f"import in UPSERT mode to update it (row {first + i})",
+                row=first + i,
+            )
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]]) -> Any:
         """One request, tried again with backoff while the failure may pass (connection errors,
@@ -280,16 +335,27 @@ class OpenSearchSink:
                 return await request()
             except TransportError as e:
                 if not is_transient(e):
-                    raise SinkError(f"dataset '{self.dataset.name}': "
-                                    f"{explain_error(e, what, self.index, self.dataset.url)}") from e
+                    raise SinkError(
+                        f"dataset '{self.dataset.name}': {explain_error(e, what, self.index, self.dataset.url)}"
+                    ) from e
                 if attempt == tries - 1:
                     raise SinkError(
                         f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
                         f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
-                        f"overloaded or down.", transient=True) from e
+                        f"overloaded or down.",
+                        transient=True,
+                    ) from e
                 delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
-                log.info("index '%s': %s failed (%s %s); try %d of %d in %.1f s", self.index, what, e.status_code,
-                         error_reason(e), attempt + 2, tries, delay)
+                log.info(
+                    "index '%s': %s failed (%s %s); try %d of %d in %.1f s",
+                    self.index,
+                    what,
+                    e.status_code,
+                    error_reason(e),
+                    attempt + 2,
+                    tries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
             except SerializationError as e:
                 raise SinkError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
@@ -299,8 +365,10 @@ class OpenSearchSink:
         if self._done:
             raise SinkError(f"dataset '{self.dataset.name}': this import was already committed or rolled back")
         if self._failed:
-            raise SinkError(f"dataset '{self.dataset.name}': an earlier write of this import failed "
-                            f"({self._failed}); run the import again")
+            raise SinkError(
+                f"dataset '{self.dataset.name}': an earlier write of this import failed "
+                f"({self._failed}); run the import again"
+            )
 
 
 def _same(stored: Any, written: Any) -> bool:

@@ -110,8 +110,10 @@ IDLE_TIMEOUT = "10min"
 ROLLBACK_TIMEOUT_SECONDS = 5.0
 APPLICATION_NAME = "dataport-import"
 
-_SESSION = (f"SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
-            f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_TIMEOUT}'")
+_SESSION = (
+    f"SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
+    f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_TIMEOUT}'"
+)
 # Connection lost, too many connections, server shutting down, serialization failure, deadlock,
 # lock not available, system errors: a later try may succeed.
 _TRANSIENT_STATES = ("08", "53", "57P", "40", "55P03", "58")
@@ -200,8 +202,10 @@ class PostgresSink:
             await sink._inspect()
             await sink._conn.execute(f"BEGIN; {_SESSION}")
             if mode == "UPSERT":
-                await sink._conn.execute(f"CREATE TEMP TABLE {sink._staging} ON COMMIT DROP AS "
-                                         f"SELECT {sink._names} FROM {_q(dataset.table)} WITH NO DATA")
+                await sink._conn.execute(
+                    f"CREATE TEMP TABLE {sink._staging} ON COMMIT DROP AS "
+                    f"SELECT {sink._names} FROM {_q(dataset.table)} WITH NO DATA"
+                )
         except BaseException as e:
             await sink.close()
             if isinstance(e, psycopg.Error):
@@ -283,8 +287,9 @@ class PostgresSink:
         table = receipts.table_for(self.dataset, _q)
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (receipts.TABLE,))
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {receipts.COLUMNS}")
-        await conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s, now()::text)",
-                           (receipt.task_id, receipt.run, self.rows))
+        await conn.execute(
+            f"INSERT INTO {table} VALUES (%s, %s, %s, now()::text)", (receipt.task_id, receipt.run, self.rows)
+        )
 
     async def rollback(self) -> None:
         if self._done:
@@ -294,12 +299,16 @@ class PostgresSink:
             async with asyncio.timeout(ROLLBACK_TIMEOUT_SECONDS):
                 await self._abort_copy()
                 conn = self._conn
-                if conn is not None and not conn.closed and conn.pgconn.transaction_status in (
-                        TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                if (
+                    conn is not None
+                    and not conn.closed
+                    and conn.pgconn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+                ):
                     await conn.execute("ROLLBACK")
         except Exception as e:  # the connection is gone or stuck: closing it ends the transaction
-            log.info("dataset %s: rollback failed (%s: %s); closing the connection", self.dataset.name,
-                     type(e).__name__, e)
+            log.info(
+                "dataset %s: rollback failed (%s: %s); closing the connection", self.dataset.name, type(e).__name__, e
+            )
         finally:
             await self._close_connection()
 
@@ -389,10 +398,14 @@ class PostgresSink:
                 try:
                     _FORMAT_ROW((cell,), tx, scratch)
                 except Exception as e:
-                    return SinkError(f"dataset '{self.dataset.name}': row {first + n}, column '{column.name}': "
-                                     f"{cell!r} cannot be written ({e})", row=first + n)
-            return SinkError(f"dataset '{self.dataset.name}': row {first + n} cannot be written ({problem})",
-                             row=first + n)
+                    return SinkError(
+                        f"dataset '{self.dataset.name}': row {first + n}, column '{column.name}': "
+                        f"{cell!r} cannot be written ({e})",
+                        row=first + n,
+                    )
+            return SinkError(
+                f"dataset '{self.dataset.name}': row {first + n} cannot be written ({problem})", row=first + n
+            )
         return SinkError(f"dataset '{self.dataset.name}': rows {first}-{first + len(rows) - 1} cannot be written")
 
     # -- UPSERT
@@ -408,8 +421,10 @@ class PostgresSink:
             await conn.execute(f"{insert} SELECT {self._names} FROM {self._staging} ON CONFLICT ({key}) {action}")
         except pge.CardinalityViolation:  # a key repeated in the file: the last row wins
             await conn.execute("ROLLBACK TO SAVEPOINT dataport_merge")
-            await conn.execute(f"{insert} SELECT DISTINCT ON ({key}) {self._names} FROM {self._staging} "
-                               f"ORDER BY {key}, ctid DESC ON CONFLICT ({key}) {action}")
+            await conn.execute(
+                f"{insert} SELECT DISTINCT ON ({key}) {self._names} FROM {self._staging} "
+                f"ORDER BY {key}, ctid DESC ON CONFLICT ({key}) {action}"
+            )
 
     # -- the table
 
@@ -421,8 +436,9 @@ class PostgresSink:
         if found is None:
             raise SinkError(f"dataset '{ds.name}': table '{ds.table}' does not exist")
         if found[0] not in ("r", "p"):
-            raise SinkError(f"dataset '{ds.name}': '{ds.table}' is not a table (a view, or the like); imports "
-                            f"write to tables only")
+            raise SinkError(
+                f"dataset '{ds.name}': '{ds.table}' is not a table (a view, or the like); imports write to tables only"
+            )
         info = await (await conn.execute(_COLUMNS_SQL, (table,))).fetchall()
         kinds = {name: kind for name, _, kind, _, _ in info}
         self._exact_floats = tuple(c.type == "float" and kinds.get(c.name) == "float8" for c in self.columns)
@@ -430,15 +446,19 @@ class PostgresSink:
         for column in self.columns:
             head = column.name.partition(".")[0]
             if column.name not in kinds and kinds.get(head) == "jsonb":
-                raise SinkError(f"dataset '{ds.name}': column '{column.name}' is a field of the JSONB column "
-                                f"'{head}'; importing into JSONB documents is not supported in this version")
+                raise SinkError(
+                    f"dataset '{ds.name}': column '{column.name}' is a field of the JSONB column "
+                    f"'{head}'; importing into JSONB documents is not supported in this version"
+                )
             if column.name not in kinds:
                 raise SinkError(f"dataset '{ds.name}': table '{ds.table}' has no column '{column.name}'")
         chosen = {c.name for c in self.columns}
         for name, _, _, generated, identity in info:
             if name in chosen and generated:
-                raise SinkError(f"dataset '{ds.name}': column '{name}' is computed by the database (GENERATED); "
-                                f"leave it out of the file")
+                raise SinkError(
+                    f"dataset '{ds.name}': column '{name}' is computed by the database (GENERATED); "
+                    f"leave it out of the file"
+                )
             self._identity = self._identity or (name in chosen and identity)
         if self.mode == "UPSERT":
             uniques = [set(cols) for (cols,) in await (await conn.execute(_UNIQUE_SQL, (table,))).fetchall()]
@@ -447,7 +467,8 @@ class PostgresSink:
                 raise SinkError(
                     f"dataset '{ds.name}': UPSERT needs a primary key or unique constraint on ({keys}) in table "
                     f"'{ds.table}', and there is none (a partial, expression or deferrable index does not "
-                    f"count); add one, or import in INSERT mode")
+                    f"count); add one, or import in INSERT mode"
+                )
 
     # -- errors
 
@@ -467,11 +488,17 @@ class PostgresSink:
         if isinstance(e, pge.UniqueViolation):
             return await self._duplicate(e, row)
         if isinstance(e, pge.NotNullViolation) and diag.column_name:
-            return SinkError(f"dataset '{ds.name}': {which} has no value for column '{diag.column_name}', which "
-                             f"table '{ds.table}' requires", row=row)
+            return SinkError(
+                f"dataset '{ds.name}': {which} has no value for column '{diag.column_name}', which "
+                f"table '{ds.table}' requires",
+                row=row,
+            )
         if isinstance(e, pge.QueryCanceled):
-            return SinkError(f"dataset '{ds.name}': the server cancelled the import ({primary}); ask your database "
-                             f"administrator about statement_timeout", row=row)
+            return SinkError(
+                f"dataset '{ds.name}': the server cancelled the import ({primary}); ask your database "
+                f"administrator about statement_timeout",
+                row=row,
+            )
         if state.startswith(_TRANSIENT_STATES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
             return SinkError(f"dataset '{ds.name}' could not be written: {primary}", transient=True, row=row)
         detail = f" ({diag.message_detail.strip()})" if diag.message_detail else ""
@@ -489,14 +516,18 @@ class PostgresSink:
         values = found.group("vals")
         shown = _shown_key(cols, values, {c.name: c.type for c in self.columns})
         if set(cols) != set(ds.key):
-            return SinkError(f"dataset '{ds.name}': another row already has {shown}, and table '{ds.table}' allows "
-                             f"it only once{at}", row=row)
+            return SinkError(
+                f"dataset '{ds.name}': another row already has {shown}, and table '{ds.table}' allows it only once{at}",
+                row=row,
+            )
         exists = await self._exists(cols, values)
         if exists is False:
-            return DuplicateKeyError(f"the file has more than one row with {shown}{at}; dataset '{ds.name}' takes "
-                                     f"one row per key", row=row)
-        return DuplicateKeyError(f"a row with {shown} already exists in dataset '{ds.name}'; import in UPSERT "
-                                 f"mode to update it{at}", row=row)
+            return DuplicateKeyError(
+                f"the file has more than one row with {shown}{at}; dataset '{ds.name}' takes one row per key", row=row
+            )
+        return DuplicateKeyError(
+            f"a row with {shown} already exists in dataset '{ds.name}'; import in UPSERT mode to update it{at}", row=row
+        )
 
     async def _exists(self, cols: list[str], values: str) -> bool | None:
         """Whether the table (as committed) holds the key that the error detail shows; None when
@@ -510,8 +541,9 @@ class PostgresSink:
             async with asyncio.timeout(10):
                 await conn.execute("ROLLBACK")  # this import is lost anyway; look at the table as committed
                 await conn.execute(f"BEGIN READ ONLY; {_SESSION}")
-                cur = await conn.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_ident(self.dataset.table)} "
-                                         f"WHERE {where})", parts)
+                cur = await conn.execute(
+                    f"SELECT EXISTS (SELECT 1 FROM {quote_ident(self.dataset.table)} WHERE {where})", parts
+                )
                 answer = await cur.fetchone()
                 await conn.execute("ROLLBACK")
         except Exception as e:
@@ -525,8 +557,9 @@ class PostgresSink:
         if self._done:
             raise SinkError(f"dataset '{self.dataset.name}': this import was already committed or rolled back")
         if self._failed:
-            raise SinkError(f"dataset '{self.dataset.name}': an earlier step of this import failed "
-                            f"({self._failed}); roll it back")
+            raise SinkError(
+                f"dataset '{self.dataset.name}': an earlier step of this import failed ({self._failed}); roll it back"
+            )
 
     async def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -567,8 +600,9 @@ def _plain_error(e: psycopg.Error, dataset: Dataset) -> SinkError:
     if "password authentication failed" in text or "no pg_hba.conf" in text or "does not exist" in text:
         return SinkError(f"dataset '{dataset.name}': cannot connect: {text}")
     if isinstance(e, pge.InsufficientPrivilege):
-        return SinkError(f"dataset '{dataset.name}': the database user may not write to table "
-                         f"'{dataset.table}' ({text})")
+        return SinkError(
+            f"dataset '{dataset.name}': the database user may not write to table '{dataset.table}' ({text})"
+        )
     if state.startswith(_TRANSIENT_STATES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
         return SinkError(f"dataset '{dataset.name}' is unavailable: {text}", transient=True)
     return SinkError(f"dataset '{dataset.name}' could not be written: {text}")

@@ -99,26 +99,43 @@ def build_query(
                 chosen.append(column)
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT):
-        bad(f"limit must be a whole number of rows from 1 to {MAX_LIMIT:,}, not {shown(limit)}.",
-            errors.INVALID_LIMIT, "limit")
+        bad(
+            f"limit must be a whole number of rows from 1 to {MAX_LIMIT:,}, not {shown(limit)}.",
+            errors.INVALID_LIMIT,
+            "limit",
+        )
 
     compiled_filters = []
     filters = list(filters or ())
     if len(filters) > MAX_FILTERS:
-        bad(f"At most {MAX_FILTERS} filters can be given, not {len(filters):,}; use IN for a list of values.",
-            errors.TOO_MANY_VALUES, "filters")
+        bad(
+            f"At most {MAX_FILTERS} filters can be given, not {len(filters):,}; use IN for a list of values.",
+            errors.TOO_MANY_VALUES,
+            "filters",
+        )
         filters = []
-    counts = {i: len(raw["values"]) for i, raw in enumerate(filters)
-              if isinstance(raw, Mapping) and isinstance(raw.get("values"), list | tuple)}
+    counts = {
+        i: len(raw["values"])
+        for i, raw in enumerate(filters)
+        if isinstance(raw, Mapping) and isinstance(raw.get("values"), list | tuple)
+    }
     if sum(counts.values()) > MAX_IN_VALUES:  # refused before any value is looked at
         for i, n in counts.items():
             if n > MAX_IN_VALUES:
                 op = shown(str(filters[i].get("op")).upper(), 20)
-                bad(f"{op} takes at most {MAX_IN_VALUES:,} values, got {n:,}.", errors.TOO_MANY_VALUES,
-                    "filters", i, "values")
+                bad(
+                    f"{op} takes at most {MAX_IN_VALUES:,} values, got {n:,}.",
+                    errors.TOO_MANY_VALUES,
+                    "filters",
+                    i,
+                    "values",
+                )
         if max(counts.values()) <= MAX_IN_VALUES:
-            bad(f"The filters list {sum(counts.values()):,} values in all; at most {MAX_IN_VALUES:,} can be given.",
-                errors.TOO_MANY_VALUES, "filters")
+            bad(
+                f"The filters list {sum(counts.values()):,} values in all; at most {MAX_IN_VALUES:,} can be given.",
+                errors.TOO_MANY_VALUES,
+                "filters",
+            )
         filters = []
     for i, raw in enumerate(filters):
         try:
@@ -164,13 +181,13 @@ def shown(value: Any, most: int = 80) -> str:
 
 def _build_filter(dataset: Dataset, raw: Mapping[str, Any]) -> Filter:
     if not isinstance(raw, Mapping):
-        raise _FilterProblem("A filter is an object with field, op and value or values.",
-                             errors.INVALID_FILTER_VALUE, "field")
+        raise _FilterProblem(
+            "A filter is an object with field, op and value or values.", errors.INVALID_FILTER_VALUE, "field"
+        )
     name = raw.get("field")
     column = dataset.column(name) if isinstance(name, str) else None
     if column is None:
-        raise _FilterProblem(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN,
-                             "field")
+        raise _FilterProblem(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN, "field")
     if not column.filterable:
         raise _FilterProblem(f"Column '{name}' cannot be filtered on.", errors.NOT_FILTERABLE, "field")
     op = str(raw.get("op") or "").upper()
@@ -222,7 +239,8 @@ def _coerce(column: Column, value: Any, where: str) -> Any:
 
     def refuse(expected: str) -> _FilterProblem:
         return _FilterProblem(
-            f"'{shown(value)}' is not {expected} (column '{column.name}' is {kind}).", errors.INVALID_FILTER_VALUE,
+            f"'{shown(value)}' is not {expected} (column '{column.name}' is {kind}).",
+            errors.INVALID_FILTER_VALUE,
             where,
         )
 

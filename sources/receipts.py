@@ -25,8 +25,10 @@ from sources.base import Dataset
 from sources.sink_base import SinkError
 
 TABLE = "dataport_import_receipts"
-COLUMNS = "(task_id TEXT NOT NULL, run INTEGER NOT NULL, rows_written BIGINT NOT NULL, " \
-          "committed_at TEXT NOT NULL, PRIMARY KEY (task_id, run))"
+COLUMNS = (
+    "(task_id TEXT NOT NULL, run INTEGER NOT NULL, rows_written BIGINT NOT NULL, "
+    "committed_at TEXT NOT NULL, PRIMARY KEY (task_id, run))"
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,10 @@ async def find_receipt(dataset: Dataset, task_id: str, run: int) -> Receipt | No
     except SinkError:
         raise
     except Exception as e:  # sqlite3's and psycopg's errors: locked, connection lost, ...
-        raise SinkError(f"dataset '{dataset.name}': cannot tell whether an earlier attempt committed "
-                        f"({type(e).__name__}: {e})", transient=True) from e
+        raise SinkError(
+            f"dataset '{dataset.name}': cannot tell whether an earlier attempt committed ({type(e).__name__}: {e})",
+            transient=True,
+        ) from e
     return None
 
 
@@ -65,8 +69,9 @@ def _find_sqlite(dataset: Dataset, task_id: str, run: int) -> Receipt | None:
         return None
     conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
     try:
-        row = conn.execute(f'SELECT rows_written FROM "{TABLE}" WHERE task_id = ? AND run = ?',
-                           (task_id, run)).fetchone()
+        row = conn.execute(
+            f'SELECT rows_written FROM "{TABLE}" WHERE task_id = ? AND run = ?', (task_id, run)
+        ).fetchone()
     except sqlite3.OperationalError as e:
         if "no such table" in str(e):
             return None
@@ -84,8 +89,10 @@ async def _find_postgres(dataset: Dataset, task_id: str, run: int) -> Receipt | 
 
     conn = await _connect(dataset)
     try:
-        cursor = await conn.execute(f"SELECT rows_written FROM {table_for(dataset, POSTGRES.quote)} "
-                                    f"WHERE task_id = %s AND run = %s", (task_id, run))
+        cursor = await conn.execute(
+            f"SELECT rows_written FROM {table_for(dataset, POSTGRES.quote)} WHERE task_id = %s AND run = %s",
+            (task_id, run),
+        )
         row = await cursor.fetchone()
     except psycopg.errors.UndefinedTable:
         return None

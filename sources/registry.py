@@ -113,8 +113,10 @@ def _dataset(name: str, entry: Any, base: Path, settings: Settings) -> Dataset:
     if not isinstance(key, list) or any(k not in names for k in key):
         raise fail("key", f"must list columns of the dataset, got {key!r}")
     limits = {}
-    for limit_key, default in (("max_export_rows", settings.max_export_rows),
-                               ("stream_max_rows", settings.stream_max_rows)):
+    for limit_key, default in (
+        ("max_export_rows", settings.max_export_rows),
+        ("stream_max_rows", settings.stream_max_rows),
+    ):
         value = entry.get(limit_key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise fail(limit_key, f"must be a positive integer, not {value!r}")
@@ -128,8 +130,18 @@ def _dataset(name: str, entry: Any, base: Path, settings: Settings) -> Dataset:
     title = entry.get("title")
     if title is not None and not isinstance(title, str):
         raise fail("title", "must be text")
-    return Dataset(name=name, source=source, url=url, table=table, columns=columns, title=title,
-                   key=tuple(key), importable=importable, notify=notify, **limits)
+    return Dataset(
+        name=name,
+        source=source,
+        url=url,
+        table=table,
+        columns=columns,
+        title=title,
+        key=tuple(key),
+        importable=importable,
+        notify=notify,
+        **limits,
+    )
 
 
 def _resolve_url(url: Any, fail) -> str:
@@ -145,7 +157,7 @@ def _resolve_url(url: Any, fail) -> str:
 
 def _column(name: str, spec: Any, fail) -> Column:
     if not isinstance(spec, dict):
-        raise fail(f"columns.{name}", "must be a table such as { type = \"float\" }")
+        raise fail(f"columns.{name}", 'must be a table such as { type = "float" }')
     unknown = set(spec) - _COLUMN_KEYS
     if unknown:
         raise fail(f"columns.{name}.{sorted(unknown)[0]}", "unknown key")

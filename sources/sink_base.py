@@ -63,14 +63,21 @@ def key_positions(dataset: Dataset, columns: Sequence[Column]) -> list[int]:
     return [names.index(k) for k in dataset.key]
 
 
-def check_key_texts(dataset: Dataset, columns: Sequence[Column], positions: Sequence[int],
-                    cells: Sequence[Sequence[str]], first_row: int) -> None:
+def check_key_texts(
+    dataset: Dataset,
+    columns: Sequence[Column],
+    positions: Sequence[int],
+    cells: Sequence[Sequence[str]],
+    first_row: int,
+) -> None:
     """``check_keys`` for ``write_text``'s columns (where ``""`` is no value)."""
     for i in positions:
         if not all(cells[i]):  # (quicker than `"" in`, which compares every text)
             n = list(cells[i]).index("")
-            raise SinkError(f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
-                            f"'{columns[i].name}'", row=first_row + n)
+            raise SinkError(
+                f"dataset '{dataset.name}': row {first_row + n} has no value for the key column '{columns[i].name}'",
+                row=first_row + n,
+            )
 
 
 def describe_key(names: Sequence[str], values: Sequence[Any]) -> str:
@@ -84,19 +91,24 @@ def _show(value: Any) -> str:
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else repr(value)
 
 
-def check_keys(dataset: Dataset, columns: Sequence[Column], positions: Sequence[int], rows: list[Row],
-               first_row: int) -> None:
+def check_keys(
+    dataset: Dataset, columns: Sequence[Column], positions: Sequence[int], rows: list[Row], first_row: int
+) -> None:
     """Every row has a value in each key column: a row without one cannot be matched (UPSERT),
     and SQLite would even make up a row id for it."""
     for i in positions:
         for n, row in enumerate(rows):
             if row[i] is None:
-                raise SinkError(f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
-                                f"'{columns[i].name}'", row=first_row + n)
+                raise SinkError(
+                    f"dataset '{dataset.name}': row {first_row + n} has no value for the key column "
+                    f"'{columns[i].name}'",
+                    row=first_row + n,
+                )
 
 
-def check_floats(dataset: Dataset, columns: Sequence[Column], rows: list[Row], first_row: int, store: str,
-                 infinite: bool = False) -> None:
+def check_floats(
+    dataset: Dataset, columns: Sequence[Column], rows: list[Row], first_row: int, store: str, infinite: bool = False
+) -> None:
     """Refuse NaN (and, with ``infinite``, ±Infinity) in float columns for stores that would keep
     something else (SQLite stores NaN as NULL; JSON has neither). The worker's checks refuse them
     already, so this must cost little: a column is summed in C (NaN and infinities carry through
@@ -113,8 +125,11 @@ def check_floats(dataset: Dataset, columns: Sequence[Column], rows: list[Row], f
         for n, row in enumerate(rows):
             v = row[i]
             if v.__class__ is float and (v != v or (infinite and v in (_INF, -_INF))):
-                raise SinkError(f"dataset '{dataset.name}': row {first_row + n}, column '{column.name}' holds {v}, "
-                                f"which {store} cannot store", row=first_row + n)
+                raise SinkError(
+                    f"dataset '{dataset.name}': row {first_row + n}, column '{column.name}' holds {v}, "
+                    f"which {store} cannot store",
+                    row=first_row + n,
+                )
 
 
 _INF = float("inf")

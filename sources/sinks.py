@@ -76,7 +76,6 @@ class TextRowSink(RowSink, Protocol):
         ...
 
 
-
 async def open_sink(dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any) -> RowSink:
     """A sink writing ``columns`` of ``dataset`` in ``mode`` (``INSERT`` or ``UPSERT``). Checks the
     request and the target (table, columns, key constraint) before anything is written; a
@@ -111,11 +110,14 @@ def check_request(dataset: Dataset, columns: Sequence[Column], mode: str) -> tup
         raise SinkError(f"dataset '{dataset.name}': column '{repeated[0]}' is imported twice")
     if mode == "UPSERT":
         if not dataset.key:
-            raise SinkError(f"dataset '{dataset.name}' has no key, so rows cannot be matched for UPSERT: set "
-                            f"`key` in the datasets file, or import in INSERT mode")
+            raise SinkError(
+                f"dataset '{dataset.name}' has no key, so rows cannot be matched for UPSERT: set "
+                f"`key` in the datasets file, or import in INSERT mode"
+            )
         missing = [k for k in dataset.key if k not in names]
         if missing:
-            raise SinkError(f"dataset '{dataset.name}': UPSERT matches rows on the key "
-                            f"({', '.join(dataset.key)}), but the file has no column '{missing[0]}'")
+            raise SinkError(
+                f"dataset '{dataset.name}': UPSERT matches rows on the key "
+                f"({', '.join(dataset.key)}), but the file has no column '{missing[0]}'"
+            )
     return columns
-

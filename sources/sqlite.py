@@ -35,9 +35,7 @@ class SqliteSource:
         if not path.exists():
             raise SourceError(f"The SQLite database for dataset '{self.dataset.name}' is missing: {path}")
         _roll_back_hot_journal(path, self.busy_timeout)
-        conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, timeout=self.busy_timeout, check_same_thread=False
-        )
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=self.busy_timeout, check_same_thread=False)
         self._connections.add(conn)
         return conn
 
@@ -65,8 +63,9 @@ class SqliteSource:
         convert = _converter(query.columns)
         conn = await asyncio.to_thread(_translated, self._connect, self.dataset)
         try:
-            cursor = await asyncio.to_thread(_translated, lambda: conn.execute(compiled.select, compiled.params),
-                                             self.dataset)
+            cursor = await asyncio.to_thread(
+                _translated, lambda: conn.execute(compiled.select, compiled.params), self.dataset
+            )
             offset = 0
             while True:
                 rows = await asyncio.to_thread(_translated, lambda: cursor.fetchmany(batch_rows), self.dataset)
@@ -121,8 +120,14 @@ def discover_columns(path: str, table: str) -> tuple[Column, ...]:
 
 
 # SQLite's words for a statement past its limits (expression depth, bound values, terms, sizes).
-_TOO_COMPLEX = ("Expression tree is too large", "too many SQL variables", "too many terms", "too many arguments",
-                "too complex", "parser stack overflow")
+_TOO_COMPLEX = (
+    "Expression tree is too large",
+    "too many SQL variables",
+    "too many terms",
+    "too many arguments",
+    "too complex",
+    "parser stack overflow",
+)
 
 
 def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:

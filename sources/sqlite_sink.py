@@ -65,8 +65,9 @@ class SqliteSink:
         self._stop = False  # set by a cancelled write: the thread stops at its next slice
         q = SQLITE.quote
         names = [c.name for c in columns]
-        self._insert = (f"INSERT INTO {q(dataset.table)} ({', '.join(map(q, names))}) "
-                        f"VALUES ({', '.join('?' * len(names))})")
+        self._insert = (
+            f"INSERT INTO {q(dataset.table)} ({', '.join(map(q, names))}) VALUES ({', '.join('?' * len(names))})"
+        )
         if mode == "UPSERT":
             updates = [f"{q(n)} = excluded.{q(n)}" for n in names if n not in dataset.key]
             action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
@@ -136,22 +137,29 @@ class SqliteSink:
         if not path.exists():
             raise SinkError(f"The SQLite database for dataset '{self.dataset.name}' is missing: {path}")
         # mode=rw: never create an empty database in place of a missing one.
-        self._conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=self.busy_timeout,
-                                     isolation_level=None, check_same_thread=False)
+        self._conn = sqlite3.connect(
+            f"file:{quote(str(path))}?mode=rw",
+            uri=True,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         info = self._conn.execute(f"PRAGMA table_info({SQLITE.quote(self.dataset.table)})").fetchall()
         if not info:
             raise SinkError(f"dataset '{self.dataset.name}': table '{self.dataset.table}' does not exist in {path}")
         present = {name for _, name, *_ in info}
         for column in self.columns:
             if column.name not in present:
-                raise SinkError(f"dataset '{self.dataset.name}': table '{self.dataset.table}' has no column "
-                                f"'{column.name}'")
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': table '{self.dataset.table}' has no column '{column.name}'"
+                )
         if self.mode == "UPSERT" and not self._has_unique(info, set(self.dataset.key)):
             keys = ", ".join(self.dataset.key)
             raise SinkError(
                 f"dataset '{self.dataset.name}': UPSERT needs a primary key or unique index on ({keys}) in table "
                 f"'{self.dataset.table}', and there is none; create one (CREATE UNIQUE INDEX … ON "
-                f"{self.dataset.table} ({keys})) or import in INSERT mode")
+                f"{self.dataset.table} ({keys})) or import in INSERT mode"
+            )
 
     def _has_unique(self, info: list[tuple], key: set[str]) -> bool:
         assert self._conn is not None
@@ -195,8 +203,10 @@ class SqliteSink:
                 conn.execute(self._insert, row)
             except sqlite3.IntegrityError as e:
                 return self._constraint_error(str(e), row, first + n)
-        return SinkError(f"dataset '{self.dataset.name}': the rows {first}-{first + len(rows) - 1} broke a "
-                         f"constraint of table '{self.dataset.table}'")
+        return SinkError(
+            f"dataset '{self.dataset.name}': the rows {first}-{first + len(rows) - 1} broke a "
+            f"constraint of table '{self.dataset.table}'"
+        )
 
     def _constraint_error(self, text: str, row: Row, number: int) -> SinkError:
         name, table = self.dataset.name, self.dataset.table
@@ -212,19 +222,31 @@ class SqliteSink:
                     assert conn is not None
                     conn.execute("ROLLBACK")
                     where = " AND ".join(f"{SQLITE.quote(c)} IS ?" for c in failed)
-                    exists = conn.execute(f"SELECT 1 FROM {SQLITE.quote(table)} WHERE {where} LIMIT 1",
-                                          values).fetchone()
+                    exists = conn.execute(
+                        f"SELECT 1 FROM {SQLITE.quote(table)} WHERE {where} LIMIT 1", values
+                    ).fetchone()
                     if exists:
-                        return DuplicateKeyError(f"a row with {key} already exists in dataset '{name}'; import in "
-                                                 f"UPSERT mode to update it (row {number})", row=number)
-                    return DuplicateKeyError(f"the file has more than one row with {key} (row {number} repeats an "
-                                             f"earlier one); dataset '{name}' takes one row per key", row=number)
-                return SinkError(f"dataset '{name}': row {number}: another row already has {key}, and table "
-                                 f"'{table}' allows it only once", row=number)
+                        return DuplicateKeyError(
+                            f"a row with {key} already exists in dataset '{name}'; import in "
+                            f"UPSERT mode to update it (row {number})",
+                            row=number,
+                        )
+                    return DuplicateKeyError(
+                        f"the file has more than one row with {key} (row {number} repeats an "
+                        f"earlier one); dataset '{name}' takes one row per key",
+                        row=number,
+                    )
+                return SinkError(
+                    f"dataset '{name}': row {number}: another row already has {key}, and table "
+                    f"'{table}' allows it only once",
+                    row=number,
+                )
         if text.startswith("NOT NULL constraint failed:"):
             column = text.split(":", 1)[1].strip().rsplit(".", 1)[-1]
-            return SinkError(f"dataset '{name}': row {number} has no value for column '{column}', which table "
-                             f"'{table}' requires", row=number)
+            return SinkError(
+                f"dataset '{name}': row {number} has no value for column '{column}', which table '{table}' requires",
+                row=number,
+            )
         return SinkError(f"dataset '{name}': row {number} was refused by table '{table}': {text}", row=number)
 
     def _commit(self, receipt: Receipt | None) -> None:
@@ -232,8 +254,9 @@ class SqliteSink:
             if receipt is not None:  # in the same transaction as the rows (sources/receipts.py)
                 table = receipts.table_for(self.dataset, SQLITE.quote)
                 self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {receipts.COLUMNS}")
-                self._conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)",
-                                   (receipt.task_id, receipt.run, self.rows, _now()))
+                self._conn.execute(
+                    f"INSERT INTO {table} VALUES (?, ?, ?, ?)", (receipt.task_id, receipt.run, self.rows, _now())
+                )
             self._conn.execute("COMMIT")
 
     def _rollback(self) -> None:
@@ -254,8 +277,9 @@ class SqliteSink:
         if self._done:
             raise SinkError(f"dataset '{self.dataset.name}': this import was already committed or rolled back")
         if self._failed:
-            raise SinkError(f"dataset '{self.dataset.name}': an earlier write of this import failed "
-                            f"({self._failed}); roll it back")
+            raise SinkError(
+                f"dataset '{self.dataset.name}': an earlier write of this import failed ({self._failed}); roll it back"
+            )
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _translated, fn, self.dataset)
@@ -277,4 +301,3 @@ def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:
         raise SinkError(f"dataset '{dataset.name}' could not be written: {text}") from e
     except sqlite3.DatabaseError as e:
         raise SinkError(f"dataset '{dataset.name}' could not be written: {e}") from e
-

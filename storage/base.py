@@ -118,9 +118,7 @@ class Storage(Protocol):
         """Read the stored object back: its size and SHA-256, or None when it is missing."""
         ...
 
-    async def download_url(
-        self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime
-    ) -> str: ...
+    async def download_url(self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime) -> str: ...
 
     async def upload_target(
         self, key: str, *, task_id: str, content_type: str, max_bytes: int, expires_at: dt.datetime

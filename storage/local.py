@@ -43,9 +43,7 @@ _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 def _os_error(action: str, key: str, e: OSError) -> StorageError:
     # A full disk or an I/O hiccup may pass; a permission problem will not.
-    return StorageError(
-        f"local storage: {action} {key!r} failed: {e}", transient=not isinstance(e, PermissionError)
-    )
+    return StorageError(f"local storage: {action} {key!r} failed: {e}", transient=not isinstance(e, PermissionError))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,9 +83,7 @@ class LocalWriter:
 
     async def write(self, chunk: bytes) -> None:
         if self._state != "open":
-            raise StorageError(
-                f"local storage: write to {self.key!r} after it was {self._state}", transient=False
-            )
+            raise StorageError(f"local storage: write to {self.key!r} after it was {self._state}", transient=False)
         if not chunk:
             return
         self._buffer += chunk
@@ -126,9 +122,7 @@ class LocalWriter:
 
     async def complete(self) -> StoredObject:
         if self._state != "open":
-            raise StorageError(
-                f"local storage: complete {self.key!r} after it was {self._state}", transient=False
-            )
+            raise StorageError(f"local storage: complete {self.key!r} after it was {self._state}", transient=False)
         self._state = "completing"
         try:
             await self._flush()
@@ -332,15 +326,11 @@ class LocalStorage:
     async def download_url(self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime) -> str:
         # The route finds the file through the task; ``filename`` is its Content-Disposition there.
         self.path_for(key)
-        return self.public_url + signed_path(
-            self.secret, "GET", "/files", task_id, int(expires_at.timestamp())
-        )
+        return self.public_url + signed_path(self.secret, "GET", "/files", task_id, int(expires_at.timestamp()))
 
     def upload_url(self, task_id: str, expires_at: dt.datetime) -> str:
         """The signed ``PUT /uploads/{task_id}`` URL of an import file."""
-        return self.public_url + signed_path(
-            self.secret, "PUT", "/uploads", task_id, int(expires_at.timestamp())
-        )
+        return self.public_url + signed_path(self.secret, "PUT", "/uploads", task_id, int(expires_at.timestamp()))
 
     async def upload_target(
         self, key: str, *, task_id: str, content_type: str, max_bytes: int, expires_at: dt.datetime
@@ -357,8 +347,14 @@ class LocalStorage:
             expires_at=expires_at.replace(microsecond=0),
         )
 
-    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_bytes: int,
-                      keep: Callable[[], Awaitable[str | None]] | None = None) -> StoredObject:
+    async def receive(
+        self,
+        key: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        max_bytes: int,
+        keep: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> StoredObject:
         """Store an uploaded body under ``key`` as it arrives: never whole in memory, visible only
         when complete (a second upload replaces the first at once). More than ``max_bytes`` raises
         ``UploadTooLarge`` as soon as they arrive, and nothing of the upload is kept. ``keep`` is

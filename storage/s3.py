@@ -209,9 +209,7 @@ class S3Writer:
             await asyncio.shield(created)
         number = self._next_part
         if number > MAX_PARTS:
-            raise StorageError(
-                f"S3 upload of {self.key!r} needs more than {MAX_PARTS} parts", transient=False
-            )
+            raise StorageError(f"S3 upload of {self.key!r} needs more than {MAX_PARTS} parts", transient=False)
         self._next_part += 1
         data, self._buffer = self._buffer, bytearray()
         self._inflight = asyncio.ensure_future(self._upload_part(number, data))
@@ -402,9 +400,7 @@ class S3Storage:
 
         def _list() -> list[dict[str, Any]]:
             uploads: list[dict[str, Any]] = []
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            ):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
                 uploads.extend(page.get("Uploads", []))
             return uploads
 
@@ -434,8 +430,14 @@ class S3Storage:
             if upload["Initiated"] >= older_than:
                 continue  # may belong to a job that is still writing
             try:
-                await self._call("AbortMultipartUpload", upload["Key"], self.client.abort_multipart_upload,
-                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                await self._call(
+                    "AbortMultipartUpload",
+                    upload["Key"],
+                    self.client.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
                 swept += 1
             except StorageError as e:
                 if not _caused_by(e, "NoSuchUpload"):
@@ -549,8 +551,13 @@ class S3Storage:
 
         def _copy() -> int | None:
             try:
-                self.client.copy_object(Bucket=self.bucket, Key=sealed_key, CopySource={"Bucket": self.bucket,
-                                        "Key": key}, MetadataDirective="COPY", **self.sse_args)
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=sealed_key,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                    MetadataDirective="COPY",
+                    **self.sse_args,
+                )
             except ClientError as e:
                 if _status(e) == 404 and _error_code(e) in _MISSING:
                     return None

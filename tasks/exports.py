@@ -38,7 +38,10 @@ class Owner:
 def quota_exceeded(limit: int, field: tuple[str, ...]) -> UserErrors:
     return UserErrors.one(
         f"You have {limit} active exports and imports, the most allowed at once; wait for one to finish "
-        "or cancel one, then ask again.", errors.QUOTA_EXCEEDED, *field)
+        "or cancel one, then ask again.",
+        errors.QUOTA_EXCEEDED,
+        *field,
+    )
 
 
 async def check_quota(services: Services, owner: Owner, field: tuple[str, ...]) -> None:
@@ -49,8 +52,9 @@ async def check_quota(services: Services, owner: Owner, field: tuple[str, ...]) 
         raise quota_exceeded(limit, field)
 
 
-async def request_task(services: Services, identifier: str, fields: dict[str, Any], reuse_seconds: float,
-                       field: tuple[str, ...]) -> RequestOutcome:
+async def request_task(
+    services: Services, identifier: str, fields: dict[str, Any], reuse_seconds: float, field: tuple[str, ...]
+) -> RequestOutcome:
     """``TaskStore.request`` under the owner's quota of active tasks; ``UserErrors`` past it."""
     limit = services.settings.max_active_tasks_per_user
     try:
@@ -118,9 +122,12 @@ async def request_export(services: Services, owner: Owner, data: dict[str, Any])
     return outcome.task
 
 
-async def _count_within_limit(services: Services, dataset: Dataset, query: Query,
-                              fields: tuple[tuple[str, ...], tuple[str, ...]] = (("input", "dataset"),
-                                                                                 ("input", "filters"))) -> int:
+async def _count_within_limit(
+    services: Services,
+    dataset: Dataset,
+    query: Query,
+    fields: tuple[tuple[str, ...], tuple[str, ...]] = (("input", "dataset"), ("input", "filters")),
+) -> int:
     """The rows ``query`` gives, counted no further than the dataset's ``max_export_rows``. More
     than that is a user error, and so is a source that cannot be read; ``fields`` name the field
     of each (a retry has only its ``id``)."""
@@ -128,17 +135,20 @@ async def _count_within_limit(services: Services, dataset: Dataset, query: Query
     try:
         matching = await source.count(query, cap=dataset.max_export_rows + 1)
     except QueryTooComplex as e:  # the request's fault: simplify it, waiting will not help
-        raise UserErrors.one(f"The filters are too complex for this dataset: {e}", errors.TOO_MANY_VALUES,
-                             *fields[1]) from None
+        raise UserErrors.one(
+            f"The filters are too complex for this dataset: {e}", errors.TOO_MANY_VALUES, *fields[1]
+        ) from None
     except SourceError as e:
-        raise UserErrors.one(f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE,
-                             *fields[0]) from None
+        raise UserErrors.one(
+            f"The dataset cannot be read right now: {e}", errors.SOURCE_UNAVAILABLE, *fields[0]
+        ) from None
     finally:
         await source.close()
     if matching > dataset.max_export_rows:
         raise UserErrors.one(
             f"More than {dataset.max_export_rows:,} rows match; narrow the filters or set a limit.",
-            errors.TOO_MANY_ROWS, *fields[1],
+            errors.TOO_MANY_ROWS,
+            *fields[1],
         )
     return matching
 
@@ -158,14 +168,17 @@ async def list_exports(
 async def cancel_export(services: Services, owner: Owner, identifier: str) -> Task:
     task = await _owned(services, owner, identifier)
     result = await services.store.transition(
-        task.id, TaskStatus.CANCELLED, "cancelled by the owner",
+        task.id,
+        TaskStatus.CANCELLED,
+        "cancelled by the owner",
         allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
     )
     if not result.ok:
         raise UserErrors.one(
             f"The export is {result.status.value if result.status else 'gone'} and can no longer be cancelled.",
-            errors.INVALID_STATUS, "id",
+            errors.INVALID_STATUS,
+            "id",
         )
     await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
     return await _owned(services, owner, identifier)
@@ -176,7 +189,8 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
     if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
         raise UserErrors.one(
             f"Only failed or cancelled exports can be retried; this one is {task.status.value}.",
-            errors.INVALID_STATUS, "id",
+            errors.INVALID_STATUS,
+            "id",
         )
     await check_quota(services, owner, ("id",))
     # Counted again, as a new request is: the rows may have grown past the maximum since, and the
@@ -193,10 +207,22 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
     outcome = await request_task(
         services,
         task.id,
-        {"id": task.id, "kind": task.kind.value, "owner": task.owner, "email": task.email,
-         "dataset": task.dataset, "format": task.format, "request": _json(task.request), "notify": task.notify,
-         "status": TaskStatus.PENDING.value, "created_at": stamp(), "attempts": 0, "processed_rows": 0,
-         "total_rows": matching, "bytes": 0},
+        {
+            "id": task.id,
+            "kind": task.kind.value,
+            "owner": task.owner,
+            "email": task.email,
+            "dataset": task.dataset,
+            "format": task.format,
+            "request": _json(task.request),
+            "notify": task.notify,
+            "status": TaskStatus.PENDING.value,
+            "created_at": stamp(),
+            "attempts": 0,
+            "processed_rows": 0,
+            "total_rows": matching,
+            "bytes": 0,
+        },
         -1,
         ("id",),
     )
@@ -209,8 +235,9 @@ async def delete_export(services: Services, owner: Owner, identifier: str) -> Ta
     """Remove the task and its file. A running export is cancelled first."""
     task = await _owned(services, owner, identifier)
     if task.status not in FINAL_STATUSES:
-        await services.store.transition(task.id, TaskStatus.CANCELLED, "deleted by the owner",
-                                        fields={"finished_at": stamp()})
+        await services.store.transition(
+            task.id, TaskStatus.CANCELLED, "deleted by the owner", fields={"finished_at": stamp()}
+        )
         await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
     if task.object_key:
         await services.storage.delete(task.object_key)
@@ -224,8 +251,9 @@ async def download_url(services: Services, task: Task) -> str | None:
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     filename = task.object_key.rsplit("/", 1)[-1]
-    return await services.storage.download_url(task.object_key, task_id=task.id, filename=filename,
-                                               expires_at=expires_at)
+    return await services.storage.download_url(
+        task.object_key, task_id=task.id, filename=filename, expires_at=expires_at
+    )
 
 
 async def poll_after_seconds(services: Services, task: Task) -> float | None:

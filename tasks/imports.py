@@ -55,14 +55,23 @@ def clean_file_name(name: str) -> str:
     base = re.split(r"[\\/]", name.strip())[-1]
     base = "".join(ch for ch in base if unicodedata.category(ch)[0] != "C").strip()
     if not base or set(base) == {"."}:
-        raise UserErrors.one("The file name is empty; send the name of the file being uploaded.",
-                             errors.INVALID_FILE_NAME, "input", "fileName")
+        raise UserErrors.one(
+            "The file name is empty; send the name of the file being uploaded.",
+            errors.INVALID_FILE_NAME,
+            "input",
+            "fileName",
+        )
     if len(base.encode()) > MAX_FILE_NAME:
-        raise UserErrors.one(f"The file name is longer than {MAX_FILE_NAME} bytes (UTF-8).",
-                             errors.INVALID_FILE_NAME, "input", "fileName")
+        raise UserErrors.one(
+            f"The file name is longer than {MAX_FILE_NAME} bytes (UTF-8).",
+            errors.INVALID_FILE_NAME,
+            "input",
+            "fileName",
+        )
     if PARTIAL in base:  # the local backend's name for a file still arriving
-        raise UserErrors.one(f"The file name may not contain '{PARTIAL}'.", errors.INVALID_FILE_NAME,
-                             "input", "fileName")
+        raise UserErrors.one(
+            f"The file name may not contain '{PARTIAL}'.", errors.INVALID_FILE_NAME, "input", "fileName"
+        )
     return base
 
 
@@ -73,38 +82,64 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
     if dataset is None:
         raise UserErrors.one(f"There is no dataset '{data['dataset']}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
     if not dataset.importable:
-        raise UserErrors.one(f"Dataset '{dataset.name}' does not accept imports.", errors.NOT_IMPORTABLE,
-                             "input", "dataset")
+        raise UserErrors.one(
+            f"Dataset '{dataset.name}' does not accept imports.", errors.NOT_IMPORTABLE, "input", "dataset"
+        )
     if data["format"] not in IMPORT_FORMATS:
-        raise UserErrors.one(f"Format {data['format']} cannot be imported.", errors.UNSUPPORTED_FORMAT,
-                             "input", "format")
+        raise UserErrors.one(
+            f"Format {data['format']} cannot be imported.", errors.UNSUPPORTED_FORMAT, "input", "format"
+        )
     if data["mode"] == "UPSERT" and not dataset.key:
-        raise UserErrors.one(f"Dataset '{dataset.name}' has no key, so it can only be imported in INSERT mode.",
-                             errors.NO_KEY, "input", "mode")
+        raise UserErrors.one(
+            f"Dataset '{dataset.name}' has no key, so it can only be imported in INSERT mode.",
+            errors.NO_KEY,
+            "input",
+            "mode",
+        )
     file_name = clean_file_name(data["fileName"])
     problems = []
     size = data.get("fileSize")
     if size is not None and (size < 0 or size > settings.max_upload_bytes):
-        problems.append(errors.UserError(
-            f"The file is {size:,} bytes; at most {settings.max_upload_bytes:,} bytes can be imported."
-            if size >= 0 else "fileSize cannot be negative.",
-            errors.FILE_TOO_LARGE, ("input", "fileSize")))
+        problems.append(
+            errors.UserError(
+                f"The file is {size:,} bytes; at most {settings.max_upload_bytes:,} bytes can be imported."
+                if size >= 0
+                else "fileSize cannot be negative.",
+                errors.FILE_TOO_LARGE,
+                ("input", "fileSize"),
+            )
+        )
     max_errors = data.get("maxErrors")
     if max_errors is not None and max_errors < 1:
-        problems.append(errors.UserError("maxErrors must be at least 1 (the import stops when it is reached).",
-                                         errors.INVALID_MAX_ERRORS, ("input", "maxErrors")))
+        problems.append(
+            errors.UserError(
+                "maxErrors must be at least 1 (the import stops when it is reached).",
+                errors.INVALID_MAX_ERRORS,
+                ("input", "maxErrors"),
+            )
+        )
     elif max_errors is not None and max_errors > settings.import_max_errors_limit:
         # The error report holds a line per failed row: its size is bounded through this.
-        problems.append(errors.UserError(
-            f"maxErrors can be at most {settings.import_max_errors_limit:,} (the error report lists every failed row).",
-            errors.INVALID_MAX_ERRORS, ("input", "maxErrors")))
+        problems.append(
+            errors.UserError(
+                f"maxErrors can be at most {settings.import_max_errors_limit:,} "
+                "(the error report lists every failed row).",
+                errors.INVALID_MAX_ERRORS,
+                ("input", "maxErrors"),
+            )
+        )
     if problems:
         raise UserErrors(problems)
 
     identifier = random_task_id()
     upload_expires_at = now() + dt.timedelta(seconds=settings.upload_url_ttl_seconds)
-    request = {"mode": data["mode"], "dryRun": bool(data.get("dryRun")), "maxErrors": max_errors,
-               "fileName": file_name, "fileSize": size}
+    request = {
+        "mode": data["mode"],
+        "dryRun": bool(data.get("dryRun")),
+        "maxErrors": max_errors,
+        "fileName": file_name,
+        "fileSize": size,
+    }
     # Active from now, while it waits for its file too: starting it later needs no second check.
     outcome = await request_task(
         services,
@@ -139,8 +174,11 @@ async def upload_target(services: Services, task: Task) -> UploadTarget | None:
     if task.status is not TaskStatus.WAITING_FOR_UPLOAD or not task.object_key or task.upload_expires_at is None:
         return None
     return await services.storage.upload_target(
-        task.object_key, task_id=task.id, content_type=content_type(task.format),
-        max_bytes=services.settings.max_upload_bytes, expires_at=task.upload_expires_at,
+        task.object_key,
+        task_id=task.id,
+        content_type=content_type(task.format),
+        max_bytes=services.settings.max_upload_bytes,
+        expires_at=task.upload_expires_at,
     )
 
 
@@ -171,17 +209,21 @@ async def start(services: Services, task: Task) -> Task:
         if current is not None and current.status is not TaskStatus.WAITING_FOR_UPLOAD:
             return await start(services, current)  # started meanwhile, which removed the upload
         if task.upload_expires_at and task.upload_expires_at < now():
-            raise UserErrors.one("The upload window has closed and no file arrived; request a new import.",
-                                 errors.UPLOAD_EXPIRED, "id")
-        raise UserErrors.one("No file has been uploaded for this import yet; upload it, then start it.",
-                             errors.UPLOAD_MISSING, "id")
+            raise UserErrors.one(
+                "The upload window has closed and no file arrived; request a new import.", errors.UPLOAD_EXPIRED, "id"
+            )
+        raise UserErrors.one(
+            "No file has been uploaded for this import yet; upload it, then start it.", errors.UPLOAD_MISSING, "id"
+        )
     sealed_key, size = sealed
     problem = sealing.size_problem(size, services.settings.max_upload_bytes, task.request.get("fileSize"))
     if problem is not None:
         await sealing.discard(services.storage, sealed_key)
         raise problem
     moved = await services.store.transition(
-        task.id, TaskStatus.PENDING, f"file received: {size:,} bytes",
+        task.id,
+        TaskStatus.PENDING,
+        f"file received: {size:,} bytes",
         allowed_from=[TaskStatus.WAITING_FOR_UPLOAD],
         fields={"total_bytes": size, "file_size": size, "object_key": sealed_key},
     )
@@ -215,14 +257,17 @@ async def start_from_storage_event(services: Services, key: str) -> Task | None:
 async def cancel_import(services: Services, owner: Owner, identifier: str) -> Task:
     task = await _owned(services, owner, identifier)
     result = await services.store.transition(
-        task.id, TaskStatus.CANCELLED, "cancelled by the owner",
+        task.id,
+        TaskStatus.CANCELLED,
+        "cancelled by the owner",
         allowed_from=[TaskStatus.WAITING_FOR_UPLOAD, TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
     )
     if not result.ok:
         raise UserErrors.one(
             f"The import is {result.status.value if result.status else 'gone'} and can no longer be cancelled.",
-            errors.INVALID_STATUS, "id",
+            errors.INVALID_STATUS,
+            "id",
         )
     await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
     return await _owned(services, owner, identifier)
@@ -243,8 +288,9 @@ async def error_report_url(services: Services, task: Task) -> str | None:
     if not task.report_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    return await services.storage.download_url(task.report_key, task_id=task.id,
-                                               filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at)
+    return await services.storage.download_url(
+        task.report_key, task_id=task.id, filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at
+    )
 
 
 async def _owned(services: Services, owner: Owner, identifier: str) -> Task:

@@ -55,8 +55,11 @@ async def task_finished(services: Services, task: Task) -> None:
         if not services.settings.webhook_url and not await email_requested(services, task):
             return
         job = await services.arq.enqueue_job(
-            NOTIFY_JOB, task.id, task.run,
-            _job_id=notify_job_id(task.id, task.run), _queue_name=services.settings.queue_name,
+            NOTIFY_JOB,
+            task.id,
+            task.run,
+            _job_id=notify_job_id(task.id, task.run),
+            _queue_name=services.settings.queue_name,
         )
         if job is None:
             log.info("notification of %s %s run %s is queued already", task.kind.value, task.id, task.run)

@@ -71,8 +71,13 @@ async def enqueue(arq: ArqRedis, queue_name: str, function: str, task: Task) -> 
     job_id = job_id_for(task)
     payload = serialize_job(function, (task.id, task.run), {}, None, timestamp_ms(), serializer=arq.job_serializer)
     await _script(arq)(
-        keys=[queue_name, job_key_prefix + job_id, result_key_prefix + job_id, fair_key(queue_name),
-              last_tag_key(queue_name, task.owner)],
+        keys=[
+            queue_name,
+            job_key_prefix + job_id,
+            result_key_prefix + job_id,
+            fair_key(queue_name),
+            last_tag_key(queue_name, task.owner),
+        ],
         args=["enqueue", job_id, payload, arq.expires_extra_ms, TIE, LAST_TAG_TTL_MS],
     )
     return job_id
@@ -96,9 +101,17 @@ async def position(arq: ArqRedis, queue_name: str, job_id: str) -> int | None:
     in-progress key are running, not waiting, and do not count; due jobs of arq's own scores count
     as ahead of every tagged job, since workers take them first. Only exports and imports count:
     a notification or the cron job ahead takes a moment, not a turn."""
-    rank = await _script(arq)(keys=[queue_name],
-                              args=["position", job_id, timestamp_ms(), CEILING, in_progress_key_prefix,
-                                    " ".join(f"{kind.value}:" for kind in TaskKind)])
+    rank = await _script(arq)(
+        keys=[queue_name],
+        args=[
+            "position",
+            job_id,
+            timestamp_ms(),
+            CEILING,
+            in_progress_key_prefix,
+            " ".join(f"{kind.value}:" for kind in TaskKind),
+        ],
+    )
     return None if rank is None else int(rank)
 
 

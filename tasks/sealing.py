@@ -38,13 +38,18 @@ async def seal(storage: Storage, task: Task) -> tuple[str, int] | None:
 def size_problem(size: int, limit: int, declared: int | None) -> UserErrors | None:
     """Why a sealed upload of ``size`` bytes cannot be imported, if it cannot."""
     if size > limit:
-        return UserErrors.one(f"The uploaded file is {size:,} bytes; at most {limit:,} bytes can be imported.",
-                              errors.FILE_TOO_LARGE, "id")
+        return UserErrors.one(
+            f"The uploaded file is {size:,} bytes; at most {limit:,} bytes can be imported.",
+            errors.FILE_TOO_LARGE,
+            "id",
+        )
     if declared is not None and size != declared:
         return UserErrors.one(
             f"The uploaded file is {describe_bytes(size)}, not the {describe_bytes(declared)} the import declared "
             f"(fileSize); upload the whole file again, then start the import.",
-            errors.FILE_SIZE_MISMATCH, "id")
+            errors.FILE_SIZE_MISMATCH,
+            "id",
+        )
     return None
 
 

@@ -232,8 +232,16 @@ class TaskStore:
                 EXPIRY_KEY,
                 active_key(fields["owner"]),
             ],
-            args=["request", channel(task_id), f"{now:.3f}", reuse_seconds, int(now * 1000),
-                  "" if max_active is None else str(max_active), len(flat), *flat],
+            args=[
+                "request",
+                channel(task_id),
+                f"{now:.3f}",
+                reuse_seconds,
+                int(now * 1000),
+                "" if max_active is None else str(max_active),
+                len(flat),
+                *flat,
+            ],
         )
         if outcome == "quota":
             raise QuotaExceeded(int(detail), max_active or 0)
@@ -285,8 +293,9 @@ class TaskStore:
     async def expired(self, task: Task, message: str) -> TransitionResult:
         """Mark a finished task EXPIRED; it stays readable as such for one more retention period
         (the script sets that lifetime and takes it off the schedule in the same step)."""
-        result = await self.transition(task.id, TaskStatus.EXPIRED, message,
-                                       fields={"object_key": None, "report_key": None})
+        result = await self.transition(
+            task.id, TaskStatus.EXPIRED, message, fields={"object_key": None, "report_key": None}
+        )
         if not result.ok:  # moved on meanwhile (run again, say): not due any more
             await self.redis.zrem(EXPIRY_KEY, task.id)
         return result
@@ -300,8 +309,10 @@ class TaskStore:
         return bool(written)
 
     async def delete(self, task: Task) -> None:
-        await self._script(keys=[task_key(task.id), events_key(task.id), history_key(task.owner, task.kind),
-                                 EXPIRY_KEY], args=["delete", task.id])
+        await self._script(
+            keys=[task_key(task.id), events_key(task.id), history_key(task.owner, task.kind), EXPIRY_KEY],
+            args=["delete", task.id],
+        )
 
     async def schedule_expiry(self, task_id: str, at: float) -> None:
         """Expire the task at ``at`` unless it moves on first (an import waiting for its upload)."""
@@ -333,8 +344,12 @@ class TaskStore:
         tasks = {(k, s): int(next(replies)) for k in kinds for s in statuses}
         durations = {(k, s): _histogram(next(replies)) for k in kinds for s in DURATION_STATUSES}
         totals = {k: next(replies) for k in kinds}
-        return Stats(tasks, durations, {k: int(t.get("rows") or 0) for k, t in totals.items()},
-                     {k: int(t.get("bytes") or 0) for k, t in totals.items()})
+        return Stats(
+            tasks,
+            durations,
+            {k: int(t.get("rows") or 0) for k, t in totals.items()},
+            {k: int(t.get("bytes") or 0) for k, t in totals.items()},
+        )
 
     async def index_stats(self, batch: int = 500) -> int:
         """Put every task in the statistics set of its status (the back-fill for tasks written
@@ -346,9 +361,10 @@ class TaskStore:
         indexed = 0
         prefix = task_key("")
         async for key in self.redis.scan_iter(match=f"{prefix}*", count=batch):
-            task_id = key[len(prefix):]
-            indexed += int(await self._script(keys=[key], args=["index", task_id, f"{time.time():.3f}", kinds,
-                                                                  statuses]))
+            task_id = key[len(prefix) :]
+            indexed += int(
+                await self._script(keys=[key], args=["index", task_id, f"{time.time():.3f}", kinds, statuses])
+            )
         await self.redis.set(STATS_INDEXED_KEY, f"{time.time():.3f}")
         return indexed
 

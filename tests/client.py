@@ -52,8 +52,9 @@ class Api:
 
     def gql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole response body (data and errors)."""
-        response = httpx.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}},
-                              headers=self.headers, timeout=60)
+        response = httpx.post(
+            f"{self.url}/graphql", json={"query": query, "variables": variables or {}}, headers=self.headers, timeout=60
+        )
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -99,9 +100,14 @@ class Api:
         assert response.status_code == 200, response.text
         return task, response.content
 
-    async def subscribe(self, task_id: str, protocol: str = "graphql-transport-ws",
-                        authorization: str | None = "default", within: float = 120,
-                        field: str = "exportProgress") -> list[dict[str, Any]]:
+    async def subscribe(
+        self,
+        task_id: str,
+        protocol: str = "graphql-transport-ws",
+        authorization: str | None = "default",
+        within: float = 120,
+        field: str = "exportProgress",
+    ) -> list[dict[str, Any]]:
         """All messages of one exportProgress (or importProgress) subscription until it completes or errors."""
         auth = f"Bearer {self.token}" if authorization == "default" else authorization
         init = {"type": "connection_init", "payload": {"authorization": auth} if auth else {}}
@@ -114,8 +120,15 @@ class Api:
             await ws.send(json.dumps(init))
             ack = json.loads(await ws.recv())
             assert ack["type"] == "connection_ack", ack
-            await ws.send(json.dumps({"id": "1", "type": "start" if legacy else "subscribe",
-                                      "payload": {"query": query, "variables": {"id": task_id}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "id": "1",
+                        "type": "start" if legacy else "subscribe",
+                        "payload": {"query": query, "variables": {"id": task_id}},
+                    }
+                )
+            )
             async for raw in ws:
                 message = json.loads(raw)
                 if message["type"] == "ka":
@@ -158,8 +171,9 @@ class Api:
             return httpx.put(target["url"], content=content, headers=target["headers"], timeout=120)
         return httpx.post(target["url"], data=target["fields"], files={"file": (file_name, content)}, timeout=120)
 
-    def start_import(self, dataset: str, content: bytes, file_format: str = "CSV", file_name: str = "rows.csv",
-                     **import_input: Any) -> dict[str, Any]:
+    def start_import(
+        self, dataset: str, content: bytes, file_format: str = "CSV", file_name: str = "rows.csv", **import_input: Any
+    ) -> dict[str, Any]:
         """Request, upload and start an import; the task as startImport returned it."""
         payload = self.request_import(dataset=dataset, format=file_format, fileName=file_name, **import_input)
         assert payload["userErrors"] == [], payload["userErrors"]

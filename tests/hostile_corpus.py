@@ -93,8 +93,16 @@ def csv_file(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
 
 
 def good(i: int) -> dict:
-    return {"id": i, "name": f"row {i}", "score": 1.5, "count": 3, "active": True, "born": "2024-02-29",
-            "seen_at": "2024-02-29T12:30:00Z", "notes": "n"}
+    return {
+        "id": i,
+        "name": f"row {i}",
+        "score": 1.5,
+        "count": 3,
+        "active": True,
+        "born": "2024-02-29",
+        "seen_at": "2024-02-29T12:30:00Z",
+        "notes": "n",
+    }
 
 
 def json_text(elements: list[str]) -> bytes:
@@ -121,17 +129,22 @@ def _content_types(shared: bool) -> bytes:
 
 
 def _workbook_parts(shared: bool) -> dict[str, bytes]:
-    sst_rel = (f'<Relationship Id="rId2" Type="{_REL}/sharedStrings" Target="sharedStrings.xml"/>'
-               if shared else "")
+    sst_rel = f'<Relationship Id="rId2" Type="{_REL}/sharedStrings" Target="sharedStrings.xml"/>' if shared else ""
     return {
         "[Content_Types].xml": _content_types(shared),
-        "_rels/.rels": (f'<Relationships xmlns="{_PKG}"><Relationship Id="rId1" '
-                        f'Type="{_REL}/officeDocument" Target="xl/workbook.xml"/></Relationships>').encode(),
-        "xl/workbook.xml": (f'<workbook xmlns="{_NS}" xmlns:r="{_REL}"><sheets>'
-                            '<sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>').encode(),
-        "xl/_rels/workbook.xml.rels": (f'<Relationships xmlns="{_PKG}"><Relationship Id="rId1" '
-                                       f'Type="{_REL}/worksheet" Target="worksheets/sheet1.xml"/>'
-                                       f"{sst_rel}</Relationships>").encode(),
+        "_rels/.rels": (
+            f'<Relationships xmlns="{_PKG}"><Relationship Id="rId1" '
+            f'Type="{_REL}/officeDocument" Target="xl/workbook.xml"/></Relationships>'
+        ).encode(),
+        "xl/workbook.xml": (
+            f'<workbook xmlns="{_NS}" xmlns:r="{_REL}"><sheets>'
+            '<sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>'
+        ).encode(),
+        "xl/_rels/workbook.xml.rels": (
+            f'<Relationships xmlns="{_PKG}"><Relationship Id="rId1" '
+            f'Type="{_REL}/worksheet" Target="worksheets/sheet1.xml"/>'
+            f"{sst_rel}</Relationships>"
+        ).encode(),
     }
 
 
@@ -140,8 +153,12 @@ def _header_row() -> bytes:
     return f'<row r="1">{cells}</row>'.encode()
 
 
-def xlsx_file(rows: bytes | Iterator[bytes] = b"", shared: bytes | Iterator[bytes] | None = None,
-              extra: dict[str, bytes] | None = None, header: bytes | None = None) -> bytes:
+def xlsx_file(
+    rows: bytes | Iterator[bytes] = b"",
+    shared: bytes | Iterator[bytes] | None = None,
+    extra: dict[str, bytes] | None = None,
+    header: bytes | None = None,
+) -> bytes:
     """A minimal workbook: the header row, then ``rows`` (sheetData XML, pieces streamed into the
     zip), and shared strings (the <si> elements) if given. Big parts are compressed as they are
     made, never held whole."""
@@ -187,8 +204,9 @@ def _many_members() -> bytes:
 
 def _billion_laughs() -> bytes:
     laughs = "".join(f'<!ENTITY a{i} "{("&a" + str(i - 1) + ";") * 10}">' for i in range(1, 10))
-    sst = (f'<?xml version="1.0"?><!DOCTYPE sst [<!ENTITY a0 "lol">{laughs}]>'
-           f'<sst xmlns="{_NS}"><si><t>&a9;</t></si></sst>')
+    sst = (
+        f'<?xml version="1.0"?><!DOCTYPE sst [<!ENTITY a0 "lol">{laughs}]><sst xmlns="{_NS}"><si><t>&a9;</t></si></sst>'
+    )
     parts = {**_workbook_parts(True), "xl/sharedStrings.xml": sst.encode()}
     return xlsx_file(_data_row(2, '<c r="A2"><v>1</v></c><c r="B2" t="s"><v>0</v></c>'), extra=parts)
 
@@ -221,83 +239,236 @@ def cases() -> list[Case]:
     c = Case
     return [
         # CSV
-        c("csv_int_4301_digits", "CSV", lambda: csv_file([[HUGE_INT, "x"]], ["id", "name"]),
-          ROW_ERRORS, "out of range for an integer", e2e=True),
-        c("csv_int_4301_digits_signed", "CSV", lambda: csv_file([["1", "-" + HUGE_INT]], ["id", "count"]),
-          ROW_ERRORS, "out of range for an integer"),
-        c("csv_float_5000_digits", "CSV", lambda: csv_file([["1", "9" * 5000]], ["id", "score"]),
-          ROW_ERRORS, "out of range for a float"),
-        c("csv_100k_column_header", "CSV", lambda: csv_file([], [f"column_{i}" for i in range(100_000)]),
-          "INVALID_HEADER", "and 99,980 more", e2e=True),
-        c("csv_line_without_break_20mb", "CSV", lambda: b"id,name\r\n1," + b"x" * (20 * MiB),
-          "FILE_LIMIT_EXCEEDED", "without a line break"),
-        c("csv_open_quote_20mb", "CSV", lambda: b'id,name\r\n1,"' + b"x\n" * (10 * MiB),
-          "INVALID_FILE", "quoted cell"),
-        c("csv_200k_bad_rows", "CSV", lambda: b"id,name\r\n" + b"x,y\r\n" * 200_000,
-          "TOO_MANY_ERRORS", "maxErrors", max_errors=100_000),
+        c(
+            "csv_int_4301_digits",
+            "CSV",
+            lambda: csv_file([[HUGE_INT, "x"]], ["id", "name"]),
+            ROW_ERRORS,
+            "out of range for an integer",
+            e2e=True,
+        ),
+        c(
+            "csv_int_4301_digits_signed",
+            "CSV",
+            lambda: csv_file([["1", "-" + HUGE_INT]], ["id", "count"]),
+            ROW_ERRORS,
+            "out of range for an integer",
+        ),
+        c(
+            "csv_float_5000_digits",
+            "CSV",
+            lambda: csv_file([["1", "9" * 5000]], ["id", "score"]),
+            ROW_ERRORS,
+            "out of range for a float",
+        ),
+        c(
+            "csv_100k_column_header",
+            "CSV",
+            lambda: csv_file([], [f"column_{i}" for i in range(100_000)]),
+            "INVALID_HEADER",
+            "and 99,980 more",
+            e2e=True,
+        ),
+        c(
+            "csv_line_without_break_20mb",
+            "CSV",
+            lambda: b"id,name\r\n1," + b"x" * (20 * MiB),
+            "FILE_LIMIT_EXCEEDED",
+            "without a line break",
+        ),
+        c("csv_open_quote_20mb", "CSV", lambda: b'id,name\r\n1,"' + b"x\n" * (10 * MiB), "INVALID_FILE", "quoted cell"),
+        c(
+            "csv_200k_bad_rows",
+            "CSV",
+            lambda: b"id,name\r\n" + b"x,y\r\n" * 200_000,
+            "TOO_MANY_ERRORS",
+            "maxErrors",
+            max_errors=100_000,
+        ),
         c("csv_row_of_100k_cells", "CSV", lambda: csv_file([["1"] * 100_000], ["id"]), ROW_ERRORS, "100000 cells"),
         c("csv_utf16", "CSV", lambda: "id,name\r\n1,x\r\n".encode("utf-16"), "INVALID_FILE", "UTF-16"),
         # JSON
-        c("json_int_4301_digits", "JSON", lambda: json_text(['{"id": ' + HUGE_INT + "}"]),
-          ROW_ERRORS, "a number of 4,301 characters", e2e=True),
-        c("json_int_4301_digits_in_text_column", "JSON", lambda: json_text(['{"id": 1, "name": -' + HUGE_INT + "}"]),
-          ROW_ERRORS, "expected text, got a number of 4,302 characters"),
+        c(
+            "json_int_4301_digits",
+            "JSON",
+            lambda: json_text(['{"id": ' + HUGE_INT + "}"]),
+            ROW_ERRORS,
+            "a number of 4,301 characters",
+            e2e=True,
+        ),
+        c(
+            "json_int_4301_digits_in_text_column",
+            "JSON",
+            lambda: json_text(['{"id": 1, "name": -' + HUGE_INT + "}"]),
+            ROW_ERRORS,
+            "expected text, got a number of 4,302 characters",
+        ),
         c("json_400kb_of_brackets", "JSON", lambda: b"[" * 400_000, "FILE_LIMIT_EXCEEDED", "nested deeper", e2e=True),
-        c("json_nesting_1500_in_a_cell", "JSON", lambda: b'[{"id": 1, "notes": ' + b"[" * 1500 + b"]" * 1500 + b"}]",
-          "FILE_LIMIT_EXCEEDED", "nested deeper"),
+        c(
+            "json_nesting_1500_in_a_cell",
+            "JSON",
+            lambda: b'[{"id": 1, "notes": ' + b"[" * 1500 + b"]" * 1500 + b"}]",
+            "FILE_LIMIT_EXCEEDED",
+            "nested deeper",
+        ),
         c("json_39kb_object_nesting", "JSON", lambda: _deep_object(6_500), "FILE_LIMIT_EXCEEDED", "nested deeper"),
-        c("json_lone_surrogate", "JSON", lambda: json_text(['{"id": 1, "name": "\\ud800"}']),
-          ROW_ERRORS, "lone surrogate", e2e=True),
-        c("json_element_of_20mb", "JSON", lambda: b'[{"id": 1, "notes": "' + b"x" * (20 * MiB) + b'"}]',
-          "FILE_LIMIT_EXCEEDED", "larger than 16,777,216 bytes"),
-        c("json_cell_of_2mb", "JSON", lambda: b'[{"id": 1, "notes": "' + b"x" * (2 * MiB) + b'"}]',
-          ROW_ERRORS, "the limit per cell"),
+        c(
+            "json_lone_surrogate",
+            "JSON",
+            lambda: json_text(['{"id": 1, "name": "\\ud800"}']),
+            ROW_ERRORS,
+            "lone surrogate",
+            e2e=True,
+        ),
+        c(
+            "json_element_of_20mb",
+            "JSON",
+            lambda: b'[{"id": 1, "notes": "' + b"x" * (20 * MiB) + b'"}]',
+            "FILE_LIMIT_EXCEEDED",
+            "larger than 16,777,216 bytes",
+        ),
+        c(
+            "json_cell_of_2mb",
+            "JSON",
+            lambda: b'[{"id": 1, "notes": "' + b"x" * (2 * MiB) + b'"}]',
+            ROW_ERRORS,
+            "the limit per cell",
+        ),
         c("json_1e400", "JSON", lambda: json_text(['{"id": 1, "score": 1e400}']), ROW_ERRORS, "not a finite number"),
         c("json_2_pow_64", "JSON", lambda: json_text(['{"id": 18446744073709551616}']), ROW_ERRORS, "out of range"),
-        c("json_100k_keys", "JSON", lambda: json_text(["{" + ",".join(f'"k{i}": {i}' for i in range(100_000)) + "}"]),
-          ROW_ERRORS, "and 99,980 more"),
-        c("json_200k_elements_not_objects", "JSON", lambda: b"[" + b"1," * 200_000 + b"1]",
-          "TOO_MANY_ERRORS", "maxErrors", max_errors=100_000),
+        c(
+            "json_100k_keys",
+            "JSON",
+            lambda: json_text(["{" + ",".join(f'"k{i}": {i}' for i in range(100_000)) + "}"]),
+            ROW_ERRORS,
+            "and 99,980 more",
+        ),
+        c(
+            "json_200k_elements_not_objects",
+            "JSON",
+            lambda: b"[" + b"1," * 200_000 + b"1]",
+            "TOO_MANY_ERRORS",
+            "maxErrors",
+            max_errors=100_000,
+        ),
         c("json_trailing_garbage", "JSON", lambda: b'[{"id": 1}] {"id": 2}', "INVALID_FILE", "followed by more text"),
         # NDJSON
-        c("ndjson_int_4301_digits", "NDJSON", lambda: b'{"id": ' + HUGE_INT.encode() + b"}\n",
-          ROW_ERRORS, "a number of 4,301 characters"),
-        c("ndjson_lone_surrogate", "NDJSON", lambda: b'{"id": 1, "name": "\\ud800"}\n', ROW_ERRORS,
-          "lone surrogate", e2e=True),
+        c(
+            "ndjson_int_4301_digits",
+            "NDJSON",
+            lambda: b'{"id": ' + HUGE_INT.encode() + b"}\n",
+            ROW_ERRORS,
+            "a number of 4,301 characters",
+        ),
+        c(
+            "ndjson_lone_surrogate",
+            "NDJSON",
+            lambda: b'{"id": 1, "name": "\\ud800"}\n',
+            ROW_ERRORS,
+            "lone surrogate",
+            e2e=True,
+        ),
         c("ndjson_brackets_line", "NDJSON", lambda: b"[" * 100_000 + b"\n", ROW_ERRORS, "nested deeper"),
         c("ndjson_object_nesting", "NDJSON", lambda: _deep_object(6_500)[1:-1] + b"\n", ROW_ERRORS, "nested deeper"),
-        c("ndjson_line_of_20mb", "NDJSON", lambda: b'{"id": 1, "notes": "' + b"x" * (20 * MiB) + b'"}\n',
-          ROW_ERRORS, "it was not read"),
+        c(
+            "ndjson_line_of_20mb",
+            "NDJSON",
+            lambda: b'{"id": 1, "notes": "' + b"x" * (20 * MiB) + b'"}\n',
+            ROW_ERRORS,
+            "it was not read",
+        ),
         # XLSX
-        c("xlsx_shared_strings_400mb", "XLSX",
-          lambda: xlsx_file(_data_row(2, '<c r="A2"><v>1</v></c><c r="B2" t="s"><v>0</v></c>'),
-                            shared=_repeat(b"<si><t>" + b"s" * 1000 + b"</t></si>", 400 * MiB)),
-          "FILE_LIMIT_EXCEEDED", "inflates 466 times", e2e=True),
-        c("xlsx_shared_strings_70mb_incompressible", "XLSX", lambda: xlsx_file(b"", shared=_random_strings(70 * MiB)),
-          "FILE_LIMIT_EXCEEDED", "shared strings inflate to"),
-        c("xlsx_1_5m_short_shared_strings", "XLSX", lambda: xlsx_file(b"", shared=_numbered_strings(1_500_000)),
-          "FILE_LIMIT_EXCEEDED", "more than 1,000,000 shared strings"),
-        c("xlsx_sheet_ratio_bomb", "XLSX", lambda: xlsx_file(_repeat(b" " * 1024, 300 * MiB)),
-          "FILE_LIMIT_EXCEEDED", "inflates"),
-        c("xlsx_styles_bomb", "XLSX", lambda: xlsx_file(b"", extra={"xl/styles.xml": b" " * (40 * MiB)}),
-          "FILE_LIMIT_EXCEEDED", "inflates"),
-        c("xlsx_cell_at_XFD1048576", "XLSX", lambda: xlsx_file(_data_row(1_048_576, '<c r="XFD1048576"><v>1</v></c>')),
-          "TOO_MANY_ERRORS", "maxErrors", max_errors=100_000, e2e=True),
-        c("xlsx_cell_beyond_XFD", "XLSX", lambda: xlsx_file(_data_row(2, '<c r="XFE2"><v>1</v></c>')),
-          "FILE_LIMIT_EXCEEDED", "beyond column XFD"),
-        c("xlsx_row_beyond_1048576", "XLSX", lambda: xlsx_file(_data_row(1_048_577, '<c r="A1048577"><v>1</v></c>')),
-          "FILE_LIMIT_EXCEEDED", "a sheet ends at row"),
-        c("xlsx_row_of_100k_cells", "XLSX",
-          lambda: xlsx_file(_data_row(2, "".join(f"<c><v>{i * 7919 % 100_003}</v></c>" for i in range(100_000)))),
-          "FILE_LIMIT_EXCEEDED", "more than 16,384 cells"),
-        c("xlsx_int_4301_digits", "XLSX", lambda: xlsx_file(_data_row(2, f'<c r="A2"><v>{HUGE_INT}</v></c>')),
-          ROW_ERRORS, "a number of 4,301 characters", e2e=True),
-        c("xlsx_float_5000_digits", "XLSX",
-          lambda: xlsx_file(_data_row(2, f'<c r="A2"><v>1</v></c><c r="C2"><v>1.{"9" * 5000}</v></c>')),
-          ROW_ERRORS, "a number of 5,002 characters"),
-        c("xlsx_shared_string_index_out_of_range", "XLSX",
-          lambda: xlsx_file(_data_row(2, '<c r="A2"><v>1</v></c><c r="B2" t="s"><v>99999</v></c>'), shared=b""),
-          ROW_ERRORS, "cannot be read"),
+        c(
+            "xlsx_shared_strings_400mb",
+            "XLSX",
+            lambda: xlsx_file(
+                _data_row(2, '<c r="A2"><v>1</v></c><c r="B2" t="s"><v>0</v></c>'),
+                shared=_repeat(b"<si><t>" + b"s" * 1000 + b"</t></si>", 400 * MiB),
+            ),
+            "FILE_LIMIT_EXCEEDED",
+            "inflates 466 times",
+            e2e=True,
+        ),
+        c(
+            "xlsx_shared_strings_70mb_incompressible",
+            "XLSX",
+            lambda: xlsx_file(b"", shared=_random_strings(70 * MiB)),
+            "FILE_LIMIT_EXCEEDED",
+            "shared strings inflate to",
+        ),
+        c(
+            "xlsx_1_5m_short_shared_strings",
+            "XLSX",
+            lambda: xlsx_file(b"", shared=_numbered_strings(1_500_000)),
+            "FILE_LIMIT_EXCEEDED",
+            "more than 1,000,000 shared strings",
+        ),
+        c(
+            "xlsx_sheet_ratio_bomb",
+            "XLSX",
+            lambda: xlsx_file(_repeat(b" " * 1024, 300 * MiB)),
+            "FILE_LIMIT_EXCEEDED",
+            "inflates",
+        ),
+        c(
+            "xlsx_styles_bomb",
+            "XLSX",
+            lambda: xlsx_file(b"", extra={"xl/styles.xml": b" " * (40 * MiB)}),
+            "FILE_LIMIT_EXCEEDED",
+            "inflates",
+        ),
+        c(
+            "xlsx_cell_at_XFD1048576",
+            "XLSX",
+            lambda: xlsx_file(_data_row(1_048_576, '<c r="XFD1048576"><v>1</v></c>')),
+            "TOO_MANY_ERRORS",
+            "maxErrors",
+            max_errors=100_000,
+            e2e=True,
+        ),
+        c(
+            "xlsx_cell_beyond_XFD",
+            "XLSX",
+            lambda: xlsx_file(_data_row(2, '<c r="XFE2"><v>1</v></c>')),
+            "FILE_LIMIT_EXCEEDED",
+            "beyond column XFD",
+        ),
+        c(
+            "xlsx_row_beyond_1048576",
+            "XLSX",
+            lambda: xlsx_file(_data_row(1_048_577, '<c r="A1048577"><v>1</v></c>')),
+            "FILE_LIMIT_EXCEEDED",
+            "a sheet ends at row",
+        ),
+        c(
+            "xlsx_row_of_100k_cells",
+            "XLSX",
+            lambda: xlsx_file(_data_row(2, "".join(f"<c><v>{i * 7919 % 100_003}</v></c>" for i in range(100_000)))),
+            "FILE_LIMIT_EXCEEDED",
+            "more than 16,384 cells",
+        ),
+        c(
+            "xlsx_int_4301_digits",
+            "XLSX",
+            lambda: xlsx_file(_data_row(2, f'<c r="A2"><v>{HUGE_INT}</v></c>')),
+            ROW_ERRORS,
+            "a number of 4,301 characters",
+            e2e=True,
+        ),
+        c(
+            "xlsx_float_5000_digits",
+            "XLSX",
+            lambda: xlsx_file(_data_row(2, f'<c r="A2"><v>1</v></c><c r="C2"><v>1.{"9" * 5000}</v></c>')),
+            ROW_ERRORS,
+            "a number of 5,002 characters",
+        ),
+        c(
+            "xlsx_shared_string_index_out_of_range",
+            "XLSX",
+            lambda: xlsx_file(_data_row(2, '<c r="A2"><v>1</v></c><c r="B2" t="s"><v>99999</v></c>'), shared=b""),
+            ROW_ERRORS,
+            "cannot be read",
+        ),
         c("xlsx_20k_members", "XLSX", _many_members, "FILE_LIMIT_EXCEEDED", "members"),
         c("xlsx_billion_laughs", "XLSX", _billion_laughs, "INVALID_FILE", "not an XLSX workbook that can be read"),
         c("xlsx_not_a_zip", "XLSX", lambda: b"PK\x03\x04" + b"\x00" * 1000, "INVALID_FILE", "not an XLSX workbook"),
@@ -334,8 +505,12 @@ def run_case(case: Case, batch_rows: int = 5_000) -> Outcome:
     report = CsvWriter(REPORT_COLUMNS, formula_guard=True)
     max_errors = min(case.max_errors, settings.import_max_errors_limit)
     try:
-        reader = reader_for(case.format, io.BytesIO(case.content), max_cell_bytes=settings.import_max_cell_bytes,
-                            limits=ParseLimits.from_settings(settings))
+        reader = reader_for(
+            case.format,
+            io.BytesIO(case.content),
+            max_cell_bytes=settings.import_max_cell_bytes,
+            limits=ParseLimits.from_settings(settings),
+        )
         batches = FileBatches(reader, dataset, _columns(dataset, reader), case.format, output=TYPED)
         while True:
             batch = batches.next(batch_rows, max_errors - outcome.rows_failed)

@@ -30,8 +30,9 @@ def _env(data_dir: Path | None = None) -> dict[str, str]:
 
 
 def _dataport(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dataport.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "dataport.cli", *args], env=env, capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,14 @@ def dev(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dev")
     data_dir = workdir / ".dataport"
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)], cwd=workdir,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_dev(process, port)
         token = process.stdout.readline().strip()  # the token is the one line on stdout
@@ -79,8 +86,11 @@ def test_token_prints_only_a_token_signed_with_the_data_dirs_secret(tmp_path):
 
 def test_dev_serves_the_demo_dataset_with_its_printed_token(dev):
     _, port, _, token = dev
-    body = httpx.post(f"http://127.0.0.1:{port}/graphql", headers={"Authorization": f"Bearer {token}"},
-                      json={"query": "{ datasets { name source importable columns { name type } } }"}).json()
+    body = httpx.post(
+        f"http://127.0.0.1:{port}/graphql",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"query": "{ datasets { name source importable columns { name type } } }"},
+    ).json()
     (samples,) = body["data"]["datasets"]
     assert samples["name"] == "samples" and samples["source"] == "sqlite" and samples["importable"]
     types = {c["type"] for c in samples["columns"]}
@@ -93,9 +103,21 @@ def test_export_command_downloads_the_file(dev, tmp_path):
     _, port, data_dir, _ = dev
     env = _env(data_dir)  # same data dir: `dataport token` and `dataport dev` agree on the secret
     out = tmp_path / "gold.csv"
-    result = _dataport("export", "samples", "--format", "csv", "--columns", "sample_id,site,au_ppm",
-                       "--filter", "sample_id:lte:500", "--out", str(out), "--url", f"http://127.0.0.1:{port}",
-                       env=env)
+    result = _dataport(
+        "export",
+        "samples",
+        "--format",
+        "csv",
+        "--columns",
+        "sample_id,site,au_ppm",
+        "--filter",
+        "sample_id:lte:500",
+        "--out",
+        str(out),
+        "--url",
+        f"http://127.0.0.1:{port}",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.reader(io.StringIO(out.read_text(), newline="")))
     assert rows[0] == ["sample_id", "site", "au_ppm"] and len(rows) == 501
@@ -109,8 +131,12 @@ def test_import_command_uploads_follows_and_saves_the_report(dev, tmp_path):
     env = _env(data_dir)
     server = ["--url", f"http://127.0.0.1:{port}"]
     original = tmp_path / "three.csv"
-    assert _dataport("export", "samples", "--filter", "sample_id:lte:3", "--out", str(original), *server,
-                     env=env).returncode == 0  # every column: the dataset's required ones among them
+    assert (
+        _dataport(
+            "export", "samples", "--filter", "sample_id:lte:3", "--out", str(original), *server, env=env
+        ).returncode
+        == 0
+    )  # every column: the dataset's required ones among them
     rows = list(csv.reader(io.StringIO(original.read_text(), newline="")))
     site = rows[0].index("site")
     rows[1][site] = "Renamed Ridge"
@@ -124,8 +150,21 @@ def test_import_command_uploads_follows_and_saves_the_report(dev, tmp_path):
     report = list(csv.reader(io.StringIO((tmp_path / "fixes-errors.csv").read_text(), newline="")))
     assert report[0] == ["row", "column", "reason", "original"] and report[1][:2] == ["2", "sample_id"]
     after = tmp_path / "after.csv"
-    assert _dataport("export", "samples", "--columns", "sample_id,site", "--filter", "sample_id:eq:1",
-                     "--out", str(after), *server, env=env).returncode == 0
+    assert (
+        _dataport(
+            "export",
+            "samples",
+            "--columns",
+            "sample_id,site",
+            "--filter",
+            "sample_id:eq:1",
+            "--out",
+            str(after),
+            *server,
+            env=env,
+        ).returncode
+        == 0
+    )
     assert list(csv.reader(io.StringIO(after.read_text(), newline="")))[1] == ["1", "Renamed Ridge"]
 
     unknown = tmp_path / "unknown.csv"
@@ -147,8 +186,12 @@ def test_sigterm_stops_everything_dev_started(dev):
 
 def test_a_killed_dev_leaves_nothing_behind(tmp_path):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
-                               env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_for_dev(process, port)
     time.sleep(0.5)
     tree = _tree(psutil.Process(process.pid))

@@ -123,8 +123,10 @@ def environment(service: Mapping[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {key: "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-            for key, value in env.items()}
+    return {
+        key: "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in env.items()
+    }
 
 
 def command(service: Mapping[str, Any], key: str = "command") -> list[str]:
@@ -148,7 +150,7 @@ def in_container(service: Mapping[str, Any], path: str) -> Path | None:
         if path == target:
             return source
         if path.startswith(target.rstrip("/") + "/"):
-            return source / path[len(target.rstrip("/")) + 1:]
+            return source / path[len(target.rstrip("/")) + 1 :]
     return None
 
 
@@ -201,8 +203,12 @@ def test_the_schema_catches_a_broken_compose_file(validator, compose):
     assert "'helthcheck'" in errors["services/api"]
     assert "'replica'" in errors["services/worker/deploy"]
     assert "is not of type 'array'" in errors["services/redis/volumes"]
-    assert set(errors) == {"services/api", "services/api/depends_on", "services/worker/deploy",
-                           "services/redis/volumes"}
+    assert set(errors) == {
+        "services/api",
+        "services/api/depends_on",
+        "services/worker/deploy",
+        "services/redis/volumes",
+    }
 
 
 def test_every_variable_the_compose_file_reads_has_a_default():
@@ -349,8 +355,10 @@ def test_the_stack_wires_storage_queue_and_events_together(services, monkeypatch
     # S3: MinIO's endpoint, credentials and the bucket minio-setup creates; no SSE header (no KMS).
     endpoint = urlsplit(settings.s3_endpoint_url)
     assert endpoint.hostname == "minio" and endpoint.port == 9000
-    assert (settings.s3_access_key_id, settings.s3_secret_access_key) == (minio["MINIO_ROOT_USER"],
-                                                                        minio["MINIO_ROOT_PASSWORD"])
+    assert (settings.s3_access_key_id, settings.s3_secret_access_key) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
     assert setup["MINIO_ROOT_USER"] == minio["MINIO_ROOT_USER"]
     assert setup["MINIO_ROOT_PASSWORD"] == minio["MINIO_ROOT_PASSWORD"]
     assert settings.s3_bucket == setup["BUCKET"]
@@ -459,8 +467,14 @@ def test_the_readme_commands_for_the_stack_parse():
 def test_the_cli_really_has_those_subcommands():
     """Through the module the console script calls, in a fresh interpreter."""
     for subcommand, options in (("api", ("--host", "--port")), ("worker", ()), ("token", ("USER",))):
-        result = subprocess.run([sys.executable, "-m", "dataport.cli", subcommand, "--help"], capture_output=True,
-                                text=True, timeout=60, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+        result = subprocess.run(
+            [sys.executable, "-m", "dataport.cli", subcommand, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
         assert result.returncode == 0, result.stderr
         for option in options:
             assert option in result.stdout
@@ -470,7 +484,7 @@ def test_the_image_runs_as_a_user_and_installs_without_the_test_extra():
     instructions = _dockerfile_instructions()
     froms = [argument for name, argument in instructions if name == "FROM"]
     assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
-    final = instructions[max(i for i, (name, _) in enumerate(instructions) if name == "FROM"):]
+    final = instructions[max(i for i, (name, _) in enumerate(instructions) if name == "FROM") :]
     users = [argument for name, argument in final if name == "USER"]
     assert users and users[-1] not in ("root", "0")
     installs = [argument for name, argument in instructions if name == "RUN" and "pip install" in argument]
@@ -515,7 +529,11 @@ def test_the_datasets_urls_come_from_the_compose_environment(services):
     pg = conninfo_to_dict(api["SAMPLES_DATABASE_URL"])
     postgres = environment(services["postgres"])
     assert (pg["host"], pg["user"], pg["password"], pg["dbname"]) == (
-        "postgres", postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+        "postgres",
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
     assert urlsplit(api["FIELD_NOTES_OPENSEARCH_URL"]).hostname == "opensearch"
 
 

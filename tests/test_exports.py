@@ -107,9 +107,13 @@ def test_file_contents_equal_the_source_rows(local_stack, fmt):
 
 def test_columns_filters_sort_and_limit_shape_the_file(local_stack):
     _, content = local_stack.api().run_export(
-        dataset="special", format="NDJSON", columns=["id", "score"],
-        filters=[{"field": "score", "op": "GT", "value": 0}], sort=[{"field": "score", "direction": "DESC"}],
-        limit=3)
+        dataset="special",
+        format="NDJSON",
+        columns=["id", "score"],
+        filters=[{"field": "score", "op": "GT", "value": 0}],
+        sort=[{"field": "score", "direction": "DESC"}],
+        limit=3,
+    )
     rows = [json.loads(line) for line in content.decode().splitlines()]
     assert rows == [{"id": 6, "score": 12345.678}, {"id": 7, "score": 3.0}, {"id": 1, "score": 1.5}]
 
@@ -239,10 +243,16 @@ def test_a_source_error_mid_export_fails_with_an_actionable_message(local_stack)
         ({"dataset": "nope"}, "DATASET_NOT_FOUND", ["input", "dataset"]),
         ({"dataset": "special", "columns": ["id", "nope"]}, "UNKNOWN_COLUMN", ["input", "columns", "1"]),
         ({"dataset": "special", "limit": 0}, "INVALID_LIMIT", ["input", "limit"]),
-        ({"dataset": "special", "filters": [{"field": "notes", "op": "EQ", "value": "x"}]},
-         "NOT_FILTERABLE", ["input", "filters", "0", "field"]),
-        ({"dataset": "special", "filters": [{"field": "score", "op": "BETWEEN", "values": [1]}]},
-         "INVALID_FILTER_VALUE", ["input", "filters", "0", "values"]),
+        (
+            {"dataset": "special", "filters": [{"field": "notes", "op": "EQ", "value": "x"}]},
+            "NOT_FILTERABLE",
+            ["input", "filters", "0", "field"],
+        ),
+        (
+            {"dataset": "special", "filters": [{"field": "score", "op": "BETWEEN", "values": [1]}]},
+            "INVALID_FILTER_VALUE",
+            ["input", "filters", "0", "values"],
+        ),
         ({"dataset": "small_limit"}, "TOO_MANY_ROWS", ["input", "filters"]),
     ],
 )
@@ -296,14 +306,16 @@ async def test_another_owners_task_looks_exactly_like_a_missing_one(local_stack)
         theirs, nobodys = mallory.mutate(mutation, tid), mallory.mutate(mutation, missing)
         assert theirs["task"] is None
         assert theirs["userErrors"][0]["code"] == nobodys["userErrors"][0]["code"] == "NOT_FOUND"
-        assert theirs["userErrors"][0]["message"].replace(tid, "?") == \
-            nobodys["userErrors"][0]["message"].replace(missing, "?")
+        assert theirs["userErrors"][0]["message"].replace(tid, "?") == nobodys["userErrors"][0]["message"].replace(
+            missing, "?"
+        )
     theirs, nobodys = await mallory.subscribe(tid), await mallory.subscribe(missing)
     assert theirs[0]["type"] == nobodys[0]["type"]
     assert json.dumps(theirs[0]["payload"]).replace(tid, "?") == json.dumps(nobodys[0]["payload"]).replace(missing, "?")
     for identifier in (tid, missing):  # without alice's signed URL the file route says the same for both
         response = await asyncio.to_thread(
-            httpx.get, f"{local_stack.url}/files/{identifier}?expires=9999999999&signature=x", headers=mallory.headers)
+            httpx.get, f"{local_stack.url}/files/{identifier}?expires=9999999999&signature=x", headers=mallory.headers
+        )
         assert response.status_code == 403
     assert alice.task(tid)["status"] == "SUCCEEDED", "mallory changed nothing"
 
@@ -335,8 +347,13 @@ def test_s3_export_is_encrypted_verified_and_downloadable(s3_stack, s3_server):
     assert hashlib.sha256(content).hexdigest() == task["checksumSha256"] and len(content) == task["fileSize"]
     assert task["rowCount"] == 20_000 and content.count(b"\r\n") >= 20_001
     settings = s3_stack.settings
-    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, aws_access_key_id=settings.s3_access_key_id,
-                      aws_secret_access_key=settings.s3_secret_access_key, region_name=settings.s3_region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key,
+        region_name=settings.s3_region,
+    )
     objects = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="exports/")["Contents"]
     key = next(o["Key"] for o in objects if task["id"] in o["Key"])
     assert key.endswith(f"/{task['id']}/samples-1.csv")
@@ -526,8 +543,13 @@ def test_cancel_on_s3_leaves_no_multipart_upload_and_no_object(s3_stack):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     settings = s3_stack.settings
-    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, aws_access_key_id=settings.s3_access_key_id,
-                      aws_secret_access_key=settings.s3_secret_access_key, region_name=settings.s3_region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key,
+        region_name=settings.s3_region,
+    )
     prefix = f"exports/{_owner_of(api)}/{task['id']}/"
     assert s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=prefix).get("Uploads")
     assert api.mutate("cancelExport", task["id"])["task"]["status"] == "CANCELLED"

@@ -76,8 +76,9 @@ async def test_a_newcomer_joins_the_round_being_served(arq_redis):
     assert await queue.position(arq_redis, name, _job("dee", 0)) is None  # running
     # a job of arq's own scoring that is due (a retry after its pause) is taken first; a
     # notification or cron job ahead takes a moment, not a turn, and is not counted
-    await arq_redis.zadd(name, {_job("dee", 9): int(time.time() * 1000) - 10,
-                                f"notify:{RUN}": int(time.time() * 1000) - 10})
+    await arq_redis.zadd(
+        name, {_job("dee", 9): int(time.time() * 1000) - 10, f"notify:{RUN}": int(time.time() * 1000) - 10}
+    )
     assert await queue.position(arq_redis, name, _job("cid", 0)) == 2
     assert await queue.position(arq_redis, name, _job("dee", 9)) == 1
 
@@ -149,8 +150,9 @@ def test_a_backlog_delays_another_owner_by_one_job_per_slot(idle_queue, slots):
 
 def test_queue_position_is_the_order_workers_take(idle_queue):
     ann, bob, cid = idle_queue.api(), idle_queue.api(), idle_queue.api()
-    tasks = [_heavy(ann, 10 + n) for n in range(4)] + [bob.export(dataset="special", format="CSV", limit=n)
-                                                      for n in (1, 2)]
+    tasks = [_heavy(ann, 10 + n) for n in range(4)] + [
+        bob.export(dataset="special", format="CSV", limit=n) for n in (1, 2)
+    ]
     tasks.append(cid.export(dataset="special", format="JSON", limit=1))
     apis = [ann] * 4 + [bob] * 2 + [cid]
     try:

@@ -244,8 +244,14 @@ def odd_table(width: int, seed: int) -> tuple[list[Column], list[list[tuple]]]:
         if rng.random() < 0.15:
             return rng.choice(ODD_NUMBERS + ODD_TEXTS + ODD_BOOLS)
         if kind == "float":
-            return rng.choice([None, rng.uniform(-1e3, 1e3), round(rng.uniform(-1e3, 1e3), 3),
-                               rng.uniform(0, 1) * 10.0 ** rng.randint(-12, 20)])
+            return rng.choice(
+                [
+                    None,
+                    rng.uniform(-1e3, 1e3),
+                    round(rng.uniform(-1e3, 1e3), 3),
+                    rng.uniform(0, 1) * 10.0 ** rng.randint(-12, 20),
+                ]
+            )
         if kind == "integer":
             return rng.choice([None, rng.randint(-1000, 1000), rng.randint(-(2**63), 2**64 - 1)])
         if kind == "boolean":
@@ -273,8 +279,11 @@ def test_csv_fast_path_writes_what_the_csv_module_writes(width, formula_guard):
 @pytest.mark.parametrize("kind", ["float", "integer", "boolean", "string", "date"])
 def test_csv_each_odd_cell_alone_and_inside_a_run(value, kind):
     run = formats.csv.ROW_RUN + 1
-    for columns in ([Column("x", kind)], [Column("id", "integer"), Column("x", kind)],
-                    [Column(f"f{i}", kind if i == 3 else "float") for i in range(run)]):
+    for columns in (
+        [Column("x", kind)],
+        [Column("id", "integer"), Column("x", kind)],
+        [Column(f"f{i}", kind if i == 3 else "float") for i in range(run)],
+    ):
         at = next(i for i, c in enumerate(columns) if c.name in ("x", "f3"))
         plain = tuple(1.5 if c.type == "float" else 7 for c in columns)
         rows = [plain, plain[:at] + (value,) + plain[at + 1 :], plain]
@@ -305,8 +314,12 @@ def test_csv_floats_of_every_magnitude_are_repr():
     rng = random.Random(11)
     values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(20_000)]
     values += [rng.uniform(0, 1) * 10.0 ** rng.randint(-330, 308) * rng.choice((1, -1)) for _ in range(20_000)]
-    values += [float(f"{m}e{e}") for e in range(-324, 309) for m in (1, 1.5, 9.999999999999999, 5) if
-               math.isfinite(float(f"{m}e{e}"))]
+    values += [
+        float(f"{m}e{e}")
+        for e in range(-324, 309)
+        for m in (1, 1.5, 9.999999999999999, 5)
+        if math.isfinite(float(f"{m}e{e}"))
+    ]
     width = formats.csv.ROW_RUN * 2
     columns = [Column(f"f{i}", "float") for i in range(width)]
     rows = [tuple(values[i : i + width]) for i in range(0, len(values) - width, width)]
@@ -408,9 +421,7 @@ def test_xlsx_chunks_and_removes_its_temp_file():
     writer.begin()
     # Random text does not compress: the file is well over one chunk.
     rng = random.Random(1)
-    writer.write(
-        [("".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=500)),) for _ in range(6000)]
-    )
+    writer.write([("".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=500)),) for _ in range(6000)])
     chunks = list(writer.finish())
     assert len(chunks) >= 2 and all(len(c) == formats.xlsx.CHUNK_BYTES for c in chunks[:-1])
     assert len(read_xlsx(b"".join(chunks))) == 6001

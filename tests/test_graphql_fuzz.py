@@ -22,8 +22,12 @@ from hypothesis_graphql import Mode, mutations, nodes, queries
 
 from tests.fixtures.stack import Stack
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Custom scalars as literals: any JSON-ish value for JSON (integers past 64 bits included), date-times
 # from year 1 to 9999 in any offset for DateTime.
@@ -42,8 +46,12 @@ SCALARS = {"JSON": JSON_VALUES, "DateTime": DATETIMES}
 def fuzz(queue_stack: Stack) -> tuple[Stack, str, object]:
     """The stack, a token, and the schema as the api itself describes it (introspection)."""
     token = queue_stack.token(f"fuzz-{uuid.uuid4().hex[:8]}")
-    response = httpx.post(f"{queue_stack.url}/graphql", json={"query": get_introspection_query()},
-                          headers={"authorization": f"Bearer {token}"}, timeout=30)
+    response = httpx.post(
+        f"{queue_stack.url}/graphql",
+        json={"query": get_introspection_query()},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+    )
     return queue_stack, token, build_client_schema(response.json()["data"])
 
 
@@ -66,8 +74,9 @@ def _send(stack: Stack, token: str | None, body: object | bytes) -> None:
 
 
 def _operations(schema: object, mode: Mode) -> st.SearchStrategy[str]:
-    return st.one_of(queries(schema, custom_scalars=SCALARS, mode=mode),
-                     mutations(schema, custom_scalars=SCALARS, mode=mode))
+    return st.one_of(
+        queries(schema, custom_scalars=SCALARS, mode=mode), mutations(schema, custom_scalars=SCALARS, mode=mode)
+    )
 
 
 @FUZZ
@@ -78,8 +87,9 @@ def test_random_operations_never_fail_the_server(fuzz, data, mode, signed_in):
     _send(stack, token if signed_in else None, {"query": query})
 
 
-GRAPHQL_TEXT = st.text(alphabet=st.sampled_from(list(string.printable) + ["é", "\u2028", "\x00", "\ud7ff"]),
-                       max_size=300)
+GRAPHQL_TEXT = st.text(
+    alphabet=st.sampled_from(list(string.printable) + ["é", "\u2028", "\x00", "\ud7ff"]), max_size=300
+)
 JSON_BODIES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -88,8 +98,12 @@ JSON_BODIES = st.recursive(
 
 
 @FUZZ
-@given(query=GRAPHQL_TEXT, variables=JSON_BODIES, operation=st.none() | st.text(max_size=10) | st.integers(),
-       signed_in=st.booleans())
+@given(
+    query=GRAPHQL_TEXT,
+    variables=JSON_BODIES,
+    operation=st.none() | st.text(max_size=10) | st.integers(),
+    signed_in=st.booleans(),
+)
 def test_random_text_and_variables_never_fail_the_server(fuzz, query, variables, operation, signed_in):
     stack, token, _ = fuzz
     _send(stack, token if signed_in else None, {"query": query, "variables": variables, "operationName": operation})

@@ -24,7 +24,7 @@ from tests.fixtures.stack import Stack, _stack
 
 MiB = 1024 * 1024
 TRANSPORT, LEGACY = "graphql-transport-ws", "graphql-ws"
-EXPORT = "requestExport(input: {dataset: \"special\", format: CSV}) { task { id } userErrors { code } }"
+EXPORT = 'requestExport(input: {dataset: "special", format: CSV}) { task { id } userErrors { code } }'
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -73,12 +73,12 @@ async def refused_init(stack: Stack, protocol: str, payload: Any, within: float 
         return ws.close_code, received
 
 
-async def close_code_after(stack: Stack, protocol: str, token: str | None, *raw_messages: str | bytes,
-                           within: float = 5) -> tuple[int, list[dict]]:
+async def close_code_after(
+    stack: Stack, protocol: str, token: str | None, *raw_messages: str | bytes, within: float = 5
+) -> tuple[int, list[dict]]:
     """Connect (with a token when given), send the raw messages, and wait for the close."""
     received = []
-    async with asyncio.timeout(within), websockets.connect(ws_url(stack), subprotocols=[protocol],
-                                                           max_size=None) as ws:
+    async with asyncio.timeout(within), websockets.connect(ws_url(stack), subprotocols=[protocol], max_size=None) as ws:
         if token:
             await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}))
             assert json.loads(await ws.recv())["type"] == "connection_ack"
@@ -132,8 +132,10 @@ def test_depth_over_twelve_is_refused(local_stack, token):
     # Selections on a leaf are invalid anyway; the depth check runs first, before validation.
     nested = "datasets { " * 12 + "name" + " }" * 12
     response = gql(local_stack, "{ " + nested + " }", token)
-    assert (response.status_code, top_error(response)["extensions"]) == (200, {"code": "QUERY_TOO_COMPLEX",
-                                                                                "limit": 12})
+    assert (response.status_code, top_error(response)["extensions"]) == (
+        200,
+        {"code": "QUERY_TOO_COMPLEX", "limit": 12},
+    )
     assert "13 deep" in top_error(response)["message"]
     deep_ok = "{ exportTasks { edges { node { progress { processedRows } } } } }"
     assert "errors" not in gql(local_stack, deep_ok, token).json()
@@ -156,7 +158,9 @@ def test_too_many_fields_operations_and_nesting_are_refused(local_stack, token):
     for query, limit in ((fields, 300), (operations, 5), (nested, 200)):
         response = gql(local_stack, query, token)
         assert (response.status_code, top_error(response)["extensions"]) == (
-            200, {"code": "QUERY_TOO_COMPLEX", "limit": limit}), query[:40]
+            200,
+            {"code": "QUERY_TOO_COMPLEX", "limit": limit},
+        ), query[:40]
 
 
 def test_graphql_response_json_clients_get_400_for_a_refused_document(local_stack, token):
@@ -179,12 +183,13 @@ def test_anonymous_requests_get_a_small_budget_and_can_still_introspect(local_st
     assert introspection.status_code == 200 and introspection.json()["data"]["__schema"]["queryType"]
 
     aliased = gql(local_stack, "{ a: __schema { types { name } } b: __schema { types { name } } }")
-    assert (aliased.status_code, top_error(aliased)["extensions"]) == (200, {"code": "QUERY_TOO_COMPLEX",
-                                                                              "limit": 0})
+    assert (aliased.status_code, top_error(aliased)["extensions"]) == (200, {"code": "QUERY_TOO_COMPLEX", "limit": 0})
     assert "sign in" in top_error(aliased)["message"]
     many_tokens = gql(local_stack, "{" + " __typename" * 1_200 + " }")  # 1,200 tokens: over 1,000, under 16 KiB
-    assert (many_tokens.status_code, top_error(many_tokens)["extensions"]) == (200, {"code": "QUERY_TOO_COMPLEX",
-                                                                                      "limit": 1000})
+    assert (many_tokens.status_code, top_error(many_tokens)["extensions"]) == (
+        200,
+        {"code": "QUERY_TOO_COMPLEX", "limit": 1000},
+    )
     unauthenticated = gql(local_stack, "{ datasets { name } }")
     assert code_of(unauthenticated) == "UNAUTHENTICATED"
 
@@ -196,13 +201,16 @@ def test_a_large_anonymous_query_is_refused_at_once_and_healthz_keeps_answering(
 
     async def scenario() -> tuple[list[httpx.Response], list[float]]:
         async with httpx.AsyncClient(timeout=30) as client:
+
             async def health() -> float:
                 started = time.monotonic()
                 assert (await client.get(f"{local_stack.url}/healthz")).status_code == 200
                 return time.monotonic() - started
 
-            attacks = [client.post(f"{local_stack.url}/graphql", content=body,
-                                   headers={"content-type": "application/json"}) for _ in range(20)]
+            attacks = [
+                client.post(f"{local_stack.url}/graphql", content=body, headers={"content-type": "application/json"})
+                for _ in range(20)
+            ]
             results = await asyncio.gather(*attacks, *(health() for _ in range(5)))
             return results[:20], results[20:]
 
@@ -220,8 +228,10 @@ def test_a_large_signed_in_query_is_cut_off_by_the_token_limit_without_blocking(
     started = time.monotonic()
     response = gql(local_stack, query, token)
     assert time.monotonic() - started < 1.5
-    assert (response.status_code, top_error(response)["extensions"]) == (200, {"code": "QUERY_TOO_COMPLEX",
-                                                                                "limit": 5000})
+    assert (response.status_code, top_error(response)["extensions"]) == (
+        200,
+        {"code": "QUERY_TOO_COMPLEX", "limit": 5000},
+    )
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -262,8 +272,9 @@ def _chunked(size: int, count: int) -> Iterator[bytes]:
 
 
 def test_a_100_mb_body_without_a_token_is_refused_before_a_byte_of_it_is_read(local_stack):
-    headers = (f"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {100 * MiB}\r\n\r\n")
+    headers = (
+        f"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {100 * MiB}\r\n\r\n"
+    )
     started = time.monotonic()
     head, _ = asyncio.run(_raw_post(local_stack, headers, iter(())))  # the headers alone get the answer
     assert time.monotonic() - started < 2
@@ -272,8 +283,10 @@ def test_a_100_mb_body_without_a_token_is_refused_before_a_byte_of_it_is_read(lo
 
 
 def test_a_chunked_body_over_a_mebibyte_is_refused_while_it_streams(local_stack, token):
-    headers = (f"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n")
+    headers = (
+        f"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     # 4 MiB, sent whole before reading as most clients do: read and dropped, then a clean 413.
     head, _ = asyncio.run(_raw_post(local_stack, headers, _chunked(65536, 64)))
     assert head is not None and head.startswith(b"HTTP/1.1 413"), head
@@ -293,25 +306,32 @@ def test_a_signed_in_body_under_a_mebibyte_is_served(local_stack, token):
     assert (over.status_code, code_of(over)) == (413, "PAYLOAD_TOO_LARGE")
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(b'"just a string"', id="json-string"),
-    pytest.param(b"null", id="null"),
-    pytest.param(b"42", id="number"),
-    pytest.param(b'{"query": "{ __typename }"\xff\xfe}', id="not-utf8"),
-    pytest.param(b"\xff\xfe\x00{", id="binary"),
-    pytest.param(b"1" * 4301, id="4301-digits"),
-    pytest.param(b'{"query": "{ __typename }", "variables": {"n": ' + b"9" * 4301 + b"}}", id="4301-digit-variable"),
-    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100k"),
-    pytest.param(b'{"query": "{ __typename }", "variables": {"v": ' + b"[" * 100 + b"]" * 100 + b"}}",
-                 id="variables-nested-100"),
-    pytest.param(b'{"query": "{ __typename }", "variables": {"s": "\\ud800"}}', id="lone-surrogate"),
-    pytest.param(b'[{"query": "{ __typename }"}, {"query": "{ __typename }"}]', id="batch"),
-    pytest.param(b'{"query": 42}', id="query-not-a-string"),
-    pytest.param(b'{"query": "{ __typename }", "operationName": 7}', id="operation-name-not-a-string"),
-    pytest.param(b'{"query": "{ __typename }", "variables": [1]}', id="variables-a-list"),
-    pytest.param(b'{"variables": {}}', id="no-query"),
-    pytest.param(b"{", id="truncated"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'"just a string"', id="json-string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"42", id="number"),
+        pytest.param(b'{"query": "{ __typename }"\xff\xfe}', id="not-utf8"),
+        pytest.param(b"\xff\xfe\x00{", id="binary"),
+        pytest.param(b"1" * 4301, id="4301-digits"),
+        pytest.param(
+            b'{"query": "{ __typename }", "variables": {"n": ' + b"9" * 4301 + b"}}", id="4301-digit-variable"
+        ),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100k"),
+        pytest.param(
+            b'{"query": "{ __typename }", "variables": {"v": ' + b"[" * 100 + b"]" * 100 + b"}}",
+            id="variables-nested-100",
+        ),
+        pytest.param(b'{"query": "{ __typename }", "variables": {"s": "\\ud800"}}', id="lone-surrogate"),
+        pytest.param(b'[{"query": "{ __typename }"}, {"query": "{ __typename }"}]', id="batch"),
+        pytest.param(b'{"query": 42}', id="query-not-a-string"),
+        pytest.param(b'{"query": "{ __typename }", "operationName": 7}', id="operation-name-not-a-string"),
+        pytest.param(b'{"query": "{ __typename }", "variables": [1]}', id="variables-a-list"),
+        pytest.param(b'{"variables": {}}', id="no-query"),
+        pytest.param(b"{", id="truncated"),
+    ],
+)
 def test_bodies_that_are_not_graphql_requests_get_400(local_stack, token, body):
     response = post(local_stack, body, token)
     assert response.status_code == 400, response.text
@@ -322,25 +342,34 @@ def test_bodies_that_are_not_graphql_requests_get_400(local_stack, token, body):
 def test_other_transport_refusals_are_coded_too(local_stack, token):
     text = post(local_stack, b"{ __typename }", token, **{"content-type": "text/plain"})
     assert (text.status_code, code_of(text)) == (400, "BAD_REQUEST")
-    mutation_over_get = httpx.get(f"{local_stack.url}/graphql", params={"query": f"mutation {{ {EXPORT} }}"},
-                                  headers={"authorization": f"Bearer {token}", "accept": "application/json"})
+    mutation_over_get = httpx.get(
+        f"{local_stack.url}/graphql",
+        params={"query": f"mutation {{ {EXPORT} }}"},
+        headers={"authorization": f"Bearer {token}", "accept": "application/json"},
+    )
     assert (mutation_over_get.status_code, code_of(mutation_over_get)) == (400, "BAD_REQUEST")
-    long_get = httpx.get(f"{local_stack.url}/graphql", params={"query": "{" + " __typename" * 2000 + "}"},
-                         headers={"accept": "application/json"})
+    long_get = httpx.get(
+        f"{local_stack.url}/graphql",
+        params={"query": "{" + " __typename" * 2000 + "}"},
+        headers={"accept": "application/json"},
+    )
     assert (long_get.status_code, code_of(long_get)) == (413, "PAYLOAD_TOO_LARGE")
 
 
 # -- WebSockets ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", [
-    pytest.param({}, id="no-token"),
-    pytest.param({"authorization": "Bearer not-a-jwt"}, id="bad-token"),
-    pytest.param({"authorization": 12345}, id="number"),
-    pytest.param({"authorization": {"Bearer": "x"}}, id="object"),
-    pytest.param({"authorization": ["Bearer", "x"]}, id="list"),
-    pytest.param({"authorization": True}, id="true"),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({}, id="no-token"),
+        pytest.param({"authorization": "Bearer not-a-jwt"}, id="bad-token"),
+        pytest.param({"authorization": 12345}, id="number"),
+        pytest.param({"authorization": {"Bearer": "x"}}, id="object"),
+        pytest.param({"authorization": ["Bearer", "x"]}, id="list"),
+        pytest.param({"authorization": True}, id="true"),
+    ],
+)
 @pytest.mark.parametrize("protocol", [TRANSPORT, LEGACY])
 async def test_connection_init_without_a_valid_token_gets_no_ack_and_4401(local_stack, protocol, payload):
     code, received = await refused_init(local_stack, protocol, payload)
@@ -371,19 +400,25 @@ async def test_a_thousand_anonymous_sockets_are_all_closed(local_stack):
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("raw, code", [
-    pytest.param('"hello"', 4400, id="a-string"),
-    pytest.param("[1, 2]", 4400, id="a-list"),
-    pytest.param('{"type": 7}', 4400, id="type-not-a-string"),
-    pytest.param('{"type": "subscribe", "id": "1"}', 4400, id="subscribe-without-payload"),
-    pytest.param('{"type": "subscribe", "id": 1, "payload": {"query": "{ __typename }"}}', 4400, id="id-a-number"),
-    pytest.param('{"type": "subscribe", "id": "1", "payload": {"query": ["x"]}}', 4400, id="query-a-list"),
-    pytest.param('{"type": "subscribe", "id": "1", "payload": {"query": "{ __typename }", "variables": 3}}',
-                 4400, id="variables-a-number"),
-    pytest.param("{not json", 4400, id="not-json"),
-    pytest.param(b"\x00\x01binary", 4400, id="binary"),
-    pytest.param(json.dumps({"type": "ping", "payload": {"x": "y" * (2 * MiB)}}), 1009, id="2-mib-message"),
-])
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        pytest.param('"hello"', 4400, id="a-string"),
+        pytest.param("[1, 2]", 4400, id="a-list"),
+        pytest.param('{"type": 7}', 4400, id="type-not-a-string"),
+        pytest.param('{"type": "subscribe", "id": "1"}', 4400, id="subscribe-without-payload"),
+        pytest.param('{"type": "subscribe", "id": 1, "payload": {"query": "{ __typename }"}}', 4400, id="id-a-number"),
+        pytest.param('{"type": "subscribe", "id": "1", "payload": {"query": ["x"]}}', 4400, id="query-a-list"),
+        pytest.param(
+            '{"type": "subscribe", "id": "1", "payload": {"query": "{ __typename }", "variables": 3}}',
+            4400,
+            id="variables-a-number",
+        ),
+        pytest.param("{not json", 4400, id="not-json"),
+        pytest.param(b"\x00\x01binary", 4400, id="binary"),
+        pytest.param(json.dumps({"type": "ping", "payload": {"x": "y" * (2 * MiB)}}), 1009, id="2-mib-message"),
+    ],
+)
 async def test_malformed_websocket_messages_close_the_socket(local_stack, token, raw, code):
     closed, _ = await close_code_after(local_stack, TRANSPORT, token, raw)
     assert closed == code
@@ -408,8 +443,10 @@ async def test_a_subscription_ends_with_unauthenticated_when_its_token_expires(l
     expires_at = time.time() + 3
     messages, code = await _follow(local_stack, short, task, within=15)
     ended = time.time()
-    assert messages[0]["type"] == "next" and messages[0]["payload"]["data"]["importProgress"]["status"] == \
-        "WAITING_FOR_UPLOAD"
+    assert (
+        messages[0]["type"] == "next"
+        and messages[0]["payload"]["data"]["importProgress"]["status"] == "WAITING_FOR_UPLOAD"
+    )
     errors = [e for m in messages if m["type"] == "next" for e in m["payload"].get("errors") or []]
     assert [e["extensions"]["code"] for e in errors] == ["UNAUTHENTICATED"]
     assert messages[-1]["type"] == "complete"
@@ -432,8 +469,15 @@ async def _follow(stack: Stack, token: str, task_id: str, within: float) -> tupl
     async with asyncio.timeout(within), websockets.connect(ws_url(stack), subprotocols=[TRANSPORT]) as ws:
         await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}))
         assert json.loads(await ws.recv())["type"] == "connection_ack"
-        await ws.send(json.dumps({"id": "1", "type": "subscribe",
-                                  "payload": {"query": IMPORT_SUBSCRIPTION, "variables": {"id": task_id}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "id": "1",
+                    "type": "subscribe",
+                    "payload": {"query": IMPORT_SUBSCRIPTION, "variables": {"id": task_id}},
+                }
+            )
+        )
         try:
             async for raw in ws:
                 messages.append(json.loads(raw))
@@ -452,9 +496,18 @@ LEASE = 3.0
 def capped_stack(tmp_path_factory, redis_url, test_data) -> Iterator[Stack]:
     """A stack of its own (no worker: imports wait for their upload) with a cap of 3 subscriptions
     per user and 3-second leases, so the cap and a killed process's lapse are quick to see."""
-    yield from _stack("capped", tmp_path_factory, redis_url, test_data, {
-        "DATAPORT_STORAGE": "local", "DATAPORT_MAX_SUBSCRIPTIONS_PER_USER": str(CAP),
-        "DATAPORT_SUBSCRIPTION_LEASE_SECONDS": str(LEASE)}, workers=0)
+    yield from _stack(
+        "capped",
+        tmp_path_factory,
+        redis_url,
+        test_data,
+        {
+            "DATAPORT_STORAGE": "local",
+            "DATAPORT_MAX_SUBSCRIPTIONS_PER_USER": str(CAP),
+            "DATAPORT_SUBSCRIPTION_LEASE_SECONDS": str(LEASE),
+        },
+        workers=0,
+    )
 
 
 class Subscriber:
@@ -466,8 +519,9 @@ class Subscriber:
 
     async def __aenter__(self) -> Subscriber:
         self.ws = await websockets.connect(self.url.replace("http", "ws", 1) + "/graphql", subprotocols=[TRANSPORT])
-        await self.ws.send(json.dumps({"type": "connection_init",
-                                       "payload": {"authorization": f"Bearer {self.token}"}}))
+        await self.ws.send(
+            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {self.token}"}})
+        )
         assert json.loads(await self.ws.recv())["type"] == "connection_ack"
         return self
 
@@ -478,8 +532,15 @@ class Subscriber:
         """Start one more; its id and first message (the snapshot, or the refusal)."""
         self.next_id += 1
         op = str(self.next_id)
-        await self.ws.send(json.dumps({"id": op, "type": "subscribe",
-                                       "payload": {"query": IMPORT_SUBSCRIPTION, "variables": {"id": self.task_id}}}))
+        await self.ws.send(
+            json.dumps(
+                {
+                    "id": op,
+                    "type": "subscribe",
+                    "payload": {"query": IMPORT_SUBSCRIPTION, "variables": {"id": self.task_id}},
+                }
+            )
+        )
         async with asyncio.timeout(10):
             while True:
                 message = json.loads(await self.ws.recv())
@@ -504,8 +565,10 @@ async def test_the_subscription_cap_holds_across_sockets_and_api_processes(cappe
     try:
         wait_for_port("127.0.0.1", second_port, timeout=30)
         second_url = f"http://127.0.0.1:{second_port}"
-        async with Subscriber(capped_stack.url, token, task_id) as first, \
-                Subscriber(second_url, token, task_id) as other:
+        async with (
+            Subscriber(capped_stack.url, token, task_id) as first,
+            Subscriber(second_url, token, task_id) as other,
+        ):
             held = [await first.subscribe(), await first.subscribe(), await other.subscribe()]
             assert [_refusal(m) for _, m in held] == [None, None, None]
             for socket in (first, other):  # the fourth is refused, whichever process it comes to

@@ -36,12 +36,19 @@ IMPORTS = "{ importTasks(first: 5) { totalCount } }"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, test_data) -> Iterator[Stack]:
-    yield from _stack("hostile", tmp_path_factory, redis_url, test_data, {
-        "DATAPORT_STORAGE": "local",
-        "DATAPORT_STREAM_IDLE_TIMEOUT_SECONDS": str(IDLE_SECONDS),
-        "DATAPORT_STREAM_CONCURRENCY_PER_USER": str(PER_USER),
-        "DATAPORT_STREAM_CONCURRENCY": str(IN_ALL),
-    }, workers=1)
+    yield from _stack(
+        "hostile",
+        tmp_path_factory,
+        redis_url,
+        test_data,
+        {
+            "DATAPORT_STORAGE": "local",
+            "DATAPORT_STREAM_IDLE_TIMEOUT_SECONDS": str(IDLE_SECONDS),
+            "DATAPORT_STREAM_CONCURRENCY_PER_USER": str(PER_USER),
+            "DATAPORT_STREAM_CONCURRENCY": str(IN_ALL),
+        },
+        workers=1,
+    )
 
 
 def _address() -> str:
@@ -76,8 +83,10 @@ def _stalled(stack: Stack, token: str) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", stack.port))
-    sock.sendall(f"GET /exports/stream?dataset=samples_stream&format=json HTTP/1.1\r\nHost: x\r\n"
-                 f"X-Forwarded-For: {_address()}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    sock.sendall(
+        f"GET /exports/stream?dataset=samples_stream&format=json HTTP/1.1\r\nHost: x\r\n"
+        f"X-Forwarded-For: {_address()}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
     assert sock.recv(12).startswith(b"HTTP/1.1 200")
     return sock
 
@@ -180,8 +189,12 @@ def test_a_client_that_reads_nothing_is_dropped_and_its_slot_freed(stack: Stack)
 
 def test_a_slow_but_steady_reader_is_not_dropped(stack: Stack):
     token = _token(stack)
-    with httpx.stream("GET", f"{stack.url}/exports/stream", params={"dataset": "special", "format": "ndjson"},
-                      headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": _address()}) as response:
+    with httpx.stream(
+        "GET",
+        f"{stack.url}/exports/stream",
+        params={"dataset": "special", "format": "ndjson"},
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": _address()},
+    ) as response:
         time.sleep(IDLE_SECONDS + 1)  # the whole small file fits in the buffers: nothing blocks
         assert response.status_code == 200 and len(response.read().splitlines()) == 7
 
@@ -189,22 +202,33 @@ def test_a_slow_but_steady_reader_is_not_dropped(stack: Stack):
 # -- edge values on the streaming route -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("params", "status", "code", "field"), [
-    ({"limit": str(2**63)}, 400, "INVALID_LIMIT", ["limit"]),
-    ({"limit": "1" * 5000}, 400, "INVALID_LIMIT", ["limit"]),
-    ({"limit": "0"}, 400, "INVALID_LIMIT", ["limit"]),
-    ({"limit": "-1"}, 400, "INVALID_LIMIT", ["limit"]),
-    ({"filter": f"id:eq:{2**64}"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
-    ({"filter": f"id:gt:{-2**64}"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
-    ({"filter": "score:lt:NaN"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
-    ({"filter": "score:lt:-Infinity"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
-    ({"filter": "score:lt:1e999"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
-    ({"filter": "seen_at:gt:0001-01-01T00:00:00+01:00"}, 400, "INVALID_FILTER_VALUE",
-     ["query", "filters", "0", "value"]),
-    ({"filter": "seen_at:lt:9999-12-31T23:59:59-01:00"}, 400, "INVALID_FILTER_VALUE",
-     ["query", "filters", "0", "value"]),
-    ({"filter": ["id:gte:1"] * 101}, 400, "TOO_MANY_VALUES", ["filter"]),
-])
+@pytest.mark.parametrize(
+    ("params", "status", "code", "field"),
+    [
+        ({"limit": str(2**63)}, 400, "INVALID_LIMIT", ["limit"]),
+        ({"limit": "1" * 5000}, 400, "INVALID_LIMIT", ["limit"]),
+        ({"limit": "0"}, 400, "INVALID_LIMIT", ["limit"]),
+        ({"limit": "-1"}, 400, "INVALID_LIMIT", ["limit"]),
+        ({"filter": f"id:eq:{2**64}"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
+        ({"filter": f"id:gt:{-(2**64)}"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
+        ({"filter": "score:lt:NaN"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
+        ({"filter": "score:lt:-Infinity"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
+        ({"filter": "score:lt:1e999"}, 400, "INVALID_FILTER_VALUE", ["query", "filters", "0", "value"]),
+        (
+            {"filter": "seen_at:gt:0001-01-01T00:00:00+01:00"},
+            400,
+            "INVALID_FILTER_VALUE",
+            ["query", "filters", "0", "value"],
+        ),
+        (
+            {"filter": "seen_at:lt:9999-12-31T23:59:59-01:00"},
+            400,
+            "INVALID_FILTER_VALUE",
+            ["query", "filters", "0", "value"],
+        ),
+        ({"filter": ["id:gte:1"] * 101}, 400, "TOO_MANY_VALUES", ["filter"]),
+    ],
+)
 def test_stream_edge_values_are_400_with_a_code(stack: Stack, params, status, code, field):
     before = _gauge(stack)
     response = _stream(stack, _token(stack), dataset="special", columns="id", **params)
@@ -218,8 +242,9 @@ def test_stream_edge_values_are_400_with_a_code(stack: Stack, params, status, co
 def test_stream_dates_before_the_year_1000_compare_as_dates(stack: Stack):
     """SQLite keeps date-times as text: the bound must be zero-padded (0999-…), or every row sorts
     before it."""
-    response = _stream(stack, _token(stack), dataset="special", columns="id", format="ndjson",
-                       filter="seen_at:lt:0999-01-01T00:00:00Z")
+    response = _stream(
+        stack, _token(stack), dataset="special", columns="id", format="ndjson", filter="seen_at:lt:0999-01-01T00:00:00Z"
+    )
     assert response.status_code == 200 and response.text == ""
 
 
@@ -230,18 +255,21 @@ SOURCES = ("special", "special_pg", "special_os")
 
 
 @pytest.mark.parametrize("dataset", SOURCES)
-@pytest.mark.parametrize(("filt", "field"), [
-    ({"field": "id", "op": "EQ", "value": 2**64}, "value"),
-    ({"field": "id", "op": "GT", "value": -(2**64)}, "value"),
-    ({"field": "count", "op": "IN", "values": [1, 2**63]}, "values"),
-    ({"field": "count", "op": "EQ", "value": "1" * 4301}, "value"),
-    ({"field": "score", "op": "GT", "value": "NaN"}, "value"),
-    ({"field": "score", "op": "LT", "value": "Infinity"}, "value"),
-    ({"field": "score", "op": "LT", "value": "1e400"}, "value"),
-    ({"field": "seen_at", "op": "GT", "value": "0001-01-01T00:00:00+01:00"}, "value"),
-    ({"field": "seen_at", "op": "LT", "value": "9999-12-31T23:59:59-01:00"}, "value"),
-    ({"field": "name", "op": "EQ", "value": "nul\x00inside"}, "value"),
-])
+@pytest.mark.parametrize(
+    ("filt", "field"),
+    [
+        ({"field": "id", "op": "EQ", "value": 2**64}, "value"),
+        ({"field": "id", "op": "GT", "value": -(2**64)}, "value"),
+        ({"field": "count", "op": "IN", "values": [1, 2**63]}, "values"),
+        ({"field": "count", "op": "EQ", "value": "1" * 4301}, "value"),
+        ({"field": "score", "op": "GT", "value": "NaN"}, "value"),
+        ({"field": "score", "op": "LT", "value": "Infinity"}, "value"),
+        ({"field": "score", "op": "LT", "value": "1e400"}, "value"),
+        ({"field": "seen_at", "op": "GT", "value": "0001-01-01T00:00:00+01:00"}, "value"),
+        ({"field": "seen_at", "op": "LT", "value": "9999-12-31T23:59:59-01:00"}, "value"),
+        ({"field": "name", "op": "EQ", "value": "nul\x00inside"}, "value"),
+    ],
+)
 def test_request_export_edge_values_are_user_errors(stack: Stack, dataset, filt, field):
     api = stack.api()
     payload = _export(api, dataset=dataset, filters=[filt])
@@ -252,10 +280,13 @@ def test_request_export_edge_values_are_user_errors(stack: Stack, dataset, filt,
 @pytest.mark.parametrize("dataset", SOURCES)
 def test_the_extreme_values_that_fit_are_answered_by_every_source(stack: Stack, dataset):
     api = stack.api()
-    for filt in ({"field": "id", "op": "LT", "value": 2**63 - 1}, {"field": "id", "op": "GT", "value": -(2**63)},
-                 {"field": "seen_at", "op": "GT", "value": "0001-01-01T00:00:00Z"},
-                 {"field": "seen_at", "op": "LT", "value": "9999-12-31T23:59:59Z"},
-                 {"field": "born", "op": "GT", "value": "0001-01-01"}):
+    for filt in (
+        {"field": "id", "op": "LT", "value": 2**63 - 1},
+        {"field": "id", "op": "GT", "value": -(2**63)},
+        {"field": "seen_at", "op": "GT", "value": "0001-01-01T00:00:00Z"},
+        {"field": "seen_at", "op": "LT", "value": "9999-12-31T23:59:59Z"},
+        {"field": "born", "op": "GT", "value": "0001-01-01"},
+    ):
         task, _ = api.run_export(dataset=dataset, format="CSV", columns=["id"], filters=[filt])
         assert task["status"] == "SUCCEEDED" and task["rowCount"] >= 6, (filt, task)
 
@@ -265,8 +296,14 @@ def test_five_thousand_filters_are_too_many_values_not_source_unavailable(stack:
     api = stack.api()
     payload = _export(api, dataset=dataset, filters=[{"field": "id", "op": "GTE", "value": i} for i in range(5000)])
     assert _errors(payload) == [("TOO_MANY_VALUES", ["input", "filters"])]
-    payload = _export(api, dataset=dataset, filters=[{"field": "id", "op": "NOT_IN", "values": list(range(6000))},
-                                                     {"field": "count", "op": "IN", "values": list(range(6000))}])
+    payload = _export(
+        api,
+        dataset=dataset,
+        filters=[
+            {"field": "id", "op": "NOT_IN", "values": list(range(6000))},
+            {"field": "count", "op": "IN", "values": list(range(6000))},
+        ],
+    )
     assert _errors(payload) == [("TOO_MANY_VALUES", ["input", "filters"])]
     _nothing_queued(api)
 
@@ -274,7 +311,8 @@ def test_five_thousand_filters_are_too_many_values_not_source_unavailable(stack:
 def test_a_hundred_filters_and_ten_thousand_values_still_work(stack: Stack):
     api = stack.api()
     filters = [{"field": "id", "op": "GTE", "value": 1}] * 99 + [
-        {"field": "id", "op": "NOT_IN", "values": list(range(100, 10_100))}]
+        {"field": "id", "op": "NOT_IN", "values": list(range(100, 10_100))}
+    ]
     task, body = api.run_export(dataset="special", format="CSV", columns=["id"], filters=filters)
     assert task["status"] == "SUCCEEDED" and task["rowCount"] == 7
 
@@ -294,11 +332,14 @@ def test_a_limit_beyond_graphql_int_is_a_coded_error_not_an_internal_one(stack: 
 # -- file names -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("file_name", [
-    "x.partial-1.csv",                      # the local backend's temp-file suffix
-    "東" * 201 + ".csv",                     # 200 characters would pass; 607 bytes do not
-    "a" * 201,
-])
+@pytest.mark.parametrize(
+    "file_name",
+    [
+        "x.partial-1.csv",  # the local backend's temp-file suffix
+        "東" * 201 + ".csv",  # 200 characters would pass; 607 bytes do not
+        "a" * 201,
+    ],
+)
 def test_bad_file_names_are_invalid_file_name(stack: Stack, file_name):
     api = stack.api()
     payload = api.request_import(dataset="imp_sqlite", format="CSV", fileName=file_name)
@@ -375,8 +416,9 @@ def test_a_chunked_body_larger_than_the_declared_size_is_413_while_it_streams(st
     task = _waiting(api, b"", fileSize=1000)
     path = task["upload"]["url"].removeprefix(stack.url)
     with socket.create_connection(("127.0.0.1", stack.port)) as sock:  # no Content-Length: counted as it arrives
-        sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\n"
-                     f"Transfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
         sock.settimeout(10)
         try:
             for _ in range(1000):
@@ -432,8 +474,9 @@ def test_an_upload_in_flight_when_the_import_starts_cannot_replace_its_file(stac
         yield second[1000:]
 
     def put() -> None:
-        outcome["response"] = httpx.put(task["upload"]["url"], content=slow(), headers=task["upload"]["headers"],
-                                        timeout=60)
+        outcome["response"] = httpx.put(
+            task["upload"]["url"], content=slow(), headers=task["upload"]["headers"], timeout=60
+        )
 
     putter = threading.Thread(target=put)
     putter.start()

@@ -48,8 +48,12 @@ def test_the_corpus_is_large_and_covers_every_format():
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_each_hostile_file_is_refused_with_its_code_within_bounds(case):
-    done = subprocess.run([sys.executable, "-m", "tests.hostile_corpus", case.name, "--limit-mib",
-                           str(ADDRESS_SPACE_MIB)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.hostile_corpus", case.name, "--limit-mib", str(ADDRESS_SPACE_MIB)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"the parser's process died ({done.returncode}): {done.stderr[-2000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
@@ -125,8 +129,14 @@ def test_hostile_files_end_to_end(local_stack: Stack, test_data: TestData, case)
     log_before = len(_log(local_stack))
     rows_before = _table_rows(test_data)
     api = local_stack.api()
-    task = api.run_import("imp_sqlite", case.content, file_format=case.format, file_name=case.file_name,
-                          maxErrors=case.max_errors, timeout=300)
+    task = api.run_import(
+        "imp_sqlite",
+        case.content,
+        file_format=case.format,
+        file_name=case.file_name,
+        maxErrors=case.max_errors,
+        timeout=300,
+    )
     if case.outcome == ROW_ERRORS:
         assert task["status"] == "SUCCEEDED" and task["rowsFailed"] >= 1 and task["rowsImported"] == 0, task
         report = api.download(task["errorReportUrl"]).text

@@ -47,8 +47,10 @@ def csv_bytes(rows: list[list[Any]], header: list[str] = HEADER, newline: str = 
 
 
 def good_rows(ids: list[int]) -> list[list[Any]]:
-    return [[i, f"row {i}", i / 4, i % 7, "true" if i % 2 else "false", "2024-02-29",
-             "2024-02-29T12:30:00Z", "note"] for i in ids]
+    return [
+        [i, f"row {i}", i / 4, i % 7, "true" if i % 2 else "false", "2024-02-29", "2024-02-29T12:30:00Z", "note"]
+        for i in ids
+    ]
 
 
 class Target:
@@ -136,8 +138,11 @@ def test_request_import_refusals_name_the_field(local_stack: Stack):
         ({"dataset": "nope", "fileName": "a.csv"}, "DATASET_NOT_FOUND", ["input", "dataset"]),
         ({"dataset": "special", "fileName": "a.csv"}, "NOT_IMPORTABLE", ["input", "dataset"]),
         ({"dataset": "imp_sqlite", "fileName": "  "}, "INVALID_FILE_NAME", ["input", "fileName"]),
-        ({"dataset": "imp_sqlite", "fileName": "a.csv", "fileSize": MAX_UPLOAD_BYTES + 1}, "FILE_TOO_LARGE",
-         ["input", "fileSize"]),
+        (
+            {"dataset": "imp_sqlite", "fileName": "a.csv", "fileSize": MAX_UPLOAD_BYTES + 1},
+            "FILE_TOO_LARGE",
+            ["input", "fileSize"],
+        ),
         ({"dataset": "imp_sqlite", "fileName": "a.csv", "maxErrors": 0}, "INVALID_MAX_ERRORS", ["input", "maxErrors"]),
     ]
     for request, code, field in cases:
@@ -187,10 +192,21 @@ def test_start_twice_and_a_storage_event_run_the_import_once(s3_stack: Stack, te
     task = api.request_import(dataset="imp_sqlite", fileName="once.csv")["task"]
     assert api.upload(task["upload"], content, "once.csv").status_code in (200, 204)
     key = task["upload"]["fields"]["key"]
-    event = {"EventName": "s3:ObjectCreated:Post", "Key": f"dataport/{key}", "Records": [{
-        "eventVersion": "2.0", "eventSource": "minio:s3", "eventName": "s3:ObjectCreated:Post",
-        "s3": {"bucket": {"name": s3_stack.env["DATAPORT_S3_BUCKET"]},
-               "object": {"key": key.replace(" ", "+"), "size": len(content)}}}]}
+    event = {
+        "EventName": "s3:ObjectCreated:Post",
+        "Key": f"dataport/{key}",
+        "Records": [
+            {
+                "eventVersion": "2.0",
+                "eventSource": "minio:s3",
+                "eventName": "s3:ObjectCreated:Post",
+                "s3": {
+                    "bucket": {"name": s3_stack.env["DATAPORT_S3_BUCKET"]},
+                    "object": {"key": key.replace(" ", "+"), "size": len(content)},
+                },
+            }
+        ],
+    }
     headers = {"Authorization": f"Bearer {EVENTS_SECRET}"}
     assert httpx.post(f"{s3_stack.url}/storage-events", json=event).status_code == 401
     first = httpx.post(f"{s3_stack.url}/storage-events", json=event, headers=headers)
@@ -210,8 +226,11 @@ def test_storage_events_refuse_what_is_not_an_event(local_stack: Stack):
     assert bad.status_code == 400 and "JSON" in bad.json()["detail"]
     wrong = httpx.post(f"{local_stack.url}/storage-events", json={"hello": 1}, headers=headers)
     assert wrong.status_code == 400 and "Records" in wrong.json()["detail"]
-    other = httpx.post(f"{local_stack.url}/storage-events", headers=headers, json={"Records": [
-        {"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "exports/x/y/z.csv"}}}]})
+    other = httpx.post(
+        f"{local_stack.url}/storage-events",
+        headers=headers,
+        json={"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "exports/x/y/z.csv"}}}]},
+    )
     assert other.status_code == 200 and other.json()["imports"] == []
 
 
@@ -222,11 +241,11 @@ def test_failed_rows_go_to_the_error_report_and_valid_rows_are_written(local_sta
     api = local_stack.api()
     ids = fresh_ids(6)
     rows = good_rows(ids)
-    rows[1][2] = "1.2.3"                       # score: not a float
-    rows[2][4] = "maybe"                       # active: not a boolean
-    rows[3][1] = "x" * 41                      # name: longer than max_length 40
-    rows[4][0] = ""                            # id: required
-    rows[5][5] = "2023-02-30"                  # born: not a date
+    rows[1][2] = "1.2.3"  # score: not a float
+    rows[2][4] = "maybe"  # active: not a boolean
+    rows[3][1] = "x" * 41  # name: longer than max_length 40
+    rows[4][0] = ""  # id: required
+    rows[5][5] = "2023-02-30"  # born: not a date
     task = api.run_import("imp_sqlite", csv_bytes(rows))
     assert task["status"] == "SUCCEEDED", task
     assert (task["rowsImported"], task["rowsFailed"]) == (1, 5)
@@ -283,8 +302,12 @@ def test_upsert_updates_and_insert_refuses_existing_keys(local_stack: Stack, tes
     changed[0][1] = "renamed"
     upsert = api.run_import(f"imp_{source}", csv_bytes(changed), mode="UPSERT")
     assert upsert["status"] == "SUCCEEDED" and upsert["rowsImported"] == 4
-    assert target.names(ids) == {ids[0]: "renamed", ids[1]: f"row {ids[1]}", ids[2]: f"row {ids[2]}",
-                                 ids[3]: f"row {ids[3]}"}
+    assert target.names(ids) == {
+        ids[0]: "renamed",
+        ids[1]: f"row {ids[1]}",
+        ids[2]: f"row {ids[2]}",
+        ids[3]: f"row {ids[3]}",
+    }
 
     again = good_rows([ids[0], fresh_ids(1)[0]])
     insert = api.run_import(f"imp_{source}", csv_bytes(again))
@@ -327,7 +350,7 @@ def test_rows_of_a_bad_file_that_can_be_told_apart_fail_alone(local_stack: Stack
     ids = fresh_ids(5)
     lines = [",".join(HEADER)]
     lines += [",".join(str(c) for c in row) for row in good_rows(ids)]
-    lines[2] += ",extra"                                  # a ragged row: one cell too many
+    lines[2] += ",extra"  # a ragged row: one cell too many
     lines[3] = f'{ids[2]},"{"x" * (10 * 1024 * 1024)}"'  # a 10 MB cell (and too few cells)
     content = b"\xef\xbb\xbf" + "\r\n".join(lines[:3]).encode() + b"\n" + "\n".join(lines[3:]).encode() + b"\r\n"
     task = api.run_import("imp_sqlite", content)
@@ -467,8 +490,9 @@ async def test_an_import_whose_upload_never_came_expires_with_its_partial_file(l
         other = await services.redis.zscore(EXPIRY_KEY, started["id"])
         assert other is None or other > scheduled + 86_400
         task = await services.store.get(waiting["id"])
-        await asyncio.to_thread(httpx.put, waiting["upload"]["url"], content=b"id\n1\n",
-                                headers=waiting["upload"]["headers"])
+        await asyncio.to_thread(
+            httpx.put, waiting["upload"]["url"], content=b"id\n1\n", headers=waiting["upload"]["headers"]
+        )
         assert await services.storage.size_of(task.object_key) == 5
         await services.redis.zadd(EXPIRY_KEY, {waiting["id"]: 0})  # as if the window had closed
         assert await expire_tasks({"services": services}) >= 1
@@ -509,8 +533,9 @@ def test_a_locked_table_is_retried_and_the_import_completes(local_stack: Stack, 
 def test_an_export_in_xlsx_or_json_imports_cleanly(local_stack: Stack, file_format: str):
     api = local_stack.api()
     _, content = api.run_export(dataset="special", format=file_format, sort=[{"field": "id"}])
-    task = api.run_import("imp_sqlite", content, file_format=file_format, file_name=f"s.{file_format.lower()}",
-                          dryRun=True)
+    task = api.run_import(
+        "imp_sqlite", content, file_format=file_format, file_name=f"s.{file_format.lower()}", dryRun=True
+    )
     assert task["status"] == "SUCCEEDED", task
     assert (task["rowsImported"], task["rowsFailed"]) == (7, 0)
 
@@ -534,8 +559,12 @@ def test_start_refuses_an_object_over_the_limit_that_s3_let_through(s3_stack: St
     api = s3_stack.api()
     task = api.request_import(dataset="imp_sqlite", fileName="huge.csv")["task"]
     key = task["upload"]["fields"]["key"]
-    s3_server.client().put_object(Bucket=s3_stack.env["DATAPORT_S3_BUCKET"], Key=key,
-                                  Body=b"x" * (MAX_UPLOAD_BYTES + 1), ServerSideEncryption="AES256")
+    s3_server.client().put_object(
+        Bucket=s3_stack.env["DATAPORT_S3_BUCKET"],
+        Key=key,
+        Body=b"x" * (MAX_UPLOAD_BYTES + 1),
+        ServerSideEncryption="AES256",
+    )
     started = api.import_mutation("startImport", task["id"])
     assert [(e["code"], e["field"]) for e in started["userErrors"]] == [("FILE_TOO_LARGE", ["id"])]
     assert f"{MAX_UPLOAD_BYTES:,} bytes" in started["userErrors"][0]["message"]

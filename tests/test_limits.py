@@ -26,8 +26,15 @@ from tests.client import PAYLOAD, Api
 from tests.fixtures.stack import Stack
 
 _addresses = (f"198.51.100.{n % 250}" if n < 250 else f"203.0.113.{n % 250}" for n in itertools.count(1))
-MUTATIONS = ("requestExport", "cancelExport", "retryExport", "deleteExport", "requestImport", "startImport",
-             "cancelImport")
+MUTATIONS = (
+    "requestExport",
+    "cancelExport",
+    "retryExport",
+    "deleteExport",
+    "requestImport",
+    "startImport",
+    "cancelImport",
+)
 EXPORT = f"mutation($i: ExportInput!) {{ requestExport(input: $i) {{ {PAYLOAD} }} }}"
 
 
@@ -81,8 +88,12 @@ def paced(call, *args: Any) -> Any:
 
 def test_the_defaults_are_the_contracts():
     settings = Settings(_env_file=None)
-    assert (settings.mutation_rate_per_user, settings.mutation_rate_per_ip, settings.mutation_rate_window_seconds,
-            settings.max_active_tasks_per_user) == (60, 300, 60.0, 10)
+    assert (
+        settings.mutation_rate_per_user,
+        settings.mutation_rate_per_ip,
+        settings.mutation_rate_window_seconds,
+        settings.max_active_tasks_per_user,
+    ) == (60, 300, 60.0, 10)
 
 
 def test_every_mutation_counts_against_its_user(limits):
@@ -185,8 +196,9 @@ def test_active_tasks_are_capped_per_user_and_freed_as_they_end(limits):
     for t in (tasks[1], tasks[2], fourth["task"]):
         assert paced(api.wait, t["id"])["status"] == "SUCCEEDED"
     assert paced(api.mutate, "retryExport", tasks[0]["id"])["userErrors"] == []
-    waiting = [paced(lambda: api.request_import(dataset="imp_sqlite", format="CSV", fileName="rows.csv"))
-               for _ in range(2)]
+    waiting = [
+        paced(lambda: api.request_import(dataset="imp_sqlite", format="CSV", fileName="rows.csv")) for _ in range(2)
+    ]
     assert all(p["userErrors"] == [] and p["task"]["status"] == "WAITING_FOR_UPLOAD" for p in waiting)
 
 
@@ -198,8 +210,17 @@ async def test_the_quota_holds_when_many_requests_race(redis_url):
 
     async def ask(n: int) -> str:
         tid = f"race{uuid.uuid4().hex[:20]}"
-        fields = {"id": tid, "kind": "export", "owner": owner, "dataset": "samples", "format": "CSV",
-                  "request": "{}", "status": "PENDING", "created_at": stamp(), "attempts": 0}
+        fields = {
+            "id": tid,
+            "kind": "export",
+            "owner": owner,
+            "dataset": "samples",
+            "format": "CSV",
+            "request": "{}",
+            "status": "PENDING",
+            "created_at": stamp(),
+            "attempts": 0,
+        }
         try:
             await stores[n % 2].request(tid, fields, reuse_seconds=600, max_active=5)
         except QuotaExceeded:

@@ -158,10 +158,20 @@ def test_the_webhook_is_signed_and_tried_again_until_delivered_once(notify_stack
     payloads = [verified(h) for h in hooks]
     payload = payloads[-1]
     assert {k: payload[k] for k in ("event", "id", "kind", "status", "owner", "dataset", "format", "run")} == {
-        "event": "export.succeeded", "id": task["id"], "kind": "export", "status": "SUCCEEDED", "owner": user,
-        "dataset": "special", "format": "JSON", "run": 1}
+        "event": "export.succeeded",
+        "id": task["id"],
+        "kind": "export",
+        "status": "SUCCEEDED",
+        "owner": user,
+        "dataset": "special",
+        "format": "JSON",
+        "run": 1,
+    }
     assert (payload["rowCount"], payload["fileSize"], payload["checksumSha256"]) == (
-        7, task["fileSize"], task["checksumSha256"])
+        7,
+        task["fileSize"],
+        task["checksumSha256"],
+    )
     assert payload["finishedAt"] and payload["error"] is None
     assert api.download(payload["downloadUrl"]).content == content
     assert hooks[-1].headers["x-dataport-event"] == "export.succeeded"
@@ -169,12 +179,18 @@ def test_the_webhook_is_signed_and_tried_again_until_delivered_once(notify_stack
     # The signature covers the timestamp and every byte of the body.
     last = hooks[-1]
     assert sign(WEBHOOK_SECRET, last.headers["x-dataport-timestamp"], last.body) == last.headers["x-dataport-signature"]
-    assert sign(WEBHOOK_SECRET, str(int(last.headers["x-dataport-timestamp"]) + 1), last.body) != (
-        last.headers["x-dataport-signature"])
-    assert sign(WEBHOOK_SECRET, last.headers["x-dataport-timestamp"], last.body + b" ") != (
-        last.headers["x-dataport-signature"])
-    assert sign("another secret", last.headers["x-dataport-timestamp"], last.body) != (
-        last.headers["x-dataport-signature"])
+    assert (
+        sign(WEBHOOK_SECRET, str(int(last.headers["x-dataport-timestamp"]) + 1), last.body)
+        != (last.headers["x-dataport-signature"])
+    )
+    assert (
+        sign(WEBHOOK_SECRET, last.headers["x-dataport-timestamp"], last.body + b" ")
+        != (last.headers["x-dataport-signature"])
+    )
+    assert (
+        sign("another secret", last.headers["x-dataport-timestamp"], last.body)
+        != (last.headers["x-dataport-signature"])
+    )
 
     # Three tries of the job, one email: the webhook's retries did not send it again.
     assert len(notify_stack.mail.to(address)) == 1
@@ -262,9 +278,14 @@ def test_a_failed_import_emails_the_reason(notify_stack: NotifyStack):
 
 @contextlib.asynccontextmanager
 async def in_process(notify_data: NotifyData, redis_url: str, tmp_path, **overrides: Any) -> AsyncIterator[Services]:
-    settings = Settings(redis_url=redis_url, datasets=notify_data.datasets_file, data_dir=tmp_path,
-                        jwt_secret="in-process", queue_name=f"dataport:queue:notify-unit:{uuid.uuid4().hex[:6]}",
-                        **overrides)
+    settings = Settings(
+        redis_url=redis_url,
+        datasets=notify_data.datasets_file,
+        data_dir=tmp_path,
+        jwt_secret="in-process",
+        queue_name=f"dataport:queue:notify-unit:{uuid.uuid4().hex[:6]}",
+        **overrides,
+    )
     services = await Services.start(settings)
     try:
         yield services
@@ -275,14 +296,32 @@ async def in_process(notify_data: NotifyData, redis_url: str, tmp_path, **overri
 async def failed_export(services: Services, email: str | None, dataset: str = "special", notify: bool = True) -> Task:
     """A finished (FAILED) export task in the store, as a worker would have left it."""
     identifier = random_task_id()
-    await services.store.request(identifier, {
-        "id": identifier, "kind": TaskKind.EXPORT.value, "owner": "in-process", "email": email,
-        "dataset": dataset, "format": "CSV", "request": "{}", "notify": notify, "status": TaskStatus.PENDING.value,
-        "created_at": stamp(), "attempts": 0, "processed_rows": 0, "bytes": 0,
-    }, reuse_seconds=-1)
+    await services.store.request(
+        identifier,
+        {
+            "id": identifier,
+            "kind": TaskKind.EXPORT.value,
+            "owner": "in-process",
+            "email": email,
+            "dataset": dataset,
+            "format": "CSV",
+            "request": "{}",
+            "notify": notify,
+            "status": TaskStatus.PENDING.value,
+            "created_at": stamp(),
+            "attempts": 0,
+            "processed_rows": 0,
+            "bytes": 0,
+        },
+        reuse_seconds=-1,
+    )
     await services.store.transition(identifier, TaskStatus.PROCESSING, "attempt 1", fields={"attempts": 1})
-    await services.store.transition(identifier, TaskStatus.FAILED, "the table is gone", fields={
-        "finished_at": stamp(), "error_code": "SOURCE_ERROR", "error_message": "Table 'special' is gone."})
+    await services.store.transition(
+        identifier,
+        TaskStatus.FAILED,
+        "the table is gone",
+        fields={"finished_at": stamp(), "error_code": "SOURCE_ERROR", "error_message": "Table 'special' is gone."},
+    )
     task = await services.store.get(identifier)
     assert task is not None
     return task
@@ -321,8 +360,9 @@ async def test_a_permanent_smtp_refusal_is_not_tried_again(notify_data, redis_ur
     assert smtp_server.recorder.to(address) == []
 
 
-async def test_a_claim_left_by_a_dead_worker_holds_the_email_until_it_lapses(notify_data, redis_url, tmp_path,
-                                                                              smtp_server):
+async def test_a_claim_left_by_a_dead_worker_holds_the_email_until_it_lapses(
+    notify_data, redis_url, tmp_path, smtp_server
+):
     address = f"claimed-{uuid.uuid4().hex[:8]}@example.test"
     async with in_process(notify_data, redis_url, tmp_path, **smtp(smtp_server)) as services:
         task = await failed_export(services, address)
@@ -392,8 +432,9 @@ def test_the_datasets_file_notify_key_is_a_boolean(tmp_path, notify_data):
     registry = load_registry(Settings(datasets=notify_data.datasets_file, data_dir=tmp_path))
     assert registry.get("special_notify").notify and not registry.get("special").notify
     path = tmp_path / "bad.toml"
-    path.write_text(f'[datasets.d]\nsource = "sqlite"\nurl = "{notify_data.special_db}"\ntable = "special"\n'
-                    'notify = "yes"\n')
+    path.write_text(
+        f'[datasets.d]\nsource = "sqlite"\nurl = "{notify_data.special_db}"\ntable = "special"\nnotify = "yes"\n'
+    )
     with pytest.raises(DatasetConfigError, match="dataset 'd', key 'notify': must be true or false"):
         load_registry(Settings(datasets=path, data_dir=tmp_path))
 

@@ -60,8 +60,15 @@ EXTRA = {  # id -> (title, loc)
 
 def _document(row: tuple) -> dict[str, Any]:
     id_, name, score, active, born, seen_at, notes = row
-    doc = {"id": id_, "name": name, "score": score, "active": None if active is None else bool(active),
-           "born": born, "seen_at": seen_at, "notes": notes}
+    doc = {
+        "id": id_,
+        "name": name,
+        "score": score,
+        "active": None if active is None else bool(active),
+        "born": born,
+        "seen_at": seen_at,
+        "notes": notes,
+    }
     title, loc = EXTRA[id_]
     doc["title"], doc["loc"] = title, loc
     if id_ == 3:
@@ -174,8 +181,11 @@ async def test_a_text_field_without_keyword_is_refused_with_a_user_error(opensea
     columns = tuple(Column("notes", "string") if c.name == "notes" else c for c in COLUMNS)
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=columns), None)
     try:
-        query = build_query(s.dataset, columns=["id"], filters=[{"field": "id", "op": "GT", "value": 0},
-                                                                {"field": "notes", "op": "EQ", "value": "x"}])
+        query = build_query(
+            s.dataset,
+            columns=["id"],
+            filters=[{"field": "id", "op": "GT", "value": 0}, {"field": "notes", "op": "EQ", "value": "x"}],
+        )
         with pytest.raises(UserErrors) as e:
             await s.count(query)
         assert [(x.code, x.field) for x in e.value.errors] == [("NOT_FILTERABLE", ("input", "filters", "1", "field"))]
@@ -211,7 +221,9 @@ async def test_the_key_breaks_ties_in_every_page(dataset):
             await s.close()
     fields = {"born": Field("born", "date"), "id": Field("id", "long")}  # as the mapping says
     assert compile_query(query, fields)["sort"] == [
-        {"born": {"order": "asc", "missing": "_last"}}, {"id": {"order": "asc", "missing": "_last"}}]
+        {"born": {"order": "asc", "missing": "_last"}},
+        {"id": {"order": "asc", "missing": "_last"}},
+    ]
 
 
 async def test_limit_stops_the_read(source):
@@ -241,10 +253,15 @@ async def test_count_is_capped(source, dataset):
 
 async def test_datetimes_compare_as_instants_to_the_millisecond(opensearch_url):
     index = f"dp-ms-{uuid.uuid4().hex[:8]}"
-    _create(opensearch_url, index, {"properties": {"id": {"type": "long"}, "t": {"type": "date"}}},
-            [("1", {"id": 1, "t": "2020-01-01T09:00:00.123Z"}), ("2", {"id": 2, "t": "2020-01-01T10:00:00.124+01:00"})])
+    _create(
+        opensearch_url,
+        index,
+        {"properties": {"id": {"type": "long"}, "t": {"type": "date"}}},
+        [("1", {"id": 1, "t": "2020-01-01T09:00:00.123Z"}), ("2", {"id": 2, "t": "2020-01-01T10:00:00.124+01:00"})],
+    )
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=(Column("id", "integer"), Column("t", "datetime"))))
     try:
+
         async def ids(op: str, value: Any) -> list[int]:
             key = "values" if isinstance(value, list) else "value"
             return await _ids(s, filters=[{"field": "t", "op": op, key: value}])
@@ -307,8 +324,12 @@ async def test_datetimes_are_normalised_and_dates_kept(opensearch_url):
 
 async def test_arrays_of_objects_and_literal_dotted_keys_flatten_too(opensearch_url):
     index = f"dp-flat-{uuid.uuid4().hex[:8]}"
-    mapping = {"properties": {"id": {"type": "long"},
-                              "loc": {"properties": {"site": {"type": "keyword"}, "depth": {"type": "double"}}}}}
+    mapping = {
+        "properties": {
+            "id": {"type": "long"},
+            "loc": {"properties": {"site": {"type": "keyword"}, "depth": {"type": "double"}}},
+        }
+    }
     _create(opensearch_url, index, mapping, [
         ("1", {"id": 1, "loc": [{"site": "one", "depth": 1}]}),  # an array of one object
         ("2", {"id": 2, "loc.site": "dotted", "loc": {"depth": 2.5}}),  # a literal dotted key
@@ -319,7 +340,10 @@ async def test_arrays_of_objects_and_literal_dotted_keys_flatten_too(opensearch_
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=columns))
     try:
         assert await _rows(s, filters=[{"field": "id", "op": "LT", "value": 4}]) == [
-            (1, "one", 1.0), (2, "dotted", 2.5), (3, None, None)]
+            (1, "one", 1.0),
+            (2, "dotted", 2.5),
+            (3, None, None),
+        ]
         with pytest.raises(SourceError, match=r"Document '4' .*column 'loc.site' holds 2 values \['x', 'y'\]"):
             await _rows(s)
     finally:
@@ -328,8 +352,12 @@ async def test_arrays_of_objects_and_literal_dotted_keys_flatten_too(opensearch_
 
 async def test_a_value_of_the_wrong_type_names_the_document_and_column(opensearch_url):
     index = f"dp-bad-{uuid.uuid4().hex[:8]}"
-    _create(opensearch_url, index, {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
-            [("a", {"id": 1, "v": "1.5"}), ("b", {"id": 2, "v": "oops"})])
+    _create(
+        opensearch_url,
+        index,
+        {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
+        [("a", {"id": 1, "v": "1.5"}), ("b", {"id": 2, "v": "oops"})],
+    )
     # the index keeps text; the dataset says the column holds floats
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=(Column("id", "integer"), Column("v", "float"))))
     try:
@@ -339,8 +367,12 @@ async def test_a_value_of_the_wrong_type_names_the_document_and_column(opensearc
         await s.close()
 
     index = f"dp-many-{uuid.uuid4().hex[:8]}"
-    _create(opensearch_url, index, {"properties": {"id": {"type": "long"}, "tags": {"type": "keyword"}}},
-            [("a", {"id": 1, "tags": ["x", "y"]})])
+    _create(
+        opensearch_url,
+        index,
+        {"properties": {"id": {"type": "long"}, "tags": {"type": "keyword"}}},
+        [("a", {"id": 1, "tags": ["x", "y"]})],
+    )
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=(Column("id", "integer"), Column("tags", "string"))))
     try:
         with pytest.raises(SourceError, match=r"Document 'a' .*column 'tags' holds 2 values"):
@@ -372,8 +404,9 @@ def test_discover_reads_the_mapping_with_dotted_object_fields(opensearch_url, in
 async def test_a_discovered_dataset_reads_like_a_declared_one(opensearch_url, index):
     s = OpenSearchSource(_dataset(opensearch_url, index, columns=discover_columns(opensearch_url, index)))
     try:
-        rows = await _rows(s, columns=["id", "loc.site", "title"], filters=[{"field": "title", "op": "PREFIX",
-                                                                             "value": "Hel"}])
+        rows = await _rows(
+            s, columns=["id", "loc.site", "title"], filters=[{"field": "title", "op": "PREFIX", "value": "Hel"}]
+        )
         assert rows == [(1, "a*b", "Hello World")]
     finally:
         await s.close()
@@ -678,8 +711,13 @@ def test_the_query_dsl(dataset):
 # -- a long read in key order, and the page reader -------------------------------------------------------
 
 
-SORTS = [None, [{"field": "born"}], [{"field": "score", "direction": "DESC"}], [{"field": "loc.depth"}],
-         [{"field": "active", "direction": "DESC"}, {"field": "name"}]]
+SORTS = [
+    None,
+    [{"field": "born"}],
+    [{"field": "score", "direction": "DESC"}],
+    [{"field": "loc.depth"}],
+    [{"field": "active", "direction": "DESC"}, {"field": "name"}],
+]
 
 
 async def test_a_long_read_in_key_order_is_one_sorted_scroll_with_the_same_rows(dataset, opensearch_url):
@@ -718,10 +756,12 @@ async def test_a_helper_killed_mid_read_fails_it_as_transient_and_releases_the_s
     import signal
 
     index = f"dp-kill-{uuid.uuid4().hex[:8]}"
-    _create(opensearch_url, index, {"properties": {"id": {"type": "long"}}},
-            [(str(i), {"id": i}) for i in range(1, 201)])
-    s = OpenSearchSource(_dataset(opensearch_url, index, key=(), columns=(Column("id", "integer"),)), page_rows=2,
-                         helpers_after_cells=0)
+    _create(
+        opensearch_url, index, {"properties": {"id": {"type": "long"}}}, [(str(i), {"id": i}) for i in range(1, 201)]
+    )
+    s = OpenSearchSource(
+        _dataset(opensearch_url, index, key=(), columns=(Column("id", "integer"),)), page_rows=2, helpers_after_cells=0
+    )
     try:
         reader = s.csv_batches(build_query(s.dataset), 2, formula_guard=True)
         assert (await anext(reader))[1] == 0 and (await anext(reader))[1] == 2
@@ -825,8 +865,9 @@ def pools(monkeypatch) -> list:
 
 @pytest.mark.parametrize("key", [("id",), ()], ids=["key", "no-key"])
 @pytest.mark.parametrize("pit_max_pages", [0, 100], ids=["scroll", "pit"])
-async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_url, index, key, pit_max_pages,
-                                                                    monkeypatch):
+async def test_csv_from_helper_processes_is_the_csv_made_in_process(
+    opensearch_url, index, key, pit_max_pages, monkeypatch
+):
     """A large CSV read hands each page's bytes to helper processes; the file is the same, page for
     page, whatever the columns, order, limit or guard."""
     from sources.helpers import HelperPool
@@ -836,10 +877,13 @@ async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_u
     monkeypatch.setattr(HelperPool, "submit", lambda self, rows, *a: submitted.append(rows) or submit(self, rows, *a))
     dataset = _dataset(opensearch_url, index, key=key)
     flat = [c.name for c in dataset.columns if "." not in c.name]
-    queries = [build_query(dataset), build_query(dataset, columns=flat),
-               build_query(dataset, columns=["loc.site", "title", "id"]),
-               build_query(dataset, columns=flat, sort=[{"field": "score", "direction": "DESC"}]),
-               build_query(dataset, columns=["name", "born"], limit=3)]
+    queries = [
+        build_query(dataset),
+        build_query(dataset, columns=flat),
+        build_query(dataset, columns=["loc.site", "title", "id"]),
+        build_query(dataset, columns=flat, sort=[{"field": "score", "direction": "DESC"}]),
+        build_query(dataset, columns=["name", "born"], limit=3),
+    ]
     in_process = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages, helpers_after_cells=10**12)
     helped = OpenSearchSource(dataset, page_rows=2, pit_max_pages=pit_max_pages, helpers_after_cells=0)
     try:
@@ -860,11 +904,16 @@ async def test_csv_from_helper_processes_is_the_csv_made_in_process(opensearch_u
 async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_stops_the_helpers(
         opensearch_url, index, pools):  # fmt: skip
     bad = f"dp-bad-{uuid.uuid4().hex[:8]}"
-    _create(opensearch_url, bad, {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
-            [(str(i), {"id": i, "v": "2.5"}) for i in range(1, 41)])
+    _create(
+        opensearch_url,
+        bad,
+        {"properties": {"id": {"type": "long"}, "v": {"type": "keyword"}}},
+        [(str(i), {"id": i, "v": "2.5"}) for i in range(1, 41)],
+    )
     columns = (Column("id", "integer"), Column("v", "float"))  # the index keeps text
-    s = OpenSearchSource(_dataset(opensearch_url, bad, columns=columns), page_rows=2, pit_max_pages=0,
-                         helpers_after_cells=0)
+    s = OpenSearchSource(
+        _dataset(opensearch_url, bad, columns=columns), page_rows=2, pit_max_pages=0, helpers_after_cells=0
+    )
     try:
         with pytest.raises(SourceError, match=r"Document '1' in index '.*': column 'v' holds '2.5', which is not a"):
             async for _ in s.csv_batches(build_query(s.dataset), 2, formula_guard=True):
@@ -874,8 +923,9 @@ async def test_a_bad_cell_met_in_a_helper_names_the_document_and_an_early_close_
         await s.close()
 
     # 20 pages: the read runs a few pages ahead of the chunks taken, not to the end
-    s = OpenSearchSource(_dataset(opensearch_url, bad, key=(), columns=(Column("id", "integer"),)), page_rows=2,
-                         helpers_after_cells=0)
+    s = OpenSearchSource(
+        _dataset(opensearch_url, bad, key=(), columns=(Column("id", "integer"),)), page_rows=2, helpers_after_cells=0
+    )
     try:
         reader = s.csv_batches(build_query(s.dataset), 2, formula_guard=True)
         assert (await anext(reader))[1] == 0  # the header
@@ -900,8 +950,11 @@ async def test_pages_decoded_into_typed_structs_give_the_rows_dicts_give(dataset
     from sources.opensearch.decoding import PageReader
 
     flat = [c.name for c in dataset.columns if "." not in c.name]
-    queries = [build_query(dataset, columns=flat), build_query(dataset, columns=flat, sort=[{"field": "score"}]),
-               build_query(dataset, columns=flat, limit=5)]
+    queries = [
+        build_query(dataset, columns=flat),
+        build_query(dataset, columns=flat, sort=[{"field": "score"}]),
+        build_query(dataset, columns=flat, limit=5),
+    ]
     typed_pages: list[int] = []
     typed = PageReader.typed
     monkeypatch.setattr(PageReader, "typed", lambda self, hits: typed_pages.append(len(hits)) or typed(self, hits))
@@ -924,8 +977,12 @@ def test_the_page_reader_learns_the_order_of_keys_from_the_first_document_of_an_
     columns = (Column("s", "string"), Column("n", "integer"))
 
     def answer(*sources: Any) -> bytes:
-        return json.dumps({"_scroll_id": "x", "hits": {"hits": [{"_id": str(i), "_source": source}
-                                                                for i, source in enumerate(sources)]}}).encode()
+        return json.dumps(
+            {
+                "_scroll_id": "x",
+                "hits": {"hits": [{"_id": str(i), "_source": source} for i, source in enumerate(sources)]},
+            }
+        ).encode()
 
     read = PageReader(columns)
     page = read.decode(answer({"n": 1, "s": "a"}, {"s": "b"}))
@@ -941,32 +998,67 @@ def test_the_page_reader_learns_the_order_of_keys_from_the_first_document_of_an_
     assert page is not None and read.typed(page.hits.hits) == [("d",), (4,)]
 
 
-FLAT = (Column("f", "float"), Column("i", "integer"), Column("s", "string"), Column("b", "boolean"),
-        Column("d", "date"), Column("t", "datetime"))
+FLAT = (
+    Column("f", "float"),
+    Column("i", "integer"),
+    Column("s", "string"),
+    Column("b", "boolean"),
+    Column("d", "date"),
+    Column("t", "datetime"),
+)
 
 
-@pytest.mark.parametrize("columns", [FLAT, (*FLAT, Column("o.x", "float"), Column("o.y", "string")), FLAT[2:3]],
-                         ids=["fields", "and-objects", "one-column"])
+@pytest.mark.parametrize(
+    "columns",
+    [FLAT, (*FLAT, Column("o.x", "float"), Column("o.y", "string")), FLAT[2:3]],
+    ids=["fields", "and-objects", "one-column"],
+)
 def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
     """Both ways of the page reader (dicts, and typed pages decoded from the answer's bytes) give
     the cells the row converter gives, of the same types."""
     from sources.opensearch.cells import BadCell, cell_converter
     from sources.opensearch.decoding import PageReader
 
-    odd = {"f": [3, [2.5], [], None, 1e300], "i": [2.0, [7], None, 2**70], "s": [True, 5, 1.5, ["a"], [], "=x"],
-           "b": ["true", "false", [False], None], "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
-           "t": ["2020-01-01T10:00", 1577872800000, "2020-01-01T10:00:00+01:00", "2010-01-01T000517.1Z",
-                 "2020-01-01T10:00:00Z"]}
-    plain = {"f": [1.5, None], "i": [1, None], "s": ["x", None], "b": [True, None], "d": ["2020-01-01", None],
-             "t": ["2020-01-01T10:00:00Z", None]}
+    odd = {
+        "f": [3, [2.5], [], None, 1e300],
+        "i": [2.0, [7], None, 2**70],
+        "s": [True, 5, 1.5, ["a"], [], "=x"],
+        "b": ["true", "false", [False], None],
+        "d": ["2020-W01-1", 1577872800000, ["2020-01-02"], "2020-01-31"],
+        "t": [
+            "2020-01-01T10:00",
+            1577872800000,
+            "2020-01-01T10:00:00+01:00",
+            "2010-01-01T000517.1Z",
+            "2020-01-01T10:00:00Z",
+        ],
+    }
+    plain = {
+        "f": [1.5, None],
+        "i": [1, None],
+        "s": ["x", None],
+        "b": [True, None],
+        "d": ["2020-01-01", None],
+        "t": ["2020-01-01T10:00:00Z", None],
+    }
     pages = []
     for values in (plain, odd):
         for name in values:  # one column with odd values at a time, then all at once
-            pages.append([{"_source": {**{k: v[n % len(v)] for k, v in plain.items()}, name: v}}
-                          for n, v in enumerate(values[name])])
+            pages.append(
+                [
+                    {"_source": {**{k: v[n % len(v)] for k, v in plain.items()}, name: v}}
+                    for n, v in enumerate(values[name])
+                ]
+            )
         pages.append([{"_source": {k: v[n % len(v)] for k, v in values.items()}} for n in range(7)])
-    pages.append([{"_source": {"o": {"x": 1}, "o.y": "dotted"}}, {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
-                  {"_id": "3"}, {"_source": {"o": None}}])
+    pages.append(
+        [
+            {"_source": {"o": {"x": 1}, "o.y": "dotted"}},
+            {"_source": {"o": [{"x": 2.5, "y": "a"}]}},
+            {"_id": "3"},
+            {"_source": {"o": None}},
+        ]
+    )
     read, convert = PageReader(columns), cell_converter(columns)
 
     def typed(cells) -> list[list[tuple[type, Any]]]:
@@ -989,16 +1081,24 @@ def test_the_page_reader_types_cells_as_the_row_converter_does(columns):
         assert typed(cells) == expected, hits
         decoded += 1
     assert (decoded > 5 and refused > 3) if len(columns) > 1 and "o.x" not in read.empty else decoded == 0
-    bad = [{"_id": "a", "_index": "i", "_source": {"s": "x", "i": 1}},
-           {"_id": "b", "_index": "i", "_source": {"s": ["p", "q"], "i": "y"}}]
+    bad = [
+        {"_id": "a", "_index": "i", "_source": {"s": "x", "i": 1}},
+        {"_id": "b", "_index": "i", "_source": {"s": ["p", "q"], "i": "y"}},
+    ]
     with pytest.raises(SourceError, match=r"Document 'b' in index 'i': column '[si]' holds"):
         read(bad)
     assert read([]) == [[] for _ in columns]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.none(), st.text(alphabet="0123456789-W/T０", min_size=8, max_size=11),
-                          st.dates().map(dt.date.isoformat)), max_size=6))
+@given(
+    st.lists(
+        st.one_of(
+            st.none(), st.text(alphabet="0123456789-W/T０", min_size=8, max_size=11), st.dates().map(dt.date.isoformat)
+        ),
+        max_size=6,
+    )
+)
 @example(["2020-W01-1"])
 @example(["2020-02-30"])
 @example(["２０２０-01-01"])
@@ -1027,13 +1127,21 @@ def test_a_helper_writes_each_answer_as_the_csv_writer_writes_its_rows():
     from formats.csv import CsvWriter
     from sources.opensearch import cells, rendering
 
-    columns = (Column("i", "integer"), Column("f", "float"), Column("s"), Column("b", "boolean"),
-               Column("d", "date"), Column("t", "datetime"))
+    columns = (
+        Column("i", "integer"),
+        Column("f", "float"),
+        Column("s"),
+        Column("b", "boolean"),
+        Column("d", "date"),
+        Column("t", "datetime"),
+    )
     plain = {"i": 1, "f": 2.5, "s": "=x", "b": True, "d": "2020-01-02", "t": "2020-01-02T03:04:05Z"}
-    answers = [[plain, {**plain, "f": None, "s": None}],
-               [{**plain, "f": 1e-7, "s": 'a,"b"'}, {**plain, "i": -(2**63)}],
-               [{**plain, "f": 3}, {**plain, "d": "2020-W01-1"}],
-               [{**plain, "f": "1e400"}, plain]]  # "1e400" is written bare, below
+    answers = [
+        [plain, {**plain, "f": None, "s": None}],
+        [{**plain, "f": 1e-7, "s": 'a,"b"'}, {**plain, "i": -(2**63)}],
+        [{**plain, "f": 3}, {**plain, "d": "2020-W01-1"}],
+        [{**plain, "f": "1e400"}, plain],
+    ]  # "1e400" is written bare, below
     try:
         rendering._start_rendering(columns, True)
         writer = CsvWriter(columns, formula_guard=True)
@@ -1055,17 +1163,36 @@ def test_documents_are_read_whole_only_when_the_mapping_lists_all_they_can_hold(
     def answer(**mappings) -> dict:
         return {"ix": {"mappings": mappings}}
 
-    props = {"id": {"type": "long"}, "loc": {"properties": {"site": {"type": "keyword"}}},
-             "t": {"type": "text", "fields": {"keyword": {"type": "keyword"}}}, "a": {"type": "alias", "path": "id"}}
+    props = {
+        "id": {"type": "long"},
+        "loc": {"properties": {"site": {"type": "keyword"}}},
+        "t": {"type": "text", "fields": {"keyword": {"type": "keyword"}}},
+        "a": {"type": "alias", "path": "id"},
+    }
     assert _source_fields(answer(properties=props)) == {"id", "loc.site", "t"}
     assert _source_fields(answer(properties=props, dynamic="strict")) == {"id", "loc.site", "t"}
-    assert _source_fields({"a": {"mappings": {"properties": {"x": {"type": "long"}}}},
-                           "b": {"mappings": {"properties": {"y": {"type": "long"}}}}}) == {"x", "y"}
+    assert _source_fields(
+        {
+            "a": {"mappings": {"properties": {"x": {"type": "long"}}}},
+            "b": {"mappings": {"properties": {"y": {"type": "long"}}}},
+        }
+    ) == {"x", "y"}
     assert _source_fields(answer(properties=props, dynamic=False)) is None
     assert _source_fields(answer(properties={**props, "o": {"properties": {}, "dynamic": "false"}})) is None
     assert _source_fields(answer(properties={**props, "o": {"type": "object", "enabled": False}})) is None
     assert _source_fields(answer(properties={**props, "n": {"type": "nested", "properties": {}}})) is None
     assert _source_fields(answer(properties=props, _source={"excludes": ["t"]})) is None
     # an object that turns dynamic mapping back on inside one that has it off is still not listed whole
-    assert _source_fields(answer(properties={"o": {"dynamic": False, "properties": {
-        "p": {"dynamic": True, "properties": {"x": {"type": "long"}}}}}})) is None
+    assert (
+        _source_fields(
+            answer(
+                properties={
+                    "o": {
+                        "dynamic": False,
+                        "properties": {"p": {"dynamic": True, "properties": {"x": {"type": "long"}}}},
+                    }
+                }
+            )
+        )
+        is None
+    )

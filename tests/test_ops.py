@@ -80,17 +80,25 @@ def test_an_export_moves_the_counts_and_adds_its_rows_bytes_and_duration(local_s
     assert grew("dataport_task_duration_seconds_count", kind="export", status="SUCCEEDED") >= 1
     assert grew("dataport_task_duration_seconds_sum", kind="export", status="SUCCEEDED") > 0
     # Buckets are cumulative and end with the count.
-    buckets = sorted(((float(dict(labels)["le"]), v) for (name, labels), v in after.items()
-                      if name == "dataport_task_duration_seconds_bucket"
-                      and dict(labels)["kind"] == "export" and dict(labels)["status"] == "SUCCEEDED"))
+    buckets = sorted(
+        (
+            (float(dict(labels)["le"]), v)
+            for (name, labels), v in after.items()
+            if name == "dataport_task_duration_seconds_bucket"
+            and dict(labels)["kind"] == "export"
+            and dict(labels)["status"] == "SUCCEEDED"
+        )
+    )
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)
     assert buckets[-1][1] == value(after, "dataport_task_duration_seconds_count", kind="export", status="SUCCEEDED")
 
     # Deleting the task takes it out of the counts.
     assert api.mutate("deleteExport", task["id"])["userErrors"] == []
     deleted = scrape(local_stack)
-    assert (value(deleted, "dataport_tasks", kind="export", status="SUCCEEDED")
-            <= value(after, "dataport_tasks", kind="export", status="SUCCEEDED") - 1)
+    assert (
+        value(deleted, "dataport_tasks", kind="export", status="SUCCEEDED")
+        <= value(after, "dataport_tasks", kind="export", status="SUCCEEDED") - 1
+    )
 
 
 def test_an_import_adds_the_rows_it_wrote_and_a_dry_run_none(local_stack):
@@ -108,9 +116,11 @@ def test_an_import_adds_the_rows_it_wrote_and_a_dry_run_none(local_stack):
     assert value(middle, "dataport_rows_total", kind="import") == value(before, "dataport_rows_total", kind="import")
     assert value(after, "dataport_rows_total", kind="import") >= value(middle, "dataport_rows_total", kind="import") + 2
     assert value(after, "dataport_bytes_total", kind="import") >= (
-        value(before, "dataport_bytes_total", kind="import") + 2 * len(content))
+        value(before, "dataport_bytes_total", kind="import") + 2 * len(content)
+    )
     assert value(after, "dataport_task_duration_seconds_count", kind="import", status="SUCCEEDED") >= (
-        value(before, "dataport_task_duration_seconds_count", kind="import", status="SUCCEEDED") + 2)
+        value(before, "dataport_task_duration_seconds_count", kind="import", status="SUCCEEDED") + 2
+    )
 
 
 def test_queue_depth_and_jobs_in_progress_follow_a_job(idle_queue):
@@ -119,7 +129,8 @@ def test_queue_depth_and_jobs_in_progress_follow_a_job(idle_queue):
     task = api.export(dataset="samples", format="CSV")
     waiting = scrape(idle_queue)
     assert value(waiting, "dataport_queue_depth", function="export") == (
-        value(empty, "dataport_queue_depth", function="export") + 1)
+        value(empty, "dataport_queue_depth", function="export") + 1
+    )
     assert value(waiting, "dataport_jobs_in_progress", function="export") == 0
     assert value(waiting, "dataport_tasks", kind="export", status="PENDING") >= 1
 
@@ -130,8 +141,10 @@ def test_queue_depth_and_jobs_in_progress_follow_a_job(idle_queue):
         time.sleep(0.05)
     running = scrape(idle_queue)
     assert value(running, "dataport_jobs_in_progress", function="export") >= 1
-    assert value(running, "dataport_queue_depth", function="export") <= value(
-        waiting, "dataport_queue_depth", function="export") - 1
+    assert (
+        value(running, "dataport_queue_depth", function="export")
+        <= value(waiting, "dataport_queue_depth", function="export") - 1
+    )
     assert value(running, "dataport_tasks", kind="export", status="PROCESSING") >= 1
 
     api.mutate("cancelExport", task["id"])
@@ -154,9 +167,21 @@ async def store(redis_url) -> AsyncIterator[TaskStore]:
 async def _new(store: TaskStore, kind: str = "export") -> str:
     owner = f"ops-{uuid.uuid4().hex[:8]}"
     tid = task_id(owner, kind, "samples", {"n": uuid.uuid4().hex})
-    await store.request(tid, {"id": tid, "kind": kind, "owner": owner, "dataset": "samples", "format": "CSV",
-                              "request": "{}", "status": "PENDING", "created_at": stamp(), "attempts": 0},
-                        reuse_seconds=600)
+    await store.request(
+        tid,
+        {
+            "id": tid,
+            "kind": kind,
+            "owner": owner,
+            "dataset": "samples",
+            "format": "CSV",
+            "request": "{}",
+            "status": "PENDING",
+            "created_at": stamp(),
+            "attempts": 0,
+        },
+        reuse_seconds=600,
+    )
     return tid
 
 
@@ -177,8 +202,13 @@ async def test_every_status_change_moves_the_task_between_the_counts(store):
     refused = await store.transition(tid, TaskStatus.EXPIRED, "not allowed from PROCESSING")
     assert not refused.ok and await _statuses_of(store, tid) == ["PROCESSING"]
     before = await store.read_stats()
-    await store.transition(tid, TaskStatus.SUCCEEDED, "done", fence_attempt=1,
-                           fields={"finished_at": stamp(), "row_count": 12, "file_size": 3456})
+    await store.transition(
+        tid,
+        TaskStatus.SUCCEEDED,
+        "done",
+        fence_attempt=1,
+        fields={"finished_at": stamp(), "row_count": 12, "file_size": 3456},
+    )
     after = await store.read_stats()
     assert await _statuses_of(store, tid) == ["SUCCEEDED"]
     assert after.rows[TaskKind.EXPORT] >= before.rows[TaskKind.EXPORT] + 12
@@ -186,9 +216,21 @@ async def test_every_status_change_moves_the_task_between_the_counts(store):
     key = (TaskKind.EXPORT, TaskStatus.SUCCEEDED)
     assert after.durations[key].count >= before.durations[key].count + 1
 
-    rerun = await store.request(tid, {"id": tid, "kind": "export", "owner": "x", "dataset": "samples",
-                                      "format": "CSV", "request": "{}", "status": "PENDING",
-                                      "created_at": stamp(), "attempts": 0}, reuse_seconds=-1)
+    rerun = await store.request(
+        tid,
+        {
+            "id": tid,
+            "kind": "export",
+            "owner": "x",
+            "dataset": "samples",
+            "format": "CSV",
+            "request": "{}",
+            "status": "PENDING",
+            "created_at": stamp(),
+            "attempts": 0,
+        },
+        reuse_seconds=-1,
+    )
     assert rerun.outcome == "rerun" and await _statuses_of(store, tid) == ["PENDING"]
     await store.transition(tid, TaskStatus.CANCELLED, "stop", fields={"finished_at": stamp()})
     assert await _statuses_of(store, tid) == ["CANCELLED"]
@@ -281,8 +323,13 @@ async def app_with(redis_url, tmp_path):
     started: list[Services] = []
 
     async def make(datasets: dict[str, Dataset]):
-        settings = Settings(redis_url=redis_url, data_dir=tmp_path, jwt_secret="ops", storage="local",
-                            queue_name=f"dataport:queue:ops:{uuid.uuid4().hex[:6]}")
+        settings = Settings(
+            redis_url=redis_url,
+            data_dir=tmp_path,
+            jwt_secret="ops",
+            storage="local",
+            queue_name=f"dataport:queue:ops:{uuid.uuid4().hex[:6]}",
+        )
         registry = Registry(datasets, settings)
         app = create_app(settings, registry)
         app.state.services = await Services.start(settings, registry)
@@ -301,8 +348,7 @@ async def test_readyz_fails_per_dataset_without_leaking_a_password(app_with, tes
     closed = free_port()
     datasets = {
         "fine": Dataset("fine", "sqlite", str(test_data.special_db), "special", COLUMNS, key=("id",)),
-        "pg_down": Dataset("pg_down", "postgres", f"postgresql://reader:pg-s3cret@127.0.0.1:{closed}/db",
-                           "t", COLUMNS),
+        "pg_down": Dataset("pg_down", "postgres", f"postgresql://reader:pg-s3cret@127.0.0.1:{closed}/db", "t", COLUMNS),
         "os_down": Dataset("os_down", "opensearch", f"http://admin:os-s3cret@127.0.0.1:{closed}", "idx", COLUMNS),
         "no_table": Dataset("no_table", "sqlite", str(test_data.special_db), "missing", COLUMNS),
     }
@@ -323,8 +369,7 @@ async def test_readyz_times_out_each_check_and_caches_the_answer(app_with, test_
     async with SilentServer() as silent:
         datasets = {
             "fine": Dataset("fine", "sqlite", str(test_data.special_db), "special", COLUMNS, key=("id",)),
-            "hangs": Dataset("hangs", "postgres", f"postgresql://reader:pw@127.0.0.1:{silent.port}/db", "t",
-                             COLUMNS),
+            "hangs": Dataset("hangs", "postgres", f"postgresql://reader:pw@127.0.0.1:{silent.port}/db", "t", COLUMNS),
         }
         app, client = await app_with(datasets)
         app.state.readiness.timeout = 0.5
@@ -382,8 +427,11 @@ def test_worker_and_api_log_json_lines_that_carry_the_task(local_stack):
 
     httpx.get(f"{local_stack.url}/healthz")
     deadline = time.monotonic() + 10
-    while not [line for line in _json_lines(local_stack.data_dir / "api.log")
-               if line["logger"] == "uvicorn.access" and line.get("path") == "/healthz"]:
+    while not [
+        line
+        for line in _json_lines(local_stack.data_dir / "api.log")
+        if line["logger"] == "uvicorn.access" and line.get("path") == "/healthz"
+    ]:
         assert time.monotonic() < deadline, "uvicorn's access lines are not JSON with their fields"
         time.sleep(0.2)
     # The download above used a signed link: its line keeps the path and masks the signature.
@@ -403,7 +451,7 @@ def test_the_json_formatter_keeps_a_traceback_inside_one_valid_line():
         raise ValueError("bad value\nover two lines")
     except ValueError:
         record = _record("it broke: %s", sys.exc_info())
-    record.args = ("oh \"no\"\n",)
+    record.args = ('oh "no"\n',)
     line = JsonFormatter().format(record)
     assert "\n" not in line
     entry = json.loads(line)
@@ -423,6 +471,7 @@ async def test_the_job_context_reaches_records_of_its_task_only():
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
+
         async def job(name: str) -> None:
             bind_job("export", name, 1, {"job_try": 2})
             await asyncio.sleep(0.01)

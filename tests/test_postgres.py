@@ -36,8 +36,15 @@ ROWS = [
     (5, None, 1.5, False, "2020-01-01", "2020-01-01T09:00:00Z", "w"),
 ]
 FIELDS = ("name", "score", "active", "born", "seen_at", "notes")
-TYPES = {"id": "integer", "name": "string", "score": "float", "active": "boolean", "born": "date",
-         "seen_at": "datetime", "notes": "string"}
+TYPES = {
+    "id": "integer",
+    "name": "string",
+    "score": "float",
+    "active": "boolean",
+    "born": "date",
+    "seen_at": "datetime",
+    "notes": "string",
+}
 
 
 def _url(postgres_db: str, **extra: str) -> str:
@@ -49,8 +56,10 @@ def tables(postgres_db: str):
     """Two datasets over the same rows: ``plain`` (typed table columns) and ``docs`` (JSONB)."""
     plain, docs = f"plain_{uuid.uuid4().hex[:8]}", f"docs_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_db, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {plain} (id int PRIMARY KEY, name text, score double precision, "
-                     f"active boolean, born date, seen_at timestamptz, notes text)")
+        conn.execute(
+            f"CREATE TABLE {plain} (id int PRIMARY KEY, name text, score double precision, "
+            f"active boolean, born date, seen_at timestamptz, notes text)"
+        )
         with conn.cursor() as cur:
             cur.executemany(f"INSERT INTO {plain} VALUES (%s, %s, %s, %s, %s, %s, %s)", ROWS)
         conn.execute(f"CREATE TABLE {docs} (id int PRIMARY KEY, data jsonb)")
@@ -59,10 +68,22 @@ def tables(postgres_db: str):
                 # a missing key and an explicit null must mean the same: row 3 omits, row 2 says null
                 doc = {k: v for k, v in zip(FIELDS, row[1:], strict=True) if v is not None or row[0] == 2}
                 cur.execute(f"INSERT INTO {docs} VALUES (%s, %s)", (row[0], json.dumps(doc)))
-    plain_ds = Dataset(name="plain", source="postgres", url=postgres_db, table=plain, key=("id",),
-                       columns=tuple(Column(n, t) for n, t in TYPES.items()))
-    docs_ds = Dataset(name="docs", source="postgres", url=postgres_db, table=docs, key=("id",),
-                      columns=discover_columns(postgres_db, docs))
+    plain_ds = Dataset(
+        name="plain",
+        source="postgres",
+        url=postgres_db,
+        table=plain,
+        key=("id",),
+        columns=tuple(Column(n, t) for n, t in TYPES.items()),
+    )
+    docs_ds = Dataset(
+        name="docs",
+        source="postgres",
+        url=postgres_db,
+        table=docs,
+        key=("id",),
+        columns=discover_columns(postgres_db, docs),
+    )
     yield {"plain": plain_ds, "docs": docs_ds}
     with psycopg.connect(postgres_db, autocommit=True) as conn:
         conn.execute(f"DROP TABLE {plain}, {docs}")
@@ -86,14 +107,15 @@ async def _rows(dataset: Dataset, batch_rows: int = 2, **kwargs) -> list[tuple]:
 
 
 async def _ids(dataset: Dataset, kind: str, filters=None, sort=None, limit=None) -> list[int]:
-    rows = await _rows(dataset, columns=["id"], filters=_renamed(kind, filters), sort=_renamed(kind, sort),
-                       limit=limit)
+    rows = await _rows(dataset, columns=["id"], filters=_renamed(kind, filters), sort=_renamed(kind, sort), limit=limit)
     return [r[0] for r in rows]
 
 
 def test_discovered_document_columns_have_the_row_types(tables):
     assert {c.name: c.type for c in tables["docs"].columns} == {
-        "id": "integer", **{f"data.{n}": TYPES[n] for n in FIELDS}}
+        "id": "integer",
+        **{f"data.{n}": TYPES[n] for n in FIELDS},
+    }
 
 
 FILTER_CASES = [
@@ -191,17 +213,37 @@ async def test_sorting_by_a_jsonb_time_stamp_sorts_instants_not_text(pg, pg_tabl
     }
     with pg.cursor() as cur:
         for i, stamp in stamps.items():
-            cur.execute(f"INSERT INTO {table} VALUES (%s, %s)",
-                        (i, json.dumps({"collected_at": stamp, "n": i} if stamp else {"n": i})))
-    ds = Dataset(name="events", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+            cur.execute(
+                f"INSERT INTO {table} VALUES (%s, %s)",
+                (i, json.dumps({"collected_at": stamp, "n": i} if stamp else {"n": i})),
+            )
+    ds = Dataset(
+        name="events",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     assert ds.column("data.collected_at").type == "datetime"
-    rows = await _rows(ds, columns=["id", "data.collected_at"], sort=[{"field": "data.collected_at",
-                                                                        "direction": "DESC"}])
-    assert rows == [(5, None), (4, "2024-03-01T07:00:00Z"), (2, "2024-03-01T06:00:00Z"),
-                    (3, "2024-03-01T05:30:00.25Z"), (1, "2024-03-01T05:00:00Z"), (6, "2024-03-01T05:00:00Z")]
-    rows = await _rows(ds, columns=["id"], sort=[{"field": "data.collected_at"}], limit=3,
-                       filters=[{"field": "data.collected_at", "op": "GTE", "value": "2024-03-01T05:00:00Z"}])
+    rows = await _rows(
+        ds, columns=["id", "data.collected_at"], sort=[{"field": "data.collected_at", "direction": "DESC"}]
+    )
+    assert rows == [
+        (5, None),
+        (4, "2024-03-01T07:00:00Z"),
+        (2, "2024-03-01T06:00:00Z"),
+        (3, "2024-03-01T05:30:00.25Z"),
+        (1, "2024-03-01T05:00:00Z"),
+        (6, "2024-03-01T05:00:00Z"),
+    ]
+    rows = await _rows(
+        ds,
+        columns=["id"],
+        sort=[{"field": "data.collected_at"}],
+        limit=3,
+        filters=[{"field": "data.collected_at", "op": "GTE", "value": "2024-03-01T05:00:00Z"}],
+    )
     assert rows == [(1,), (6,), (3,)]
 
 
@@ -211,21 +253,60 @@ async def test_cells_of_every_postgres_type(pg, pg_table, postgres_db):
         small smallint, day date, local_ts timestamp, ts timestamptz, flag boolean, ref uuid, tags text[],
         label varchar(20), doc jsonb)""")
     ref = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    pg.execute(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", (
-        1, Decimal("12.50"), 0.25, -3, dt.date(2024, 2, 29), dt.datetime(2024, 1, 1, 12, 0, 0, 500000),
-        dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))), True, ref, ["a", "b,c"],
-        "x", json.dumps({"nested": {"deep": {"v": 7}}, "list": [1, {"a": 2}], "mixed": 1})))
+    pg.execute(
+        f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            1,
+            Decimal("12.50"),
+            0.25,
+            -3,
+            dt.date(2024, 2, 29),
+            dt.datetime(2024, 1, 1, 12, 0, 0, 500000),
+            dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+            True,
+            ref,
+            ["a", "b,c"],
+            "x",
+            json.dumps({"nested": {"deep": {"v": 7}}, "list": [1, {"a": 2}], "mixed": 1}),
+        ),
+    )
     pg.execute(f"INSERT INTO {table} (id, doc) VALUES (2, %s)", (json.dumps({"mixed": "text", "list": []}),))
     columns = discover_columns(postgres_db, table)
     assert {c.name: c.type for c in columns} == {
-        "id": "integer", "amount": "float", "ratio": "float", "small": "integer", "day": "date",
-        "local_ts": "datetime", "ts": "datetime", "flag": "boolean", "ref": "string", "tags": "string",
-        "label": "string", "doc.list": "string", "doc.mixed": "string", "doc.nested.deep.v": "integer"}
+        "id": "integer",
+        "amount": "float",
+        "ratio": "float",
+        "small": "integer",
+        "day": "date",
+        "local_ts": "datetime",
+        "ts": "datetime",
+        "flag": "boolean",
+        "ref": "string",
+        "tags": "string",
+        "label": "string",
+        "doc.list": "string",
+        "doc.mixed": "string",
+        "doc.nested.deep.v": "integer",
+    }
     assert columns[0].required and not columns[1].required
     ds = Dataset(name="typed", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
     rows = await _rows(ds)
-    assert rows[0] == (1, 12.5, 0.25, -3, "2024-02-29", "2024-01-01T12:00:00.5Z", "2024-01-01T10:00:00Z", True,
-                       str(ref), "{a,\"b,c\"}", "x", '[1, {"a": 2}]', "1", 7)
+    assert rows[0] == (
+        1,
+        12.5,
+        0.25,
+        -3,
+        "2024-02-29",
+        "2024-01-01T12:00:00.5Z",
+        "2024-01-01T10:00:00Z",
+        True,
+        str(ref),
+        '{a,"b,c"}',
+        "x",
+        '[1, {"a": 2}]',
+        "1",
+        7,
+    )
     assert rows[1] == (2, *([None] * 10), "[]", "text", None)
     assert [type(v) for v in rows[0][:4]] == [int, float, float, int]
     with pytest.MonkeyPatch.context() as patch:  # the same cells when the document is flattened in Python
@@ -234,8 +315,9 @@ async def test_cells_of_every_postgres_type(pg, pg_table, postgres_db):
         assert await _rows(ds) == rows
     # filters compare in the column's type: a Decimal column against a float, a naive time stamp as UTC
     assert await _rows(ds, columns=["id"], filters=[{"field": "amount", "op": "EQ", "value": 12.5}]) == [(1,)]
-    assert await _rows(ds, columns=["id"], filters=[
-        {"field": "local_ts", "op": "GT", "value": "2024-01-01T13:00:00+01:00"}]) == [(1,)]
+    assert await _rows(
+        ds, columns=["id"], filters=[{"field": "local_ts", "op": "GT", "value": "2024-01-01T13:00:00+01:00"}]
+    ) == [(1,)]
     assert await _rows(ds, columns=["id"], filters=[{"field": "doc.nested.deep.v", "op": "GTE", "value": 7}]) == [(1,)]
 
 
@@ -243,21 +325,26 @@ async def test_names_come_only_from_the_registry_and_are_quoted(pg, pg_table, po
     table = pg_table("odd")
     evil = "a'); DROP TABLE victim; --"
     pg.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, "we""ird %s col" text, "50%" int, data jsonb)')
-    pg.execute(f"INSERT INTO {table} VALUES (1, 'w', 50, %s), (2, NULL, 7, %s)",
-               (json.dumps({evil: "boom", "dotted.key": 1, "%s": "pct"}), json.dumps({evil: "calm"})))
+    pg.execute(
+        f"INSERT INTO {table} VALUES (1, 'w', 50, %s), (2, NULL, 7, %s)",
+        (json.dumps({evil: "boom", "dotted.key": 1, "%s": "pct"}), json.dumps({evil: "calm"})),
+    )
     pg.execute("CREATE TABLE IF NOT EXISTS victim (x int)")
     try:
         columns = discover_columns(postgres_db, table)
         names = [c.name for c in columns]
         assert names == ["id", 'we"ird %s col', "50%", "data.%s", f"data.{evil}"]  # "dotted.key" is ambiguous
         ds = Dataset(name="odd", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
-        rows = await _rows(ds, filters=[{"field": f"data.{evil}", "op": "EQ", "value": "boom"},
-                                        {"field": "50%", "op": "GT", "value": 8}],
-                           sort=[{"field": 'we"ird %s col'}])
+        rows = await _rows(
+            ds,
+            filters=[{"field": f"data.{evil}", "op": "EQ", "value": "boom"}, {"field": "50%", "op": "GT", "value": 8}],
+            sort=[{"field": 'we"ird %s col'}],
+        )
         assert rows == [(1, "w", 50, "pct", "boom")]
         source = PostgresSource(ds)
-        chunks = [c async for c in source.csv_batches(build_query(ds, sort=[{"field": "data.%s"}]), 10,
-                                                      formula_guard=True)]
+        chunks = [
+            c async for c in source.csv_batches(build_query(ds, sort=[{"field": "data.%s"}]), 10, formula_guard=True)
+        ]
         assert b"".join(c for c, _ in chunks).decode().splitlines()[1:] == ["1,w,50,pct,boom", "2,,7,,calm"]
         assert pg.execute("SELECT to_regclass('victim') IS NOT NULL").fetchone()[0]
         # a name that is not in the registry never reaches SQL
@@ -266,9 +353,12 @@ async def test_names_come_only_from_the_registry_and_are_quoted(pg, pg_table, po
         assert e.value.errors[0].code == "UNKNOWN_COLUMN"
         # the compiled SQL carries the key as one literal, quotes doubled; values are parameters
         info = TableInfo({"id": "int4", "data": "jsonb"})
-        compiled = compile_query(build_query(ds, columns=["id"], filters=[
-            {"field": f"data.{evil}", "op": "EQ", "value": "x' OR '1'='1"}]), table, POSTGRES,
-            column_sql=column_sql_for(info))
+        compiled = compile_query(
+            build_query(ds, columns=["id"], filters=[{"field": f"data.{evil}", "op": "EQ", "value": "x' OR '1'='1"}]),
+            table,
+            POSTGRES,
+            column_sql=column_sql_for(info),
+        )
         assert """(("data"->>'a''); DROP TABLE victim; --') COLLATE "C") = %s""" in compiled.select
         assert "x' OR" not in compiled.select and compiled.params == ("x' OR '1'='1",)
     finally:
@@ -279,8 +369,14 @@ async def test_an_export_reads_one_snapshot(pg, pg_table, postgres_db):
     table = pg_table("snap")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     pg.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 10) g")
-    ds = Dataset(name="snap", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=(Column("id", "integer"), Column("v")))
+    ds = Dataset(
+        name="snap",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=(Column("id", "integer"), Column("v")),
+    )
     source = PostgresSource(ds)
     batches = source.batches(build_query(ds, columns=["id"]), 3)
     seen = [r[0] for r in await anext(batches)]
@@ -292,8 +388,7 @@ async def test_an_export_reads_one_snapshot(pg, pg_table, postgres_db):
 
 
 async def _backends(pg: psycopg.Connection, app: str) -> list[tuple]:
-    return pg.execute("SELECT pid, state, query FROM pg_stat_activity WHERE application_name = %s",
-                      (app,)).fetchall()
+    return pg.execute("SELECT pid, state, query FROM pg_stat_activity WHERE application_name = %s", (app,)).fetchall()
 
 
 async def _gone_within(pg: psycopg.Connection, app: str, seconds: float) -> float:
@@ -309,12 +404,18 @@ async def test_closing_early_releases_cursor_and_connection(pg, pg_table, postgr
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 20000) g")
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="big", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=(Column("id", "integer"), Column("v")))
+    ds = Dataset(
+        name="big",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=(Column("id", "integer"), Column("v")),
+    )
     source = PostgresSource(ds)
     batches = source.batches(build_query(ds), 100)
     assert len(await anext(batches)) == 100
-    (pid, state, query), = await _backends(pg, app)
+    ((pid, state, query),) = await _backends(pg, app)
     assert "dataport_" in query  # the named cursor's FETCH
     await batches.aclose()
     await _gone_within(pg, app, 1.0)
@@ -331,11 +432,19 @@ async def test_closing_early_releases_cursor_and_connection(pg, pg_table, postgr
 async def test_cancelling_a_slow_read_stops_the_statement_within_a_second(pg, pg_table, postgres_db):
     view = pg_table("slow")
     # 10 ms a row: the first batch of 1,000 rows would take 10 s
-    pg.execute(f"CREATE VIEW {view} AS SELECT g AS id FROM generate_series(1, 100000) g "
-               f"WHERE (SELECT g > 0 FROM pg_sleep(0.01 + 0 * g))")
+    pg.execute(
+        f"CREATE VIEW {view} AS SELECT g AS id FROM generate_series(1, 100000) g "
+        f"WHERE (SELECT g > 0 FROM pg_sleep(0.01 + 0 * g))"
+    )
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="slow", source="postgres", url=_url(postgres_db, application_name=app), table=view,
-                 key=("id",), columns=(Column("id", "integer"),))
+    ds = Dataset(
+        name="slow",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=view,
+        key=("id",),
+        columns=(Column("id", "integer"),),
+    )
     source = PostgresSource(ds)
 
     async def read() -> None:
@@ -397,12 +506,15 @@ async def _both_csvs(ds: Dataset, query, formula_guard: bool) -> tuple[bytes, by
 
 @pytest.mark.parametrize("formula_guard", [True, False])
 @pytest.mark.parametrize("kind", ["plain", "docs"])
-async def test_csv_fast_path_writes_what_the_python_writer_writes(pg, pg_table, postgres_db, kind, formula_guard,
-                                                                  monkeypatch):
+async def test_csv_fast_path_writes_what_the_python_writer_writes(
+    pg, pg_table, postgres_db, kind, formula_guard, monkeypatch
+):
     table = pg_table("special")
     if kind == "plain":
-        pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, score double precision, "
-                   f"count bigint, active boolean, born date, seen_at timestamptz)")
+        pg.execute(
+            f"CREATE TABLE {table} (id int PRIMARY KEY, name text, score double precision, "
+            f"count bigint, active boolean, born date, seen_at timestamptz)"
+        )
         with pg.cursor() as cur:
             cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s)", SPECIAL)
         columns = discover_columns(postgres_db, table)
@@ -451,17 +563,42 @@ def _csv_module_bytes(columns, rows, formula_guard: bool) -> bytes:
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow([guard(c.name) if formula_guard else c.name for c in columns])
     for row in rows:
-        writer.writerow([{True: "true", False: "false"}.get(v, v) if c.type == "boolean" else
-                         guard(v) if c.type == "string" and formula_guard and v.__class__ is str else v
-                         for c, v in zip(columns, row, strict=True)])
+        writer.writerow(
+            [
+                {True: "true", False: "false"}.get(v, v)
+                if c.type == "boolean"
+                else guard(v)
+                if c.type == "string" and formula_guard and v.__class__ is str
+                else v
+                for c, v in zip(columns, row, strict=True)
+            ]
+        )
     return buffer.getvalue().encode()
 
 
 FLOAT_KEYS = [f"f{i:02d}" for i in range(20)]
 # Values of float fields beside ordinary ones: exponents, integral numbers (JSON ints), text that
 # casts (and "nan"/"inf", which cast to NaN and infinity), nulls.
-ODD_FLOATS = [1e-07, 1.5e-05, -2.5e-05, 1e16, 1e22, 5e-324, -0.0, 0, 100, -7, 2**60, "1.5", " 2.5 ", "nan", "inf",
-              "-Infinity", "1e400", None]
+ODD_FLOATS = [
+    1e-07,
+    1.5e-05,
+    -2.5e-05,
+    1e16,
+    1e22,
+    5e-324,
+    -0.0,
+    0,
+    100,
+    -7,
+    2**60,
+    "1.5",
+    " 2.5 ",
+    "nan",
+    "inf",
+    "-Infinity",
+    "1e400",
+    None,
+]
 
 
 def _odd_document(i: int, rng) -> object:
@@ -485,8 +622,9 @@ def _odd_document(i: int, rng) -> object:
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("formula_guard", [True, False])
-async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, pg_table, postgres_db,
-                                                                          formula_guard, nested, monkeypatch):
+async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(
+    pg, pg_table, postgres_db, formula_guard, nested, monkeypatch
+):
     """Documents flattened in Python go to CSV column-wise (runs of float fields in one orjson call):
     the bytes are those of the csv module over the rows ``batches`` reads. Without nested fields,
     documents are decoded into a Struct of their keys (``_decoder``); with them, into dicts."""
@@ -504,33 +642,75 @@ async def test_flattened_documents_to_csv_write_what_the_csv_module_writes(pg, p
     table = pg_table("flat")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
     with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
-                        [(i, rng.choice(["n", "=n", None]), None if i % 89 == 0 else json.dumps(_odd_document(i, rng)))
-                         for i in range(1, 801)])
-    columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.day", "date"),
-               *((Column("data.deep.x", "float"), Column("data.deep.y.z")) if nested else ()),
-               *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
-               Column("data.n", "integer"), Column("data.ok", "boolean"), Column("data.s"))
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s, %s)",
+            [
+                (i, rng.choice(["n", "=n", None]), None if i % 89 == 0 else json.dumps(_odd_document(i, rng)))
+                for i in range(1, 801)
+            ],
+        )
+    columns = (
+        Column("id", "integer"),
+        Column("name"),
+        Column("data.at", "datetime"),
+        Column("data.day", "date"),
+        *((Column("data.deep.x", "float"), Column("data.deep.y.z")) if nested else ()),
+        *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
+        Column("data.n", "integer"),
+        Column("data.ok", "boolean"),
+        Column("data.s"),
+    )
     ds = Dataset(name="flat", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
     source = PostgresSource(ds)
-    for query in (build_query(ds), build_query(ds, columns=["data.f03", "data.f04", "id", *(
-            f"data.{k}" for k in FLOAT_KEYS[5:])], sort=[{"field": "id", "direction": "DESC"}]),
-                  # fields out of the documents' order: picked one by one rather than sliced
-                  build_query(ds, columns=["data.f10", "data.f02", "data.f07", "id", "data.f01", "data.f00"])):
+    for query in (
+        build_query(ds),
+        build_query(
+            ds,
+            columns=["data.f03", "data.f04", "id", *(f"data.{k}" for k in FLOAT_KEYS[5:])],
+            sort=[{"field": "id", "direction": "DESC"}],
+        ),
+        # fields out of the documents' order: picked one by one rather than sliced
+        build_query(ds, columns=["data.f10", "data.f02", "data.f07", "id", "data.f01", "data.f00"]),
+    ):
         rows = [r async for b in source.batches(query, 50) for r in b]
         chunks = [c async for c in source.csv_batches(query, 50, formula_guard=formula_guard)]
         assert b"".join(c for c, _ in chunks) == _csv_module_bytes(query.columns, rows, formula_guard)
         assert [n for _, n in chunks][0] == 0 and sum(n for _, n in chunks) == len(rows) == 800
     # the cells are typed as the SQL casts would type them: integral JSON numbers in float fields are
     # floats, text that casts is cast; repr's spelling throughout
-    pg.execute(f"INSERT INTO {table} VALUES (900, 'x', %s)", (json.dumps(
-        {"f00": 100, "f01": "1.5", "f02": 1e-07, "f03": -0.0, "f04": 1.5e-05, "f05": 1e16, "f06": " -2 ", "f07": 2**60,
-         "n": 3.0, "ok": "yes", "s": "=cmd"}),))
+    pg.execute(
+        f"INSERT INTO {table} VALUES (900, 'x', %s)",
+        (
+            json.dumps(
+                {
+                    "f00": 100,
+                    "f01": "1.5",
+                    "f02": 1e-07,
+                    "f03": -0.0,
+                    "f04": 1.5e-05,
+                    "f05": 1e16,
+                    "f06": " -2 ",
+                    "f07": 2**60,
+                    "n": 3.0,
+                    "ok": "yes",
+                    "s": "=cmd",
+                }
+            ),
+        ),
+    )
     query = build_query(ds, filters=[{"field": "id", "op": "EQ", "value": 900}])
     data = b"".join([c async for c, _ in source.csv_batches(query, 50, formula_guard=formula_guard)])
     cells = dict(zip(*_parsed(data), strict=True))
     assert [cells[f"data.f{i:02d}"] for i in range(8)] == [
-        "100.0", "1.5", "1e-07", "0.0", "1.5e-05", "1e+16", "-2.0", "1.152921504606847e+18"]  # jsonb has no -0
+        "100.0",
+        "1.5",
+        "1e-07",
+        "0.0",
+        "1.5e-05",
+        "1e+16",
+        "-2.0",
+        "1.152921504606847e+18",
+    ]  # jsonb has no -0
     assert (cells["data.n"], cells["data.ok"], cells["data.s"]) == ("3", "true", "'=cmd" if formula_guard else "=cmd")
     pg.execute(f"INSERT INTO {table} VALUES (901, 'x', %s)", (json.dumps({k: 7 for k in FLOAT_KEYS}),))
     query = build_query(ds, filters=[{"field": "id", "op": "EQ", "value": 901}])
@@ -552,11 +732,19 @@ async def test_flattened_csv_read_closed_early_releases_the_connection(pg, pg_ta
     monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = pg_table("flatclose")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
-    pg.execute(f"INSERT INTO {table} SELECT g, (SELECT jsonb_object_agg('k' || k, g * k) FROM generate_series(1, 20) k)"
-               f" FROM generate_series(1, 5000) g")
+    pg.execute(
+        f"INSERT INTO {table} SELECT g, (SELECT jsonb_object_agg('k' || k, g * k) FROM generate_series(1, 20) k)"
+        f" FROM generate_series(1, 5000) g"
+    )
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="flatclose", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=discover_columns(postgres_db, table))
+    ds = Dataset(
+        name="flatclose",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     chunks = PostgresSource(ds).csv_batches(build_query(ds), 100, formula_guard=True)
     assert (await anext(chunks))[1] == 0
     assert (await anext(chunks))[1] == 100
@@ -570,8 +758,14 @@ async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_tab
     long = "x" * 80
     pg.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, "=cmd" text, "{long[:63]}" int)')
     pg.execute(f"INSERT INTO {table} VALUES (1, '+1', 2)")
-    ds = Dataset(name="hdr", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+    ds = Dataset(
+        name="hdr",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     fast, slow, _ = await _both_csvs(ds, build_query(ds), True)
     assert fast == slow == f"id,'=cmd,{long[:63]}\r\n1,'+1,2\r\n".encode()
 
@@ -579,8 +773,10 @@ async def test_csv_fast_path_header_is_guarded_and_long_names_survive(pg, pg_tab
 async def test_csv_fast_path_hands_over_a_slow_copy_as_it_comes(postgres_db):
     """A COPY that trickles in (a slow filter) is handed over as its packets come, not held back
     until a chunk fills: its progress still moves, and the streaming route still streams."""
-    statement = ("COPY (SELECT g, repeat('x', 1000) FROM generate_series(1, 150) g, LATERAL pg_sleep(0.01 + 0 * g)) "
-                 "TO STDOUT WITH (FORMAT csv)")  # ~1.5 s; the server sends a packet every ~80 ms
+    statement = (
+        "COPY (SELECT g, repeat('x', 1000) FROM generate_series(1, 150) g, LATERAL pg_sleep(0.01 + 0 * g)) "
+        "TO STDOUT WITH (FORMAT csv)"
+    )  # ~1.5 s; the server sends a packet every ~80 ms
     async with await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as conn:
         started = time.monotonic()
         arrivals, data = [], []
@@ -601,11 +797,19 @@ async def test_a_jsonb_value_that_does_not_cast_names_the_column(pg, pg_table, p
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, data jsonb)")
     extra = {f"f{i:02d}": i for i in range(fields - 1)}
     with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)",
-                        [(i, json.dumps({"au_ppm": i * 0.5, **extra})) for i in range(1, 2000)])
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s)",
+            [(i, json.dumps({"au_ppm": i * 0.5, **extra})) for i in range(1, 2000)],
+        )
         cur.execute(f"INSERT INTO {table} VALUES (2000, %s)", (json.dumps({"au_ppm": "abc", **extra}),))
-    ds = Dataset(name="assays", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+    ds = Dataset(
+        name="assays",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     assert ds.column("data.au_ppm").type == "float"  # the sample saw numbers; the last row is text
     with pytest.raises(SourceError) as e:
         await _rows(ds, batch_rows=500)
@@ -636,8 +840,11 @@ async def test_wide_jsonb_table_discovers_and_exports(pg, pg_table, postgres_db)
     assert len(columns) == 2 + keys + 1 and columns[2].name == "data.f0001" and columns[2].type == "float"
     assert {c.name: c.type for c in columns}["data.taken"] == "date"
     ds = Dataset(name="wide", source="postgres", url=postgres_db, table=table, key=("id",), columns=columns)
-    query = build_query(ds, filters=[{"field": "data.f0002", "op": "GT", "value": 125_000}],
-                        sort=[{"field": "data.taken", "direction": "DESC"}])
+    query = build_query(
+        ds,
+        filters=[{"field": "data.f0002", "op": "GT", "value": 125_000}],
+        sort=[{"field": "data.taken", "direction": "DESC"}],
+    )
     source = PostgresSource(ds)
     rows = [r async for b in source.batches(query, 2000) for r in b]
     assert [r[0] for r in rows] == list(range(200, 49, -1))
@@ -651,21 +858,38 @@ async def test_wide_jsonb_table_discovers_and_exports(pg, pg_table, postgres_db)
 
 
 async def test_errors_say_whether_a_retry_can_help(pg, pg_table, postgres_db):
-    ds = Dataset(name="gone", source="postgres", url=postgres_db, table="no_such_table", key=(),
-                 columns=(Column("id", "integer"),))
+    ds = Dataset(
+        name="gone",
+        source="postgres",
+        url=postgres_db,
+        table="no_such_table",
+        key=(),
+        columns=(Column("id", "integer"),),
+    )
     with pytest.raises(SourceError, match="no_such_table") as e:
         await PostgresSource(ds).count(build_query(ds))
     assert not isinstance(e.value, TransientSourceError)
 
     table = pg_table("cols")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
-    ds = Dataset(name="cols", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=(Column("id", "integer"), Column("missing")))
+    ds = Dataset(
+        name="cols",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=(Column("id", "integer"), Column("missing")),
+    )
     with pytest.raises(SourceError, match="'missing'"):
         await _rows(ds)
 
-    refused = Dataset(name="down", source="postgres", url=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
-                      table="t", columns=(Column("id", "integer"),))
+    refused = Dataset(
+        name="down",
+        source="postgres",
+        url=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+        table="t",
+        columns=(Column("id", "integer"),),
+    )
     with pytest.raises(TransientSourceError, match="unavailable"):
         await _rows(refused)
     with pytest.raises(SourceError):
@@ -676,17 +900,49 @@ async def test_errors_say_whether_a_retry_can_help(pg, pg_table, postgres_db):
 
 async def test_float_text_of_the_fast_path_is_pythons_repr(pg, pg_table, postgres_db):
     table = pg_table("floats")
-    values = [0.0, -0.0, 3.0, -2.5, 0.1, 1 / 3, 1e-7, 5e-324, 123456789.125, 1e15, 2.0**53, 9999999999999998.0,
-              1e16, 1e22, -1.7976931348623157e308]
-    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, f8 double precision, f4 real, n numeric, "
-               f"ts timestamp, day date)")
+    values = [
+        0.0,
+        -0.0,
+        3.0,
+        -2.5,
+        0.1,
+        1 / 3,
+        1e-7,
+        5e-324,
+        123456789.125,
+        1e15,
+        2.0**53,
+        9999999999999998.0,
+        1e16,
+        1e22,
+        -1.7976931348623157e308,
+    ]
+    pg.execute(
+        f"CREATE TABLE {table} (id int PRIMARY KEY, f8 double precision, f4 real, n numeric, ts timestamp, day date)"
+    )
     with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
-                        [(i, v, v if v == 0 or 1e-30 < abs(v) < 1e30 else None, Decimal(repr(v)),
-                          dt.datetime(2020, 1, 1, 0, 0, 0, i * 10) if i else None, dt.date(2020, 1, 1 + i))
-                         for i, v in enumerate(values)])
-    ds = Dataset(name="floats", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    i,
+                    v,
+                    v if v == 0 or 1e-30 < abs(v) < 1e30 else None,
+                    Decimal(repr(v)),
+                    dt.datetime(2020, 1, 1, 0, 0, 0, i * 10) if i else None,
+                    dt.date(2020, 1, 1 + i),
+                )
+                for i, v in enumerate(values)
+            ],
+        )
+    ds = Dataset(
+        name="floats",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     fast, slow, _ = await _both_csvs(ds, build_query(ds), True)
     assert fast == slow
     assert _parsed(fast)[2][1:4] == ["-0.0", "-0.0", "0.0"] and _parsed(fast)[11][1] == "9007199254740992.0"
@@ -704,10 +960,17 @@ async def test_text_compares_in_code_point_order_whatever_the_collation(pg, pg_t
             continue
     texts = ["b", "A", "a", "B", "Ø", "z"]
     with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
-                        [(i, t, json.dumps({"s": t})) for i, t in enumerate(texts)])
-    ds = Dataset(name="coll", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s, %s)", [(i, t, json.dumps({"s": t})) for i, t in enumerate(texts)]
+        )
+    ds = Dataset(
+        name="coll",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     for name in ("s", "data.s"):
         rows = await _rows(ds, columns=[name], sort=[{"field": name}])
         assert [r[0] for r in rows] == sorted(texts)
@@ -721,17 +984,30 @@ async def _csv(source: PostgresSource, query, batch_rows: int = 100) -> tuple[by
 
 
 async def test_a_large_table_is_copied_by_key_ranges_on_two_connections_in_one_snapshot(
-        pg, pg_table, postgres_db, monkeypatch):
+    pg, pg_table, postgres_db, monkeypatch
+):
     table = pg_table("ranges")
     pg.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, name text, score double precision, ok boolean)")
-    pg.execute(f"INSERT INTO {table} SELECT g * 3, CASE WHEN g % 7 = 0 THEN '=f' || g ELSE 'n' || g END, g / 4.0, "
-               f"g % 2 = 0 FROM generate_series(1, 6000) g")
+    pg.execute(
+        f"INSERT INTO {table} SELECT g * 3, CASE WHEN g % 7 = 0 THEN '=f' || g ELSE 'n' || g END, g / 4.0, "
+        f"g % 2 = 0 FROM generate_series(1, 6000) g"
+    )
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="ranges", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=discover_columns(postgres_db, table))
-    queries = [build_query(ds), build_query(ds, sort=[{"field": "id", "direction": "DESC"}]),
-               build_query(ds, filters=[{"field": "score", "op": "GT", "value": 100}, {"field": "name", "op": "PREFIX",
-                                                                                       "value": "n"}])]
+    ds = Dataset(
+        name="ranges",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
+    queries = [
+        build_query(ds),
+        build_query(ds, sort=[{"field": "id", "direction": "DESC"}]),
+        build_query(
+            ds, filters=[{"field": "score", "op": "GT", "value": 100}, {"field": "name", "op": "PREFIX", "value": "n"}]
+        ),
+    ]
     serial = [await _csv(PostgresSource(ds), q) for q in queries]
     serial_rows = await _rows(ds, batch_rows=100, sort=[{"field": "id", "direction": "DESC"}])
     monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
@@ -770,8 +1046,14 @@ async def test_a_server_that_exports_no_snapshot_is_read_on_one_connection(pg, p
     pg.execute(f'GRANT SELECT ON "{table}" TO "{role}"')
     pg.execute("REVOKE EXECUTE ON FUNCTION pg_export_snapshot() FROM PUBLIC")  # in this session's database
     try:
-        ds = Dataset(name="nosnap", source="postgres", url=_url(postgres_db, user=role), table=table, key=("id",),
-                     columns=discover_columns(postgres_db, table))
+        ds = Dataset(
+            name="nosnap",
+            source="postgres",
+            url=_url(postgres_db, user=role),
+            table=table,
+            key=("id",),
+            columns=discover_columns(postgres_db, table),
+        )
         serial = await _csv(PostgresSource(ds), build_query(ds))
         monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
         monkeypatch.setattr("sources.postgres.ranges.RANGE_BYTES", 16 * 1024)
@@ -794,10 +1076,23 @@ async def test_the_connections_of_a_split_read_ask_for_no_parallel_workers(pg, p
     pg.execute(f"INSERT INTO {table} SELECT g, 'v' || g, g / 3.0 FROM generate_series(1, 20000) g")
     pg.execute(f"ANALYZE {table}")
     # Parallel plans made free, so that the planner picks one wherever it may.
-    cheap = " ".join(f"-c {name}=0" for name in ("parallel_setup_cost", "parallel_tuple_cost",
-                                                   "min_parallel_index_scan_size", "min_parallel_table_scan_size"))
-    ds = Dataset(name="noparallel", source="postgres", url=_url(postgres_db, options=cheap), table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+    cheap = " ".join(
+        f"-c {name}=0"
+        for name in (
+            "parallel_setup_cost",
+            "parallel_tuple_cost",
+            "min_parallel_index_scan_size",
+            "min_parallel_table_scan_size",
+        )
+    )
+    ds = Dataset(
+        name="noparallel",
+        source="postgres",
+        url=_url(postgres_db, options=cheap),
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     plans: list[str] = []
     copy_chunks = postgres_source._copy_chunks
 
@@ -828,14 +1123,21 @@ def _split_read_table(pg, pg_table, postgres_db, monkeypatch, name: str) -> tupl
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     pg.execute(f"INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g")
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name=name, source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=discover_columns(postgres_db, table))
+    ds = Dataset(
+        name=name,
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     return ds, app
 
 
 @pytest.mark.parametrize("which", ["first", "second"])
 async def test_a_connection_of_a_split_read_terminated_mid_read_is_a_transient_error(
-        pg, pg_table, postgres_db, monkeypatch, which):
+    pg, pg_table, postgres_db, monkeypatch, which
+):
     """``pg_terminate_backend`` of either connection of a read by key ranges (a restart, a failover,
     an administrator) fails the read as transient, so the worker tries again from a fresh snapshot,
     and leaves no connection behind."""
@@ -888,8 +1190,10 @@ def _odd_documents_table(pg: psycopg.Connection, pg_table, name: str, rng: rando
     table = pg_table(name)
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, data jsonb)")
     with pg.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
-                        [(i, rng.choice(["n", "=n", None]), json.dumps(_odd_document(i, rng))) for i in range(1, 1201)])
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s, %s)",
+            [(i, rng.choice(["n", "=n", None]), json.dumps(_odd_document(i, rng))) for i in range(1, 1201)],
+        )
     return table
 
 
@@ -897,11 +1201,24 @@ async def test_helper_processes_flatten_documents_to_the_same_bytes(pg, pg_table
     monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
     monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = _odd_documents_table(pg, pg_table, "helpers", random.Random(7))
-    columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"), Column("data.deep.x", "float"),
-               *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
+    columns = (
+        Column("id", "integer"),
+        Column("name"),
+        Column("data.at", "datetime"),
+        Column("data.deep.x", "float"),
+        *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
+        Column("data.n", "integer"),
+        Column("data.s"),
+    )
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="helpers", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=columns)
+    ds = Dataset(
+        name="helpers",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=columns,
+    )
     query = build_query(ds)
     in_process = await _csv(PostgresSource(ds), query, 50)
     monkeypatch.setattr("sources.postgres.helper_reads.HELPERS_AFTER_CELLS", 2000)  # from the third batch on
@@ -927,11 +1244,23 @@ async def test_helper_processes_read_and_flatten_the_key_ranges_themselves(pg, p
     monkeypatch.setattr("sources.postgres.plans.INLINE_FIELDS", 0)
     monkeypatch.setattr("sources.postgres.plans.SMALL_DOCUMENT_BYTES", 0)
     table = _odd_documents_table(pg, pg_table, "rangehelpers", random.Random(11))
-    columns = (Column("id", "integer"), Column("name"), Column("data.at", "datetime"),
-               *(Column(f"data.{k}", "float") for k in FLOAT_KEYS), Column("data.n", "integer"), Column("data.s"))
+    columns = (
+        Column("id", "integer"),
+        Column("name"),
+        Column("data.at", "datetime"),
+        *(Column(f"data.{k}", "float") for k in FLOAT_KEYS),
+        Column("data.n", "integer"),
+        Column("data.s"),
+    )
     app = f"dataport-test-{uuid.uuid4().hex[:6]}"
-    ds = Dataset(name="rangehelpers", source="postgres", url=_url(postgres_db, application_name=app), table=table,
-                 key=("id",), columns=columns)
+    ds = Dataset(
+        name="rangehelpers",
+        source="postgres",
+        url=_url(postgres_db, application_name=app),
+        table=table,
+        key=("id",),
+        columns=columns,
+    )
     query = build_query(ds)
     in_process, _ = await _csv(PostgresSource(ds), query, 50)  # a small table: one connection, no helpers
     monkeypatch.setattr("sources.postgres.ranges.SPLIT_BYTES", 0)
@@ -985,20 +1314,38 @@ async def test_date_times_are_rendered_as_before_at_every_edge(pg, pg_table, pos
     must be the reshaped ISO text as before, and BC, infinite and five-digit years keep that."""
     table = pg_table("edges")
     pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, tz timestamptz, ts timestamp)")
-    values = ["2020-01-02 03:04:05", "2020-01-02 03:04:05.1", "1999-12-31 23:59:59.123456",
-              "2000-02-29 00:00:00.000001", "0001-01-01 00:00:00", "9999-12-31 23:59:59.999999",
-              "10000-01-01 00:00:00", "0044-03-15 12:00:00 BC", "infinity", "-infinity", None]
+    values = [
+        "2020-01-02 03:04:05",
+        "2020-01-02 03:04:05.1",
+        "1999-12-31 23:59:59.123456",
+        "2000-02-29 00:00:00.000001",
+        "0001-01-01 00:00:00",
+        "9999-12-31 23:59:59.999999",
+        "10000-01-01 00:00:00",
+        "0044-03-15 12:00:00 BC",
+        "infinity",
+        "-infinity",
+        None,
+    ]
     with pg.cursor() as cur:
         cur.execute("SET TimeZone = 'Europe/Paris'")  # the source reads in UTC whatever the writer's zone
-        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s::timestamptz, %s::timestamp)",
-                        [(i, v, v) for i, v in enumerate(values)])
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s::timestamptz, %s::timestamp)",
+            [(i, v, v) for i, v in enumerate(values)],
+        )
         cur.execute("SET TimeZone = 'UTC'")
     expected = pg.execute(
         f"SELECT id, CASE WHEN isfinite(tz) THEN replace(left(tz::text, -3), ' ', 'T') || 'Z' ELSE tz::text END, "
         f"CASE WHEN isfinite(ts) THEN replace(ts::text, ' ', 'T') || 'Z' ELSE ts::text END FROM {table} ORDER BY id"
     ).fetchall()
-    ds = Dataset(name="edges", source="postgres", url=postgres_db, table=table, key=("id",),
-                 columns=discover_columns(postgres_db, table))
+    ds = Dataset(
+        name="edges",
+        source="postgres",
+        url=postgres_db,
+        table=table,
+        key=("id",),
+        columns=discover_columns(postgres_db, table),
+    )
     fast, slow, _ = await _both_csvs(ds, build_query(ds), True)
     assert fast == slow
     assert _parsed(fast)[1:] == [[str(i), tz or "", ts or ""] for i, tz, ts in expected]

@@ -43,8 +43,13 @@ _POOL_OWNER = textwrap.dedent("""
 def test_pool_helpers_exit_when_their_owner_is_killed(tmp_path):
     script = tmp_path / "owner.py"
     script.write_text(_POOL_OWNER)
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    owner = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         helpers = [psutil.Process(int(pid)) for pid in owner.stdout.readline().split()]
         servers = [psutil.Process(int(pid)) for pid in owner.stdout.readline().split()]
@@ -65,9 +70,17 @@ def test_a_helper_ends_with_its_owner_even_when_that_is_not_its_parent(pidfd):
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     no_pidfd = "" if pidfd else "del os.pidfd_open; "  # as on a kernel or seccomp profile without it
     helper = subprocess.Popen(
-        [sys.executable, "-c", f"import os, time; {no_pidfd}from dataport.processes import exit_with; "
-                               f"exit_with({owner.pid}); print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; {no_pidfd}from dataport.processes import exit_with; "
+            f"exit_with({owner.pid}); print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert helper.stdout.readline() == "ready\n"
         assert helper.poll() is None

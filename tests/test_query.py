@@ -33,8 +33,10 @@ ROWS = [
 def dataset(tmp_path_factory) -> Dataset:
     path = tmp_path_factory.mktemp("q") / "q.sqlite3"
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, score REAL, active INTEGER, born TEXT, "
-                 "seen_at TEXT, notes TEXT)")
+    conn.execute(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, score REAL, active INTEGER, born TEXT, "
+        "seen_at TEXT, notes TEXT)"
+    )
     conn.executemany("INSERT INTO t VALUES (?,?,?,?,?,?,?)", ROWS)
     conn.commit()
     conn.close()
@@ -53,18 +55,24 @@ def test_each_bad_input_names_its_field(dataset):
     assert _errors(dataset, columns=[]) == [("NO_COLUMNS", ("input", "columns"))]
     assert _errors(dataset, limit=0) == [("INVALID_LIMIT", ("input", "limit"))]
     assert _errors(dataset, filters=[{"field": "notes", "op": "EQ", "value": "x"}]) == [
-        ("NOT_FILTERABLE", ("input", "filters", "0", "field"))]
+        ("NOT_FILTERABLE", ("input", "filters", "0", "field"))
+    ]
     assert _errors(dataset, sort=[{"field": "notes"}]) == [("NOT_SORTABLE", ("input", "sort", "0", "field"))]
     assert _errors(dataset, filters=[{"field": "score", "op": "CONTAINS", "value": "1"}]) == [
-        ("UNSUPPORTED_OPERATOR", ("input", "filters", "0", "op"))]
+        ("UNSUPPORTED_OPERATOR", ("input", "filters", "0", "op"))
+    ]
     assert _errors(dataset, filters=[{"field": "score", "op": "BETWEEN", "values": [1]}]) == [
-        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "values"))]
+        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "values"))
+    ]
     assert _errors(dataset, filters=[{"field": "born", "op": "GT", "value": "2020-13-45"}]) == [
-        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "value"))]
+        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "value"))
+    ]
     assert _errors(dataset, filters=[{"field": "id", "op": "IN", "values": list(range(MAX_IN_VALUES + 1))}]) == [
-        ("TOO_MANY_VALUES", ("input", "filters", "0", "values"))]
+        ("TOO_MANY_VALUES", ("input", "filters", "0", "values"))
+    ]
     assert _errors(dataset, filters=[{"field": "score", "op": "EQ", "value": "abc"}]) == [
-        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "value"))]
+        ("INVALID_FILTER_VALUE", ("input", "filters", "0", "value"))
+    ]
     # several problems at once are all reported
     assert len(_errors(dataset, columns=["nope"], limit=-1, filters=[{"field": "x", "op": "EQ", "value": 1}])) == 3
 
@@ -77,24 +85,24 @@ async def _ids(dataset, **kwargs) -> list[int]:
 
 # Every operator on every column type, with the ids each must return (other sources import this).
 FILTER_CASES = [
-        ([{"field": "score", "op": "EQ", "value": 1.5}], [1, 5]),
-        ([{"field": "score", "op": "NE", "value": 1.5}], [2, 3, 4]),  # NE keeps nulls
-        ([{"field": "score", "op": "GT", "value": 1.5}], [3]),
-        ([{"field": "score", "op": "GTE", "value": "1.5"}], [1, 3, 5]),
-        ([{"field": "score", "op": "LT", "value": 0}], [4]),
-        ([{"field": "score", "op": "BETWEEN", "values": [0, 2]}], [1, 5]),
-        ([{"field": "id", "op": "IN", "values": [2, 4, 9]}], [2, 4]),
-        ([{"field": "id", "op": "NOT_IN", "values": [2, 4]}], [1, 3, 5]),
-        ([{"field": "name", "op": "CONTAINS", "value": "pha"}], [1, 3]),
-        ([{"field": "name", "op": "PREFIX", "value": "Alph"}], [3]),  # case-sensitive
-        ([{"field": "name", "op": "IS_NULL"}], [5]),
-        ([{"field": "name", "op": "IS_NULL", "value": False}], [1, 2, 3, 4]),
-        ([{"field": "active", "op": "EQ", "value": True}], [1, 4]),
-        ([{"field": "born", "op": "GTE", "value": "2020-01-01"}], [1, 2, 5]),
-        ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T09:30:00+00:00"}], [4, 5]),
-        ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T10:30:00+01:00"}], [4, 5]),  # = 09:30Z
-        ([{"field": "name", "op": "EQ", "value": "x' OR '1'='1"}], []),  # bound, never spliced
-    ]
+    ([{"field": "score", "op": "EQ", "value": 1.5}], [1, 5]),
+    ([{"field": "score", "op": "NE", "value": 1.5}], [2, 3, 4]),  # NE keeps nulls
+    ([{"field": "score", "op": "GT", "value": 1.5}], [3]),
+    ([{"field": "score", "op": "GTE", "value": "1.5"}], [1, 3, 5]),
+    ([{"field": "score", "op": "LT", "value": 0}], [4]),
+    ([{"field": "score", "op": "BETWEEN", "values": [0, 2]}], [1, 5]),
+    ([{"field": "id", "op": "IN", "values": [2, 4, 9]}], [2, 4]),
+    ([{"field": "id", "op": "NOT_IN", "values": [2, 4]}], [1, 3, 5]),
+    ([{"field": "name", "op": "CONTAINS", "value": "pha"}], [1, 3]),
+    ([{"field": "name", "op": "PREFIX", "value": "Alph"}], [3]),  # case-sensitive
+    ([{"field": "name", "op": "IS_NULL"}], [5]),
+    ([{"field": "name", "op": "IS_NULL", "value": False}], [1, 2, 3, 4]),
+    ([{"field": "active", "op": "EQ", "value": True}], [1, 4]),
+    ([{"field": "born", "op": "GTE", "value": "2020-01-01"}], [1, 2, 5]),
+    ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T09:30:00+00:00"}], [4, 5]),
+    ([{"field": "seen_at", "op": "LT", "value": "2020-01-01T10:30:00+01:00"}], [4, 5]),  # = 09:30Z
+    ([{"field": "name", "op": "EQ", "value": "x' OR '1'='1"}], []),  # bound, never spliced
+]
 
 
 @pytest.mark.parametrize(("filters", "expected"), FILTER_CASES)
@@ -124,8 +132,14 @@ async def test_text_in_a_number_column_is_a_clear_source_error(tmp_path):
     conn.executemany("INSERT INTO t VALUES (?, ?)", [(1, 1.0), (2, "oops")])
     conn.commit()
     conn.close()
-    ds = Dataset(name="bad", source="sqlite", url=str(path), table="t", columns=(Column("id", "integer"),
-                 Column("v", "float")), key=("id",))
+    ds = Dataset(
+        name="bad",
+        source="sqlite",
+        url=str(path),
+        table="t",
+        columns=(Column("id", "integer"), Column("v", "float")),
+        key=("id",),
+    )
     with pytest.raises(SourceError, match=r"Row 2: column 'v' holds 'oops', which is not a float"):
         async for _ in SqliteSource(ds).batches(build_query(ds), 10):
             pass

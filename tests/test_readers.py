@@ -165,8 +165,11 @@ def test_csv_empty_columns_at_the_right_are_ignored_unless_they_hold_something()
     assert rows_of("CSV", data) == [
         (1, {"a": "1", "b": "2"}, None),
         (2, {"a": "3", "b": "4"}, None),
-        (3, {"a": "5", "b": "6"}, "row 3 has 4 cells, the header has 2 (a cell holding a comma must be in "
-                                  "double quotes)"),
+        (
+            3,
+            {"a": "5", "b": "6"},
+            "row 3 has 4 cells, the header has 2 (a cell holding a comma must be in double quotes)",
+        ),
     ]
 
 
@@ -625,8 +628,9 @@ def test_xlsx_export_limits_are_refused_or_documented_not_silent():
     record = read_all("XLSX", data)[1][0]
     row, errors = RowConverter(COLUMNS, unguard_text=True).convert(record.values)
     # The integer is refused rather than changed; 0.30000000000000004 comes back as 0.3.
-    assert errors == [CellError("n", "9.223372036854776e+18 is too large to be an exact integer here; "
-                                     "write it as text or in JSON")]
+    assert errors == [
+        CellError("n", "9.223372036854776e+18 is too large to be an exact integer here; write it as text or in JSON")
+    ]
     assert record.values["x"] == 0.3
 
 
@@ -1039,8 +1043,12 @@ FILE_LINES = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(lines=st.lists(FILE_LINES, max_size=25), size=st.integers(1, 8), max_errors=st.integers(1, 12),
-       required=st.booleans())
+@given(
+    lines=st.lists(FILE_LINES, max_size=25),
+    size=st.integers(1, 8),
+    max_errors=st.integers(1, 12),
+    required=st.booleans(),
+)
 def test_file_batches_by_column_and_by_record_agree(lines, size, max_errors, required):
     """The import's two ways through a file (CSV by column, other formats by record) write the same
     rows, report the same failures in the same order and stop at exactly maxErrors failed rows."""

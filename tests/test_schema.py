@@ -26,7 +26,6 @@ async def test_an_unexpected_error_is_masked_and_names_nothing_internal():
     assert error.path == ["datasets"]
 
 
-
 def test_schema_graphql_is_the_schema_the_code_serves():
     """``schema.graphql`` is the contract clients read: regenerate it when the schema changes with
     ``python -c "from schema import schema; open('schema.graphql', 'w').write(schema.as_str() + '\\n')"``."""

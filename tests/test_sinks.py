@@ -72,8 +72,9 @@ class Store:
 
     name = ""
 
-    def make(self, key: tuple[str, ...] = ("id",), columns: tuple[Column, ...] = COLUMNS, unique: bool = True
-             ) -> Dataset:
+    def make(
+        self, key: tuple[str, ...] = ("id",), columns: tuple[Column, ...] = COLUMNS, unique: bool = True
+    ) -> Dataset:
         raise NotImplementedError
 
     async def read(self, dataset: Dataset) -> list[tuple]:
@@ -111,8 +112,14 @@ class SqliteStore(Store):
 
 class PostgresStore(Store):
     name = "postgres"
-    TYPES = {"integer": "bigint", "float": "double precision", "boolean": "boolean", "date": "date",
-             "datetime": "timestamptz", "string": "text"}
+    TYPES = {
+        "integer": "bigint",
+        "float": "double precision",
+        "boolean": "boolean",
+        "date": "date",
+        "datetime": "timestamptz",
+        "string": "text",
+    }
 
     def __init__(self, url: str, pg: psycopg.Connection, fresh: Callable[[str], str]):
         self.pg, self.fresh = pg, fresh
@@ -129,8 +136,12 @@ class PostgresStore(Store):
         return Dataset(name="things", source="postgres", url=self.url, table=table, columns=columns, key=key)
 
     def sessions(self) -> list[str]:
-        return [s for (s,) in self.pg.execute("SELECT state FROM pg_stat_activity WHERE application_name = %s",
-                                              (self.app,)).fetchall()]
+        return [
+            s
+            for (s,) in self.pg.execute(
+                "SELECT state FROM pg_stat_activity WHERE application_name = %s", (self.app,)
+            ).fetchall()
+        ]
 
     def no_sessions_left(self) -> bool:
         """True once the sinks' sessions are gone (a closed connection's backend exits a moment later)."""
@@ -143,8 +154,14 @@ class PostgresStore(Store):
 
 class OpenSearchStore(Store):
     name = "opensearch"
-    TYPES = {"integer": "long", "float": "double", "boolean": "boolean", "date": "date", "datetime": "date",
-             "string": "keyword"}
+    TYPES = {
+        "integer": "long",
+        "float": "double",
+        "boolean": "boolean",
+        "date": "date",
+        "datetime": "date",
+        "string": "keyword",
+    }
 
     def __init__(self, url: str):
         self.url = url
@@ -258,8 +275,11 @@ async def test_insert_of_an_existing_key_fails_and_writes_nothing(store):
             await sink.write(ROWS[3:5])  # new rows first
             await sink.write([(2, "other", None, None, None, None, None)])
             await sink.commit()
-        assert re.search(r"^a row with id=2 already exists in dataset 'things'.*; import in UPSERT mode to update it "
-                         r"\(row 3\)$", str(e.value))
+        assert re.search(
+            r"^a row with id=2 already exists in dataset 'things'.*; import in UPSERT mode to update it "
+            r"\(row 3\)$",
+            str(e.value),
+        )
         assert e.value.row == 3
         assert not e.value.transient
     finally:
@@ -437,8 +457,14 @@ async def test_a_busy_sqlite_database_is_a_transient_error(sqlite_store):
 
 async def test_an_unreachable_postgres_is_a_transient_error(postgres_store):
     ds = postgres_store.make()
-    gone = Dataset(name="things", source="postgres", url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
-                   table=ds.table, columns=COLUMNS, key=("id",))
+    gone = Dataset(
+        name="things",
+        source="postgres",
+        url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        table=ds.table,
+        columns=COLUMNS,
+        key=("id",),
+    )
     with pytest.raises(SinkError, match="'things' is unavailable") as e:
         await open_sink(gone, COLUMNS, "INSERT", None)
     assert e.value.transient
@@ -489,11 +515,21 @@ async def test_a_killed_postgres_writer_leaves_the_table_unchanged(postgres_stor
 
 
 def _kill_a_writer(ds: Dataset) -> None:
-    spec = {"name": ds.name, "source": ds.source, "url": ds.url, "table": ds.table, "key": list(ds.key),
-            "columns": [{"name": c.name, "type": c.type} for c in ds.columns]}
-    process = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps(spec)], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    spec = {
+        "name": ds.name,
+        "source": ds.source,
+        "url": ds.url,
+        "table": ds.table,
+        "key": list(ds.key),
+        "columns": [{"name": c.name, "type": c.type} for c in ds.columns],
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, json.dumps(spec)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "written"
@@ -509,9 +545,11 @@ def _kill_a_writer(ds: Dataset) -> None:
 
 async def test_postgres_timestamps_without_time_zone_and_other_types(postgres_store):
     ds = postgres_store.make()
-    postgres_store.pg.execute(f'ALTER TABLE "{ds.table}" ALTER COLUMN seen_at TYPE timestamp, '
-                              f'ALTER COLUMN name TYPE varchar(80), ALTER COLUMN score TYPE numeric, '
-                              f'ALTER COLUMN id TYPE integer')
+    postgres_store.pg.execute(
+        f'ALTER TABLE "{ds.table}" ALTER COLUMN seen_at TYPE timestamp, '
+        f"ALTER COLUMN name TYPE varchar(80), ALTER COLUMN score TYPE numeric, "
+        f"ALTER COLUMN id TYPE integer"
+    )
     rows = [r for r in ROWS if r[0] < 2**31]
     await _write(ds, rows)
     assert await postgres_store.read(ds) == sorted(rows)
@@ -601,14 +639,20 @@ async def test_postgres_text_rows_are_stored_as_their_typed_rows(postgres_store,
     sink = await open_sink(postgres_store.make(), COLUMNS, "INSERT", None)
     assert callable(sink.write_text)
     await sink.close()
-    for retype in (None, "score TYPE numeric, ALTER COLUMN active TYPE text, ALTER COLUMN seen_at TYPE text, "
-                         "ALTER COLUMN born TYPE text, ALTER COLUMN name TYPE varchar(80)"):
+    for retype in (
+        None,
+        "score TYPE numeric, ALTER COLUMN active TYPE text, ALTER COLUMN seen_at TYPE text, "
+        "ALTER COLUMN born TYPE text, ALTER COLUMN name TYPE varchar(80)",
+    ):
         typed, text = postgres_store.make(), postgres_store.make()
         for ds in (typed, text):
             if retype:
                 pg.execute(f'ALTER TABLE "{ds.table}" ALTER COLUMN {retype}')
-        assert (await _write(typed, CSV_ROWS, mode=mode, batch=batch)
-                == await _write_text(text, CSV_ROWS, mode=mode, batch=batch) == len(CSV_ROWS))
+        assert (
+            await _write(typed, CSV_ROWS, mode=mode, batch=batch)
+            == await _write_text(text, CSV_ROWS, mode=mode, batch=batch)
+            == len(CSV_ROWS)
+        )
         assert stored(pg, text.table) == stored(pg, typed.table)
     assert await postgres_store.read(text) == sorted(CSV_ROWS)
 
@@ -689,8 +733,11 @@ async def test_opensearch_a_rerun_converges_and_a_different_document_is_a_duplic
     await _write(ds, ROWS, batch=3)  # the first four exist with the same values: no error
     assert await opensearch_store.read(ds) == sorted(ROWS)
     changed = (3, *ROWS[2][1:6], "different")
-    with pytest.raises(DuplicateKeyError, match=r"a row with id=3 already exists .* with notes='' \(the file has "
-                                                r"'different'\)"):
+    with pytest.raises(
+        DuplicateKeyError,
+        match=r"a row with id=3 already exists .* with notes='' \(the file has "
+        r"'different'\)",
+    ):
         await _write(ds, [changed])
     assert await opensearch_store.read(ds) == sorted(ROWS)
 
@@ -736,8 +783,9 @@ async def test_opensearch_refuses_what_it_cannot_keep(opensearch_store):
     ds = opensearch_store.make()
     with pytest.raises(SinkError, match="row 1, column 'score' holds nan"):
         await _write(ds, [(1, None, float("nan"), None, None, None, None)])
-    missing = Dataset(name="things", source="opensearch", url=ds.url, table="dp-sink-missing", columns=COLUMNS,
-                      key=("id",))
+    missing = Dataset(
+        name="things", source="opensearch", url=ds.url, table="dp-sink-missing", columns=COLUMNS, key=("id",)
+    )
     with pytest.raises(SinkError, match="index 'dp-sink-missing' does not exist"):
         await open_sink(missing, COLUMNS, "INSERT", None)
     with pytest.raises(SinkError, match=r"row 2 \(document '2'\) was refused .*mapper_parsing_exception") as e:
@@ -751,8 +799,9 @@ async def test_opensearch_429_and_5xx_are_retried(opensearch_store):
     ds = opensearch_store.make()
     proxy = await FaultyProxy(ds.url).start()
     try:
-        via_proxy = Dataset(name="things", source="opensearch", url=proxy.url, table=ds.table, columns=COLUMNS,
-                            key=("id",))
+        via_proxy = Dataset(
+            name="things", source="opensearch", url=proxy.url, table=ds.table, columns=COLUMNS, key=("id",)
+        )
         sink = await OpenSearchSink.open(via_proxy, COLUMNS, "INSERT", None, retry_delays=FAST)
         try:
             proxy.fault_paths, proxy.faults = ("/_bulk",), [429, 503]

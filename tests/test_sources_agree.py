@@ -38,8 +38,7 @@ COLUMNS = (
 )
 # A small alphabet makes duplicates, prefixes and substrings likely; the odd characters test
 # escaping (wildcards, quotes, backslashes) and code-point ordering.
-TEXTS = ["", "a", "ab", "abc", "b", "B", "ba", "a*b", "a?c", "x\\y", "it's", 'say "hi"', "Ørsted", "é", "z z",
-         "%", "_"]
+TEXTS = ["", "a", "ab", "abc", "b", "B", "ba", "a*b", "a?c", "x\\y", "it's", 'say "hi"', "Ørsted", "é", "z z", "%", "_"]
 ROW_COUNT = 120
 
 
@@ -77,14 +76,17 @@ async def sources(tmp_path_factory, postgres_db, opensearch_url) -> AsyncIterato
     # SQLite: the reference.
     path = tmp_path_factory.mktemp("agree") / "agree.sqlite3"
     with sqlite3.connect(path) as conn:
-        conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, n INTEGER, x REAL, s TEXT, b INTEGER, d TEXT, "
-                     "t TEXT)")
+        conn.execute(
+            f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, n INTEGER, x REAL, s TEXT, b INTEGER, d TEXT, t TEXT)"
+        )
         conn.executemany(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?)", ROWS)
     # PostgreSQL, with a linguistic collation on the text column (ICU root: 'a' < 'B'), as many
     # production databases have: text order must still be code-point order, as in SQLite.
     with psycopg.connect(postgres_db, autocommit=True) as conn:
-        conn.execute(f'CREATE TABLE {table} (id integer PRIMARY KEY, n integer, x double precision, '
-                     f's text, b boolean, d date, t timestamptz)')
+        conn.execute(
+            f"CREATE TABLE {table} (id integer PRIMARY KEY, n integer, x double precision, "
+            f"s text, b boolean, d date, t timestamptz)"
+        )
         for collation in ("und-x-icu", "en-x-icu", "en_US.utf8"):  # servers built without ICU have none
             try:
                 conn.execute(f'ALTER TABLE {table} ALTER COLUMN s TYPE text COLLATE "{collation}"')
@@ -96,12 +98,34 @@ async def sources(tmp_path_factory, postgres_db, opensearch_url) -> AsyncIterato
                 copy.write_row(row)
     # OpenSearch.
     client = OpenSearch(opensearch_url)
-    client.indices.create(index=table, body={"mappings": {"properties": {
-        "id": {"type": "long"}, "n": {"type": "long"}, "x": {"type": "double"}, "s": {"type": "keyword"},
-        "b": {"type": "boolean"}, "d": {"type": "date", "format": "yyyy-MM-dd"}, "t": {"type": "date"}}}})
-    helpers.bulk(client, ({"_index": table, "_id": str(row[0]),
-                           "_source": {c.name: v for c, v in zip(COLUMNS, row, strict=True) if v is not None}}
-                          for row in ROWS), refresh=True)
+    client.indices.create(
+        index=table,
+        body={
+            "mappings": {
+                "properties": {
+                    "id": {"type": "long"},
+                    "n": {"type": "long"},
+                    "x": {"type": "double"},
+                    "s": {"type": "keyword"},
+                    "b": {"type": "boolean"},
+                    "d": {"type": "date", "format": "yyyy-MM-dd"},
+                    "t": {"type": "date"},
+                }
+            }
+        },
+    )
+    helpers.bulk(
+        client,
+        (
+            {
+                "_index": table,
+                "_id": str(row[0]),
+                "_source": {c.name: v for c, v in zip(COLUMNS, row, strict=True) if v is not None},
+            }
+            for row in ROWS
+        ),
+        refresh=True,
+    )
     client.close()
     config = Settings()
     opened = {
@@ -116,13 +140,18 @@ async def sources(tmp_path_factory, postgres_db, opensearch_url) -> AsyncIterato
 
 # -- strategies: filters that make sense for each column type --------------------------------
 
+
 def _values(column: Column) -> st.SearchStrategy:
     index = [c.name for c in COLUMNS].index(column.name)
     seen = sorted({r[index] for r in ROWS if r[index] is not None}, key=repr)
-    extra = {"integer": st.integers(-5, 5), "float": st.sampled_from([-2.0, 0.1, 1.0, 3.0]),
-             "string": st.sampled_from(TEXTS + ["a", "Ø", "*", "\\"]), "boolean": st.booleans(),
-             "date": st.sampled_from(["2020-01-05", "2020-02-01"]),
-             "datetime": st.sampled_from(["2020-01-03T00:00:00Z", "2020-01-05T12:30:00+02:00"])}[column.type]
+    extra = {
+        "integer": st.integers(-5, 5),
+        "float": st.sampled_from([-2.0, 0.1, 1.0, 3.0]),
+        "string": st.sampled_from(TEXTS + ["a", "Ø", "*", "\\"]),
+        "boolean": st.booleans(),
+        "date": st.sampled_from(["2020-01-05", "2020-02-01"]),
+        "datetime": st.sampled_from(["2020-01-03T00:00:00Z", "2020-01-05T12:30:00+02:00"]),
+    }[column.type]
     return st.one_of(st.sampled_from(seen), extra)
 
 
@@ -146,9 +175,13 @@ def filters(draw) -> dict[str, Any]:
     return {"field": column.name, "op": op, "value": draw(values)}
 
 
-sorts = st.lists(st.builds(lambda c, d: {"field": c.name, "direction": d},
-                           st.sampled_from(COLUMNS[1:]), st.sampled_from(["ASC", "DESC"])),
-                 max_size=2, unique_by=lambda s: s["field"])
+sorts = st.lists(
+    st.builds(
+        lambda c, d: {"field": c.name, "direction": d}, st.sampled_from(COLUMNS[1:]), st.sampled_from(["ASC", "DESC"])
+    ),
+    max_size=2,
+    unique_by=lambda s: s["field"],
+)
 
 
 async def _read(source, query) -> list[tuple]:

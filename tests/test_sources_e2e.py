@@ -23,8 +23,9 @@ def _cells(content: bytes, fmt: str) -> list[dict]:
         rows = list(csv.reader(io.StringIO(content.decode(), newline="")))
         return [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     parsed = json.loads(content) if fmt == "JSON" else [json.loads(line) for line in content.splitlines()]
-    return [{k: "" if v is None else json.dumps(v) if not isinstance(v, str) else v for k, v in r.items()}
-            for r in parsed]
+    return [
+        {k: "" if v is None else json.dumps(v) if not isinstance(v, str) else v for k, v in r.items()} for r in parsed
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["CSV", "JSON", "NDJSON"])
@@ -42,10 +43,12 @@ def test_every_source_exports_the_same_rows_through_the_worker(local_stack, fmt)
 
 def test_filters_and_sorts_mean_the_same_everywhere(local_stack):
     api = local_stack.api()
-    request = {"format": "NDJSON", "columns": ["id", "name", "score"],
-               "filters": [{"field": "score", "op": "GTE", "value": 0},
-                           {"field": "name", "op": "NE", "value": "plain"}],
-               "sort": [{"field": "score", "direction": "DESC"}]}
+    request = {
+        "format": "NDJSON",
+        "columns": ["id", "name", "score"],
+        "filters": [{"field": "score", "op": "GTE", "value": 0}, {"field": "name", "op": "NE", "value": "plain"}],
+        "sort": [{"field": "score", "direction": "DESC"}],
+    }
     results = {d: api.run_export(dataset=d, **request)[1] for d in SOURCES}
     assert results["special_pg"] == results["special"] == results["special_os"]
     assert [json.loads(line)["id"] for line in results["special"].splitlines()] == [6, 7, 4, 5]
@@ -59,8 +62,12 @@ def test_jsonb_documents_are_discovered_as_dotted_columns(local_stack):
     assert docs["source"] == "postgres"
     assert types["id"] == "integer" and types["data.name"] == "string" and types["data.score"] == "float"
     assert types["data.active"] == "boolean" and types["data.born"] == "date" and types["data.seen_at"] == "datetime"
-    _, content = api.run_export(dataset="special_docs", format="NDJSON", columns=["id", "data.name", "data.seen_at"],
-                                sort=[{"field": "data.seen_at", "direction": "DESC"}])
+    _, content = api.run_export(
+        dataset="special_docs",
+        format="NDJSON",
+        columns=["id", "data.name", "data.seen_at"],
+        sort=[{"field": "data.seen_at", "direction": "DESC"}],
+    )
     rows = [json.loads(line) for line in content.splitlines()]
     assert rows[0] == {"id": 3, "data.name": 'say "hello", world', "data.seen_at": None}  # nulls first, descending
     assert [r["id"] for r in rows[1:]] == [6, 4, 1, 7, 5, 2]
@@ -70,8 +77,12 @@ def test_jsonb_documents_are_discovered_as_dotted_columns(local_stack):
 def test_the_streaming_route_serves_every_source(local_stack, dataset):
     token = local_stack.token("stream-sources")
     for fmt in ("CSV", "NDJSON"):
-        streamed = httpx.get(f"{local_stack.url}/exports/stream", params={"dataset": dataset, "format": fmt},
-                             headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        streamed = httpx.get(
+            f"{local_stack.url}/exports/stream",
+            params={"dataset": dataset, "format": fmt},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert streamed.status_code == 200, streamed.text
         _, from_worker = local_stack.api().run_export(dataset=dataset, format=fmt)
         assert streamed.content == from_worker, (dataset, fmt)
@@ -85,20 +96,28 @@ EVIL_VALUES = ["x' OR '1'='1", 'x" OR "1"="1', "'; DROP TABLE special; --", "*",
 def test_injection_in_names_is_refused_and_in_values_is_bound(local_stack, dataset):
     api = local_stack.api()
     for name in EVIL_NAMES:
-        for attempt in ({"columns": ["id", name]}, {"sort": [{"field": name}]},
-                        {"filters": [{"field": name, "op": "EQ", "value": "x"}]}):
+        for attempt in (
+            {"columns": ["id", name]},
+            {"sort": [{"field": name}]},
+            {"filters": [{"field": name, "op": "EQ", "value": "x"}]},
+        ):
             errors = api.request_export(dataset=dataset, **attempt)["userErrors"]
             assert [e["code"] for e in errors] == ["UNKNOWN_COLUMN"], (name, attempt)
-        streamed = httpx.get(f"{local_stack.url}/exports/stream", params={"dataset": dataset, "sort": f"-{name}"},
-                             headers=api.headers)
+        streamed = httpx.get(
+            f"{local_stack.url}/exports/stream", params={"dataset": dataset, "sort": f"-{name}"}, headers=api.headers
+        )
         assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "UNKNOWN_COLUMN"
     for op in ("EQ", "CONTAINS", "PREFIX"):  # the streaming route runs the same compiled query, faster
-        headers = {"Authorization": f"Bearer {local_stack.token(f'evil-{dataset}-{op}')}",  # within rate limits
-                   "X-Forwarded-For": f"198.51.100.{uuid.uuid4().int % 250}"}
+        headers = {
+            "Authorization": f"Bearer {local_stack.token(f'evil-{dataset}-{op}')}",  # within rate limits
+            "X-Forwarded-For": f"198.51.100.{uuid.uuid4().int % 250}",
+        }
         for value in EVIL_VALUES:
-            streamed = httpx.get(f"{local_stack.url}/exports/stream", headers=headers,
-                                 params={"dataset": dataset, "format": "ndjson", "columns": "id",
-                                         "filter": f"name:{op}:{value}"})
+            streamed = httpx.get(
+                f"{local_stack.url}/exports/stream",
+                headers=headers,
+                params={"dataset": dataset, "format": "ndjson", "columns": "id", "filter": f"name:{op}:{value}"},
+            )
             assert streamed.status_code == 200 and streamed.content == b"", (value, op, streamed.text)
     task, _ = api.run_export(dataset=dataset, format="CSV", columns=["id"])
     assert task["rowCount"] == len(SPECIAL_ROWS), "the table is intact"

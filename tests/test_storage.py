@@ -66,9 +66,7 @@ def s3(s3_server: S3Server, s3_bucket: str) -> S3Storage:
     return s3_storage(s3_server, s3_bucket)
 
 
-async def write_all(
-    storage: Backend, key: str, data: bytes, chunk: int = 64 * 1024, content_type: str = "text/csv"
-):
+async def write_all(storage: Backend, key: str, data: bytes, chunk: int = 64 * 1024, content_type: str = "text/csv"):
     writer = await storage.open_writer(key, content_type)
     for i in range(0, len(data), chunk):
         await writer.write(data[i : i + chunk])
@@ -220,9 +218,7 @@ async def test_cancelled_complete_then_abort_leaves_nothing(storage: Backend, si
 async def make_stale_partial(storage: Backend, key: str) -> None:
     """What a worker killed mid-write leaves behind."""
     if isinstance(storage, S3Storage):
-        upload = storage.client.create_multipart_upload(
-            Bucket=storage.bucket, Key=key, ServerSideEncryption="AES256"
-        )
+        upload = storage.client.create_multipart_upload(Bucket=storage.bucket, Key=key, ServerSideEncryption="AES256")
         storage.client.upload_part(
             Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=os.urandom(PART)
         )
@@ -253,9 +249,7 @@ async def test_discard_incomplete_removes_stale_partial(storage: Backend):
     # The next attempt writes the object as if nothing had happened.
     data = os.urandom(PART + 10)
     stored = await write_all(storage, key, data)
-    assert (
-        await storage.verify(key) == stored == StoredObject(key, len(data), hashlib.sha256(data).hexdigest())
-    )
+    assert await storage.verify(key) == stored == StoredObject(key, len(data), hashlib.sha256(data).hexdigest())
 
 
 async def test_discard_incomplete_of_a_folder(storage: Backend):
@@ -377,9 +371,7 @@ async def test_presigned_download_with_unicode_filename(s3: S3Storage):
 async def test_expired_presigned_url_is_refused(s3: S3Storage):
     key = new_key()
     await write_all(s3, key, b"secret rows")
-    url = await s3.download_url(
-        key, task_id="T1", filename="f.csv", expires_at=utcnow() + dt.timedelta(seconds=1)
-    )
+    url = await s3.download_url(key, task_id="T1", filename="f.csv", expires_at=utcnow() + dt.timedelta(seconds=1))
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["1"]
     await asyncio.sleep(2)
     async with httpx.AsyncClient() as client:
@@ -437,9 +429,7 @@ async def test_s3_write_with_bad_credentials_is_not_transient(s3_server: S3Serve
 
 
 def client_error(code: str, status: int) -> ClientError:
-    return ClientError(
-        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
-    )
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
 
 
 @pytest.mark.parametrize(

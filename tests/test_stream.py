@@ -43,16 +43,28 @@ def test_the_streamed_file_equals_the_workers_file(local_stack):
     token = _user(local_stack)
     api = local_stack.api()
     for fmt in ("CSV", "JSON", "NDJSON"):
-        streamed = _get(local_stack, token, dataset="samples", format=fmt.lower(), limit=3000,
-                        columns="sample_id,site,collected_on,analysed_at,au_ppm,qc_passed,notes",
-                        filter=["au_ppm:gt:0.5", "site:not_in:Nowhere,Elsewhere"], sort="-collected_on")
+        streamed = _get(
+            local_stack,
+            token,
+            dataset="samples",
+            format=fmt.lower(),
+            limit=3000,
+            columns="sample_id,site,collected_on,analysed_at,au_ppm,qc_passed,notes",
+            filter=["au_ppm:gt:0.5", "site:not_in:Nowhere,Elsewhere"],
+            sort="-collected_on",
+        )
         assert streamed.status_code == 200, streamed.text
         _, from_worker = api.run_export(
-            dataset="samples", format=fmt, limit=3000,
+            dataset="samples",
+            format=fmt,
+            limit=3000,
             columns=["sample_id", "site", "collected_on", "analysed_at", "au_ppm", "qc_passed", "notes"],
-            filters=[{"field": "au_ppm", "op": "GT", "value": "0.5"},
-                     {"field": "site", "op": "NOT_IN", "values": ["Nowhere", "Elsewhere"]}],
-            sort=[{"field": "collected_on", "direction": "DESC"}])
+            filters=[
+                {"field": "au_ppm", "op": "GT", "value": "0.5"},
+                {"field": "site", "op": "NOT_IN", "values": ["Nowhere", "Elsewhere"]},
+            ],
+            sort=[{"field": "collected_on", "direction": "DESC"}],
+        )
         assert streamed.content == from_worker, fmt
 
 
@@ -84,8 +96,12 @@ def test_bad_input_names_the_parameter(local_stack):
         ({"dataset": "nope"}, 404, "DATASET_NOT_FOUND", ["dataset"]),
         ({"dataset": "special", "columns": "id,nope"}, 400, "UNKNOWN_COLUMN", ["query", "columns", "1"]),
         ({"dataset": "special", "filter": "score"}, 400, "INVALID_FILTER_VALUE", ["filter"]),
-        ({"dataset": "special", "filter": "score:between:1"}, 400, "INVALID_FILTER_VALUE",
-         ["query", "filters", "0", "values"]),
+        (
+            {"dataset": "special", "filter": "score:between:1"},
+            400,
+            "INVALID_FILTER_VALUE",
+            ["query", "filters", "0", "values"],
+        ),
         ({"dataset": "special", "sort": "-notes"}, 400, "NOT_SORTABLE", ["query", "sort", "0", "field"]),
     ]
     for params, status, code, field in cases:
@@ -109,10 +125,13 @@ def test_rate_limited_per_client_address(local_stack):
     for _ in range(4):
         token = _user(local_stack)
         for _ in range(16):
-            statuses.append(httpx.get(f"{local_stack.url}/exports/stream",
-                                      params={"dataset": "special", "columns": "id"},
-                                      headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address}
-                                      ).status_code)
+            statuses.append(
+                httpx.get(
+                    f"{local_stack.url}/exports/stream",
+                    params={"dataset": "special", "columns": "id"},
+                    headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address},
+                ).status_code
+            )
     assert statuses[:60] == [200] * 60 and set(statuses[60:]) == {429}
 
 
@@ -120,8 +139,10 @@ def test_a_client_that_goes_away_releases_the_source_within_a_second(local_stack
     token = _user(local_stack)
     assert _gauge(local_stack) == 0
     with socket.create_connection(("127.0.0.1", local_stack.port)) as sock:
-        sock.sendall(f"GET /exports/stream?dataset=samples_stream&format=json HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /exports/stream?dataset=samples_stream&format=json HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
         deadline = time.monotonic() + 5
@@ -140,8 +161,10 @@ def _cut_off_mid_stream(stack, dataset: str, token: str, while_open) -> None:
     """Ask for a stream, read its first bytes, check the source is open, then go away while the
     server is still sending."""
     with socket.create_connection(("127.0.0.1", stack.port)) as sock:
-        sock.sendall(f"GET /exports/stream?dataset={dataset}&format=ndjson HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /exports/stream?dataset={dataset}&format=ndjson HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         time.sleep(0.5)  # the server is blocked on a full socket, with the source open
         assert while_open(), "the source should be open while the response streams"
@@ -159,8 +182,10 @@ def test_postgres_releases_the_cursor_when_the_client_goes_away(local_stack, tes
 
     def busy() -> list:  # the api's reading connections (the worker is idle: no export runs)
         with psycopg.connect(test_data.postgres_url, autocommit=True) as conn:
-            return conn.execute("SELECT pid, state, query FROM pg_stat_activity WHERE datname = current_database() "
-                                "AND application_name = 'dataport' AND pid <> pg_backend_pid()").fetchall()
+            return conn.execute(
+                "SELECT pid, state, query FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'dataport' AND pid <> pg_backend_pid()"
+            ).fetchall()
 
     _cut_off_mid_stream(local_stack, "big_pg", _user(local_stack), while_open=lambda: busy() != [])
     _released_within_a_second(lambda: busy() == [])

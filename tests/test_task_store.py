@@ -23,8 +23,17 @@ async def store(redis_url):
 
 
 def _fields(tid: str, owner: str, dataset: str = "samples") -> dict:
-    return {"id": tid, "kind": "export", "owner": owner, "dataset": dataset, "format": "CSV",
-            "request": "{}", "status": "PENDING", "created_at": stamp(), "attempts": 0}
+    return {
+        "id": tid,
+        "kind": "export",
+        "owner": owner,
+        "dataset": dataset,
+        "format": "CSV",
+        "request": "{}",
+        "status": "PENDING",
+        "created_at": stamp(),
+        "attempts": 0,
+    }
 
 
 async def _new(store: TaskStore, owner: str | None = None, reuse: float = 600):

@@ -54,8 +54,18 @@ ERROR_CODES = (
 ).split()
 
 # The dataset's required columns, and one float column to get wrong.
-IMPORT_HEADER = ["sample_id", "sample_code", "project", "site", "sample_type", "collected_on",
-                 "is_duplicate", "qc_passed", "is_standard", "au_ppm"]
+IMPORT_HEADER = [
+    "sample_id",
+    "sample_code",
+    "project",
+    "site",
+    "sample_type",
+    "collected_on",
+    "is_duplicate",
+    "qc_passed",
+    "is_standard",
+    "au_ppm",
+]
 
 
 # -- the server and the browser ---------------------------------------------------------------
@@ -72,8 +82,12 @@ class Server:
         return response.text.strip()
 
     def gql(self, token: str, query: str, variables: dict | None = None) -> dict:
-        response = httpx.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        response = httpx.post(
+            f"{self.url}/graphql",
+            json={"query": query, "variables": variables or {}},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         body = response.json()
         assert not body.get("errors"), body
         return body["data"]
@@ -94,8 +108,13 @@ def server(tmp_path_factory) -> Iterator[Server]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATAPORT_")}
     env["DATAPORT_DEMO_ROWS"] = str(DEMO_ROWS)
     log = (workdir / "dev.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)], cwd=workdir,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dataport.cli", "dev", "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -124,9 +143,11 @@ def browser() -> Iterator[Browser]:
     if sync_playwright is None:
         pytest.fail("Playwright for Python is not installed: pip install -e '.[test]' (it is in the test extra).")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium is not installed ({CHROMIUM} is missing): apt-get install -y chromium, "
-                    "or point DATAPORT_TEST_CHROMIUM at a Chromium binary. Playwright's own browser "
-                    "download is not used.")
+        pytest.fail(
+            f"Chromium is not installed ({CHROMIUM} is missing): apt-get install -y chromium, "
+            "or point DATAPORT_TEST_CHROMIUM at a Chromium binary. Playwright's own browser "
+            "download is not used."
+        )
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -137,8 +158,9 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser, server, request) -> Iterator[Page]:
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 1000},
-                                  locale="en-US", accept_downloads=True)
+    context = browser.new_context(
+        base_url=server.url, viewport={"width": 1280, "height": 1000}, locale="en-US", accept_downloads=True
+    )
     context.set_default_timeout(60_000)
     page = context.new_page()
     page.shot_prefix = re.sub(r"^test_", "", request.node.name)
@@ -169,7 +191,8 @@ def sign_in(page: Page, user: str) -> None:
 
 def record_bar(page: Page, container: str) -> None:
     """Record every value the progress bars under ``container`` take, as (phase, aria-valuenow, text)."""
-    page.evaluate("""(selector) => {
+    page.evaluate(
+        """(selector) => {
       window.bar = [];
       const root = document.querySelector(selector);
       const note = (bar) => window.bar.push([bar.dataset.phase || '', bar.getAttribute('aria-valuenow'),
@@ -183,7 +206,9 @@ def record_bar(page: Page, container: str) -> None:
         }
       }).observe(root, {subtree: true, childList: true, attributes: true,
                         attributeFilter: ['aria-valuenow', 'data-phase']});
-    }""", container)
+    }""",
+        container,
+    )
 
 
 def recorded_bar(page: Page) -> list[tuple[str, int | None, str]]:
@@ -231,8 +256,10 @@ def test_export_from_the_first_click_to_the_downloaded_file(page, server, tmp_pa
     shutil.copy(saved, ARTIFACTS / f"{page.shot_prefix}-download.csv")
     rows = read_csv(saved)
 
-    expected = server.demo_rows("SELECT sample_id, site, au_ppm FROM samples WHERE sample_id <= 500 "
-                                "AND site IN ('Kiruna Deep', 'Müllerthal') ORDER BY sample_id DESC")
+    expected = server.demo_rows(
+        "SELECT sample_id, site, au_ppm FROM samples WHERE sample_id <= 500 "
+        "AND site IN ('Kiruna Deep', 'Müllerthal') ORDER BY sample_id DESC"
+    )
     assert rows[0] == ["sample_id", "site", "au_ppm"]
     assert 10 < len(expected) < 500 and len(rows) == len(expected) + 1
     assert [(int(i), site) for i, site, _ in rows[1:]] == [(i, site) for i, site, _ in expected]
@@ -259,7 +286,8 @@ def test_an_import_ends_with_an_error_report_listing_the_bad_row(page, server, t
     content = io.StringIO()
     csv.writer(content, lineterminator="\n").writerows([IMPORT_HEADER, *rows])
     page.get_by_label("File").set_input_files(
-        files=[{"name": "web-fixes.csv", "mimeType": "text/csv", "buffer": content.getvalue().encode()}])
+        files=[{"name": "web-fixes.csv", "mimeType": "text/csv", "buffer": content.getvalue().encode()}]
+    )
     page.get_by_label("Insert new rows").check()
     shot(page, "1-file-chosen")
     record_bar(page, "#import-current")
@@ -398,8 +426,10 @@ def graphiql_assets(server, request) -> dict[str, tuple[bytes, str]]:
     assert urls, "the GraphiQL page names no unpkg.com files; update this fixture"
     npm = shutil.which("npm")
     if npm is None:
-        pytest.fail("npm is not installed: the GraphiQL test packs GraphiQL's browser bundle from the npm "
-                    "registry (apt-get install -y npm).")
+        pytest.fail(
+            "npm is not installed: the GraphiQL test packs GraphiQL's browser bundle from the npm "
+            "registry (apt-get install -y npm)."
+        )
     cache = request.config.cache.mkdir("graphiql-assets")
     assets = {}
     for url in urls:
@@ -408,8 +438,12 @@ def graphiql_assets(server, request) -> dict[str, tuple[bytes, str]]:
         package, version, path = match.groups()
         tarball = cache / f"{package.replace('@', '').replace('/', '-')}-{version}.tgz"
         if not tarball.exists():
-            packed = subprocess.run([npm, "pack", f"{package}@{version}", "--pack-destination", str(cache)],
-                                    capture_output=True, text=True, timeout=300)
+            packed = subprocess.run(
+                [npm, "pack", f"{package}@{version}", "--pack-destination", str(cache)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if packed.returncode != 0 or not tarball.exists():
                 pytest.fail(f"npm pack {package}@{version} failed: {packed.stderr[-2000:]}")
         with tarfile.open(tarball) as archive:
@@ -424,22 +458,31 @@ def test_graphiql_runs_a_subscription(page, server, graphiql_assets):
         if asset is None:
             route.abort()
         else:
-            route.fulfill(status=200, body=asset[0],
-                          headers={"Content-Type": asset[1], "Access-Control-Allow-Origin": "*"})
+            route.fulfill(
+                status=200, body=asset[0], headers={"Content-Type": asset[1], "Access-Control-Allow-Origin": "*"}
+            )
 
     page.route("https://unpkg.com/**", from_npm)
     token = server.token(f"graphiql-{uuid.uuid4().hex[:6]}")
     # An import that waits for its file: the subscription is surely running before anything changes.
-    requested = server.gql(token, """mutation($i: ImportInput!) { requestImport(input: $i) {
+    requested = server.gql(
+        token,
+        """mutation($i: ImportInput!) { requestImport(input: $i) {
         task { id upload { url method headers } } userErrors { code message } } }""",
-                           {"i": {"dataset": "samples", "fileName": "two.csv", "dryRun": True}})["requestImport"]
+        {"i": {"dataset": "samples", "fileName": "two.csv", "dryRun": True}},
+    )["requestImport"]
     assert requested["userErrors"] == []
     task = requested["task"]
 
-    subscription = ("subscription Follow($id: ID!) {\n  importProgress(id: $id) {\n    id\n    status\n"
-                    "    progress { percent }\n    rowsImported\n    rowsFailed\n  }\n}")
-    parameters = {"q": subscription, "variables": json.dumps({"id": task["id"]}),
-                  "headers": json.dumps({"Authorization": f"Bearer {token}"})}
+    subscription = (
+        "subscription Follow($id: ID!) {\n  importProgress(id: $id) {\n    id\n    status\n"
+        "    progress { percent }\n    rowsImported\n    rowsFailed\n  }\n}"
+    )
+    parameters = {
+        "q": subscription,
+        "variables": json.dumps({"id": task["id"]}),
+        "headers": json.dumps({"Authorization": f"Bearer {token}"}),
+    }
     page.goto("/graphql?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in parameters.items()))
     run = page.get_by_role("button", name=re.compile("Execute query"))
     run.wait_for()
@@ -452,21 +495,29 @@ def test_graphiql_runs_a_subscription(page, server, graphiql_assets):
     shot(page, "2-first-snapshot")
 
     content = io.StringIO()
-    csv.writer(content, lineterminator="\n").writerows([
-        IMPORT_HEADER,
-        ["710001", "GQL-1", "Aurora Gold", "Kiruna Deep", "core", "2024-02-02", "false", "true", "false", "2"],
-        ["710002", "GQL-2", "Aurora Gold", "Kiruna Deep", "core", "2024-02-03", "false", "true", "false", "3"],
-    ])
+    csv.writer(content, lineterminator="\n").writerows(
+        [
+            IMPORT_HEADER,
+            ["710001", "GQL-1", "Aurora Gold", "Kiruna Deep", "core", "2024-02-02", "false", "true", "false", "2"],
+            ["710002", "GQL-2", "Aurora Gold", "Kiruna Deep", "core", "2024-02-03", "false", "true", "false", "3"],
+        ]
+    )
     target = task["upload"]
     assert target["method"] == "PUT"
     uploaded = httpx.put(target["url"], content=content.getvalue().encode(), headers=target["headers"])
     assert uploaded.status_code == 200, uploaded.text
-    started = server.gql(token, "mutation($id: ID!) { startImport(id: $id) { userErrors { code } } }",
-                         {"id": task["id"]})
+    started = server.gql(
+        token, "mutation($id: ID!) { startImport(id: $id) { userErrors { code } } }", {"id": task["id"]}
+    )
     assert started["startImport"]["userErrors"] == []
 
     page.wait_for_function(shows, arg="SUCCEEDED")
     shot(page, "3-final-snapshot")
     result = json.loads(response.inner_text().replace("\xa0", " "))
-    assert result["data"]["importProgress"] == {"id": task["id"], "status": "SUCCEEDED", "progress": {"percent": 100},
-                                                "rowsImported": 2, "rowsFailed": 0}
+    assert result["data"]["importProgress"] == {
+        "id": task["id"],
+        "status": "SUCCEEDED",
+        "progress": {"percent": 100},
+        "rowsImported": 2,
+        "rowsFailed": 0,
+    }

@@ -47,14 +47,20 @@ async def claim(services: Services, task_id: str, run: int, attempt: int, what: 
     resumed = task.status is TaskStatus.PROCESSING
     settings = services.settings
     if attempt > tries_allowed(settings) or (
-            resumed and attempt > settings.max_tries and _retrying_for(task) >= settings.retry_window_seconds):
+        resumed and attempt > settings.max_tries and _retrying_for(task) >= settings.retry_window_seconds
+    ):
         # arq grants one try beyond tries_allowed so that this, not a silent drop, ends the task;
         # a worker that keeps dying (a file that crashes it) ends it after max_tries
         gave_up = await store.transition(
-            task_id, TaskStatus.FAILED, f"gave up: the worker running attempt {attempt - 1} stopped",
+            task_id,
+            TaskStatus.FAILED,
+            f"gave up: the worker running attempt {attempt - 1} stopped",
             allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
-            fields={"finished_at": stamp(), "error_code": "TRANSIENT_ERROR",
-                    "error_message": f"Gave up after {attempt - 1} attempts; the last worker stopped mid-{what}."},
+            fields={
+                "finished_at": stamp(),
+                "error_code": "TRANSIENT_ERROR",
+                "error_message": f"Gave up after {attempt - 1} attempts; the last worker stopped mid-{what}.",
+            },
         )
         if gave_up.ok:
             await task_finished(services, task)
@@ -65,8 +71,14 @@ async def claim(services: Services, task_id: str, run: int, attempt: int, what: 
         f"attempt {attempt} started on {socket.gethostname()}"
         + (" (the previous attempt's worker stopped)" if resumed else ""),
         allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
-        fields={"attempts": attempt, "started_at": stamp(), "processed_rows": 0, "bytes": 0,
-                "rows_per_second": None, "eta_seconds": None},
+        fields={
+            "attempts": attempt,
+            "started_at": stamp(),
+            "processed_rows": 0,
+            "bytes": 0,
+            "rows_per_second": None,
+            "eta_seconds": None,
+        },
     )
     return task if claimed.ok else None
 
@@ -101,16 +113,26 @@ async def retry_or_fail(services: Services, task: Task, attempt: int, error: Bas
     settings = services.settings
     reason = str(error) or type(error).__name__
     elapsed = _retrying_for(task)
-    if attempt >= tries_allowed(settings) or (attempt >= settings.max_tries
-                                              and elapsed >= settings.retry_window_seconds):
+    if attempt >= tries_allowed(settings) or (
+        attempt >= settings.max_tries and elapsed >= settings.retry_window_seconds
+    ):
         over = f" over {elapsed:.0f} s" if elapsed >= 1 else ""
-        return await fail(services, task, attempt, "TRANSIENT_ERROR",
-                          f"Gave up after {attempt} attempts{over}; the last one failed with: {reason}")
+        return await fail(
+            services,
+            task,
+            attempt,
+            "TRANSIENT_ERROR",
+            f"Gave up after {attempt} attempts{over}; the last one failed with: {reason}",
+        )
     delay = backoff(settings, attempt)
     first_failure = task.retrying_since if elapsed else f"{task.run}@{stamp()}"
     moved = await services.store.transition(
-        task.id, TaskStatus.PENDING, f"attempt {attempt} failed: {reason}; retrying in {delay:.1f}s",
-        allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt, fields={"retrying_since": first_failure},
+        task.id,
+        TaskStatus.PENDING,
+        f"attempt {attempt} failed: {reason}; retrying in {delay:.1f}s",
+        allowed_from=[TaskStatus.PROCESSING],
+        fence_attempt=attempt,
+        fields={"retrying_since": first_failure},
     )
     if not moved.ok:
         return "stopped"
@@ -119,7 +141,11 @@ async def retry_or_fail(services: Services, task: Task, attempt: int, error: Bas
 
 async def fail(services: Services, task: Task, attempt: int, code: str, message: str, **fields: object) -> str:
     failed = await services.store.transition(
-        task.id, TaskStatus.FAILED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
+        task.id,
+        TaskStatus.FAILED,
+        message,
+        allowed_from=[TaskStatus.PROCESSING],
+        fence_attempt=attempt,
         fields={"finished_at": stamp(), "error_code": code, "error_message": message, **fields},
     )
     if failed.ok:

@@ -59,8 +59,13 @@ async def run_export(ctx: dict[str, Any], task_id: str, run: int) -> str:
         return await fail(services, task, attempt, e.code, str(e))
     except Exception as e:
         log.exception("export %s attempt %s crashed", task_id, attempt)
-        return await fail(services, task, attempt, "INTERNAL_ERROR",
-                          f"The export failed unexpectedly ({type(e).__name__}); it can be retried.")
+        return await fail(
+            services,
+            task,
+            attempt,
+            "INTERNAL_ERROR",
+            f"The export failed unexpectedly ({type(e).__name__}); it can be retried.",
+        )
 
 
 async def _export(services: Services, task: Task, attempt: int) -> None:
@@ -88,8 +93,9 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         await services.storage.discard_incomplete(key)  # a killed attempt's half-written parts
         out = await services.storage.open_writer(key, file_format.content_type)
         try:
-            chunks = encode(source, query, task.format, batch_rows=settings.batch_rows,
-                            formula_guard=settings.csv_formula_guard)
+            chunks = encode(
+                source, query, task.format, batch_rows=settings.batch_rows, formula_guard=settings.csv_formula_guard
+            )
             async with aclosing(chunks):
                 async for chunk, rows in chunks:
                     await out.write(chunk)

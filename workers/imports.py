@@ -77,8 +77,11 @@ async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
     finally:
         rss = memory.over(services.settings.worker_restart_rss_bytes)  # a few ms, once per import
         if rss is not None:
-            memory.request_restart(ctx, f"RSS {rss / 2**20:,.0f} MiB after import {task_id} "
-                                        f"(limit {services.settings.worker_restart_rss_bytes / 2**20:,.0f} MiB)")
+            memory.request_restart(
+                ctx,
+                f"RSS {rss / 2**20:,.0f} MiB after import {task_id} "
+                f"(limit {services.settings.worker_restart_rss_bytes / 2**20:,.0f} MiB)",
+            )
 
 
 async def _attempt(services: Services, task: Task, attempt: int, ctx: dict[str, Any]) -> str:
@@ -105,13 +108,23 @@ async def _attempt(services: Services, task: Task, attempt: int, ctx: dict[str, 
         # Not bounded by formats.limits after all: this attempt fails (a retry would fail
         # alike), and the worker starts afresh once its other jobs are done.
         memory.request_restart(ctx, f"MemoryError in import {task_id}")
-        return await fail(services, task, attempt, FileLimitError.code,
-                          "The file needs more memory than an import may use; split it into smaller files. "
-                          f"{nothing_written(task, services)}")
+        return await fail(
+            services,
+            task,
+            attempt,
+            FileLimitError.code,
+            "The file needs more memory than an import may use; split it into smaller files. "
+            f"{nothing_written(task, services)}",
+        )
     except Exception as e:
         log.exception("import %s attempt %s crashed", task_id, attempt)
-        return await fail(services, task, attempt, "INTERNAL_ERROR",
-                          f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}")
+        return await fail(
+            services,
+            task,
+            attempt,
+            "INTERNAL_ERROR",
+            f"The import failed unexpectedly ({type(e).__name__}); {nothing_written(task, services)}",
+        )
 
 
 async def fail(services: Services, task: Task, attempt: int, code: str, message: str, **fields: Any) -> str:
@@ -142,8 +155,9 @@ class FileBatches:
     nothing (a dry run). Other readers go record by record through ``RowConverter`` (TYPED rows;
     none for a dry run). Both check and convert every cell as ``formats.converters`` defines."""
 
-    def __init__(self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str,
-                 output: int = TYPED):
+    def __init__(
+        self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str, output: int = TYPED
+    ):
         self.reader = reader
         self.dataset = dataset
         unguard_text = file_format in GUARDED_FORMATS
@@ -211,8 +225,10 @@ class FileBatches:
         batch.records = count + len(read.problems)
         if errors or read.problems:
             # The failed records in file order, up to the one that reaches failures_allowed.
-            failed = sorted([(read.numbers[i], i, None) for i in errors] +
-                            [(p.number, -1, p) for p in read.problems], key=itemgetter(0))
+            failed = sorted(
+                [(read.numbers[i], i, None) for i in errors] + [(p.number, -1, p) for p in read.problems],
+                key=itemgetter(0),
+            )
             for number, i, problem in failed:
                 if problem is None:
                     original = read.original(i)
@@ -292,8 +308,9 @@ class ErrorReport:
         if self.out is None:
             return None
         if self.left_out:
-            note = (f"the report stops here at {self.max_bytes:,} bytes: {self.left_out:,} more failure "
-                    "lines were left out")
+            note = (
+                f"the report stops here at {self.max_bytes:,} bytes: {self.left_out:,} more failure lines were left out"
+            )
             await self.out.write(self.writer.write([(None, "", note, "")]))
         await self.out.complete()
         return self.key
@@ -316,8 +333,9 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     if size is None:
         raise Failure("UPLOAD_MISSING", "The uploaded file is gone from storage; upload it again.")
 
-    progress = ProgressReporter(services.store, task.id, attempt, None, settings.progress_interval_seconds,
-                                total_bytes=size)
+    progress = ProgressReporter(
+        services.store, task.id, attempt, None, settings.progress_interval_seconds, total_bytes=size
+    )
     progress.counters = {"rows_imported": 0, "rows_failed": 0}
     await progress.flush()
     report = ErrorReport(services, report_key(task))
@@ -325,9 +343,13 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     sink: RowSink | None = None
     ahead: asyncio.Future[Batch] | None = None  # the next batch, read while this one is written
     try:
-        reader = await asyncio.to_thread(reader_for, task.format, stream,
-                                         max_cell_bytes=settings.import_max_cell_bytes,
-                                         limits=ParseLimits.from_settings(settings))
+        reader = await asyncio.to_thread(
+            reader_for,
+            task.format,
+            stream,
+            max_cell_bytes=settings.import_max_cell_bytes,
+            limits=ParseLimits.from_settings(settings),
+        )
         columns = _columns(dataset, reader)
         # An earlier attempt of this run may have committed before its worker died: then its rows
         # are in, and this attempt only reads the file again for the counts and the error report.
@@ -358,8 +380,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         written = await sink.commit(Receipt(task.id, task.run)) if sink is not None else 0
         if committed is not None:
             written = committed.rows
-            log.info("import %s run %d had committed %d rows before its worker stopped", task.id, task.run,
-                     written)
+            log.info("import %s run %d had committed %d rows before its worker stopped", task.id, task.run, written)
     except BaseException:
         await asyncio.shield(_discard(sink, report))
         raise
@@ -372,14 +393,29 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     if written:
         await services.store.mark_dataset_written(dataset.name)
     report_at = await report.complete()
-    message = (f"dry run: {valid:,} rows valid, {failed:,} failed; nothing was written" if dry_run
-               else f"{written:,} rows written, {failed:,} failed"
-               + (" (committed by an earlier attempt whose worker stopped)" if committed is not None else ""))
+    message = (
+        f"dry run: {valid:,} rows valid, {failed:,} failed; nothing was written"
+        if dry_run
+        else f"{written:,} rows written, {failed:,} failed"
+        + (" (committed by an earlier attempt whose worker stopped)" if committed is not None else "")
+    )
     finished = await services.store.transition(
-        task.id, TaskStatus.SUCCEEDED, message, allowed_from=[TaskStatus.PROCESSING], fence_attempt=attempt,
-        fields={"finished_at": stamp(), "processed_rows": progress.rows, "total_rows": progress.rows,
-                "bytes": size, "eta_seconds": 0, "rows_imported": valid if dry_run else written,
-                "rows_failed": failed, "row_count": progress.rows, "report_key": report_at},
+        task.id,
+        TaskStatus.SUCCEEDED,
+        message,
+        allowed_from=[TaskStatus.PROCESSING],
+        fence_attempt=attempt,
+        fields={
+            "finished_at": stamp(),
+            "processed_rows": progress.rows,
+            "total_rows": progress.rows,
+            "bytes": size,
+            "eta_seconds": 0,
+            "rows_imported": valid if dry_run else written,
+            "rows_failed": failed,
+            "row_count": progress.rows,
+            "report_key": report_at,
+        },
     )
     if finished.ok:
         await task_finished(services, task)
@@ -420,8 +456,10 @@ def nothing_written(task: Task, services: Services) -> str:
     """What a stopped import left behind: nothing, where the store has transactions."""
     dataset = services.registry.get(task.dataset)
     if dataset is not None and dataset.source == "opensearch":
-        return ("rows sent before it stopped stay in the index (OpenSearch has no transactions); running "
-                "the import again converges on the same documents.")
+        return (
+            "rows sent before it stopped stay in the index (OpenSearch has no transactions); running "
+            "the import again converges on the same documents."
+        )
     return "nothing was written."
 
 
@@ -432,24 +470,41 @@ def _columns(dataset: Dataset, reader: Reader) -> list[Column]:
         return list(dataset.columns)
     problems = header_problems(reader.fields, dataset.columns)
     if problems:
-        raise Failure("INVALID_HEADER", "The file's header does not fit dataset "
-                      f"'{dataset.name}': {'; '.join(problems)}. Nothing was written.")
+        raise Failure(
+            "INVALID_HEADER",
+            f"The file's header does not fit dataset '{dataset.name}': {'; '.join(problems)}. Nothing was written.",
+        )
     named = set(reader.fields)
     return [c for c in dataset.columns if c.name in named]
 
 
 async def _too_many_errors(
-    services: Services, task: Task, attempt: int, sink: RowSink | None, report: ErrorReport,
-    progress: ProgressReporter, max_errors: int,
+    services: Services,
+    task: Task,
+    attempt: int,
+    sink: RowSink | None,
+    report: ErrorReport,
+    progress: ProgressReporter,
+    max_errors: int,
 ) -> str:
     if sink is not None:
         await sink.rollback()
     report_at = await report.complete()
-    message = (f"Stopped after {max_errors:,} failed rows (maxErrors); {nothing_written(task, services)} "
-               "The error report lists them.")
-    return await _fail(services, task, attempt, "TOO_MANY_ERRORS", message, report_key=report_at,
-                      rows_failed=progress.counters["rows_failed"], rows_imported=0,
-                      processed_rows=progress.rows)
+    message = (
+        f"Stopped after {max_errors:,} failed rows (maxErrors); {nothing_written(task, services)} "
+        "The error report lists them."
+    )
+    return await _fail(
+        services,
+        task,
+        attempt,
+        "TOO_MANY_ERRORS",
+        message,
+        report_key=report_at,
+        rows_failed=progress.counters["rows_failed"],
+        rows_imported=0,
+        processed_rows=progress.rows,
+    )
 
 
 async def _discard(sink: RowSink | None, report: ErrorReport) -> None:

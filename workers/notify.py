@@ -78,8 +78,12 @@ async def notify_task(ctx: dict[str, Any], task_id: str, run: int) -> str:
     attempt: int = ctx["job_try"]
     task = await services.store.get(task_id)
     if task is None or task.run != run or task.status not in NOTIFIED_STATUSES:
-        log.info("no notification for task %s run %s: it moved on (now %s)", task_id, run,
-                 f"{task.status.value}, run {task.run}" if task else "deleted")
+        log.info(
+            "no notification for task %s run %s: it moved on (now %s)",
+            task_id,
+            run,
+            f"{task.status.value}, run {task.run}" if task else "deleted",
+        )
         return "nothing to do: the task moved on"
 
     outcomes: dict[str, str | Later] = {}
@@ -122,8 +126,12 @@ async def deliver_email(services: Services, task: Task, attempt: int) -> str | L
         # Another try holds the claim: it is sending right now, or it died mid-send (then the
         # server may or may not have the message). Look again once the claim has lapsed.
         if attempt >= settings.max_tries:
-            log.error("email about %s %s run %s: a previous try stopped while sending it; not sent again",
-                      task.kind.value, task.id, task.run)
+            log.error(
+                "email about %s %s run %s: a previous try stopped while sending it; not sent again",
+                task.kind.value,
+                task.id,
+                task.run,
+            )
             return "unknown: a previous try stopped while sending it"
         return Later(max(1.0, float(await redis.ttl(key))), "another try is sending it")
 
@@ -136,12 +144,17 @@ async def deliver_email(services: Services, task: Task, attempt: int) -> str | L
         reason = f"{type(e).__name__}: {e}"
         if _permanent(e) or attempt >= settings.max_tries:
             await redis.set(key, "failed", ex=keep)
-            log.error("email about %s %s run %s to %s failed for good: %s", task.kind.value, task.id, task.run,
-                      task.email, reason)
+            log.error(
+                "email about %s %s run %s to %s failed for good: %s",
+                task.kind.value,
+                task.id,
+                task.run,
+                task.email,
+                reason,
+            )
             return f"failed: {reason}"
         await redis.eval(_RELEASE, 1, key, token)
-        log.warning("email about %s %s run %s failed (try %s): %s", task.kind.value, task.id, task.run, attempt,
-                    reason)
+        log.warning("email about %s %s run %s failed (try %s): %s", task.kind.value, task.id, task.run, attempt, reason)
         return Later(backoff(services, attempt), reason)
     await redis.set(key, "sent", ex=keep)
     return "sent"
@@ -159,8 +172,12 @@ def _permanent(error: Exception) -> bool:
 async def send(services: Services, message: EmailMessage) -> None:
     settings = services.settings
     if not settings.smtp_host:
-        log.info("mail (not sent: DATAPORT_SMTP_HOST is empty)\nTo: %s\nSubject: %s\n\n%s",
-                 message["To"], message["Subject"], message.get_body(("plain",)).get_content())
+        log.info(
+            "mail (not sent: DATAPORT_SMTP_HOST is empty)\nTo: %s\nSubject: %s\n\n%s",
+            message["To"],
+            message["Subject"],
+            message.get_body(("plain",)).get_content(),
+        )
         return
     await aiosmtplib.send(
         message,
@@ -196,8 +213,12 @@ async def compose(services: Services, task: Task) -> EmailMessage:
     message.set_content("\n\n".join(p.url if isinstance(p, Link) else p for p in paragraphs) + "\n")
     message.add_alternative(
         "<!doctype html><html><body>"
-        + "".join(f'<p><a href="{html.escape(p.url)}">{html.escape(p.url)}</a></p>' if isinstance(p, Link)
-                  else "<p>" + html.escape(p).replace("\n", "<br>") + "</p>" for p in paragraphs)
+        + "".join(
+            f'<p><a href="{html.escape(p.url)}">{html.escape(p.url)}</a></p>'
+            if isinstance(p, Link)
+            else "<p>" + html.escape(p).replace("\n", "<br>") + "</p>"
+            for p in paragraphs
+        )
         + "</body></html>\n",
         subtype="html",
     )
@@ -214,15 +235,18 @@ async def _content(services: Services, task: Task) -> tuple[str, list[str | Link
     if task.kind is TaskKind.EXPORT:
         if task.status is TaskStatus.SUCCEEDED:
             url = await exports.download_url(services, task)
-            summary = (f"Your export of {name} is ready: {_rows(task.row_count or 0)}, {task.format}, "
-                       f"{_size(task.file_size or 0)}.")
+            summary = (
+                f"Your export of {name} is ready: {_rows(task.row_count or 0)}, {task.format}, "
+                f"{_size(task.file_size or 0)}."
+            )
             body: list[str | Link] = [summary]
             if url:
                 body += [f"Download it here (the link works for {minutes} minutes):", Link(url), fresh + kept]
             return f"Your export of {name} is ready", [*body, footer]
         return f"Your export of {name} failed", [
             f"Your export of {name} failed: {_reason(task)}",
-            f"You can retry it in Dataport: {settings.public_url.rstrip('/')}/", footer,
+            f"You can retry it in Dataport: {settings.public_url.rstrip('/')}/",
+            footer,
         ]
 
     file_name = task.request.get("fileName") or "the file"
@@ -230,19 +254,26 @@ async def _content(services: Services, task: Task) -> tuple[str, list[str | Link
     report = await imports.error_report_url(services, task)
     report_part: list[str | Link] = (
         [f"The error report lists the failed rows (the link works for {minutes} minutes):", Link(report)]
-        if report else []
+        if report
+        else []
     )
     if task.status is TaskStatus.SUCCEEDED:
         if dry_run:
-            counts = (f"Dry run of {file_name} into {name}: {_rows(task.rows_imported)} valid, "
-                      f"{_rows(task.rows_failed)} failed. Nothing was written.")
+            counts = (
+                f"Dry run of {file_name} into {name}: {_rows(task.rows_imported)} valid, "
+                f"{_rows(task.rows_failed)} failed. Nothing was written."
+            )
         else:
-            counts = (f"Your import of {file_name} into {name} is done: {_rows(task.rows_imported)} imported, "
-                      f"{_rows(task.rows_failed)} failed.")
+            counts = (
+                f"Your import of {file_name} into {name} is done: {_rows(task.rows_imported)} imported, "
+                f"{_rows(task.rows_failed)} failed."
+            )
         return f"Your import into {name} is done", [counts, *report_part, footer]
     return f"Your import into {name} failed", [
         f"Your import of {file_name} into {name} failed: {_reason(task)}",
-        f"Rows imported: {task.rows_imported:,}; rows failed: {task.rows_failed:,}.", *report_part, footer,
+        f"Rows imported: {task.rows_imported:,}; rows failed: {task.rows_failed:,}.",
+        *report_part,
+        footer,
     ]
 
 
@@ -290,12 +321,19 @@ async def webhook_payload(services: Services, task: Task) -> dict[str, Any]:
         "error": {"code": task.error_code, "message": task.error_message} if task.error_code else None,
     }
     if task.kind is TaskKind.EXPORT:
-        payload.update(rowCount=task.row_count, fileSize=task.file_size, checksumSha256=task.checksum_sha256,
-                       downloadUrl=await exports.download_url(services, task))
+        payload.update(
+            rowCount=task.row_count,
+            fileSize=task.file_size,
+            checksumSha256=task.checksum_sha256,
+            downloadUrl=await exports.download_url(services, task),
+        )
     else:
-        payload.update(rowsImported=task.rows_imported, rowsFailed=task.rows_failed,
-                       dryRun=bool(task.request.get("dryRun")),
-                       errorReportUrl=await imports.error_report_url(services, task))
+        payload.update(
+            rowsImported=task.rows_imported,
+            rowsFailed=task.rows_failed,
+            dryRun=bool(task.request.get("dryRun")),
+            errorReportUrl=await imports.error_report_url(services, task),
+        )
     return payload
 
 
@@ -337,8 +375,9 @@ async def deliver_webhook(services: Services, task: Task, attempt: int) -> str |
             retry_after = float(response.headers.get("Retry-After", "0"))
     if attempt >= settings.webhook_max_tries:
         await services.redis.set(key, "failed", ex=int(settings.retention_seconds))
-        log.error("webhook for %s %s run %s gave up after %s tries: %s", task.kind.value, task.id, task.run,
-                  attempt, reason)
+        log.error(
+            "webhook for %s %s run %s gave up after %s tries: %s", task.kind.value, task.id, task.run, attempt, reason
+        )
         return f"failed after {attempt} tries: {reason}"
     log.warning("webhook for %s %s run %s failed (try %s): %s", task.kind.value, task.id, task.run, attempt, reason)
     return Later(min(max(backoff(services, attempt), retry_after), MAX_BACKOFF_SECONDS), reason)

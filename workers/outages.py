@@ -103,8 +103,13 @@ class Worker(arq.Worker):
         except REDIS_DOWN as e:
             delay = self.outage.next_delay()
             if self.outage.failures == 1 or self.outage.failures % 20 == 0:
-                log.warning("Redis is unreachable (%s: %s); %d jobs go on, polling again in %.2f s",
-                            type(e).__name__, e, len(self.tasks), delay)
+                log.warning(
+                    "Redis is unreachable (%s: %s); %d jobs go on, polling again in %.2f s",
+                    type(e).__name__,
+                    e,
+                    len(self.tasks),
+                    delay,
+                )
             await asyncio.sleep(delay)
             return
         if self.outage.failures:

@@ -37,8 +37,12 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         # Large CSV exports convert in helper processes, forked from a server started now rather
         # than on the first such export; the worker's __main__ imports dataport.cli.
         await asyncio.to_thread(helpers.prepare, ["dataport.cli"])
-        log.info("worker ready: %s jobs at once on queue %s, event loop %s", settings.worker_concurrency,
-                 settings.queue_name, type(asyncio.get_running_loop()).__module__)
+        log.info(
+            "worker ready: %s jobs at once on queue %s, event loop %s",
+            settings.worker_concurrency,
+            settings.queue_name,
+            type(asyncio.get_running_loop()).__module__,
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "services" in ctx:
@@ -50,12 +54,18 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
             func(run_export, name=EXPORT_JOB, max_tries=tries_allowed(settings) + 1),
             func(run_import, name=IMPORT_JOB, max_tries=tries_allowed(settings) + 1),
             # Email and webhook each stop at their own limit; the extra try records a give-up after a crash.
-            func(notify_task, name=NOTIFY_JOB, max_tries=max(settings.max_tries, settings.webhook_max_tries) + 1,
-                 timeout=600),
+            func(
+                notify_task,
+                name=NOTIFY_JOB,
+                max_tries=max(settings.max_tries, settings.webhook_max_tries) + 1,
+                timeout=600,
+            ),
         ],
         # Expiry every minute, the sweep every ten; each on one worker only (arq cron jobs are unique).
-        "cron_jobs": [cron(expire_tasks, second=0, run_at_startup=True),
-                      cron(sweep_incomplete, minute=set(range(5, 60, 10)), second=30, run_at_startup=True)],
+        "cron_jobs": [
+            cron(expire_tasks, second=0, run_at_startup=True),
+            cron(sweep_incomplete, minute=set(range(5, 60, 10)), second=30, run_at_startup=True),
+        ],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": redis_settings(settings),

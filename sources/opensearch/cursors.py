@@ -69,8 +69,12 @@ class Cursors(Requests):
         pending: asyncio.Future | None = None
         try:
             if cursor is not None:
-                page = await self._call(what, lambda: self._pit_page(cursor, body, None),
-                                        digest=partial(self._digest, what, cursor, remaining, read), decode=read.decode)
+                page = await self._call(
+                    what,
+                    lambda: self._pit_page(cursor, body, None),
+                    digest=partial(self._digest, what, cursor, remaining, read),
+                    decode=read.decode,
+                )
             else:
                 # The scroll's id is taken before the hits are read (a bad cell fails the read), so
                 # that the scroll is released all the same.
@@ -84,9 +88,12 @@ class Cursors(Requests):
                     return self._digest(what, scroll[0] if scroll else None, remaining, read, response)
 
                 try:
-                    page = await self._call(what, lambda: self.client.search(index=self.index, body=body,
-                                                                             scroll=KEEP_ALIVE),
-                                            digest=opened, decode=read.decode)
+                    page = await self._call(
+                        what,
+                        lambda: self.client.search(index=self.index, body=body, scroll=KEEP_ALIVE),
+                        digest=opened,
+                        decode=read.decode,
+                    )
                 finally:
                     cursor = scroll[0] if scroll else None
             while True:
@@ -119,10 +126,16 @@ class Cursors(Requests):
                          ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
         digest = partial(self._digest, what, cursor, remaining, read)
         if cursor.kind == "pit":
-            return await self._call(what, lambda: self._pit_page(cursor, body, after), digest=digest,
-                                    decode=read.decode)
-        return await self._call(what, lambda: self.client.scroll(body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}),
-                                replay_safe=False, digest=digest, decode=read.decode)
+            return await self._call(
+                what, lambda: self._pit_page(cursor, body, after), digest=digest, decode=read.decode
+            )
+        return await self._call(
+            what,
+            lambda: self.client.scroll(body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}),
+            replay_safe=False,
+            digest=digest,
+            decode=read.decode,
+        )
 
     @staticmethod
     def _digest(what: str, cursor: _Cursor | None, remaining: int | None,
@@ -133,8 +146,12 @@ class Cursors(Requests):
         are read. None when a typed page holds a cell that does not convert: then the answer is
         read again as dicts, whose error names the document."""
         if response.__class__ is not dict:  # a typed page
-            head: Mapping[str, Any] = {"_shards": response.shards, "timed_out": response.timed_out,
-                                       "pit_id": response.pit_id, "_scroll_id": response.scroll_id}
+            head: Mapping[str, Any] = {
+                "_shards": response.shards,
+                "timed_out": response.timed_out,
+                "pit_id": response.pit_id,
+                "_scroll_id": response.scroll_id,
+            }
             hits = response.hits.hits if response.hits is not None else []
         else:
             head = response
@@ -160,8 +177,10 @@ class Cursors(Requests):
         if self._pit_supported is False:
             return None
         try:
-            response = await self._call(f"opening a point in time on index '{self.index}'",
-                                        lambda: self.client.create_pit(index=self.index, keep_alive=KEEP_ALIVE))
+            response = await self._call(
+                f"opening a point in time on index '{self.index}'",
+                lambda: self.client.create_pit(index=self.index, keep_alive=KEEP_ALIVE),
+            )
         except TransientSourceError:
             raise
         except SourceError as e:
@@ -195,5 +214,10 @@ class Cursors(Requests):
         try:
             await asyncio.wait_for(call, RELEASE_TIMEOUT_SECONDS)
         except (TransportError, SerializationError, TimeoutError, aiohttp.ClientError, RuntimeError) as e:
-            log.warning("index '%s': could not release the %s (%s); it expires after %s", self.index,
-                        "point in time" if cursor.kind == "pit" else "scroll", e, KEEP_ALIVE)
+            log.warning(
+                "index '%s': could not release the %s (%s); it expires after %s",
+                self.index,
+                "point in time" if cursor.kind == "pit" else "scroll",
+                e,
+                KEEP_ALIVE,
+            )

@@ -51,9 +51,14 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     for i, f in enumerate(query.filters):
         where = field(f.column)
         if not where.searchable and f.op != "IS_NULL":
-            problems.append(UserError(
-                f"Column '{f.column.name}' is full text in the index (no keyword subfield) and cannot be "
-                f"filtered with {f.op}.", errors.NOT_FILTERABLE, ("input", "filters", str(i), "field")))
+            problems.append(
+                UserError(
+                    f"Column '{f.column.name}' is full text in the index (no keyword subfield) and cannot be "
+                    f"filtered with {f.op}.",
+                    errors.NOT_FILTERABLE,
+                    ("input", "filters", str(i), "field"),
+                )
+            )
             continue
         positive, negative = _condition(f, where)
         must.extend(positive)
@@ -63,9 +68,14 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     for i, s in enumerate(query.sort):
         where = field(s.column)
         if not where.searchable:
-            problems.append(UserError(
-                f"Column '{s.column.name}' is full text in the index (no keyword subfield) and cannot be sorted on.",
-                errors.NOT_SORTABLE, ("input", "sort", str(i), "field")))
+            problems.append(
+                UserError(
+                    f"Column '{s.column.name}' is full text in the index (no keyword subfield) "
+                    "and cannot be sorted on.",
+                    errors.NOT_SORTABLE,
+                    ("input", "sort", str(i), "field"),
+                )
+            )
             continue
         sort.append(_sort_clause(s.column, where, s.descending))
     if problems:

@@ -72,8 +72,10 @@ def _never_reached(e: TransportError) -> bool:
     no connection was made."""
     if e.status_code == 429:
         return True
-    return isinstance(e, OSConnectionError) and not isinstance(e, ConnectionTimeout) and isinstance(
-        e.info, aiohttp.ClientConnectorError
+    return (
+        isinstance(e, OSConnectionError)
+        and not isinstance(e, ConnectionTimeout)
+        and isinstance(e.info, aiohttp.ClientConnectorError)
     )
 
 

@@ -78,8 +78,10 @@ def _keyword_subfield(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | N
 
 def _date_type(spec: Mapping[str, Any]) -> str:
     formats = [f.strip() for f in str(spec.get("format") or "").split("||") if f.strip()]
-    if formats and formats[0] in _PLAIN_DATE_FORMATS and all(
-        f in _PLAIN_DATE_FORMATS or f in _EPOCH_FORMATS for f in formats
+    if (
+        formats
+        and formats[0] in _PLAIN_DATE_FORMATS
+        and all(f in _PLAIN_DATE_FORMATS or f in _EPOCH_FORMATS for f in formats)
     ):
         return "date"
     return "datetime"
@@ -100,8 +102,12 @@ def _describe(name: str, spec: Mapping[str, Any]) -> tuple[Column, Field] | None
         sub_name, sub_spec = sub
         plain = not sub_spec.get("normalizer")
         return (
-            Column(name, "string", filterable=plain and sub_spec.get("index", True) is not False,
-                   sortable=plain and sub_spec.get("doc_values", True) is not False),
+            Column(
+                name,
+                "string",
+                filterable=plain and sub_spec.get("index", True) is not False,
+                sortable=plain and sub_spec.get("doc_values", True) is not False,
+            ),
             Field(f"{name}.{sub_name}", "keyword"),
         )
     if kind in _OPAQUE_TEXT_TYPES:

@@ -59,8 +59,11 @@ class Planning(Requests):
             del body["_source"]
         # Pages larger than a batch save round trips (and, for search_after, the cluster's work per
         # page); the cell budget keeps pages of wide documents as small as a batch.
-        size = min(MAX_PAGE, query.limit or MAX_PAGE,
-                   self.page_rows or max(batch_rows, PAGE_CELLS // max(1, len(query.columns))))
+        size = min(
+            MAX_PAGE,
+            query.limit or MAX_PAGE,
+            self.page_rows or max(batch_rows, PAGE_CELLS // max(1, len(query.columns))),
+        )
         body = {**body, "size": size}
         rows = await self._rows_to_read(query, body, size)
         return body, total_order and math.ceil(rows / size) <= self.pit_max_pages, rows
@@ -80,8 +83,10 @@ class Planning(Requests):
         fetched once per source. Without the right to read mappings, columns are taken as named."""
         if self._fields is None:
             try:
-                response = await self._call(f"reading the mapping of index '{self.index}'",
-                                            lambda: self.client.indices.get_mapping(index=self.index))
+                response = await self._call(
+                    f"reading the mapping of index '{self.index}'",
+                    lambda: self.client.indices.get_mapping(index=self.index),
+                )
             except SourceError as e:
                 if not isinstance(e.__cause__, TransportError) or e.__cause__.status_code != 403:
                     raise

@@ -30,8 +30,9 @@ def csv_of(writer: csv_format.CsvWriter, columns: list[Sequence[Any]], count: in
         return writer.write(list(zip(*columns, strict=True)) if columns else [()] * count)
     # Number columns hold ints, floats and None (checked or converted by PageReader).
     known = csv_format.FINITE if finite else csv_format.NUMBERS
-    return writer.render(count, columns.__getitem__,
-                         lambda start, stop: (list(zip(*columns[start:stop], strict=True)), known), known)
+    return writer.render(
+        count, columns.__getitem__, lambda start, stop: (list(zip(*columns[start:stop], strict=True)), known), known
+    )
 
 
 # In a helper process: the page reader and the writer, made once by _start_rendering.
@@ -54,8 +55,9 @@ def _render(answer: bytes, count: int) -> bytes:
     page = read.decode(answer)
     if page is not None:
         try:
-            return csv_of(writer, read.typed(page.hits.hits[:count] if page.hits is not None else []), count,
-                          finite=True)
+            return csv_of(
+                writer, read.typed(page.hits.hits[:count] if page.hits is not None else []), count, finite=True
+            )
         except BadCell:
             pass
     return csv_of(writer, read(((parse(answer).get("hits") or {}).get("hits") or [])[:count]), count)
@@ -117,8 +119,10 @@ class RenderedPages:
             return
         if response.__class__ is dict:
             if self._inline is None:
-                self._inline = (PageReader(self.columns), csv_format.CsvWriter(self.columns,
-                                                                               formula_guard=self.formula_guard))
+                self._inline = (
+                    PageReader(self.columns),
+                    csv_format.CsvWriter(self.columns, formula_guard=self.formula_guard),
+                )
             read, writer = self._inline
             self.helpers.add(len(hits), csv_of(writer, read(hits), len(hits)))
             return

@@ -44,8 +44,15 @@ class Requests:
     index: str
     retry_delays: tuple[float, ...]
 
-    async def _call(self, what: str, request: Callable[[], Awaitable[Any]], *, replay_safe: bool = True,
-                    digest: Callable[[Any], Any] | None = None, decode: Callable[[bytes], Any] | None = None) -> Any:
+    async def _call(
+        self,
+        what: str,
+        request: Callable[[], Awaitable[Any]],
+        *,
+        replay_safe: bool = True,
+        digest: Callable[[Any], Any] | None = None,
+        decode: Callable[[bytes], Any] | None = None,
+    ) -> Any:
         """One request, retried with backoff while the failure may pass. ``replay_safe=False``
         (a scroll page) retries only what cannot have reached the cluster. The answer, parsed, or
         what ``digest`` makes of it: of what ``decode`` makes of its bytes if that is not None (and
@@ -90,20 +97,31 @@ class Requests:
                     if _context_gone(e):
                         raise TransientSourceError(
                             f"The point in time or scroll over index '{self.index}' expired while {what}; "
-                            f"the read has to start again.") from e
+                            f"the read has to start again."
+                        ) from e
                     raise SourceError(explain_error(e, what, self.index, self.dataset.url)) from e
                 if not replay_safe and not _never_reached(e):
                     raise TransientSourceError(
                         f"OpenSearch failed while {what} ({error_reason(e)}); a scroll cannot be resumed after an "
-                        f"unanswered page, so the read has to start again.") from e
+                        f"unanswered page, so the read has to start again."
+                    ) from e
                 if attempt == tries - 1:
                     raise TransientSourceError(
                         f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
                         f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
-                        f"overloaded or down.") from e
+                        f"overloaded or down."
+                    ) from e
                 delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
-                log.info("index '%s': %s failed (%s %s); try %d of %d in %.1f s", self.index, what,
-                         e.status_code, error_reason(e), attempt + 2, tries, delay)
+                log.info(
+                    "index '%s': %s failed (%s %s); try %d of %d in %.1f s",
+                    self.index,
+                    what,
+                    e.status_code,
+                    error_reason(e),
+                    attempt + 2,
+                    tries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
             except SerializationError as e:
                 raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e

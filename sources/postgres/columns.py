@@ -62,7 +62,8 @@ async def read_table_info(conn: psycopg.AsyncConnection, dataset: Dataset) -> Ta
     if documents:  # pg_column_size reads the stored size: nothing is de-TOASTed
         averages = ", ".join(f"avg(pg_column_size({quote_ident(d)}))" for d in documents)
         cur = await conn.execute(
-            f"SELECT {averages} FROM (SELECT * FROM {quote_ident(dataset.table)} LIMIT 100) AS s", ())
+            f"SELECT {averages} FROM (SELECT * FROM {quote_ident(dataset.table)} LIMIT 100) AS s", ()
+        )
         row = await cur.fetchone()
         sizes = {d: float(v) for d, v in zip(documents, row or (), strict=False) if v is not None}
     return TableInfo(types, frozenset(n for n, _, nn in rows if nn), sizes)
@@ -119,11 +120,15 @@ def _discover_document(conn: psycopg.Connection, table: str, doc: str, taken: se
     # in all (at least 100 documents), which keeps 2,897-key documents to about a second.
     keys = conn.execute(
         f"SELECT avg((SELECT count(*) FROM jsonb_object_keys(d))) FROM (SELECT {quote_ident(doc)} AS d "
-        f"FROM {quote_ident(table)} WHERE jsonb_typeof({quote_ident(doc)}) = 'object' LIMIT 20) AS s", ()
+        f"FROM {quote_ident(table)} WHERE jsonb_typeof({quote_ident(doc)}) = 'object' LIMIT 20) AS s",
+        (),
     ).fetchone()[0]
     limit = max(100, min(_DISCOVERY_SAMPLE, int(_DISCOVERY_VALUES // max(1.0, float(keys or 1)))))
     statement = _DISCOVER_SQL.format(
-        doc=quote_ident(doc), table=quote_ident(table), limit=limit, depth=_MAX_DEPTH,
+        doc=quote_ident(doc),
+        table=quote_ident(table),
+        limit=limit,
+        depth=_MAX_DEPTH,
         datetime_pattern=quote_literal(_DATETIME_PATTERN),
     )
     seen: dict[tuple[str, ...], dict[str, tuple[bool, bool, bool]]] = {}
@@ -136,8 +141,9 @@ def _discover_document(conn: psycopg.Connection, table: str, doc: str, taken: se
         if path in objects and set(kinds) == {"object"}:
             continue  # its fields are columns of their own
         if any(not key or "." in key for key in path):
-            log.warning("table %s, JSONB column %s: key path %r has an empty key or a dot; not a column",
-                        table, doc, path)
+            log.warning(
+                "table %s, JSONB column %s: key path %r has an empty key or a dot; not a column", table, doc, path
+            )
             continue
         name = ".".join((doc, *path))
         if name in taken:

@@ -39,8 +39,11 @@ def _decoder(groups: list[list[str]], kinds: list[str]) -> Callable[[str | bytes
     in_document_order = sorted(keys, key=lambda k: (len(k.encode()), k.encode()))
 
     def struct(name: str, type_of: Callable[[str], Any]) -> type[msgspec.Struct]:
-        return msgspec.defstruct(name, [(f"f{i}", type_of(key), msgspec.field(name=key, default=None))
-                                        for i, key in enumerate(in_document_order)], gc=False)
+        return msgspec.defstruct(
+            name,
+            [(f"f{i}", type_of(key), msgspec.field(name=key, default=None)) for i, key in enumerate(in_document_order)],
+            gc=False,
+        )
 
     try:
         typed = struct("Typed", lambda key: DECODED_CELL_TYPES.get(kind_of[key], Any))

@@ -31,22 +31,25 @@ def _translate(e: BaseException, dataset: Dataset) -> SourceError:
     state = getattr(e, "sqlstate", None) or ""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if isinstance(e, pge.QueryCanceled):
-        return SourceError(f"dataset '{name}': the server cancelled the read ({text}); ask your database "
-                           f"administrator about statement_timeout")
+        return SourceError(
+            f"dataset '{name}': the server cancelled the read ({text}); ask your database "
+            f"administrator about statement_timeout"
+        )
     # A connection lost mid-read can also surface as a client-side error without an SQL state
     # (psycopg's InternalError "received 2 results" when a FETCH's answer is cut off): no server
     # refused anything, so a fresh attempt on a fresh connection can succeed.
     lost = not state and isinstance(e, psycopg.InternalError)
-    if (state.startswith(_TRANSIENT_CLASSES) or lost
-            or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError)):
+    if state.startswith(_TRANSIENT_CLASSES) or lost or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
         if "password authentication failed" in text or "does not exist" in text or "no pg_hba.conf" in text:
             return SourceError(f"dataset '{name}': cannot connect: {text}")
         return TransientSourceError(f"dataset '{name}' is unavailable: {text}")
     if isinstance(e, pge.UndefinedTable):
         return SourceError(f"dataset '{name}': table '{dataset.table}' does not exist ({text})")
     if isinstance(e, pge.UndefinedColumn):
-        return SourceError(f"dataset '{name}': a column is missing from table '{dataset.table}' ({text}); "
-                           f"correct the dataset's columns")
+        return SourceError(
+            f"dataset '{name}': a column is missing from table '{dataset.table}' ({text}); "
+            f"correct the dataset's columns"
+        )
     if isinstance(e, pge.InsufficientPrivilege):
         return SourceError(f"dataset '{name}': the database user may not read table '{dataset.table}' ({text})")
     return SourceError(f"dataset '{name}' could not be read: {text}")
@@ -90,11 +93,15 @@ async def _explain(
             )
     if len(candidates) == 1:
         c = candidates[0].column
-        return SourceError(f"dataset '{source.dataset.name}': column '{c.name}' holds a value that is not "
-                           f"{'an' if c.type == 'integer' else 'a'} {c.type}: {str(e).splitlines()[0]}")
+        return SourceError(
+            f"dataset '{source.dataset.name}': column '{c.name}' holds a value that is not "
+            f"{'an' if c.type == 'integer' else 'a'} {c.type}: {str(e).splitlines()[0]}"
+        )
     names = ", ".join(f"'{f.column.name}'" for f in candidates[:20])
-    return SourceError(f"dataset '{source.dataset.name}': one of the columns {names} holds a value that does "
-                       f"not fit its type: {str(e).splitlines()[0]}")
+    return SourceError(
+        f"dataset '{source.dataset.name}': one of the columns {names} holds a value that does "
+        f"not fit its type: {str(e).splitlines()[0]}"
+    )
 
 
 async def _find_value(

@@ -42,8 +42,14 @@ if TYPE_CHECKING:
 HELPERS_AFTER_CELLS = 5_000_000
 
 
-async def _flattened_csv_batches(source: PostgresSource, query: Query, plan: _Plan, writer: csv_format.CsvWriter,
-                                 batch_rows: int, formula_guard: bool) -> AsyncIterator[tuple[bytes, int]]:
+async def _flattened_csv_batches(
+    source: PostgresSource,
+    query: Query,
+    plan: _Plan,
+    writer: csv_format.CsvWriter,
+    batch_rows: int,
+    formula_guard: bool,
+) -> AsyncIterator[tuple[bytes, int]]:
     """``csv_batches`` of a plan that flattens documents in Python: the Python writer's header, then
     its CSV of the rows, flattened here or in helper processes."""
     yield writer.begin(), 0
@@ -51,8 +57,13 @@ async def _flattened_csv_batches(source: PostgresSource, query: Query, plan: _Pl
     # one process, while PostgreSQL needs ~23 s to hand them over): a read by key ranges gives
     # its ranges to helper processes, which read and flatten them; another read hands its
     # batches to helpers past HELPERS_AFTER_CELLS cells, and this one only fetches and writes.
-    start = (query.columns, source._fields(query.columns), formula_guard, source._info,
-             (plans.INLINE_FIELDS, plans.SMALL_DOCUMENT_BYTES))
+    start = (
+        query.columns,
+        source._fields(query.columns),
+        formula_guard,
+        source._info,
+        (plans.INLINE_FIELDS, plans.SMALL_DOCUMENT_BYTES),
+    )
     conns = [await source._connect(snapshot=True)]
     try:
         ranges, snapshot_id = split = await _split(source, conns, query)
@@ -62,8 +73,9 @@ async def _flattened_csv_batches(source: PostgresSource, query: Query, plan: _Pl
     if HELPERS and ranges and snapshot_id is not None:
         helpers = HelperPool(_helper_start, (*start, (source.dataset, query, snapshot_id)))
         try:
-            async with contextlib.aclosing(_ranges_by_helpers(source, helpers, query, plan, ranges,
-                                                              batch_rows)) as chunks:
+            async with contextlib.aclosing(
+                _ranges_by_helpers(source, helpers, query, plan, ranges, batch_rows)
+            ) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -72,8 +84,7 @@ async def _flattened_csv_batches(source: PostgresSource, query: Query, plan: _Pl
         return
     helpers = HelperPool(_helper_start, start)
     try:
-        async with contextlib.aclosing(source._fetched(query, batch_rows, formula_guard, conns,
-                                                     split)) as fetched:
+        async with contextlib.aclosing(source._fetched(query, batch_rows, formula_guard, conns, split)) as fetched:
             async for read, rows, offset in fetched:
                 if not helpers.started and HELPERS and offset * len(query.columns) >= HELPERS_AFTER_CELLS:
                     await helpers.start()
@@ -118,8 +129,14 @@ _helper: tuple[_Plan, csv_format.CsvWriter] | None = None
 _range_reader: _RangeReader | None = None
 
 
-def _helper_start(columns: tuple[Column, ...], fields: list[Field], formula_guard: bool, info: TableInfo,
-                  limits: tuple[int, int], ranges_of: tuple[Dataset, Query, str] | None = None) -> None:
+def _helper_start(
+    columns: tuple[Column, ...],
+    fields: list[Field],
+    formula_guard: bool,
+    info: TableInfo,
+    limits: tuple[int, int],
+    ranges_of: tuple[Dataset, Query, str] | None = None,
+) -> None:
     global _helper, _range_reader
     plans.INLINE_FIELDS, plans.SMALL_DOCUMENT_BYTES = limits  # the parent's, so that the plan is the parent's
     _helper = (_plan(fields, formula_guard, info), csv_format.CsvWriter(columns, formula_guard=formula_guard))

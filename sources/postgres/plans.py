@@ -86,8 +86,11 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     for f in fields:
         if f.path:
             per_document[f.source] = per_document.get(f.source, 0) + 1
-    flattened = {doc for doc, n in per_document.items()
-                 if n > INLINE_FIELDS and info.document_bytes.get(doc, 0) > SMALL_DOCUMENT_BYTES}
+    flattened = {
+        doc
+        for doc, n in per_document.items()
+        if n > INLINE_FIELDS and info.document_bytes.get(doc, 0) > SMALL_DOCUMENT_BYTES
+    }
     if len(fields) - sum(per_document[d] for d in flattened) > _MAX_SELECT:
         flattened = set(per_document)
     if not flattened:
@@ -121,25 +124,33 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             where.append(("sql", None, len(sql_cells)))
             sql_cells.append(len(exprs))
             exprs.append(f.out_sql)
-    group_list = [(slot, _getter(keys), keys, members, _FAST_TYPES.get(kind, frozenset()), kind == "float")
-                  for (slot, kind), members in groups.items() for keys in [[ex.path[0] for ex in members]]]
+    group_list = [
+        (slot, _getter(keys), keys, members, _FAST_TYPES.get(kind, frozenset()), kind == "float")
+        for (slot, kind), members in groups.items()
+        for keys in [[ex.path[0] for ex in members]]
+    ]
     group_kind = [kind for _, kind in groups]
     starts, at = {}, len(sql_cells)
     for key, members in groups.items():
         starts[key] = at
         at += len(members)
     nested_start = at
-    order = [i if kind == "sql" else starts[key] + i if kind == "group" else nested_start + i
-             for kind, key, i in where]
+    order = [i if kind == "sql" else starts[key] + i if kind == "group" else nested_start + i for kind, key, i in where]
     pick = itemgetter(*order) if len(order) > 1 else (lambda combined: (combined[order[0]],))
     doc_slots = sorted(doc_slot.values())
-    take_sql = itemgetter(*sql_cells) if len(sql_cells) > 1 else (
-        (lambda row: (row[sql_cells[0]],)) if sql_cells else (lambda row: ()))
+    take_sql = (
+        itemgetter(*sql_cells)
+        if len(sql_cells) > 1
+        else ((lambda row: (row[sql_cells[0]],)) if sql_cells else (lambda row: ()))
+    )
     loads = orjson.loads
     empty: dict = {}
     slot_groups = {slot: [g for g, group in enumerate(group_list) if group[0] == slot] for slot in doc_slots}
-    decoders = {slot: _decoder([group_list[g][2] for g in mine], [group_kind[g] for g in mine])
-                for slot, mine in slot_groups.items() if not any(s == slot for s, _ in nested)}
+    decoders = {
+        slot: _decoder([group_list[g][2] for g in mine], [group_kind[g] for g in mine])
+        for slot, mine in slot_groups.items()
+        if not any(s == slot for s, _ in nested)
+    }
 
     def raw_values(doc: Any, get: Callable, keys: list[str]) -> Sequence:
         if doc.__class__ is dict:
@@ -176,8 +187,9 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
                 raws[g] = raw_values(doc, *group_list[g][1:3])
         return raws, typed, docs
 
-    def group_values(values: Sequence, typed: bool, members: list[_Extract], fast: frozenset,
-                     to_float: bool) -> tuple[Sequence, bool]:
+    def group_values(
+        values: Sequence, typed: bool, members: list[_Extract], fast: frozenset, to_float: bool
+    ) -> tuple[Sequence, bool]:
         """A group's values typed, and whether some were converted from text (a float from text
         may be NaN or infinite, one from a JSON number never is)."""
         if typed:
@@ -190,9 +202,12 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         return [ex.convert(v) for ex, v in zip(members, values, strict=True)], True
 
     def refuse(e: _CellError, row_number: int) -> SourceError:
-        return _RowError(row_number, f"column '{e.name}' holds {e.value!r}, which is not "
-                                     f"{'an' if e.kind == 'integer' else 'a'} {e.kind}. Correct the document in "
-                                     f"the source table, or declare the column as string.")
+        return _RowError(
+            row_number,
+            f"column '{e.name}' holds {e.value!r}, which is not "
+            f"{'an' if e.kind == 'integer' else 'a'} {e.kind}. Correct the document in "
+            f"the source table, or declare the column as string.",
+        )
 
     def build(rows: list[Row], offset: int) -> list[Row]:
         out = []

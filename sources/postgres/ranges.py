@@ -54,8 +54,14 @@ _Split = tuple[list[tuple[int | None, int | None]], str | None]
 def _in_range(query: Query, low: int | None, high: int | None) -> Query:
     """``query`` limited to the key range [low, high) (an open end where None)."""
     column = query.dataset.by_name[query.dataset.key[0]]
-    return replace(query, filters=(*query.filters, *((Filter(column, "GTE", (low,)),) if low is not None else ()),
-                                   *((Filter(column, "LT", (high,)),) if high is not None else ())))
+    return replace(
+        query,
+        filters=(
+            *query.filters,
+            *((Filter(column, "GTE", (low,)),) if low is not None else ()),
+            *((Filter(column, "LT", (high,)),) if high is not None else ()),
+        ),
+    )
 
 
 async def _key_ranges(
@@ -76,8 +82,12 @@ async def _key_ranges(
     if any(s.column.name != column.name for s in query.sort):
         return []
     field = resolve(column, source._info)
-    if (not field.plain or column.type != "integer" or field.pg_type not in ("int2", "int4", "int8")
-            or column.name not in source._info.not_null):
+    if (
+        not field.plain
+        or column.type != "integer"
+        or field.pg_type not in ("int2", "int4", "int8")
+        or column.name not in source._info.not_null
+    ):
         return []
     cur = await conn.execute("SELECT pg_total_relation_size(to_regclass(%s))", (_regclass_arg(source.dataset.table),))
     size = (await cur.fetchone())[0]
@@ -117,7 +127,9 @@ async def _split(source: PostgresSource, conns: list[psycopg.AsyncConnection], q
 
 
 async def _second_connection(
-    source: PostgresSource, conns: list[psycopg.AsyncConnection], ranges: list[tuple[int | None, int | None]],
+    source: PostgresSource,
+    conns: list[psycopg.AsyncConnection],
+    ranges: list[tuple[int | None, int | None]],
     snapshot_id: str | None,
 ) -> list[tuple[int | None, int | None]]:
     """The ``ranges`` to read on two connections, a second one (in the snapshot ``snapshot_id``

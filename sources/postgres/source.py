@@ -118,8 +118,7 @@ class PostgresSource:
     async def count(self, query: Query, cap: int | None = None) -> int:
         conn = await self._connect(snapshot=False)
         try:
-            compiled = compile_query(query, self._table, POSTGRES, count_cap=cap,
-                                     column_sql=column_sql_for(self._info))
+            compiled = compile_query(query, self._table, POSTGRES, count_cap=cap, column_sql=column_sql_for(self._info))
             cur = await conn.execute(compiled.count, compiled.params)
             row = await cur.fetchone()
             return int(row[0]) if row else 0
@@ -137,8 +136,12 @@ class PostgresSource:
                 yield plan.build(rows, offset) if plan.build else rows
 
     async def _fetched(
-        self, query: Query, batch_rows: int, formula_guard: bool,
-        conns: list[psycopg.AsyncConnection] | None = None, split: _Split | None = None,
+        self,
+        query: Query,
+        batch_rows: int,
+        formula_guard: bool,
+        conns: list[psycopg.AsyncConnection] | None = None,
+        split: _Split | None = None,
     ) -> AsyncIterator[tuple[_Plan, list[Row], int]]:
         """The read plan's SELECT list as fetched, in batches, each with the plan and the number of
         rows before it. On the caller's connection and ``_split`` of the query, if it has them."""
@@ -157,8 +160,13 @@ class PostgresSource:
                     batches = _cursor_batches(conns[0], *self._select(query, plan), size)
                 else:
                     selects = [self._select(_in_range(query, *r), plan) for r in ranges]
-                    batches = _in_turn(conns, [partial(_cursor_batches, select=select, params=params, size=size)
-                                               for select, params in selects])
+                    batches = _in_turn(
+                        conns,
+                        [
+                            partial(_cursor_batches, select=select, params=params, size=size)
+                            for select, params in selects
+                        ],
+                    )
                 async with contextlib.aclosing(batches):
                     async for rows in batches:
                         yield plan, rows, offset
@@ -203,8 +211,13 @@ class PostgresSource:
                             yield chunk
                     return
                 statements = [self._copy(_in_range(query, *r), plan) for r in ranges]
-                chunks = _in_turn(conns, [partial(_copy_chunks, statement=statement, params=params,
-                                                  batch_rows=batch_rows) for statement, params in statements])
+                chunks = _in_turn(
+                    conns,
+                    [
+                        partial(_copy_chunks, statement=statement, params=params, batch_rows=batch_rows)
+                        for statement, params in statements
+                    ],
+                )
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         yield chunk
@@ -219,8 +232,7 @@ class PostgresSource:
         assert plan.csv_exprs is not None
         out_query, out_sql = _output_query(query, plan.csv_exprs)
         column_sql = column_sql_for(self._info)
-        compiled = compile_query(out_query, self._table, POSTGRES,
-                                 column_sql=lambda c: out_sql(c) or column_sql(c))
+        compiled = compile_query(out_query, self._table, POSTGRES, column_sql=lambda c: out_sql(c) or column_sql(c))
         statement = f"COPY ({compiled.select}) TO STDOUT WITH (FORMAT csv)"
         if not compiled.params:  # psycopg reads no placeholders (nor %%) in a COPY without parameters
             return statement.replace("%%", "%"), None

@@ -20,9 +20,12 @@ WIDE = dict(dataset="samples", format="CSV")  # every column of the 100,000 demo
 def start_worker(stack: Stack, grace: float, **env: str) -> subprocess.Popen:
     """A worker of ``stack`` with ``grace`` seconds to finish on SIGTERM, and settings ``env``."""
     log = (stack.data_dir / f"worker-grace-{len(stack.workers)}.log").open("ab")
-    worker = subprocess.Popen([sys.executable, "-m", "dataport.cli", "worker"],
-                              env={**stack.env, "DATAPORT_WORKER_SHUTDOWN_GRACE_SECONDS": str(grace), **env},
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dataport.cli", "worker"],
+        env={**stack.env, "DATAPORT_WORKER_SHUTDOWN_GRACE_SECONDS": str(grace), **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     stack.workers.append(worker)
     stack.processes.append(worker)
     return worker

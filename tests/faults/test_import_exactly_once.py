@@ -38,8 +38,9 @@ def _wait_for(predicate, what: str, timeout: float = 60) -> None:
 def test_a_worker_killed_right_after_its_commit_ends_succeeded_with_its_rows(idle_queue: Stack, test_data: TestData):
     api = idle_queue.api()
     dataset = "imp_postgres"
-    request = dict(dataset=dataset, format="CSV", columns=["id"], limit=5,
-                   filters=[{"field": "id", "op": "GTE", "value": BASE}])
+    request = dict(
+        dataset=dataset, format="CSV", columns=["id"], limit=5, filters=[{"field": "id", "op": "GTE", "value": BASE}]
+    )
     idle_queue.start_worker()
     before = api.wait(api.export(**request)["id"])
     assert before["rowCount"] == 0
@@ -57,9 +58,13 @@ def test_a_worker_killed_right_after_its_commit_ends_succeeded_with_its_rows(idl
 
         def waiting_on_the_receipt() -> bool:
             with psycopg.connect(test_data.postgres_url, autocommit=True) as probe:
-                return probe.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                    (f"%{TABLE}%",)).fetchone() is not None
+                return (
+                    probe.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                        (f"%{TABLE}%",),
+                    ).fetchone()
+                    is not None
+                )
 
         _wait_for(waiting_on_the_receipt, "the worker never reached its receipt")
         queue_redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
@@ -68,8 +73,9 @@ def test_a_worker_killed_right_after_its_commit_ends_succeeded_with_its_rows(idl
 
             def committed() -> bool:
                 with psycopg.connect(test_data.postgres_url, autocommit=True) as probe:
-                    return probe.execute(f"SELECT 1 FROM {TABLE} WHERE task_id = %s",
-                                         (task["id"],)).fetchone() is not None
+                    return (
+                        probe.execute(f"SELECT 1 FROM {TABLE} WHERE task_id = %s", (task["id"],)).fetchone() is not None
+                    )
 
             _wait_for(committed, "the import never committed")
             idle_queue.kill(worker)  # between its COMMIT and its first Redis write after it

@@ -39,7 +39,8 @@ def _terminate_a_read(url: str, api, task_id: str) -> int:
                 "AND pid <> pg_backend_pid() AND ((state = 'active' AND query LIKE 'COPY%') "
                 # a cursor is open between its FETCHes; a COPY that is no longer active has ended
                 "OR (state IN ('active', 'idle in transaction') "
-                "AND (query LIKE 'FETCH%' OR query LIKE 'DECLARE%')))").fetchall()
+                "AND (query LIKE 'FETCH%' OR query LIKE 'DECLARE%')))"
+            ).fetchall()
             if killed:
                 return len(killed)
             if time.monotonic() - asked > 0.2:
@@ -67,30 +68,34 @@ def test_pg_terminate_backend_mid_read_ends_succeeded_with_every_row(local_stack
         assert [json.loads(line)["id"] for line in content.splitlines()] == list(range(1, BIG_ROWS + 1))
 
 
-def test_pg_terminate_backend_as_a_csv_read_starts_ends_succeeded_with_every_row(idle_queue, postgres_db,
-                                                                                  test_data):
+def test_pg_terminate_backend_as_a_csv_read_starts_ends_succeeded_with_every_row(idle_queue, postgres_db, test_data):
     """The CSV path reads with one COPY, over in milliseconds, too short to catch from outside: the
     test holds the read with a lock on the table, taken before a worker starts, and terminates the
     backend while the read's first statement waits. (A COPY cut off mid-stream is tested at the
     source: tests/test_postgres.py, a split read's connection terminated between its chunks.)"""
     api = idle_queue.api()
     task = api.export(dataset="big_pg", format="CSV", columns=["id", "x", "label"])  # counted before the lock
-    with psycopg.connect(postgres_db, autocommit=True) as lock, \
-            psycopg.connect(postgres_db, autocommit=True) as watch:  # outside the lock's transaction,
-        lock.execute("BEGIN")                                         # whose view of the activity is frozen
+    with (
+        psycopg.connect(postgres_db, autocommit=True) as lock,
+        psycopg.connect(postgres_db, autocommit=True) as watch,
+    ):  # outside the lock's transaction,
+        lock.execute("BEGIN")  # whose view of the activity is frozen
         lock.execute(f"LOCK TABLE {test_data.big_table} IN ACCESS EXCLUSIVE MODE")
         idle_queue.start_worker()
         deadline = time.monotonic() + 60
         while not watch.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'").fetchall():
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+        ).fetchall():
             assert time.monotonic() < deadline, "the worker's read never started"
             time.sleep(0.01)
         lock.execute("ROLLBACK")
 
     done = api.wait(task["id"], timeout=120)
     assert done["status"] == "SUCCEEDED" and done["rowCount"] == BIG_ROWS and done["attempts"] >= 2, (
-        done["error"], done["events"])
+        done["error"],
+        done["events"],
+    )
     assert any("failed" in (e["message"] or "") for e in done["events"]), done["events"]
     rows = api.download(done["downloadUrl"]).content.split(b"\r\n")
     assert rows[0] == b"id,x,label" and [int(r.split(b",")[0]) for r in rows[1:-1]] == list(range(1, BIG_ROWS + 1))

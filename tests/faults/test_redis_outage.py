@@ -35,8 +35,7 @@ def own_redis(tmp_path_factory) -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="module")
 def outage_stack(tmp_path_factory, own_redis, test_data) -> Iterator[Stack]:
-    yield from _stack("outage", tmp_path_factory, own_redis.url, test_data, {"DATAPORT_STORAGE": "local"},
-                      workers=2)
+    yield from _stack("outage", tmp_path_factory, own_redis.url, test_data, {"DATAPORT_STORAGE": "local"}, workers=2)
 
 
 def _processing(api, task_id: str, timeout: float = 60) -> None:
@@ -124,9 +123,25 @@ async def test_an_open_subscription_never_completes_before_a_final_status(outage
 def test_the_cli_follows_an_export_through_an_outage(outage_stack, own_redis, tmp_path):
     out = tmp_path / "samples.csv"
     env = {**outage_stack.env, "DATAPORT_TOKEN": outage_stack.token("cli-outage")}
-    cli = subprocess.Popen([sys.executable, "-m", "dataport.cli", "export", "samples", "--columns",
-                            "sample_id,site,notes", "--out", str(out), "--url", outage_stack.url],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataport.cli",
+            "export",
+            "samples",
+            "--columns",
+            "sample_id,site,notes",
+            "--out",
+            str(out),
+            "--url",
+            outage_stack.url,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     api = Api(outage_stack.url, env["DATAPORT_TOKEN"])
     deadline = time.monotonic() + 60
     while not (page := api.data("{ exportTasks(first: 1) { edges { node { id status } } } }")["exportTasks"]["edges"]):

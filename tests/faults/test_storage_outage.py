@@ -35,8 +35,11 @@ def own_s3(tmp_path_factory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def s3_outage_stack(tmp_path_factory, own_s3, redis_url, test_data) -> Iterator[Stack]:
-    env = {**own_s3.settings_env(own_s3.make_bucket("outage")),
-           "DATAPORT_RETRY_WINDOW_SECONDS": "25", "DATAPORT_RETRY_MAX_DELAY_SECONDS": "4"}
+    env = {
+        **own_s3.settings_env(own_s3.make_bucket("outage")),
+        "DATAPORT_RETRY_WINDOW_SECONDS": "25",
+        "DATAPORT_RETRY_MAX_DELAY_SECONDS": "4",
+    }
     yield from _stack("s3outage", tmp_path_factory, redis_url, test_data, env, workers=1)
 
 
