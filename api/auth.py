@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import jwt
 
 from dataport.settings import Settings
-from tasks.exports import Owner
+from tasks.access import Owner
 
 
 class AuthError(Exception):

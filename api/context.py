@@ -8,7 +8,7 @@ from strawberry.types import Info as StrawberryInfo
 from api.auth import AuthError, Credentials, credentials_from_header
 from api.graphql_limits import QueryLimits
 from dataport.services import Services
-from tasks.exports import Owner
+from tasks.access import Owner
 
 
 class Context(BaseContext):

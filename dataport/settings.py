@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     jwt_issuer: str = "dataport"
     token_ttl_seconds: int = 12 * 3600
     dev_mode: bool = False
+    # Holders of this role (from the token's roles claim) see every dataset and every user's tasks.
+    admin_role: str = "admin"
 
     # Public address of the api, used to build signed URLs for the local storage backend.
     public_url: str = "http://127.0.0.1:8000"

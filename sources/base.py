@@ -32,6 +32,15 @@ class Column:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Rows of a dataset belong to a tenant: a caller reads and writes only the rows whose ``column``
+    equals their token's ``claim`` (a dotted path into the verified claims)."""
+
+    column: str
+    claim: str
+
+
+@dataclass(frozen=True)
 class Dataset:
     name: str
     source: str  # sqlite | postgres | opensearch
@@ -45,6 +54,11 @@ class Dataset:
     stream_max_rows: int = 10_000
     # Every finished export or import of this dataset emails its owner, asked or not.
     notify: bool = False
+    # Who may read (export) and write (import) it: "*" (everyone signed in), "role:NAME" or
+    # "user:ID". ``importers`` of None means the readers when importable, else nobody.
+    readers: tuple[str, ...] = ("*",)
+    importers: tuple[str, ...] | None = None
+    scope: Scope | None = None
     by_name: dict[str, Column] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

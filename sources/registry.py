@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from dataport.settings import Settings
-from sources.base import COLUMN_TYPES, Column, Dataset, Source, SourceError
+from sources.base import COLUMN_TYPES, Column, Dataset, Scope, Source, SourceError
 from sources.sqlite import SqliteSource, discover_columns
 
 SOURCE_KINDS = ("sqlite", "postgres", "opensearch")
 _KNOWN_KEYS = {
     "title", "source", "url", "table", "index", "key", "importable", "max_export_rows", "stream_max_rows", "columns",
-    "notify",
+    "notify", "readers", "importers", "scope",
 }  # fmt: skip
 _COLUMN_KEYS = {"type", "filterable", "sortable", "required", "max_length"}
 
@@ -130,6 +130,11 @@ def _dataset(name: str, entry: Any, base: Path, settings: Settings) -> Dataset:
     title = entry.get("title")
     if title is not None and not isinstance(title, str):
         raise fail("title", "must be text")
+    readers = _grantees(entry.get("readers", ["*"]), lambda problem: fail("readers", problem))
+    importers = entry.get("importers")
+    if importers is not None:
+        importers = _grantees(importers, lambda problem: fail("importers", problem))
+    scope = _scope(entry.get("scope"), names, fail)
     return Dataset(
         name=name,
         source=source,
@@ -140,8 +145,36 @@ def _dataset(name: str, entry: Any, base: Path, settings: Settings) -> Dataset:
         key=tuple(key),
         importable=importable,
         notify=notify,
+        readers=readers,
+        importers=importers,
+        scope=scope,
         **limits,
     )
+
+
+def _grantees(value: Any, fail: Callable[[str], DatasetConfigError]) -> tuple[str, ...]:
+    """``readers`` / ``importers``: a list of "*", "role:NAME" and "user:ID"."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail('must be a list such as ["*"], ["role:analyst", "user:ada"]')
+    for grantee in value:
+        kind, _, name = grantee.partition(":")
+        if grantee != "*" and (kind not in ("role", "user") or not name):
+            raise fail(f'{grantee!r} must be "*", "role:NAME" or "user:ID"')
+    return tuple(value)
+
+
+def _scope(value: Any, columns: set[str], fail: Callable[[str, str], DatasetConfigError]) -> Scope | None:
+    """``scope = { column = "org_id", claim = "org" }``: rows limited to the token's claim."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"column", "claim"}:
+        raise fail("scope", 'must be a table { column = "...", claim = "..." }')
+    column, claim = value["column"], value["claim"]
+    if not isinstance(column, str) or column not in columns:
+        raise fail("scope.column", f"must name a column of the dataset, not {column!r}")
+    if not isinstance(claim, str) or not claim or any(not part for part in claim.split(".")):
+        raise fail("scope.claim", f"must be a claim name or a dotted path such as org.id, not {claim!r}")
+    return Scope(column=column, claim=claim)
 
 
 def _resolve_url(url: Any, fail) -> str:

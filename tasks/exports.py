@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,17 +21,12 @@ from formats import WRITERS
 from sources.base import Dataset, SourceError
 from sources.query import Query, QueryTooComplex, build_query
 from tasks import queue
+from tasks.access import Owner
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page, QuotaExceeded, RequestOutcome
 
 EXPORT_JOB = "run_export"
-
-
-@dataclass(frozen=True)
-class Owner:
-    id: str
-    email: str | None = None
 
 
 def quota_exceeded(limit: int, field: tuple[str, ...]) -> UserErrors:

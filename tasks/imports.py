@@ -23,7 +23,8 @@ from formats import WRITERS
 from storage.base import UploadTarget
 from storage.local import PARTIAL
 from tasks import queue, sealing
-from tasks.exports import Owner, request_task
+from tasks.access import Owner
+from tasks.exports import request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page

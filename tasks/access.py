@@ -1,0 +1,91 @@
+"""Who may see what: the caller's identity, dataset permissions and tenant scope.
+
+A verified token becomes an ``Identity`` (api/auth.py makes it; the domain never sees a token).
+Datasets name their ``readers`` and ``importers`` ("*", "role:NAME", "user:ID") and may carry a
+``Scope``: a column whose value must equal one of the caller's claims. These functions are the one
+place those rules are decided; the task functions and the streaming route ask them and nothing else.
+
+A dataset a caller may not read is reported exactly as a missing one, so its name leaks nothing.
+Admins (``Settings.admin_role``) read every dataset and see every user's tasks, but a scope binds
+them like everyone else: tenant isolation does not depend on who holds which role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sources.base import Dataset
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The user a task belongs to: its id and where to email it."""
+
+    id: str
+    email: str | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller, as a verified token describes them."""
+
+    owner: Owner
+    roles: frozenset[str] = frozenset()
+    # The token's verified claims, for the claims a dataset scopes by.
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    admin: bool = False
+
+    def claim(self, path: str) -> Any:
+        """The claim at a dotted ``path`` (``org``, ``org.id``), or None when any step is missing."""
+        return claim_at(self.claims, path)
+
+
+def claim_at(claims: Mapping[str, Any], path: str) -> Any:
+    """A dotted path into nested claims. A whole key that contains dots (``https://x.io/roles``,
+    as Auth0 names custom claims) wins over splitting it."""
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for step in path.split("."):
+        if not isinstance(value, Mapping) or step not in value:
+            return None
+        value = value[step]
+    return value
+
+
+def _granted(grantees: tuple[str, ...], identity: Identity) -> bool:
+    for grantee in grantees:
+        kind, _, name = grantee.partition(":")
+        if grantee == "*" or (kind == "role" and name in identity.roles) or (kind == "user" and name == identity.owner.id):
+            return True
+    return False
+
+
+def may_read(identity: Identity, dataset: Dataset) -> bool:
+    return identity.admin or _granted(dataset.readers, identity)
+
+
+def may_import(identity: Identity, dataset: Dataset) -> bool:
+    """Reading is needed too: an importer who could not read would learn the dataset exists."""
+    if not dataset.importable or not may_read(identity, dataset):
+        return False
+    importers = dataset.importers if dataset.importers is not None else dataset.readers
+    return _granted(importers, identity)
+
+
+# What a scoped dataset gives a caller whose token lacks the claim: no rows at all.
+NO_ROWS = object()
+
+
+def scope_value(identity: Identity, dataset: Dataset) -> Any:
+    """The value the dataset's scope column must equal for this caller: None for an unscoped
+    dataset, ``NO_ROWS`` when the token lacks the claim (or holds a list or object, which names no
+    one tenant), else the claim's value."""
+    if dataset.scope is None:
+        return None
+    value = identity.claim(dataset.scope.claim)
+    if value is None or isinstance(value, list | dict | bool):
+        return NO_ROWS
+    return value
