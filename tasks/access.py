@@ -58,7 +58,9 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
 def _granted(grantees: tuple[str, ...], identity: Identity) -> bool:
     for grantee in grantees:
         kind, _, name = grantee.partition(":")
-        if grantee == "*" or (kind == "role" and name in identity.roles) or (kind == "user" and name == identity.owner.id):
+        if grantee == "*" or (kind == "role" and name in identity.roles):
+            return True
+        if kind == "user" and name == identity.owner.id:
             return True
     return False
 
