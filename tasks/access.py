@@ -91,3 +91,25 @@ def scope_value(identity: Identity, dataset: Dataset) -> Any:
     if value is None or isinstance(value, list | dict | bool):
         return NO_ROWS
     return value
+
+
+# A task keeps the scope it was asked under in its request (a worker has no token to read it
+# from), and the scope is part of what the task id is made of: a caller whose claim changed never
+# finds an export made for the old one.
+def scope_for_request(value: Any) -> dict[str, Any] | None:
+    """The JSON form of a ``scope_value`` result kept in a task's request: None when unscoped."""
+    if value is None:
+        return None
+    if value is NO_ROWS:
+        return {"rows": "none"}
+    return {"value": value}
+
+
+def scope_from_request(request: Mapping[str, Any]) -> Any:
+    """Back from a task's request to a ``scope_value`` result (None, ``NO_ROWS`` or the value)."""
+    scope = request.get("scope")
+    if scope is None:
+        return None
+    if not isinstance(scope, Mapping) or "value" not in scope:
+        return NO_ROWS
+    return scope["value"]
