@@ -14,13 +14,13 @@ from starlette.requests import HTTPConnection, Request
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from api import stream, uploads
-from api.auth import issue_token
+from api.auth import Authenticator, issue_token
 from api.context import Context
 from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
 from api.graphql_view import GraphQLView
 from api.metrics import ServiceMetrics, exposition
 from api.readiness import Readiness
-from api.request_limits import RequestSizeLimit
+from api.request_limits import VERIFIED, RequestSizeLimit
 from dataport import errors
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
@@ -36,6 +36,8 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # The one token verifier (api/auth.py), shared by GraphQL, WebSockets and the plain routes.
+    authenticator = Authenticator(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,11 +46,20 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             yield
         finally:
             await app.state.services.close()
+            await authenticator.aclose()
 
     app = FastAPI(title="Dataport", lifespan=lifespan, docs_url=None, redoc_url=None)
 
+    app.state.authenticator = authenticator
+
     async def context(connection: HTTPConnection) -> Context:
-        return Context(connection.app.state.services)
+        """An HTTP request's token is verified here (api/request_limits.py did, for /graphql); a
+        WebSocket's when its connection_init arrives (api/graphql_view.py)."""
+        ctx = Context(connection.app.state.services, authenticator)
+        ctx.request = connection
+        if connection.scope["type"] == "http":
+            await ctx.authenticate(connection.scope.get("state", {}).get(VERIFIED))
+        return ctx
 
     # api/graphql_view.py: bodies it cannot read are 400s, WebSockets need a token to be acknowledged.
     app.include_router(
@@ -62,7 +73,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         prefix="/graphql",
     )
     # A body over the limit is refused before it is read whole (api/request_limits.py).
-    app.add_middleware(RequestSizeLimit, settings=settings)
+    app.add_middleware(RequestSizeLimit, settings=settings, authenticator=authenticator)
 
     app.include_router(stream.router)
     app.include_router(uploads.router)

@@ -124,7 +124,9 @@ class GraphQLView(GraphQLRouter):
     # -- WebSockets -------------------------------------------------------------------------------
 
     async def on_ws_connect(self, context: Any) -> UnsetType | dict[str, object] | None:
-        """connection_init: acknowledged only with a valid token in its payload (or on the upgrade)."""
+        """connection_init: acknowledged only with a valid token in its payload (or on the upgrade),
+        verified here once for the socket's life."""
+        await context.authenticate()
         try:
             _ = context.credentials
         except AuthError as e:

@@ -11,8 +11,9 @@ close``. A GET's query string is held to the same limit.
 
 The limit is ``max_request_bytes`` (1 MiB) for a request with a valid token and
 ``max_anonymous_request_bytes`` (16 KiB) without one: all an anonymous request can do is
-introspect, and a valid token is an HMAC away, so it is checked here before any body is read.
-WebSocket messages are bounded in ``api.websockets``.
+introspect, so the token is checked here before any body is read, with the api's one
+``Authenticator``; the outcome is kept in the request's state (``VERIFIED``) for the GraphQL context,
+so a request's token is verified once. WebSocket messages are bounded in ``api.websockets``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any
 
 import orjson
 
-from api.auth import AuthError, credentials_from_header
+from api.auth import Authenticator, AuthError
 from dataport import errors
 from dataport.settings import Settings
 
+# The request state's key for this request's verified credentials (or the AuthError).
+VERIFIED = "dataport_verified"
 # Past the limit, a body is read and dropped up to this size so that its client sees the answer.
 DRAIN_BYTES = 8 * 1024 * 1024
 
@@ -42,17 +45,21 @@ def error_body(message: str, code: str, **extensions: Any) -> bytes:
 
 
 class RequestSizeLimit:
-    def __init__(self, app: ASGIApp, settings: Settings, path: str = "/graphql"):
+    def __init__(self, app: ASGIApp, settings: Settings, authenticator: Authenticator, path: str = "/graphql"):
         self.app = app
         self.settings = settings
+        self.authenticator = authenticator
         self.path = path
 
-    def _limit(self, scope: Scope) -> tuple[int, bool]:
+    async def _limit(self, scope: Scope) -> tuple[int, bool]:
         """The limit for this request, and whether it is the anonymous one."""
         header = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
         try:
-            credentials_from_header(self.settings, header.decode("latin-1") if header else None)
-        except AuthError:
+            verified: object = await self.authenticator.authenticate(header.decode("latin-1") if header else None)
+        except AuthError as e:
+            verified = e
+        scope.setdefault("state", {})[VERIFIED] = verified
+        if isinstance(verified, AuthError):
             return self.settings.max_anonymous_request_bytes, True
         return self.settings.max_request_bytes, False
 
@@ -60,7 +67,7 @@ class RequestSizeLimit:
         if scope["type"] != "http" or scope["path"].rstrip("/") != self.path:
             await self.app(scope, receive, send)
             return
-        limit, anonymous = self._limit(scope)
+        limit, anonymous = await self._limit(scope)
         if len(scope.get("query_string", b"")) > limit:
             await self._refuse(send, limit, anonymous)
             return

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
-from api.auth import AuthError, owner_from_header
+from api.auth import AuthError
 from api.ratelimit import retry_after
 from api.stream_response import IdleTimeoutStreamingResponse
 from api.stream_slots import RETRY_AFTER_SECONDS, NoSlot, take_slot
@@ -122,9 +122,10 @@ async def stream_export(
     services: Services = request.app.state.services
     settings = services.settings
     try:
-        owner = owner_from_header(settings, request.headers.get("authorization"))
+        credentials = await request.app.state.authenticator.authenticate(request.headers.get("authorization"))
     except AuthError as e:
         return _error(401, "UNAUTHENTICATED", str(e))
+    owner = credentials.owner
     client = request.client.host if request.client else "unknown"
     for scope, identity, per_minute in (
         ("user", owner.id, settings.stream_rate_per_user),

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,32 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     # Holders of this role (from the token's roles claim) see every dataset and every user's tasks.
     admin_role: str = "admin"
+    # HS256 tokens signed with the secret above (`dataport token`, `dataport dev`); a deployment
+    # whose users all come from an identity provider may turn them off.
+    local_tokens: bool = True
+
+    # Tokens from an OpenID Connect identity provider (api/oidc.py, docs/access.md "Tokens"): RS256
+    # or ES256, keys from the issuer's discovery document and JWKS. Empty issuer: none accepted.
+    oidc_issuer: str = ""
+    # Required with an issuer: a token for another application of the same provider is refused.
+    oidc_audience: str = ""
+    # Where the audience is: `aud`, or e.g. `client_id` for Cognito access tokens (which have no aud).
+    oidc_audience_claim: str = "aud"
+    # Clock skew allowed on exp, nbf and iat.
+    oidc_leeway_seconds: float = Field(default=30.0, ge=0)
+    # The JWKS is fetched again after this long, and at most this often for a token of unknown kid.
+    oidc_jwks_max_age_seconds: float = Field(default=3600.0, gt=0)
+    oidc_jwks_min_refresh_seconds: float = Field(default=30.0, ge=0)
+    oidc_timeout_seconds: float = Field(default=5.0, gt=0)
+    # For the browser page's sign-in (authorization code + PKCE; a public client, no secret).
+    oidc_client_id: str = ""
+    oidc_scopes: str = "openid profile email"
+    # Claims, as dotted paths into the verified token (a key that itself contains dots wins).
+    user_id_claim: str = "sub"
+    email_claim: str = "email"
+    # A list of strings or one string of names separated by spaces or commas, e.g.
+    # `realm_access.roles` (Keycloak), `cognito:groups` (Cognito), `https://example.com/roles` (Auth0).
+    roles_claim: str = "roles"
 
     # Public address of the api, used to build signed URLs for the local storage backend.
     public_url: str = "http://127.0.0.1:8000"
@@ -176,6 +202,15 @@ class Settings(BaseSettings):
     # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
     # (`dataport dev` starts its api and worker with text unless this is set).
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _audience_with_issuer(self) -> Settings:
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError(
+                "DATAPORT_OIDC_AUDIENCE must be set with DATAPORT_OIDC_ISSUER (the API's identifier at the"
+                " provider), or tokens the provider issued for other applications would be accepted"
+            )
+        return self
 
     @cached_property
     def resolved_files_dir(self) -> Path:
