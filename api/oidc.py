@@ -42,7 +42,7 @@ class OidcVerifier:
         self.issuer = settings.oidc_issuer
         self.keys: dict[str, jwt.PyJWK] = {}
         self.fetched_at = float("-inf")  # monotonic time of the last fetch attempt that succeeded
-        self.tried_at = float("-inf")  # ... and of the last attempt, successful or not
+        self.forced_at = float("-inf")  # ... and of the last fetch for an unknown kid, successful or not
         self.jwks_uri: str | None = None
         self.lock = asyncio.Lock()
 
@@ -71,10 +71,12 @@ class OidcVerifier:
             raise AuthError("The token is not valid yet (nbf or iat is in the future).") from None
         except jwt.InvalidIssuerError:
             raise AuthError("The token was not issued by the identity provider Dataport trusts.") from None
-        except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as e:
-            if "aud" in str(e):
-                raise AuthError("The token is not meant for Dataport (its audience is another).") from None
-            raise AuthError(f"The token lacks a required claim: {e}.") from None
+        except jwt.MissingRequiredClaimError as e:
+            if e.claim != "aud":
+                raise AuthError(f"The token lacks a required claim: {e.claim}.") from None
+            raise AuthError("The token is not meant for Dataport (it names no audience).") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("The token is not meant for Dataport (its audience is another).") from None
         except jwt.InvalidSignatureError:
             raise AuthError("The token's signature is not valid.") from None
         except jwt.InvalidTokenError:
@@ -111,9 +113,10 @@ class OidcVerifier:
             if self.fetched_at != seen:
                 return  # fetched while this request waited for the lock
             now = time.monotonic()
-            if rate_limited and now - self.tried_at < self.settings.oidc_jwks_min_refresh_seconds:
-                return
-            self.tried_at = now
+            if rate_limited:
+                if now - self.forced_at < self.settings.oidc_jwks_min_refresh_seconds:
+                    return
+                self.forced_at = now
             try:
                 self.keys = await self._fetch_keys()
                 self.fetched_at = time.monotonic()

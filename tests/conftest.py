@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.opensearch",
     "tests.fixtures.notify",
+    "tests.fixtures.oidc",
 ]
