@@ -3,6 +3,14 @@
 ``build_query`` turns the client's input into a ``Query`` whose columns come only from the dataset
 and whose filter values are already of the column's type; every source compiles that same object
 (SQL, OpenSearch DSL), so a query that passed here means the same thing everywhere.
+
+Tenant scope: a dataset with a ``scope`` is read only where its scope column equals the caller's
+claim. The caller (``tasks.access.scope_value``) gives ``build_query`` that value, or ``NO_ROWS``;
+the query carries it as ``Query.scope`` (a ``TenantScope``), which each source compiles in the one
+function that also compiles the filters (``sources.sql._where``, ``sources.opensearch.dsl._compile``),
+so no read, count or split of a read can leave it out. It is not a user filter: the column need
+not be filterable, nothing about it appears in a user error, and a value that does not convert to
+the column's type matches no rows rather than being refused.
 """
 
 from __future__ import annotations
@@ -53,6 +61,36 @@ class Sort:
     descending: bool = False
 
 
+class _NoRows:
+    """The scope of a caller whose token lacks the dataset's claim: no rows at all."""
+
+    def __repr__(self) -> str:
+        return "NO_ROWS"
+
+
+# ``build_query(scope=NO_ROWS)``. Any other value that is not text or a number (``tasks.access``'s
+# own sentinel among them) means no rows too.
+NO_ROWS: Any = _NoRows()
+
+
+class ScopeMissing(ValueError):
+    """``build_query`` was given no scope value for a scoped dataset: a programming error (a call
+    site that does not pass the caller's scope). Raised rather than reading every tenant's rows."""
+
+
+@dataclass(frozen=True)
+class TenantScope:
+    """Rows limited to those whose ``column`` equals ``value`` (of the column's type, bound as a
+    parameter by every source); ``nothing``: no rows at all (then ``value`` is None)."""
+
+    column: Column
+    value: Any
+    nothing: bool = False
+
+    def __repr__(self) -> str:  # the value stays out of logs and tracebacks
+        return f"TenantScope({self.column.name!r}, {'nothing' if self.nothing else '…'})"
+
+
 @dataclass(frozen=True)
 class Query:
     dataset: Dataset
@@ -60,6 +98,9 @@ class Query:
     filters: tuple[Filter, ...] = ()
     sort: tuple[Sort, ...] = ()
     limit: int | None = None
+    # Set exactly when the dataset has a scope (``build_query``): every source adds it to the
+    # filters, in the function that compiles them.
+    scope: TenantScope | None = None
 
     @property
     def column_names(self) -> list[str]:
@@ -73,8 +114,15 @@ def build_query(
     sort: Sequence[Mapping[str, Any]] | None = None,
     limit: int | None = None,
     path: tuple[str, ...] = ("input",),
+    *,
+    scope: Any = None,
 ) -> Query:
-    """Check the input against ``dataset``; raise ``UserErrors`` naming every bad field."""
+    """Check the input against ``dataset``; raise ``UserErrors`` naming every bad field.
+
+    ``scope``: the caller's scope value (``tasks.access.scope_value``): None for an unscoped
+    dataset (ignored when the dataset has no scope), ``NO_ROWS``, or the claim's value. A scoped
+    dataset given None raises ``ScopeMissing``: a forgotten scope fails loudly instead of reading
+    every tenant's rows."""
     problems: list[UserError] = []
 
     def bad(message: str, code: str, *where: str | int) -> None:
@@ -161,7 +209,28 @@ def build_query(
 
     if problems:
         raise UserErrors(problems)
-    return Query(dataset, tuple(chosen), tuple(compiled_filters), tuple(compiled_sort), limit)
+    return Query(
+        dataset, tuple(chosen), tuple(compiled_filters), tuple(compiled_sort), limit, tenant_scope(dataset, scope)
+    )
+
+
+def tenant_scope(dataset: Dataset, value: Any) -> TenantScope | None:
+    """The ``Query.scope`` of a caller with scope ``value`` (see ``build_query``): None when the
+    dataset has no scope; else the value converted to the scope column's type as filter values are
+    (an integer column and the claim "42": 42), and no rows when it cannot be converted."""
+    if dataset.scope is None:
+        return None
+    column = dataset.column(dataset.scope.column)
+    if column is None:  # the registry refuses such a dataset; fail closed all the same
+        raise ScopeMissing(f"dataset '{dataset.name}': its scope column is not one of its columns")
+    if value is None:
+        raise ScopeMissing(f"dataset '{dataset.name}' is scoped: build_query needs the caller's scope value")
+    if value is NO_ROWS or isinstance(value, bool) or not isinstance(value, str | int | float):
+        return TenantScope(column, None, nothing=True)
+    try:
+        return TenantScope(column, _coerce(column, value, "value"))
+    except _FilterProblem:
+        return TenantScope(column, None, nothing=True)
 
 
 class _FilterProblem(Exception):

@@ -8,6 +8,10 @@ are chosen to match across all sources:
 - CONTAINS and PREFIX are case-sensitive substring / prefix tests;
 - ascending order puts NULLs last, descending first (PostgreSQL's default, made explicit);
 - the dataset's key (or the row id) ends every ORDER BY, so reruns produce the same file.
+
+The tenant scope (``Query.scope``) is compiled in ``_where`` with the filters, so the SELECT, the
+count and every statement built from a ``Query`` (key ranges, COPY, helpers' reads) carry it: an
+equality on the scope column with the value bound, or ``FALSE`` for no rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sources.base import Column
-from sources.query import Filter, Query
+from sources.query import Filter, Query, TenantScope
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,27 @@ def compile_query(
 
 
 def _where(query: Query, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[Any]]:
+    """The WHERE of every statement a ``Query`` becomes: its tenant scope, then its filters."""
     clauses: list[str] = []
     params: list[Any] = []
+    if query.scope is not None:
+        clause, values = scope_condition(query.scope, dialect, expr)
+        clauses.append(clause)
+        params.extend(values)
     for f in query.filters:
         clause, values = _condition(f, dialect, expr)
         clauses.append(clause)
         params.extend(values)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def scope_condition(scope: TenantScope, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[Any]]:
+    """The tenant scope as SQL and its parameters: the value is always bound, never in the text.
+    The column's expression is the one filters compare (PostgreSQL: text ``COLLATE "C"``, so an
+    index on a text scope column helps only when built ``COLLATE "C"``)."""
+    if scope.nothing:
+        return "FALSE", []
+    return f"{expr(scope.column)} = {dialect.placeholder}", [dialect.bind(scope.column, scope.value)]
 
 
 def _condition(f: Filter, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[Any]]:

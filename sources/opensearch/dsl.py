@@ -15,6 +15,11 @@ every store:
   subfield is refused with a user error instead of matching analysed tokens;
 - ascending sorts put missing values last, descending first; the dataset key (ascending) ends
   every sort, so the order is total and a rerun writes the same file.
+
+The tenant scope (``Query.scope``) is compiled in ``_compile`` with the filters: an EQ on the scope
+column in the ``bool`` filter (the value a ``term`` query's value, never part of a query string),
+or ``match_none`` for no rows. Counts, point-in-time and scroll pages and the helpers' pages all
+take the body ``_compile`` makes, so all of them are scoped.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from dataport import errors
 from dataport.errors import UserError, UserErrors
-from sources.base import Column
+from sources.base import Column, SourceError
 from sources.opensearch.mapping import Field, _default_field
 from sources.query import Filter, Query
 
@@ -48,6 +53,8 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     problems: list[UserError] = []
     must: list[dict[str, Any]] = []
     must_not: list[dict[str, Any]] = []
+    if query.scope is not None:
+        must.append(_scope_condition(query, field(query.scope.column)))
     for i, f in enumerate(query.filters):
         where = field(f.column)
         if not where.searchable and f.op != "IS_NULL":
@@ -105,6 +112,23 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     body["sort"] = sort
     body["_source"] = {"includes": [c.name for c in query.columns]}
     return body, total
+
+
+def _scope_condition(query: Query, where: Field) -> dict[str, Any]:
+    """The tenant scope as one filter clause (EQ's semantics, dates included), or ``match_none``.
+    A scope column that cannot be matched exactly (full text without a keyword subfield) fails the
+    read: reading it unscoped is not an option, and the message names neither column nor value."""
+    scope = query.scope
+    assert scope is not None
+    if scope.nothing:
+        return _MATCH_NONE
+    if not where.searchable:
+        raise SourceError(
+            f"dataset '{query.dataset.name}': its tenant scope cannot be applied to this index (the scope "
+            f"column is full text without a keyword subfield); correct the index mapping or the dataset"
+        )
+    clauses, _ = _condition(Filter(scope.column, "EQ", (scope.value,)), where)  # EQ: filter clauses only
+    return clauses[0] if len(clauses) == 1 else {"bool": {"filter": clauses}}
 
 
 def _sort_clause(column: Column, where: Field, descending: bool) -> dict[str, Any]:

@@ -13,9 +13,10 @@ import psycopg.errors as pge
 from psycopg.pq import TransactionStatus
 
 from sources.base import Dataset, SourceError, TransientSourceError
-from sources.postgres.dialect import _SESSION, quote_ident
-from sources.postgres.fields import Field, resolve
+from sources.postgres.dialect import _SESSION, POSTGRES, quote_ident
+from sources.postgres.fields import Field, column_sql_for, resolve
 from sources.query import Query
+from sources.sql import scope_condition
 
 if TYPE_CHECKING:
     from sources.postgres.source import PostgresSource
@@ -82,7 +83,7 @@ async def _explain(
         return error
     where = ""
     if value is not None and len(candidates) <= 200:
-        found = await _find_value(source, conn, candidates, value)
+        found = await _find_value(source, conn, candidates, value, query)
         if found is not None:
             field, key = found
             where = f" in the row with {key}" if key else ""
@@ -105,9 +106,10 @@ async def _explain(
 
 
 async def _find_value(
-    source: PostgresSource, conn: psycopg.AsyncConnection, candidates: list[Field], value: str
+    source: PostgresSource, conn: psycopg.AsyncConnection, candidates: list[Field], value: str, query: Query
 ) -> tuple[Field, str] | None:
-    """Which of ``candidates`` holds ``value`` as text, and the key of one such row."""
+    """Which of ``candidates`` holds ``value`` as text, and the key of one such row: a row of the
+    query's tenant only, so that a message never names another tenant's row."""
     with contextlib.suppress(Exception):
         if conn.pgconn.transaction_status == TransactionStatus.INERROR:
             await conn.execute("ROLLBACK")
@@ -115,10 +117,13 @@ async def _find_value(
         key = [resolve(source.dataset.by_name[k], source._info) for k in source.dataset.key]
         hit = " ".join(f"WHEN {f.raw_sql} = %s THEN {i}" for i, f in enumerate(candidates))
         match = " OR ".join(f"{f.raw_sql} = %s" for f in candidates)
+        scoped, scope_params = "TRUE", []
+        if query.scope is not None:
+            scoped, scope_params = scope_condition(query.scope, POSTGRES, column_sql_for(source._info))
         select = ", ".join([f"CASE {hit} END", *(f"({k.raw_sql})::text" for k in key)])
         cur = await conn.execute(
-            f"SELECT {select} FROM {quote_ident(source.dataset.table)} WHERE {match} LIMIT 1",
-            (value,) * (2 * len(candidates)),
+            f"SELECT {select} FROM {quote_ident(source.dataset.table)} WHERE {scoped} AND ({match}) LIMIT 1",
+            (*(value,) * len(candidates), *scope_params, *(value,) * len(candidates)),
         )
         row = await cur.fetchone()
         await conn.execute("ROLLBACK")
