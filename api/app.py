@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection, Request
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from api import stream, uploads
-from api.auth import Authenticator, issue_token
+from api.auth import Authenticator, claim_value, issue_token
 from api.context import Context
 from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
 from api.graphql_view import GraphQLView
@@ -130,11 +130,32 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         report = await request.app.state.readiness.report(request.app.state.services)
         return JSONResponse(report.body, status_code=200 if report.ready else 503)
 
+    @app.get("/auth/config")
+    async def auth_config():
+        """What the browser page needs to offer sign-in through the identity provider
+        (authorization code + PKCE, a public client): nulls when no provider is configured."""
+        configured = bool(settings.oidc_issuer and settings.oidc_client_id)
+        return {
+            "issuer": settings.oidc_issuer or None,
+            "clientId": settings.oidc_client_id or None,
+            "audience": settings.oidc_audience or None,
+            "scopes": settings.oidc_scopes if configured else None,
+        }
+
     if settings.dev_mode:
 
         @app.post("/dev/token", response_class=PlainTextResponse)
-        async def dev_token(user: str = "dev", email: str | None = None):
-            return issue_token(settings, user, email)
+        async def dev_token(
+            user: str = "dev",
+            email: str | None = None,
+            role: list[str] = Query(default=[]),
+            claim: list[str] = Query(default=[]),
+        ):
+            """A token as ``dataport token`` makes one: ``?role=analyst&claim=org=acme``."""
+            claims = {name: claim_value(value) for name, _, value in (c.partition("=") for c in claim)}
+            if any(name in ("sub", "iat", "exp", "iss") for name in claims):
+                raise HTTPException(400, "sub, iat, exp and iss are set by the route itself.")
+            return issue_token(settings, user, email, roles=role, claims=claims)
 
     if WEB_DIR.is_dir():  # the browser client's modules and styles; `/` serves its page
         app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")

@@ -10,6 +10,7 @@ provider's public keys are never tried as an HMAC secret. Either way the verifie
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,16 @@ def _put(claims: dict[str, Any], path: str, value: Any) -> None:
     for step in steps[:-1]:
         claims = claims.setdefault(step, {})
     claims[steps[-1]] = value
+
+
+def claim_value(text: str) -> Any:
+    """A claim given as text (``dataport token --claim``, ``/dev/token``): JSON when it parses as a
+    number, true/false/null, a list, an object or a quoted string (``org_id=42`` is the number 42,
+    as an integer tenant column needs; ``org="042"`` the string 042); else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def issue_token(

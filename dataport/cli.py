@@ -89,12 +89,38 @@ def worker() -> None:
     run_worker(settings, _registry(settings))
 
 
+def _claims(pairs: list[str]) -> dict[str, object]:
+    from api.auth import claim_value
+
+    claims: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            console.print(f"[red]--claim:[/red] '{pair}' is not NAME=VALUE")
+            raise typer.Exit(2)
+        if name in ("sub", "iat", "exp", "iss"):
+            console.print(f"[red]--claim:[/red] {name} is set by the command itself")
+            raise typer.Exit(2)
+        claims[name] = claim_value(value)
+    return claims
+
+
 @app.command()
-def token(user: str, email: Annotated[str | None, typer.Option(help="E-mail for notifications")] = None) -> None:
-    """Print one signed token for USER, with the same settings the api uses."""
+def token(
+    user: str,
+    email: Annotated[str | None, typer.Option(help="E-mail for notifications")] = None,
+    role: Annotated[list[str] | None, typer.Option("--role", help="a role, repeatable (DATAPORT_ROLES_CLAIM)")] = None,
+    claim: Annotated[
+        list[str] | None, typer.Option("--claim", help="NAME=VALUE, repeatable; JSON numbers stay numbers")
+    ] = None,
+    ttl: Annotated[int | None, typer.Option(help="seconds (default DATAPORT_TOKEN_TTL_SECONDS)")] = None,
+) -> None:
+    """Print one signed (HS256) token for USER, with the same settings the api uses: roles go where
+    the api reads them (DATAPORT_ROLES_CLAIM, nested for a dotted path)."""
     from api.auth import issue_token
 
-    print(issue_token(get_settings(), user, email))
+    claims = _claims(claim or [])
+    print(issue_token(get_settings(), user, email, ttl=ttl, roles=role or [], claims=claims))
 
 
 @app.command("demo-data")
@@ -120,14 +146,19 @@ def export(
     limit: int | None = None,
     out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
     url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
-    token: Annotated[str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: one for $USER")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: --token-file, else $USER's")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
+    ] = None,
 ) -> None:
     """Request an export over GraphQL, follow its progress, download the file."""
     from dataport.client import ClientError, DataportClient
     from sources.query import parse_filter_text
 
     settings = get_settings()
-    client = DataportClient(url.rstrip("/"), token or _local_token(settings))
+    client = DataportClient(url.rstrip("/"), _token(settings, token, token_file))
     try:
         filters = [parse_filter_text(f) for f in filter or []]
     except ValueError as e:
@@ -194,7 +225,12 @@ def import_(
     max_errors: Annotated[int | None, typer.Option(help="stop after this many failed rows")] = None,
     report: Annotated[Path | None, typer.Option(help="where to save the error report, if there is one")] = None,
     url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
-    token: Annotated[str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: one for $USER")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: --token-file, else $USER's")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
+    ] = None,
 ) -> None:
     """Upload a file, import it over GraphQL with a progress bar, save the error report if any."""
     from dataport.client import ClientError, DataportClient
@@ -203,7 +239,7 @@ def import_(
     if not file_format:
         console.print(f"[red]--format:[/red] cannot tell the format of {file.name}; pass --format CSV|JSON|NDJSON|XLSX")
         raise typer.Exit(2)
-    client = DataportClient(url.rstrip("/"), token or _local_token(get_settings()))
+    client = DataportClient(url.rstrip("/"), _token(get_settings(), token, token_file))
     import_input = {
         "dataset": dataset,
         "format": file_format,
@@ -258,7 +294,21 @@ async def _import(client, import_input: dict, file: Path, report: Path | None) -
     return fresh
 
 
-def _local_token(settings: Settings) -> str:
+def _token(settings: Settings, token: str | None, token_file: Path | None) -> str:
+    """--token (DATAPORT_TOKEN), else the file --token-file (DATAPORT_TOKEN_FILE) names, which an
+    identity provider's tooling may refresh; else an HS256 token for $USER signed with the data
+    dir's secret (dev). A "Bearer " prefix is dropped."""
+    if not token and token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            console.print(f"[red]--token-file:[/red] cannot read {token_file}: {e.strerror}")
+            raise typer.Exit(2) from None
+        if not token:
+            console.print(f"[red]--token-file:[/red] {token_file} is empty")
+            raise typer.Exit(2)
+    if token:
+        return token.removeprefix("Bearer ").strip()
     from api.auth import issue_token
 
     return issue_token(settings, os.environ.get("USER") or "dev")
