@@ -44,6 +44,7 @@ from sources.query import (
     shown,
 )
 from storage import content_disposition
+from tasks.access import readable, scope_value
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
 # Rows per read: what a stream holds while its client is slow is a few batches, so they are small.
@@ -127,11 +128,11 @@ async def stream_export(
         return _error(401, "UNAUTHENTICATED", str(e))
     owner = credentials.owner
     client = request.client.host if request.client else "unknown"
-    for scope, identity, per_minute in (
+    for limited, who, per_minute in (
         ("user", owner.id, settings.stream_rate_per_user),
         ("ip", client, settings.stream_rate_per_ip),
     ):
-        wait = await retry_after(services.redis, f"stream:{scope}", identity, per_minute)
+        wait = await retry_after(services.redis, f"stream:{limited}", who, per_minute)
         if wait is not None:
             return _error(429, errors.RATE_LIMITED, f"Too many streaming requests; try again in {wait} s.", retry=wait)
 
@@ -143,7 +144,7 @@ async def stream_export(
             f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX needs requestExport.",
             ["format"],
         )
-    ds = services.registry.get(dataset)
+    ds = readable(services.registry.get(dataset), credentials.identity)  # unreadable: as if missing
     if ds is None:
         return _error(404, errors.DATASET_NOT_FOUND, f"There is no dataset '{shown(dataset)}'.", ["dataset"])
     if len(filter) > MAX_FILTERS:
@@ -169,6 +170,7 @@ async def stream_export(
             parse_sort_text(sort) if sort else None,
             rows,
             path=("query",),
+            scope=scope_value(credentials.identity, ds),
         )
     except UserErrors as e:
         return _user_errors(e.errors)

@@ -38,35 +38,35 @@ async def _import_payload(call: Awaitable[Task]) -> ImportPayload:
 async def request_export(info: Info, input: ExportInput) -> ExportPayload:
     await check_mutation(info)
     ctx = info.context
-    return await _payload(exports.request_export(ctx.services, ctx.owner, input.to_request()))
+    return await _payload(exports.request_export(ctx.services, ctx.identity, input.to_request()))
 
 
 async def cancel_export(info: Info, id: strawberry.ID) -> ExportPayload:
     await check_mutation(info)
-    return await _payload(exports.cancel_export(info.context.services, info.context.owner, id))
+    return await _payload(exports.cancel_export(info.context.services, info.context.identity, id))
 
 
 async def retry_export(info: Info, id: strawberry.ID) -> ExportPayload:
     await check_mutation(info)
-    return await _payload(exports.retry_export(info.context.services, info.context.owner, id))
+    return await _payload(exports.retry_export(info.context.services, info.context.identity, id))
 
 
 async def delete_export(info: Info, id: strawberry.ID) -> ExportPayload:
     await check_mutation(info)
-    return await _payload(exports.delete_export(info.context.services, info.context.owner, id))
+    return await _payload(exports.delete_export(info.context.services, info.context.identity, id))
 
 
 async def request_import(info: Info, input: ImportInput) -> ImportPayload:
     await check_mutation(info)
     ctx = info.context
-    return await _import_payload(imports.request_import(ctx.services, ctx.owner, input.to_request()))
+    return await _import_payload(imports.request_import(ctx.services, ctx.identity, input.to_request()))
 
 
 async def start_import(info: Info, id: strawberry.ID) -> ImportPayload:
     await check_mutation(info)
-    return await _import_payload(imports.start_import(info.context.services, info.context.owner, id))
+    return await _import_payload(imports.start_import(info.context.services, info.context.identity, id))
 
 
 async def cancel_import(info: Info, id: strawberry.ID) -> ImportPayload:
     await check_mutation(info)
-    return await _import_payload(imports.cancel_import(info.context.services, info.context.owner, id))
+    return await _import_payload(imports.cancel_import(info.context.services, info.context.identity, id))

@@ -17,7 +17,7 @@ from tasks.watch import watch
 
 async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[ExportTask, None]:
     services = info.context.services
-    if await exports.get_export(services, info.context.owner, id) is None:
+    if await exports.get_export(services, info.context.identity, id) is None:
         # the same answer for a missing task and for someone else's
         raise GraphQLError(f"There is no export '{id}'.", extensions={"code": "NOT_FOUND"})
     async for task in guarded(info, watch(services, id)):
@@ -26,7 +26,7 @@ async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Expor
 
 async def import_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[ImportTask, None]:
     services = info.context.services
-    if await imports.get_import(services, info.context.owner, id) is None:
+    if await imports.get_import(services, info.context.identity, id) is None:
         raise GraphQLError(f"There is no import '{id}'.", extensions={"code": "NOT_FOUND"})
     async for task in guarded(info, watch(services, id)):
         yield ImportTask(task=task)

@@ -97,6 +97,10 @@ class TaskFields:
     def dataset(self) -> str:
         return self.task.dataset
 
+    @strawberry.field(description="The user the task belongs to (admins see other users' tasks).")
+    def owner(self) -> str:
+        return self.task.owner
+
     @strawberry.field
     def format(self) -> FileFormat:
         return FileFormat(self.task.format)
@@ -167,7 +171,7 @@ class ExportTask(TaskFields):
 
     @strawberry.field(description="A fresh signed URL on every read; it lives 15 minutes.")
     async def download_url(self, info: Info) -> str | None:
-        return await exports.download_url(info.context.services, self.task)
+        return await exports.download_url(info.context.services, info.context.identity, self.task)
 
 
 @strawberry.type
@@ -182,7 +186,7 @@ class ImportTask(TaskFields):
 
     @strawberry.field(description="Where to upload the file while it is awaited; issued afresh on every read.")
     async def upload(self, info: Info) -> UploadTarget | None:
-        target = await imports.upload_target(info.context.services, self.task)
+        target = await imports.upload_target(info.context.services, info.context.identity, self.task)
         return UploadTarget.of(target) if target else None
 
     @strawberry.field(description="Rows written; for a dry run, the rows that would be written.")
@@ -195,7 +199,7 @@ class ImportTask(TaskFields):
 
     @strawberry.field(description="The failed rows as CSV (row, column, reason, original); a fresh signed URL.")
     async def error_report_url(self, info: Info) -> str | None:
-        return await imports.error_report_url(info.context.services, self.task)
+        return await imports.error_report_url(info.context.services, info.context.identity, self.task)
 
 
 @strawberry.type
@@ -217,12 +221,14 @@ class Dataset:
     stream_max_rows: int
 
     @classmethod
-    def of(cls, d: DomainDataset) -> Dataset:
+    def of(cls, d: DomainDataset, importable: bool) -> Dataset:
+        """``importable``: whether this caller may import into it (the dataset takes imports and
+        they are among its importers)."""
         return cls(
             name=d.name,
             title=d.title,
             source=d.source,
-            importable=d.importable,
+            importable=importable,
             max_export_rows=d.max_export_rows,
             stream_max_rows=d.stream_max_rows,
             columns=[Column(name=c.name, type=c.type, filterable=c.filterable, sortable=c.sortable) for c in d.columns],

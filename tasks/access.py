@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sources.base import Dataset
+from sources.query import NO_ROWS  # what a caller without the claim reads: no rows
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,6 @@ def may_import(identity: Identity, dataset: Dataset) -> bool:
     return _granted(importers, identity)
 
 
-# What a scoped dataset gives a caller whose token lacks the claim: no rows at all.
-NO_ROWS = object()
-
-
 def scope_value(identity: Identity, dataset: Dataset) -> Any:
     """The value the dataset's scope column must equal for this caller: None for an unscoped
     dataset, ``NO_ROWS`` when the token lacks the claim (or holds a list or object, which names no
@@ -113,3 +110,23 @@ def scope_from_request(request: Mapping[str, Any]) -> Any:
     if not isinstance(scope, Mapping) or "value" not in scope:
         return NO_ROWS
     return scope["value"]
+
+
+def readable(dataset: Dataset | None, identity: Identity) -> Dataset | None:
+    """The dataset when the caller may read it; None for a missing one and for one they may not
+    read alike, so that every entry point answers both the same way."""
+    return dataset if dataset is not None and may_read(identity, dataset) else None
+
+
+def sees_task(identity: Identity, owner: str) -> bool:
+    """A task is its owner's; an admin sees everyone's."""
+    return identity.admin or owner == identity.owner.id
+
+
+def may_read_rows_of(identity: Identity, dataset: Dataset | None, request: Mapping[str, Any]) -> bool:
+    """Whether the rows a task read or wrote may reach this caller: they may read its dataset now,
+    under the same scope the task ran with. A file made for another tenant (an admin looking at a
+    user's task, or a user whose claim changed since) stays out of reach."""
+    if dataset is None or not may_read(identity, dataset):
+        return False
+    return request.get("scope") == scope_for_request(scope_value(identity, dataset))

@@ -21,7 +21,16 @@ from formats import WRITERS
 from sources.base import Dataset, SourceError
 from sources.query import Query, QueryTooComplex, build_query
 from tasks import queue
-from tasks.access import Owner
+from tasks.access import (
+    Identity,
+    Owner,
+    may_read_rows_of,
+    readable,
+    scope_for_request,
+    scope_from_request,
+    scope_value,
+    sees_task,
+)
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page, QuotaExceeded, RequestOutcome
@@ -71,15 +80,30 @@ def canonical_request(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def request_export(services: Services, owner: Owner, data: dict[str, Any]) -> Task:
+def dataset_not_found(name: str) -> UserErrors:
+    """The answer for a dataset that is missing and for one the caller may not read alike."""
+    return UserErrors.one(f"There is no dataset '{name}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
+
+
+def task_query(dataset: Dataset, request: dict[str, Any]) -> Query:
+    """The query a task's request stands for, under the scope it was asked with."""
+    r = request
+    scope = scope_from_request(r)
+    return build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"), scope=scope)
+
+
+async def request_export(services: Services, identity: Identity, data: dict[str, Any]) -> Task:
     """Validate, count, then create (or find) the task and queue it. Raises ``UserErrors``."""
-    dataset = services.registry.get(data["dataset"])
+    owner = identity.owner
+    dataset = readable(services.registry.get(data["dataset"]), identity)
     if dataset is None:
-        raise UserErrors.one(f"There is no dataset '{data['dataset']}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
+        raise dataset_not_found(data["dataset"])
     if data["format"] not in WRITERS:
         raise UserErrors.one(f"Format {data['format']} is not supported.", errors.UNSUPPORTED_FORMAT, "input", "format")
     request = canonical_request(data)
-    query = build_query(dataset, request["columns"], request["filters"], request["sort"], request["limit"])
+    if dataset.scope is not None:  # part of the id too: another scope never reuses this export
+        request["scope"] = scope_for_request(scope_value(identity, dataset))
+    query = task_query(dataset, request)
     identifier = task_id(owner.id, TaskKind.EXPORT.value, dataset.name, request)
 
     existing = await services.store.get(identifier)
@@ -147,24 +171,33 @@ async def _count_within_limit(
     return matching
 
 
-async def get_export(services: Services, owner: Owner, identifier: str) -> Task | None:
-    task = await services.store.get(identifier, owner=owner.id)
-    return task if task and task.kind is TaskKind.EXPORT else None
+async def get_export(services: Services, identity: Identity, identifier: str) -> Task | None:
+    """The caller's export (any user's, for an admin); None for a missing one and another's alike."""
+    task = await services.store.get(identifier)
+    if task is None or task.kind is not TaskKind.EXPORT or not sees_task(identity, task.owner):
+        return None
+    return task
 
 
 async def list_exports(
-    services: Services, owner: Owner, first: int, after: str | None, status: TaskStatus | None
+    services: Services, owner: str, first: int, after: str | None, status: TaskStatus | None
 ) -> Page:
+    """``owner``'s exports: the resolver passes the caller, or for an admin whoever they name."""
     first = max(0, min(first, 100))
-    return await services.store.page(owner.id, TaskKind.EXPORT, first, after, status)
+    return await services.store.page(owner, TaskKind.EXPORT, first, after, status)
 
 
-async def cancel_export(services: Services, owner: Owner, identifier: str) -> Task:
-    task = await _owned(services, owner, identifier)
+def cancelled_by(identity: Identity, task: Task) -> str:
+    return "cancelled by the owner" if task.owner == identity.owner.id else f"cancelled by admin {identity.owner.id}"
+
+
+async def cancel_export(services: Services, identity: Identity, identifier: str) -> Task:
+    """The owner, or an admin, stops an export that has not finished."""
+    task = await _visible(services, identity, identifier)
     result = await services.store.transition(
         task.id,
         TaskStatus.CANCELLED,
-        "cancelled by the owner",
+        cancelled_by(identity, task),
         allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
     )
@@ -175,11 +208,13 @@ async def cancel_export(services: Services, owner: Owner, identifier: str) -> Ta
             "id",
         )
     await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
-    return await _owned(services, owner, identifier)
+    return await _visible(services, identity, identifier)
 
 
-async def retry_export(services: Services, owner: Owner, identifier: str) -> Task:
-    task = await _owned(services, owner, identifier)
+async def retry_export(services: Services, identity: Identity, identifier: str) -> Task:
+    """The owner runs a failed or cancelled export again, while they may still read its rows."""
+    owner = identity.owner
+    task = await _owned(services, identity, identifier)
     if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
         raise UserErrors.one(
             f"Only failed or cancelled exports can be retried; this one is {task.status.value}.",
@@ -190,11 +225,13 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
     # Counted again, as a new request is: the rows may have grown past the maximum since, and the
     # worker takes this count. A dataset that is gone or changed is left to the worker to report.
     dataset = services.registry.get(task.dataset)
+    if dataset is not None and not may_read_rows_of(identity, dataset, task.request):
+        # Access was taken away (or the caller's scope changed) since the export was asked for.
+        raise dataset_not_found(task.dataset)
     query = None
     if dataset is not None:
-        r = task.request
         try:
-            query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
+            query = task_query(dataset, task.request)
         except UserErrors:  # the dataset changed since the request
             pass
     matching = None if query is None else await _count_within_limit(services, dataset, query, (("id",), ("id",)))
@@ -225,9 +262,9 @@ async def retry_export(services: Services, owner: Owner, identifier: str) -> Tas
     return outcome.task
 
 
-async def delete_export(services: Services, owner: Owner, identifier: str) -> Task:
-    """Remove the task and its file. A running export is cancelled first."""
-    task = await _owned(services, owner, identifier)
+async def delete_export(services: Services, identity: Identity, identifier: str) -> Task:
+    """Remove the task and its file. A running export is cancelled first. Only its owner may."""
+    task = await _owned(services, identity, identifier)
     if task.status not in FINAL_STATUSES:
         await services.store.transition(
             task.id, TaskStatus.CANCELLED, "deleted by the owner", fields={"finished_at": stamp()}
@@ -239,9 +276,12 @@ async def delete_export(services: Services, owner: Owner, identifier: str) -> Ta
     return task
 
 
-async def download_url(services: Services, task: Task) -> str | None:
-    """A fresh signed URL on every read, valid for the configured 15 minutes."""
+async def download_url(services: Services, identity: Identity, task: Task) -> str | None:
+    """A fresh signed URL on every read, valid for the configured 15 minutes; only for a caller who
+    may read the file's rows now (``may_read_rows_of``)."""
     if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+        return None
+    if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     filename = task.object_key.rsplit("/", 1)[-1]
@@ -264,10 +304,18 @@ async def queue_position(services: Services, task: Task) -> int | None:
     return await queue.position(services.arq, services.settings.queue_name, queue.job_id_for(task))
 
 
-async def _owned(services: Services, owner: Owner, identifier: str) -> Task:
-    task = await get_export(services, owner, identifier)
+async def _visible(services: Services, identity: Identity, identifier: str) -> Task:
+    task = await get_export(services, identity, identifier)
     if task is None:  # another owner's task is reported exactly as a missing one
         raise UserErrors.one(f"There is no export '{identifier}'.", errors.NOT_FOUND, "id")
+    return task
+
+
+async def _owned(services: Services, identity: Identity, identifier: str) -> Task:
+    """The caller's own export: retrying and deleting are the owner's alone, even for an admin."""
+    task = await _visible(services, identity, identifier)
+    if task.owner != identity.owner.id:
+        raise UserErrors.one("Only the export's owner can do this.", errors.FORBIDDEN, "id")
     return task
 
 

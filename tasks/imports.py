@@ -23,8 +23,17 @@ from formats import WRITERS
 from storage.base import UploadTarget
 from storage.local import PARTIAL
 from tasks import queue, sealing
-from tasks.access import Owner
-from tasks.exports import request_task
+from tasks.access import (
+    NO_ROWS,
+    Identity,
+    may_import,
+    may_read_rows_of,
+    readable,
+    scope_for_request,
+    scope_value,
+    sees_task,
+)
+from tasks.exports import cancelled_by, dataset_not_found, request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page
@@ -76,15 +85,30 @@ def clean_file_name(name: str) -> str:
     return base
 
 
-async def request_import(services: Services, owner: Owner, data: dict[str, Any]) -> Task:
+async def request_import(services: Services, identity: Identity, data: dict[str, Any]) -> Task:
     """Validate the request and create the task, waiting for its upload. Raises ``UserErrors``."""
     settings = services.settings
-    dataset = services.registry.get(data["dataset"])
+    owner = identity.owner
+    dataset = readable(services.registry.get(data["dataset"]), identity)
     if dataset is None:
-        raise UserErrors.one(f"There is no dataset '{data['dataset']}'.", errors.DATASET_NOT_FOUND, "input", "dataset")
+        raise dataset_not_found(data["dataset"])
     if not dataset.importable:
         raise UserErrors.one(
             f"Dataset '{dataset.name}' does not accept imports.", errors.NOT_IMPORTABLE, "input", "dataset"
+        )
+    if not may_import(identity, dataset):
+        raise UserErrors.one(
+            f"You may read dataset '{dataset.name}' but not import into it.", errors.FORBIDDEN, "input", "dataset"
+        )
+    scope = scope_value(identity, dataset)
+    if scope is NO_ROWS:
+        assert dataset.scope is not None
+        raise UserErrors.one(
+            f"Dataset '{dataset.name}' keeps each tenant's rows apart by the '{dataset.scope.claim}' claim, "
+            "which your token does not carry; ask your administrator.",
+            errors.FORBIDDEN,
+            "input",
+            "dataset",
         )
     if data["format"] not in IMPORT_FORMATS:
         raise UserErrors.one(
@@ -141,6 +165,8 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
         "fileName": file_name,
         "fileSize": size,
     }
+    if dataset.scope is not None:  # the worker writes only this tenant's rows
+        request["scope"] = scope_for_request(scope)
     # Active from now, while it waits for its file too: starting it later needs no second check.
     outcome = await request_task(
         services,
@@ -170,8 +196,11 @@ async def request_import(services: Services, owner: Owner, data: dict[str, Any])
     return outcome.task
 
 
-async def upload_target(services: Services, task: Task) -> UploadTarget | None:
-    """Where to upload, issued afresh on every read while the task waits for its file."""
+async def upload_target(services: Services, identity: Identity, task: Task) -> UploadTarget | None:
+    """Where to upload, issued afresh on every read while the task waits for its file; only to its
+    owner (an admin looking on cannot put a file into someone else's import)."""
+    if task.owner != identity.owner.id:
+        return None
     if task.status is not TaskStatus.WAITING_FOR_UPLOAD or not task.object_key or task.upload_expires_at is None:
         return None
     return await services.storage.upload_target(
@@ -187,8 +216,8 @@ def content_type(file_format: str) -> str:
     return WRITERS[file_format].content_type
 
 
-async def start_import(services: Services, owner: Owner, identifier: str) -> Task:
-    return await start(services, await _owned(services, owner, identifier))
+async def start_import(services: Services, identity: Identity, identifier: str) -> Task:
+    return await start(services, await _owned(services, identity, identifier))
 
 
 async def start(services: Services, task: Task) -> Task:
@@ -255,12 +284,13 @@ async def start_from_storage_event(services: Services, key: str) -> Task | None:
     return None
 
 
-async def cancel_import(services: Services, owner: Owner, identifier: str) -> Task:
-    task = await _owned(services, owner, identifier)
+async def cancel_import(services: Services, identity: Identity, identifier: str) -> Task:
+    """The owner, or an admin, stops an import that has not finished."""
+    task = await _visible(services, identity, identifier)
     result = await services.store.transition(
         task.id,
         TaskStatus.CANCELLED,
-        "cancelled by the owner",
+        cancelled_by(identity, task),
         allowed_from=[TaskStatus.WAITING_FOR_UPLOAD, TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
     )
@@ -271,22 +301,29 @@ async def cancel_import(services: Services, owner: Owner, identifier: str) -> Ta
             "id",
         )
     await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
-    return await _owned(services, owner, identifier)
+    return await _visible(services, identity, identifier)
 
 
-async def get_import(services: Services, owner: Owner, identifier: str) -> Task | None:
-    task = await services.store.get(identifier, owner=owner.id)
-    return task if task and task.kind is TaskKind.IMPORT else None
+async def get_import(services: Services, identity: Identity, identifier: str) -> Task | None:
+    """The caller's import (any user's, for an admin); None for a missing one and another's alike."""
+    task = await services.store.get(identifier)
+    if task is None or task.kind is not TaskKind.IMPORT or not sees_task(identity, task.owner):
+        return None
+    return task
 
 
 async def list_imports(
-    services: Services, owner: Owner, first: int, after: str | None, status: TaskStatus | None
+    services: Services, owner: str, first: int, after: str | None, status: TaskStatus | None
 ) -> Page:
-    return await services.store.page(owner.id, TaskKind.IMPORT, max(0, min(first, 100)), after, status)
+    """``owner``'s imports: the resolver passes the caller, or for an admin whoever they name."""
+    return await services.store.page(owner, TaskKind.IMPORT, max(0, min(first, 100)), after, status)
 
 
-async def error_report_url(services: Services, task: Task) -> str | None:
+async def error_report_url(services: Services, identity: Identity, task: Task) -> str | None:
+    """The report quotes the file's rows: only for a caller who may read them now."""
     if not task.report_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
+        return None
+    if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     return await services.storage.download_url(
@@ -294,8 +331,16 @@ async def error_report_url(services: Services, task: Task) -> str | None:
     )
 
 
-async def _owned(services: Services, owner: Owner, identifier: str) -> Task:
-    task = await get_import(services, owner, identifier)
+async def _visible(services: Services, identity: Identity, identifier: str) -> Task:
+    task = await get_import(services, identity, identifier)
     if task is None:  # another owner's task is reported exactly as a missing one
         raise UserErrors.one(f"There is no import '{identifier}'.", errors.NOT_FOUND, "id")
+    return task
+
+
+async def _owned(services: Services, identity: Identity, identifier: str) -> Task:
+    """The caller's own import: starting it is the owner's alone, even for an admin."""
+    task = await _visible(services, identity, identifier)
+    if task.owner != identity.owner.id:
+        raise UserErrors.one("Only the import's owner can do this.", errors.FORBIDDEN, "id")
     return task

@@ -17,8 +17,8 @@ from dataport.services import Services
 from formats import WRITERS
 from formats.pipeline import encode
 from sources.base import SourceError
-from sources.query import build_query
 from storage.base import StorageError
+from tasks.exports import task_query
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
@@ -73,8 +73,7 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
     dataset = services.registry.get(task.dataset)
     if dataset is None:
         raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
-    r = task.request
-    query = build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"))
+    query = task_query(dataset, task.request)  # under the scope it was asked with
     file_format = WRITERS[task.format]
     key = f"exports/{task.owner}/{task.id}/{dataset.name}-{task.run}.{file_format.extension}"
 
