@@ -26,6 +26,16 @@ and booleans as JSON numbers and booleans; dates as ``YYYY-MM-DD`` and date-time
 ISO text (``2024-01-02T03:04:05.5Z``), which ``date`` fields accept. NaN and ±Infinity have no JSON
 form and are refused.
 
+A scoped import (``sink_base.RowScope``) whose key leaves out the scope column is guarded: before
+each batch the stored documents of its ids are fetched (``mget``, with their sequence numbers).
+A document of another tenant is never written to (``foreign_rows`` told the worker, which refused
+those rows; meeting one here fails the batch, transient); UPSERT then updates the tenant's own
+documents only ``if_seq_no``/``if_primary_term`` are still those read, and ``create``s the rest, so
+no document can change hands between the look and the write: a 409 fails the batch, transient,
+and the retried import looks again. A key repeated within a batch is written once, with its last
+row. INSERT's conflicts are compared as above, but one with another tenant's document fails the
+batch (transient) without naming its values.
+
 Requests are ``client.bulk`` with a body serialised here (orjson), at most ``MAX_BULK_BYTES``
 each, rather than ``helpers.async_bulk``: the helpers retry only 429 items, and a request that
 times out raises with no way to tell which items got through. Here a request failing with a
@@ -61,7 +71,19 @@ from sources.opensearch import (
 )
 from sources.opensearch.cells import cell_converter
 from sources.receipts import Receipt
-from sources.sink_base import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
+from sources.sink_base import (
+    DuplicateKeyError,
+    RowScope,
+    SinkError,
+    check_floats,
+    check_keys,
+    check_scope,
+    describe_key,
+    guards_keys,
+    key_positions,
+    same_value,
+    scope_position,
+)
 
 log = logging.getLogger("dataport.sinks.opensearch")
 
@@ -77,6 +99,7 @@ class OpenSearchSink:
         settings: Any = None,
         *,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
+        scope: RowScope | None = None,
     ):
         self.dataset = dataset
         self.columns = columns
@@ -93,6 +116,10 @@ class OpenSearchSink:
         self._paths = [tuple(c.name.split(".")) for c in columns]
         self._nested = any(len(p) > 1 for p in self._paths)
         self._read = cell_converter(columns)
+        self.scope = scope
+        self._scope_at = scope_position(dataset, columns, scope)
+        self._guard = guards_keys(dataset, scope)  # another tenant's document may hold a key of the file
+        self._read_scope = cell_converter((columns[self._scope_at],)) if self._scope_at is not None else None
         self._done = False
         self._failed: str | None = None
 
@@ -143,11 +170,16 @@ class OpenSearchSink:
         if not rows:
             return
         first = self.rows + 1
+        count = len(rows)
         try:
             check_keys(self.dataset, self.columns, self._keys, rows, first)
+            check_scope(self.dataset, self.columns, self._scope_at, self.scope, rows, first)
             check_floats(self.dataset, self.columns, rows, first, "OpenSearch", infinite=True)
             ids = [self._id(row) for row in rows]
-            lines = self._lines(rows, ids)
+            if self._guard:
+                rows, ids, lines, first_of = await self._guarded_lines(rows, ids, first)
+            else:
+                lines, first_of = self._lines(rows, ids), None
             conflicts: list[int] = []
             start = 0
             while start < len(rows):  # one bulk request per MAX_BULK_BYTES of body
@@ -155,14 +187,75 @@ class OpenSearchSink:
                 while stop < len(rows) and (stop == start or size + len(lines[stop]) <= MAX_BULK_BYTES):
                     size += len(lines[stop])
                     stop += 1
-                conflicts += await self._bulk(list(range(start, stop)), lines, ids, first)
+                conflicts += await self._bulk(list(range(start, stop)), lines, ids, first, first_of)
                 start = stop
             if conflicts:
-                await self._compare(rows, ids, conflicts, first)
+                await self._compare(rows, ids, conflicts, first, first_of)
         except BaseException as e:
             self._failed = f"{type(e).__name__}: {e}".strip()
             raise
-        self.rows += len(rows)
+        self.rows += count
+
+    async def foreign_rows(self, rows: list[Row]) -> list[int]:
+        """``RowSink.foreign_rows``: the indexes of ``rows`` whose document is another tenant's."""
+        self._check_open()
+        if not self._guard or not rows:
+            return []
+        ids = [self._id(row) for row in rows]
+        stored = await self._stored(ids)
+        return [n for n, i in enumerate(ids) if i in stored and stored[i][0] is not None]
+
+    async def _stored(self, ids: list[str]) -> dict[str, tuple[str | None, int, int]]:
+        """The documents of ``ids`` that exist: id → (why it is another tenant's, else None;
+        its ``_seq_no``; its ``_primary_term``)."""
+        assert self.scope is not None and self._read_scope is not None
+        column = self.scope.column
+        response = await self._call(
+            f"reading existing documents of index '{self.index}'",
+            lambda: self.client.mget(
+                index=self.index, body={"ids": sorted(set(ids))}, params={"_source_includes": column}
+            ),
+        )
+        found: dict[str, tuple[str | None, int, int]] = {}
+        for doc in response.get("docs") or []:
+            if not doc.get("found"):
+                continue
+            try:
+                value = self._read_scope([doc])[0][0]
+            except SourceError:
+                value = None
+            other = None if same_value(value, self.scope.value) else f"belongs to another tenant (column '{column}')"
+            found[str(doc.get("_id"))] = (other, int(doc.get("_seq_no", -1)), int(doc.get("_primary_term", -1)))
+        return found
+
+    async def _guarded_lines(
+        self, rows: list[Row], ids: list[str], first: int
+    ) -> tuple[list[Row], list[str], list[bytes], list[int]]:
+        """A guarded batch (module docstring): the rows to send (each id once, its last row), their
+        ids, their bulk lines, and each one's number in the batch (0-based)."""
+        if self.mode == "UPSERT":  # one update per id and batch: a second would meet a new _seq_no
+            numbers = sorted({i: n for n, i in enumerate(ids)}.values())
+        else:  # INSERT: a repeated key meets its first row's document and is compared
+            numbers = list(range(len(ids)))
+        rows, ids = [rows[n] for n in numbers], [ids[n] for n in numbers]
+        stored = await self._stored(ids)
+        dumps = orjson.dumps
+        lines = []
+        for n, i, row in zip(numbers, ids, rows, strict=True):
+            other, seq_no, term = stored.get(i, (None, -1, -1))
+            if other is not None:
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': row {first + n} is keyed like a document that "
+                    "belongs to another tenant; run the import again",
+                    transient=True,
+                    row=first + n,
+                )
+            if self.mode == "INSERT" or seq_no < 0:
+                lines.append(b'{"create":{"_id":%b}}\n%b\n' % (dumps(i), dumps(self._doc(row))))
+            else:
+                action = {"update": {"_id": i, "if_seq_no": seq_no, "if_primary_term": term}}
+                lines.append(b'%b\n{"doc":%b}\n' % (dumps(action), dumps(self._doc(row))))
+        return rows, ids, lines, numbers
 
     async def commit(self, receipt: Receipt | None = None) -> int:
         """``receipt`` is not kept: a re-run converges on the same documents (module docstring)."""
@@ -224,9 +317,12 @@ class OpenSearchSink:
 
     # -- requests
 
-    async def _bulk(self, pending: list[int], lines: list[bytes], ids: list[str], first: int) -> list[int]:
-        """Send the rows ``pending`` (indexes into the batch); retry the items that failed for a
-        passing reason. Returns the rows whose ``create`` met an existing id."""
+    async def _bulk(
+        self, pending: list[int], lines: list[bytes], ids: list[str], first: int, first_of: list[int] | None = None
+    ) -> list[int]:
+        """Send the rows ``pending`` (indexes into the batch, or into ``first_of``, which then says
+        where each is in the batch); retry the items that failed for a passing reason. Returns the
+        rows whose ``create`` met an existing id."""
         conflicts: list[int] = []
         what = f"writing to index '{self.index}'"
         for attempt in range(len(self.retry_delays) + 1):
@@ -250,6 +346,14 @@ class OpenSearchSink:
                 reason = (
                     f"{error.get('type')}: {error.get('reason')}" if isinstance(error, dict) else str(error)
                 ) or f"status {status}"
+                number = first + (i if first_of is None else first_of[i])
+                if status == 409 and self._guard and self.mode == "UPSERT":
+                    raise SinkError(
+                        f"dataset '{self.dataset.name}': the document of row {number} changed while the "
+                        "import wrote it; run the import again",
+                        transient=True,
+                        row=number,
+                    )
                 if status == 409 and self.mode == "INSERT":
                     conflicts.append(i)
                 elif status == 429 or status >= 500 or status == 409:  # 409 in UPSERT: concurrent updates
@@ -260,9 +364,9 @@ class OpenSearchSink:
                     if isinstance(caused, dict) and caused.get("reason"):
                         reason += f" ({caused.get('reason')})"
                     raise SinkError(
-                        f"dataset '{self.dataset.name}': row {first + i} (document '{ids[i]}') was "
+                        f"dataset '{self.dataset.name}': row {number} (document '{ids[i]}') was "
                         f"refused by index '{self.index}': {reason}",
-                        row=first + i,
+                        row=number,
                     )
             if not again:
                 return conflicts
@@ -272,7 +376,7 @@ class OpenSearchSink:
                     f"'{self.index}' after {attempt + 1} tries (last: {last_error}); the cluster may be "
                     f"overloaded",
                     transient=True,
-                    row=first + again[0],
+                    row=first + (again[0] if first_of is None else first_of[again[0]]),
                 )
             delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
             log.info(
@@ -287,9 +391,12 @@ class OpenSearchSink:
             pending = again
         raise AssertionError("unreachable")
 
-    async def _compare(self, rows: list[Row], ids: list[str], conflicts: list[int], first: int) -> None:
+    async def _compare(
+        self, rows: list[Row], ids: list[str], conflicts: list[int], first: int, first_of: list[int] | None = None
+    ) -> None:
         """Rows whose id exists already: fine if the stored document holds the same values in the
-        imported columns (a re-run), else ``DuplicateKeyError``."""
+        imported columns (a re-run), else ``DuplicateKeyError``; with a guard, a document of another
+        tenant (written since the guard looked) fails the batch, transient, naming none of its values."""
         response = await self._call(
             f"reading existing documents of index '{self.index}'",
             lambda: self.client.mget(
@@ -301,16 +408,25 @@ class OpenSearchSink:
         docs = response.get("docs") or []
         for i, doc in zip(conflicts, docs, strict=False):
             key = describe_key(self.dataset.key, [rows[i][k] for k in self._keys])
+            number = first + (i if first_of is None else first_of[i])
             if not doc.get("found"):  # deleted since the conflict: the import has to run again
                 raise SinkError(
                     f"dataset '{self.dataset.name}': the document with {key} changed during the import",
                     transient=True,
-                    row=first + i,
+                    row=number,
                 )
             try:
                 stored = self._read([doc])[0]
             except SourceError:
                 stored = None
+            at, scope = self._scope_at, self.scope
+            if at is not None and scope is not None and (stored is None or not same_value(stored[at], scope.value)):
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': row {number} is keyed like a document that belongs "
+                    "to another tenant; run the import again",
+                    transient=True,
+                    row=number,
+                )
             if stored is not None and all(map(_same, stored, rows[i])):
                 continue
             difference = ""
@@ -321,8 +437,8 @@ class OpenSearchSink:
                 difference = f" with {column}={old!r} (the file has {new!r})"
             raise DuplicateKeyError(
                 f"a row with {key} already exists in dataset '{self.dataset.name}'{difference}; "
-                f"import in UPSERT mode to update it (row {first + i})",
-                row=first + i,
+                f"import in UPSERT mode to update it (row {number})",
+                row=number,
             )
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]]) -> Any:
@@ -371,8 +487,4 @@ class OpenSearchSink:
             )
 
 
-def _same(stored: Any, written: Any) -> bool:
-    """Equal as an export shows them: True is not 1, None is nothing else; 3 equals 3.0."""
-    if stored is None or written is None or stored.__class__ is bool or written.__class__ is bool:
-        return stored is written
-    return stored == written
+_same = same_value  # equal as an export shows them

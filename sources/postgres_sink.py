@@ -58,6 +58,13 @@ booleans ``t``/``f``, floats as ``repr`` (shortest exact text; NaN and ±Infinit
 The session runs in UTC with ISO dates (``SET LOCAL``, so it also holds behind a transaction
 pooler). Identifiers come from the dataset and are quoted by the SQL dialect (sources/sql.py).
 
+A scoped import (``sink_base.RowScope``) merges with ``ON CONFLICT (key) DO UPDATE … WHERE
+target.scope_column = EXCLUDED.scope_column``: a row keyed like another tenant's row changes
+nothing, and when the merge touched fewer rows than the staging table holds keys, the import fails
+(transient) rather than passing that row over. In INSERT mode such a row breaks the key and fails
+the COPY, as any existing key does. ``foreign_rows`` finds those rows before they are written, on a
+second connection (the first is busy with the COPY), so that the worker reports them as row errors.
+
 Columns that are JSONB document fields (``data.depth``) cannot be imported in this version: a
 ``SinkError`` at ``open`` says so.
 
@@ -89,11 +96,15 @@ from sources.postgres import CONNECT_TIMEOUT_SECONDS, POSTGRES, quote_ident
 from sources.receipts import Receipt
 from sources.sink_base import (
     DuplicateKeyError,
+    RowScope,
     SinkError,
     check_key_texts,
     check_keys,
+    check_scope,
+    guards_keys,
     key_positions,
     rows_from_text,
+    scope_position,
 )
 
 log = logging.getLogger("dataport.sinks.postgres")
@@ -168,13 +179,17 @@ _COPY_LINE = re.compile(r"COPY [^,]*, line (\d+)(?:, column (.*?): (.*))?", re.S
 
 
 class PostgresSink:
-    def __init__(self, dataset: Dataset, columns: tuple[Column, ...], mode: str):
+    def __init__(self, dataset: Dataset, columns: tuple[Column, ...], mode: str, scope: RowScope | None = None):
         self.dataset = dataset
         self.columns = columns
         self.mode = mode
         self.rows = 0
         self._keys = key_positions(dataset, columns)
+        self.scope = scope
+        self._scope_at = scope_position(dataset, columns, scope)
+        self._guard = guards_keys(dataset, scope)  # another tenant's row may hold a key of the file
         self._conn: psycopg.AsyncConnection | None = None
+        self._lookup: psycopg.AsyncConnection | None = None  # foreign_rows' own (autocommit) connection
         self._types: dict[str, str] = {}  # column → its SQL type (format_type), for casts
         self._identity = False  # an imported column is GENERATED ALWAYS AS IDENTITY
         self._copy: psycopg.AsyncCopy | None = None
@@ -195,8 +210,10 @@ class PostgresSink:
         self._copy_text_sql = f"{self._copy_sql} WITH (NULL '')"
 
     @classmethod
-    async def open(cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any) -> PostgresSink:
-        sink = cls(dataset, columns, mode)
+    async def open(
+        cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any, scope: RowScope | None = None
+    ) -> PostgresSink:
+        sink = cls(dataset, columns, mode, scope)
         try:
             sink._conn = await _connect(dataset)
             await sink._inspect()
@@ -231,9 +248,13 @@ class PostgresSink:
         try:
             if texts is not None:
                 check_key_texts(self.dataset, self.columns, self._keys, texts, first)
+                if self._scope_at is not None:
+                    scoped = rows_from_text([self.columns[self._scope_at]], [texts[self._scope_at]])
+                    check_scope(self.dataset, self.columns, 0, self.scope, scoped, first)
             else:
                 assert rows is not None
                 check_keys(self.dataset, self.columns, self._keys, rows, first)
+                check_scope(self.dataset, self.columns, self._scope_at, self.scope, rows, first)
             data = self._text(texts, count) if texts is not None else None
             if self._copy is not None and self._copy_text != (data is not None):
                 await self._end_copy()  # the other kind of rows came before
@@ -280,6 +301,37 @@ class PostgresSink:
         self._done = True
         await self._close_connection()
         return self.rows
+
+    async def foreign_rows(self, rows: list[Row]) -> list[int]:
+        """``RowSink.foreign_rows``, asked on a connection of its own: committed rows of other
+        tenants are what it looks for, and the import's connection may be in a COPY."""
+        self._check_open()
+        if not self._guard or not rows:
+            return []
+        scope = self.scope
+        assert scope is not None
+        if self._lookup is None:
+            self._lookup = await _connect(self.dataset)
+        key = self.dataset.key
+        arrays = ", ".join(["%s::bigint[]", *(f"%s::{self._array_type(k)}" for k in key)])
+        names = ", ".join(f"k{j}" for j in range(len(key)))
+        on = " AND ".join(f"t.{_q(k)} = f.k{j}" for j, k in enumerate(key))
+        scope_type = self._types[scope.column].replace("%", "%%")
+        sql = (
+            f"SELECT DISTINCT f.n FROM unnest({arrays}) AS f(n, {names}) JOIN {_q(self.dataset.table)} AS t ON {on} "
+            f"WHERE t.{_q(scope.column)} IS DISTINCT FROM %s::{scope_type} ORDER BY f.n"
+        )
+        params = [list(range(len(rows))), *([row[i] for row in rows] for i in self._keys), scope.value]
+        try:
+            found = await (await self._lookup.execute(sql, params)).fetchall()
+        except psycopg.Error as e:
+            await self._lookup.close()
+            self._lookup = None
+            raise _plain_error(e, self.dataset) from e
+        return [n for (n,) in found]
+
+    def _array_type(self, column: str) -> str:
+        return self._types[column].replace("%", "%%") + "[]"
 
     async def _write_receipt(self, conn: psycopg.AsyncConnection, receipt: Receipt) -> None:
         """The run's receipt, in the rows' transaction (sources/receipts.py). The lock keeps two
@@ -415,16 +467,34 @@ class PostgresSink:
         updates = [f"{_q(c.name)} = EXCLUDED.{_q(c.name)}" for c in self.columns if c.name not in self.dataset.key]
         action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
         overriding = " OVERRIDING SYSTEM VALUE" if self._identity else ""
-        insert = f"INSERT INTO {_q(self.dataset.table)} ({self._names}){overriding}"
+        if self._guard:  # (updates holds the scope column: it is imported and not in the key)
+            assert self.scope is not None
+            column = _q(self.scope.column)
+            action += f" WHERE dataport_target.{column} = EXCLUDED.{column}"
+        insert = f"INSERT INTO {_q(self.dataset.table)} AS dataport_target ({self._names}){overriding}"
         await conn.execute("SAVEPOINT dataport_merge")
         try:
-            await conn.execute(f"{insert} SELECT {self._names} FROM {self._staging} ON CONFLICT ({key}) {action}")
+            merged = await conn.execute(
+                f"{insert} SELECT {self._names} FROM {self._staging} ON CONFLICT ({key}) {action}"
+            )
+            expected = self.rows
         except pge.CardinalityViolation:  # a key repeated in the file: the last row wins
             await conn.execute("ROLLBACK TO SAVEPOINT dataport_merge")
-            await conn.execute(
+            merged = await conn.execute(
                 f"{insert} SELECT DISTINCT ON ({key}) {self._names} FROM {self._staging} "
                 f"ORDER BY {key}, ctid DESC ON CONFLICT ({key}) {action}"
             )
+            expected = -1
+        if self._guard:
+            if expected < 0:
+                counted = await conn.execute(f"SELECT count(*) FROM (SELECT DISTINCT {key} FROM {self._staging}) k")
+                expected = (await counted.fetchone() or (0,))[0]
+            if merged.rowcount != expected:
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': another tenant wrote a row with a key of this import "
+                    "while it ran; run it again",
+                    transient=True,
+                )
 
     # -- the table
 
@@ -563,10 +633,12 @@ class PostgresSink:
 
     async def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
+        lookup, self._lookup = self._lookup, None
         self._copy = self._copy_stack = None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
+        for each in (conn, lookup):
+            if each is not None:
+                with contextlib.suppress(Exception):
+                    await each.close()
 
 
 def _shown_key(cols: list[str], values: str, types: dict[str, str]) -> str:

@@ -8,12 +8,20 @@ floats the store can keep (``check_floats``), and how a key is named in an error
 (``describe_key``). ``rows_from_text`` says which typed rows ``write_text``'s text stands for
 (``sources.sinks`` describes both methods). The sinks import this module and ``sources.sinks``
 imports the sinks to open one, so imports point one way.
+
+Tenant-scoped datasets (``sources.base.Scope``): an import writes for one tenant, a ``RowScope``.
+The worker refuses rows of another tenant and rows keyed like another tenant's stored row (asking
+the sink's ``foreign_rows``) before they reach the sink, as row errors; each sink checks again
+(``check_scope``) and its writes are guarded so that even a row that slipped through (another
+tenant writing the same key meanwhile) can never change a row of another tenant: the sink then
+fails, transient, and the retried import reports that row as a row error.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -34,6 +42,54 @@ class SinkError(Exception):
 
 class DuplicateKeyError(SinkError):
     """INSERT mode met a row whose key already exists (in the dataset, or earlier in the same import)."""
+
+
+@dataclass(frozen=True)
+class RowScope:
+    """The tenant an import writes for: every row's ``column`` holds ``value`` (typed as the
+    column's cells are), and no stored row whose ``column`` holds anything else is changed."""
+
+    column: str
+    value: Any
+
+
+def scope_position(dataset: Dataset, columns: Sequence[Column], scope: RowScope | None) -> int | None:
+    """Where the scope column is in a row (None when unscoped); the worker always imports it."""
+    if scope is None:
+        return None
+    names = [c.name for c in columns]
+    if scope.column not in names:
+        raise SinkError(f"dataset '{dataset.name}': a scoped import must write the column '{scope.column}'")
+    return names.index(scope.column)
+
+
+def guards_keys(dataset: Dataset, scope: RowScope | None) -> bool:
+    """Whether a row's key can match a stored row of another tenant: a scoped dataset whose key
+    leaves out the scope column (with the column in the key, the tenant's value is part of it)."""
+    return scope is not None and bool(dataset.key) and scope.column not in dataset.key
+
+
+def same_value(stored: Any, written: Any) -> bool:
+    """Equal as cells: True is not 1, None is nothing else; 3 equals 3.0."""
+    if stored is None or written is None or stored.__class__ is bool or written.__class__ is bool:
+        return stored is written
+    return stored == written
+
+
+def check_scope(
+    dataset: Dataset, columns: Sequence[Column], at: int | None, scope: RowScope | None, rows: list[Row], first: int
+) -> None:
+    """Every row holds the tenant's value in the scope column (the worker made sure; this is the
+    sink's own check, so that no bug upstream can write a row for another tenant)."""
+    if scope is None or at is None:
+        return
+    value = scope.value
+    for n, row in enumerate(rows):
+        if not same_value(row[at], value):
+            raise SinkError(
+                f"dataset '{dataset.name}': row {first + n} belongs to another tenant (column '{columns[at].name}')",
+                row=first + n,
+            )
 
 
 _TEXT_BOOL = {"t": True, "f": False}

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sources.base import Column, Dataset, Row
-from sources.sink_base import SinkError
+from sources.sink_base import RowScope, SinkError
 
 if TYPE_CHECKING:
     from sources.receipts import Receipt
@@ -68,6 +68,12 @@ class RowSink(Protocol):
         """Release the connection; rolls back if neither ``commit`` nor ``rollback`` happened."""
         ...
 
+    async def foreign_rows(self, rows: list[Row]) -> list[int]:
+        """For a scoped import (``sink_base.RowScope``): the indexes of ``rows`` whose key matches a
+        stored row of another tenant, which the import must not touch; [] when the key cannot
+        (``sink_base.guards_keys``). Reads only: a dry run asks it too."""
+        ...
+
 
 class TextRowSink(RowSink, Protocol):
     async def write_text(self, columns: Sequence[Sequence[str]], count: int) -> None:
@@ -76,23 +82,27 @@ class TextRowSink(RowSink, Protocol):
         ...
 
 
-async def open_sink(dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any) -> RowSink:
-    """A sink writing ``columns`` of ``dataset`` in ``mode`` (``INSERT`` or ``UPSERT``). Checks the
-    request and the target (table, columns, key constraint) before anything is written; a
-    ``SinkError`` says what to change."""
+async def open_sink(
+    dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any, scope: RowScope | None = None
+) -> RowSink:
+    """A sink writing ``columns`` of ``dataset`` in ``mode`` (``INSERT`` or ``UPSERT``), for the
+    tenant ``scope`` when the dataset is scoped. Checks the request and the target (table, columns,
+    key constraint) before anything is written; a ``SinkError`` says what to change."""
     columns = check_request(dataset, columns, mode)
+    if (scope is None) != (dataset.scope is None):
+        raise SinkError(f"dataset '{dataset.name}': an import is scoped exactly when its dataset is")
     if dataset.source == "sqlite":
         from sources.sqlite_sink import SqliteSink
 
-        return await SqliteSink.open(dataset, columns, mode, settings)
+        return await SqliteSink.open(dataset, columns, mode, settings, scope)
     if dataset.source == "postgres":
         from sources.postgres_sink import PostgresSink
 
-        return await PostgresSink.open(dataset, columns, mode, settings)
+        return await PostgresSink.open(dataset, columns, mode, settings, scope)
     if dataset.source == "opensearch":
         from sources.opensearch_sink import OpenSearchSink
 
-        return await OpenSearchSink.open(dataset, columns, mode, settings)
+        return await OpenSearchSink.open(dataset, columns, mode, settings, scope=scope)
     raise SinkError(f"dataset '{dataset.name}': unknown source '{dataset.source}'")
 
 

@@ -24,6 +24,11 @@ there are any). NaN is refused (SQLite would store NULL).
 UPSERT is ``INSERT … ON CONFLICT (key) DO UPDATE SET c = excluded.c`` for the imported columns
 that are not in the key, so a later row of the file wins over an earlier one with the same key;
 it needs a primary key or a unique index (not partial) on exactly the key columns.
+
+A scoped import (``sink_base.RowScope``) adds ``WHERE table.scope_column = excluded.scope_column``
+to that ``DO UPDATE``: a row keyed like another tenant's row changes nothing, and the sink fails
+(transient) when a slice changed fewer rows than it had, so such a row is never passed over
+silently. ``foreign_rows`` finds those rows beforehand, so the worker reports them as row errors.
 """
 
 from __future__ import annotations
@@ -41,22 +46,44 @@ from urllib.parse import quote
 from sources import receipts
 from sources.base import Column, Dataset, Row
 from sources.receipts import Receipt
-from sources.sink_base import DuplicateKeyError, SinkError, check_floats, check_keys, describe_key, key_positions
+from sources.sink_base import (
+    DuplicateKeyError,
+    RowScope,
+    SinkError,
+    check_floats,
+    check_keys,
+    check_scope,
+    describe_key,
+    guards_keys,
+    key_positions,
+    scope_position,
+)
 from sources.sql import SQLITE
 
 log = logging.getLogger("dataport.sinks.sqlite")
 
 _SLICE_ROWS = 1000
+_LOOKUP_ROWS = 500  # keys per foreign_rows query (SQLite binds at most 32,766 parameters)
 
 
 class SqliteSink:
-    def __init__(self, dataset: Dataset, columns: tuple[Column, ...], mode: str, busy_timeout: float):
+    def __init__(
+        self,
+        dataset: Dataset,
+        columns: tuple[Column, ...],
+        mode: str,
+        busy_timeout: float,
+        scope: RowScope | None = None,
+    ):
         self.dataset = dataset
         self.columns = columns
         self.mode = mode
         self.busy_timeout = busy_timeout
         self.rows = 0
         self._keys = key_positions(dataset, columns)
+        self.scope = scope
+        self._scope_at = scope_position(dataset, columns, scope)
+        self._guard = guards_keys(dataset, scope)  # another tenant's row may hold a key of the file
         self._conn: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataport-sqlite-sink")
         self._done = False  # committed or rolled back: the sink takes no more calls
@@ -71,12 +98,17 @@ class SqliteSink:
         if mode == "UPSERT":
             updates = [f"{q(n)} = excluded.{q(n)}" for n in names if n not in dataset.key]
             action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
+            if self._guard:  # (updates holds the scope column: it is imported and not in the key)
+                assert scope is not None
+                action += f" WHERE {q(dataset.table)}.{q(scope.column)} = excluded.{q(scope.column)}"
             self._insert += f" ON CONFLICT ({', '.join(map(q, dataset.key))}) {action}"
 
     @classmethod
-    async def open(cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any) -> SqliteSink:
+    async def open(
+        cls, dataset: Dataset, columns: tuple[Column, ...], mode: str, settings: Any, scope: RowScope | None = None
+    ) -> SqliteSink:
         busy = settings.sqlite_busy_timeout_seconds if settings is not None else 2.0
-        sink = cls(dataset, columns, mode, busy)
+        sink = cls(dataset, columns, mode, busy, scope)
         try:
             await sink._run(sink._connect)
         except BaseException:
@@ -93,6 +125,7 @@ class SqliteSink:
         first = self.rows + 1
         try:
             check_keys(self.dataset, self.columns, self._keys, rows, first)
+            check_scope(self.dataset, self.columns, self._scope_at, self.scope, rows, first)
             check_floats(self.dataset, self.columns, rows, first, "SQLite")
             await self._run(lambda: self._write(rows, first))
         except BaseException as e:
@@ -103,6 +136,15 @@ class SqliteSink:
                 self._conn.interrupt()
             raise
         self.rows += len(rows)
+
+    async def foreign_rows(self, rows: list[Row]) -> list[int]:
+        """``RowSink.foreign_rows``: a read on the sink's connection (inside its transaction once
+        the first write began it, which then holds the write lock: nothing can change between
+        this answer and the write)."""
+        self._check_open()
+        if not self._guard or not rows:
+            return []
+        return await self._run(lambda: self._foreign(rows))
 
     async def commit(self, receipt: Receipt | None = None) -> int:
         self._check_open()
@@ -188,11 +230,40 @@ class SqliteSink:
             for start in range(0, len(rows), _SLICE_ROWS):
                 if self._stop:
                     raise SinkError(f"dataset '{self.dataset.name}': the write was cancelled")
-                conn.executemany(self._insert, rows[start : start + _SLICE_ROWS])
+                part = rows[start : start + _SLICE_ROWS]
+                changed = conn.executemany(self._insert, part).rowcount
+                if self._guard and self.mode == "UPSERT" and changed != len(part):
+                    raise SinkError(
+                        f"dataset '{self.dataset.name}': another tenant wrote a row with a key of this "
+                        "import while it ran; run it again",
+                        transient=True,
+                    )
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO dataport_batch")
             raise self._explain(rows, first) from None
         conn.execute("RELEASE dataport_batch")
+
+    def _foreign(self, rows: list[Row]) -> list[int]:
+        conn, scope = self._conn, self.scope
+        assert conn is not None and scope is not None
+        q = SQLITE.quote
+        names = ", ".join(f"k{j}" for j in range(len(self._keys)))
+        on = " AND ".join(f"t.{q(k)} = f.k{j}" for j, k in enumerate(self.dataset.key))
+        marks = "(" + ", ".join("?" * (len(self._keys) + 1)) + ")"
+        found: list[int] = []
+        for start in range(0, len(rows), _LOOKUP_ROWS):
+            part = rows[start : start + _LOOKUP_ROWS]
+            params = [v for n, row in enumerate(part) for v in (start + n, *(row[i] for i in self._keys))]
+            found += [
+                n
+                for (n,) in conn.execute(
+                    f"WITH f(n, {names}) AS (VALUES {', '.join([marks] * len(part))}) "
+                    f"SELECT DISTINCT f.n FROM f JOIN {q(self.dataset.table)} AS t ON {on} "
+                    f"WHERE t.{q(scope.column)} IS NOT ?",
+                    [*params, scope.value],
+                )
+            ]
+        return sorted(found)
 
     def _explain(self, rows: list[Row], first: int) -> SinkError:
         """The failing row of a batch that broke a constraint, found by replaying it row by row."""
