@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import IO, Any
@@ -55,6 +55,7 @@ from workers import memory
 from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
 from workers.attempts import fail as _fail
 from workers.progress import ProgressReporter, TaskMovedOn
+from workers.scoping import Tenant, foreign_key_failures, header_columns, tenant_for
 
 log = logging.getLogger("dataport.worker")
 
@@ -144,6 +145,9 @@ class Batch:
     records: int = 0
     bytes_read: int = 0
     done: bool = False
+    # For a scoped import whose keys are looked up: the row number and original text of each
+    # valid row, by its index in ``rows`` (made only for the rows that are refused after all).
+    origin: Callable[[int], tuple[int, str]] | None = None
 
 
 class FileBatches:
@@ -156,17 +160,31 @@ class FileBatches:
     none for a dry run). Both check and convert every cell as ``formats.converters`` defines."""
 
     def __init__(
-        self, reader: Reader, dataset: Dataset, columns: Sequence[Column], file_format: str, output: int = TYPED
+        self,
+        reader: Reader,
+        dataset: Dataset,
+        columns: Sequence[Column],
+        file_format: str,
+        output: int = TYPED,
+        tenant: Tenant | None = None,
     ):
         self.reader = reader
         self.dataset = dataset
         unguard_text = file_format in GUARDED_FORMATS
+        self.unguard_text = unguard_text
         self._batches: Iterator[RowBatch] | None = None
         self.by_column = reader.fields is not None and callable(getattr(reader, "batches", None))
+        # A scoped import (workers.scoping): where the scope column is, what fills it, whether each
+        # valid row's number and original are kept for the key look-up.
+        self.tenant = tenant
+        self.scope_at = next(i for i, c in enumerate(columns) if c.name == tenant.column.name) if tenant else -1
+        self.fill = tenant.fill_cell(unguard_text) if tenant else None
+        self.keep_origin = tenant is not None and tenant.guards_keys
         if self.by_column:
             assert reader.fields is not None
             at = {name: i for i, name in enumerate(reader.fields)}
-            self.positions = [at[c.name] for c in columns]
+            # None: a column the file lacks (the scope column, which is filled)
+            self.positions = [at.get(c.name) for c in columns]
             self.checker = ColumnChecker(columns, unguard_text=unguard_text)
             self.output = TYPED if output == TEXT and not unguard_text else output
         else:
@@ -182,18 +200,21 @@ class FileBatches:
         if self.by_column:
             return self._next_columns(size, failures_allowed)
         batch = Batch()
+        kept: list[Record] | None = [] if self.keep_origin else None
         for record in self.records:
             batch.records += 1
-            self._check(record, batch)
+            self._check(record, batch, kept)
             if batch.records >= size or batch.failed_rows >= failures_allowed:
                 break
         else:
             batch.done = True
         batch.valid = len(batch.rows)
         batch.bytes_read = self.reader.bytes_read
+        if kept is not None:
+            batch.origin = lambda n: (kept[n].number, kept[n].original())
         return batch
 
-    def _check(self, record: Record, batch: Batch) -> None:
+    def _check(self, record: Record, batch: Batch, kept: list[Record] | None = None) -> None:
         problem = record.problem
         if problem is None and self.names is not None:
             unknown = [name for name in record.values if name not in self.names]
@@ -203,9 +224,15 @@ class FileBatches:
             batch.failed_rows += 1
             batch.failures.append((record.number, "", problem, record.original()))
             return
-        row, errors = self.converter.convert(record.values)
+        tenant = self.tenant
+        values = record.values if tenant is None else tenant.filled(record.values, self.fill)
+        row, errors = self.converter.convert(values)
+        if row is not None and tenant is not None and not tenant.owns(row, self.scope_at):
+            row, errors = None, [CellError(tenant.column.name, tenant.refusal)]
         if row is not None:
             batch.rows.append(row)
+            if kept is not None:
+                kept.append(record)
             return
         batch.failed_rows += 1
         original = record.original()
@@ -220,7 +247,13 @@ class FileBatches:
             batch.done = True
             return batch
         count = len(read.numbers)
-        out, errors = self.checker.check([read.columns[i] for i in self.positions], self.output)
+        cells = [read.columns[i] if i is not None else [""] * count for i in self.positions]
+        foreign: list[int] = []
+        if self.tenant is not None:
+            cells[self.scope_at], foreign = self.tenant.column_cells(cells[self.scope_at], self.unguard_text)
+        out, errors = self.checker.check(cells, self.output)
+        for i in foreign:  # a row of another tenant (its scope cell was checked as the tenant's)
+            errors.setdefault(i, []).append(CellError(self.tenant.column.name, self.tenant.refusal))  # type: ignore[union-attr]
         keep = count  # the rows looked at: all, unless maxErrors is reached within the batch
         batch.records = count + len(read.problems)
         if errors or read.problems:
@@ -240,6 +273,7 @@ class FileBatches:
                     keep = bisect_right(read.numbers, number)
                     batch.records = keep + sum(1 for p in read.problems if p.number <= number)
                     break
+        good: Sequence[int] = range(count)
         if errors or keep < count:
             good = [i for i in range(keep) if i not in errors]
             batch.valid = len(good)
@@ -252,6 +286,8 @@ class FileBatches:
                 batch.text = out
             else:
                 batch.rows = list(zip(*out, strict=False))  # columns of a length
+        if self.keep_origin:
+            batch.origin = lambda n: (read.numbers[good[n]], read.original(good[n]))
         return batch
 
 
@@ -326,6 +362,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     if dataset is None or not dataset.importable:
         raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer accepts imports.")
     request = task.request
+    tenant = tenant_for(dataset, request)  # a scoped dataset: the tenant it writes for (or Failure)
     dry_run = bool(request.get("dryRun"))
     # Tasks requested before the limit existed may ask for more: the limit holds for them too.
     max_errors = min(request.get("maxErrors") or settings.import_max_errors, settings.import_max_errors_limit)
@@ -341,6 +378,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     report = ErrorReport(services, report_key(task))
     stream = await _open_file(services, task)
     sink: RowSink | None = None
+    probe: RowSink | None = None  # a sink only asked about keys (a dry run of a scoped import), never written
     ahead: asyncio.Future[Batch] | None = None  # the next batch, read while this one is written
     try:
         reader = await asyncio.to_thread(
@@ -350,19 +388,26 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             max_cell_bytes=settings.import_max_cell_bytes,
             limits=ParseLimits.from_settings(settings),
         )
-        columns = _columns(dataset, reader)
+        columns = _columns(dataset, reader, tenant)
         # An earlier attempt of this run may have committed before its worker died: then its rows
         # are in, and this attempt only reads the file again for the counts and the error report.
         committed = None if dry_run else await find_receipt(dataset, task.id, task.run)
+        scope = tenant.sink_scope if tenant is not None else None
         if not dry_run and committed is None:
-            sink = await open_sink(dataset, columns, request["mode"], settings)
-        batches = FileBatches(reader, dataset, columns, task.format, output=_output(sink))
+            sink = await open_sink(dataset, columns, request["mode"], settings, scope)
+        elif tenant is not None and tenant.guards_keys:  # the same row errors as a real run
+            probe = await open_sink(dataset, columns, request["mode"], settings, scope)
+        keys = sink or probe if tenant is not None and tenant.guards_keys else None  # asked for foreign keys
+        output = TYPED if keys is not None else _output(sink)
+        batches = FileBatches(reader, dataset, columns, task.format, output=output, tenant=tenant)
         rows = settings.import_batch_rows
         valid = failed = 0
         ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors))
         while True:
             batch = await asyncio.shield(ahead)  # a cancel leaves the read to finish (see _settle)
             ahead = None
+            if keys is not None and tenant is not None and batch.rows:
+                await _refuse_foreign_keys(keys, dataset, tenant, batch)
             failed += batch.failed_rows
             if not batch.done and failed < max_errors:
                 ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors - failed))
@@ -387,8 +432,9 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     finally:
         await _settle(ahead)  # a read in progress ends before its stream is closed
         await asyncio.to_thread(stream.close)
-        if sink is not None:
-            await asyncio.shield(sink.close())
+        for opened in (sink, probe):
+            if opened is not None:
+                await asyncio.shield(opened.close())
 
     if written:
         await services.store.mark_dataset_written(dataset.name)
@@ -432,6 +478,22 @@ def _output(sink: RowSink | None) -> int:
     return TEXT if callable(getattr(sink, "write_text", None)) else TYPED
 
 
+async def _refuse_foreign_keys(keys: RowSink, dataset: Dataset, tenant: Tenant, batch: Batch) -> None:
+    """Take the rows whose key another tenant's stored row holds out of ``batch``, as failures
+    (``workers.scoping``). An import stopped by maxErrors may then list a few more than maxErrors."""
+    refused = await keys.foreign_rows(batch.rows)
+    if not refused:
+        return
+    assert batch.origin is not None
+    batch.failures = sorted(
+        batch.failures + foreign_key_failures(dataset, tenant, refused, batch.origin), key=itemgetter(0)
+    )
+    out = set(refused)
+    batch.rows = [row for n, row in enumerate(batch.rows) if n not in out]
+    batch.valid = len(batch.rows)
+    batch.failed_rows += len(refused)
+
+
 async def _write(sink: RowSink, batch: Batch) -> None:
     if batch.text is not None:
         await sink.write_text(batch.text, batch.valid)  # type: ignore[attr-defined]
@@ -463,18 +525,21 @@ def nothing_written(task: Task, services: Services) -> str:
     return "nothing was written."
 
 
-def _columns(dataset: Dataset, reader: Reader) -> list[Column]:
+def _columns(dataset: Dataset, reader: Reader, tenant: Tenant | None = None) -> list[Column]:
     """The dataset's columns this import writes: the header's (CSV, XLSX), checked before any
-    row is read; every column for files without a header (JSON, NDJSON: a missing key is null)."""
+    row is read; every column for files without a header (JSON, NDJSON: a missing key is null).
+    A scoped import always writes the scope column, which a header need not name (it is filled)."""
     if reader.fields is None:
         return list(dataset.columns)
-    problems = header_problems(reader.fields, dataset.columns)
+    problems = header_problems(reader.fields, header_columns(dataset, tenant))
     if problems:
         raise Failure(
             "INVALID_HEADER",
             f"The file's header does not fit dataset '{dataset.name}': {'; '.join(problems)}. Nothing was written.",
         )
     named = set(reader.fields)
+    if tenant is not None:
+        named.add(tenant.column.name)
     return [c for c in dataset.columns if c.name in named]
 
 
