@@ -21,7 +21,7 @@ from typing import Any
 
 from dataport.services import Services
 from sources.base import Dataset
-from sources.query import build_query
+from sources.query import NO_ROWS, build_query
 from workers.heartbeat import STALE_SECONDS, live_workers
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
@@ -123,7 +123,9 @@ class Readiness:
     @staticmethod
     async def _dataset(services: Services, dataset: Dataset) -> None:
         columns = [dataset.columns[0].name] if dataset.columns else None
-        query = build_query(dataset, columns, limit=1)
+        # A scoped dataset has no caller here: it is checked reading no tenant's rows (the statement
+        # still names its table and columns); an unscoped one ignores the scope.
+        query = build_query(dataset, columns, limit=1, scope=NO_ROWS)
         source = services.registry.open(dataset)
         try:
             await source.count(query, cap=1)

@@ -310,3 +310,25 @@ async def test_opensearch_a_full_text_scope_field_fails_the_read_without_naming_
     finally:
         await source.close()
         data.drop_opensearch(opensearch_url, index)
+
+
+async def test_readiness_checks_a_scoped_dataset_reading_no_tenants_rows(sqlite_path):
+    """``/readyz`` has no caller to scope by: it checks a scoped dataset with no rows, and it does
+    not refuse it for having no scope value (``ScopeMissing``)."""
+    from types import SimpleNamespace
+
+    from api.readiness import Readiness
+
+    ds = data.dataset("sqlite", sqlite_path, "rows")
+    counted: list[Any] = []
+
+    class Source(SqliteSource):
+        async def count(self, query, cap=None):
+            counted.append(query.scope)
+            return await super().count(query, cap)
+
+    services = SimpleNamespace(registry=SimpleNamespace(open=Source))
+    await Readiness._dataset(services, ds)
+    assert counted == [TenantScope(ds.by_name["org"], None, nothing=True)]
+    with pytest.raises(SourceError):
+        await Readiness._dataset(services, replace(ds, table="missing"))
