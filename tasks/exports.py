@@ -19,7 +19,7 @@ from dataport.errors import UserErrors
 from dataport.services import Services
 from formats import WRITERS
 from sources.base import Dataset, SourceError
-from sources.query import Query, QueryTooComplex, build_query
+from sources.query import Query, QueryTooComplex, ScopeMissing, build_query
 from tasks import queue
 from tasks.access import (
     Identity,
@@ -89,7 +89,14 @@ def task_query(dataset: Dataset, request: dict[str, Any]) -> Query:
     """The query a task's request stands for, under the scope it was asked with."""
     r = request
     scope = scope_from_request(r)
-    return build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"), scope=scope)
+    try:
+        return build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"), scope=scope)
+    except ScopeMissing:  # asked for before the dataset was scoped: it was asked for every tenant
+        raise UserErrors.one(
+            f"Dataset '{dataset.name}' now keeps each tenant's rows apart; ask for this export again.",
+            errors.FORBIDDEN,
+            "id",
+        ) from None
 
 
 async def request_export(services: Services, identity: Identity, data: dict[str, Any]) -> Task:

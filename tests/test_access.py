@@ -251,3 +251,17 @@ def test_another_users_task_does_not_exist_for_a_non_admin(access_stack):
     admin = client(access_stack, roles=("ops",))
     watched = asyncio.run(admin.subscribe(task["id"]))
     assert watched[0]["payload"]["data"]["exportProgress"]["status"] == "SUCCEEDED"
+
+
+def test_a_task_asked_for_before_its_dataset_was_scoped_fails_clearly():
+    """Its request carries no scope: it was asked for every tenant, and must not run as such."""
+    from dataport.errors import UserErrors
+    from sources.base import Column, Dataset, Scope
+    from tasks.exports import task_query
+
+    columns = (Column("id", "integer"), Column("org_id"))
+    scoped = Dataset("orders", "sqlite", "x.db", "orders", columns, scope=Scope("org_id", "org"))
+    with pytest.raises(UserErrors) as refused:
+        task_query(scoped, {"columns": None, "filters": [], "sort": [], "limit": None})
+    assert [(e.code, "ask for this export again" in e.message) for e in refused.value.errors] == [("FORBIDDEN", True)]
+    assert task_query(scoped, {"scope": {"value": "acme"}}).scope is not None
