@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import HTTPConnection, Request
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
-from api import stream, uploads
+from api import downloads, stream, uploads
 from api.auth import Authenticator, claim_value, issue_token
 from api.context import Context
 from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
@@ -26,8 +26,6 @@ from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
 from sources.registry import Registry
-from storage.signing import verify
-from tasks.models import TaskKind, TaskStatus
 
 log = logging.getLogger("dataport.api")
 
@@ -77,6 +75,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     app.include_router(stream.router)
     app.include_router(uploads.router)
+    app.include_router(downloads.router)
 
     @app.exception_handler(STORE_DOWN[0])
     @app.exception_handler(STORE_DOWN[1])
@@ -96,26 +95,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         """Prometheus text format: this process's metrics and the service's, read from Redis."""
         body = await exposition(request.app.state.services, service_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/files/{task_id}")
-    async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)):
-        """Signed download for the local backend. A bad or expired signature is refused the same
-        way whether or not the task exists, so the route tells nothing about other owners' tasks."""
-        services: Services = request.app.state.services
-        if not verify(settings.signing_secret, "GET", task_id, expires, signature):
-            raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
-        task = await services.store.get(task_id)
-        # An export's file once it succeeded; an import's error report once it finished.
-        key = (task.report_key if task.kind is TaskKind.IMPORT else task.object_key) if task else None
-        ready = task is not None and (
-            task.status.is_final if task.kind is TaskKind.IMPORT else task.status is TaskStatus.SUCCEEDED
-        )
-        if not ready or not key or services.storage.name != "local":
-            raise HTTPException(404, "There is no such file.")
-        path = services.storage.path_for(key)
-        if not path.exists():
-            raise HTTPException(404, "There is no such file.")
-        return FileResponse(path, filename=path.name, content_disposition_type="attachment")
 
     @app.get("/healthz")
     async def healthz():
