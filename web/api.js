@@ -66,6 +66,18 @@ export async function fetchDevToken(user) {
   return (await response.text()).trim();
 }
 
+/** The identity provider the api advertises (`GET /auth/config`), or null when it names none. */
+export async function fetchAuthConfig() {
+  try {
+    const response = await fetch(new URL("auth/config", document.baseURI));
+    if (!response.ok) return null;
+    const config = await response.json();
+    return config.issuer && config.clientId ? config : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * Send an import file to the target `requestImport` gave: a PUT with exactly its headers, or a
  * multipart POST with its `fields` in order and the file last, as `file`. `onProgress(loaded,

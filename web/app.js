@@ -2,14 +2,16 @@
 //
 //   api.js         GraphQL over HTTP, the dev token, the import upload, the words for error codes
 //   graphql-ws.js  the graphql-transport-ws client that carries the progress subscriptions
+//   oidc.js        sign-in through the identity provider (authorization code + PKCE)
 //   app.js         this file: state, forms and task cards
 //
 // Every task the page knows is one entry in `tasks` (id → {kind, task, cards, …}). Cards (the
 // current export, the current import, a row of the history) show an entry; an entry that is still
 // active is followed by one subscription, whose snapshots update every card showing it.
 
-import { Api, ApiError, describeError, fetchDevToken, uploadFile } from "./api.js";
+import { Api, ApiError, describeError, fetchAuthConfig, fetchDevToken, uploadFile } from "./api.js";
 import { GraphQLWsClient, webSocketUrl } from "./graphql-ws.js";
+import { finishSignIn, startSignIn } from "./oidc.js";
 
 // -- GraphQL documents ------------------------------------------------------------------------
 
@@ -68,7 +70,7 @@ const DOWNLOAD_URL_FRESH_MS = 10 * 60 * 1000; // links live 15 minutes: ask agai
 
 // -- state ------------------------------------------------------------------------------------
 
-const state = { token: null, devMode: false, user: null, datasets: [] };
+const state = { token: null, devMode: false, user: null, datasets: [], authConfig: null };
 const tasks = new Map(); // id → entry
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -161,11 +163,36 @@ async function signIn() {
     await useToken(token, `Signed in as ${state.user} (dev mode).`);
   } else {
     $("#token-signin").hidden = false;
+    if (await providerSignIn()) return;
     const saved = sessionStorage.getItem(TOKEN_KEY);
     if (saved) await useToken(saved, "Signed in with your token.");
-    else $("#session-status").textContent = "Not signed in: paste an access token.";
+    else $("#session-status").textContent = state.authConfig
+      ? "Not signed in: sign in with your provider, or paste an access token."
+      : "Not signed in: paste an access token.";
   }
 }
+
+/** When the api names an identity provider: offer its sign-in, and finish one that comes back
+ * (true once signed in that way). Its token is kept like a pasted one. */
+async function providerSignIn() {
+  state.authConfig = await fetchAuthConfig();
+  if (!state.authConfig) return false;
+  $("#provider-signin").hidden = false;
+  let token;
+  try {
+    token = await finishSignIn(state.authConfig);
+  } catch (e) {
+    showNotice(e.message);
+    return false;
+  }
+  if (!token || !(await useToken(token, "Signed in with your provider."))) return false;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  return true;
+}
+
+$("#provider-signin").addEventListener("click", () => {
+  startSignIn(state.authConfig).catch((e) => showNotice(e.message));
+});
 
 /** Resolves true when a new token was had (dev mode), so the request can be sent again. */
 async function renewToken() {

@@ -33,6 +33,8 @@ const provider = new Provider(issuer, {
     ...(web
       ? [{
           client_id: web.client_id,
+          // native: a loopback redirect URI matches whatever port the test's api listens on (RFC 8252).
+          application_type: 'native',
           token_endpoint_auth_method: 'none',
           grant_types: ['authorization_code'],
           response_types: ['code'],
