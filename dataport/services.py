@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.exceptions
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from audit.base import AuditStore, store_from_settings
+from audit.outbox import Outbox, outbox_key
 from dataport.settings import Settings
 from sources.registry import Registry, load_registry
 from storage import storage_from_settings
@@ -45,6 +47,18 @@ class Services:
     store: TaskStore
     storage: Storage
     registry: Registry
+    audit: Outbox = field(init=False)  # the audit outbox (docs/audit.md)
+    _audit_store: AuditStore | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        enabled = self.settings.audit_store != "none"
+        self.audit = Outbox(self.redis, outbox_key(self.settings.queue_name), enabled)
+
+    def audit_store(self) -> AuditStore:
+        """The audit store, opened on first use (the api reads it, the drain writes it)."""
+        if self._audit_store is None:
+            self._audit_store = store_from_settings(self.settings)
+        return self._audit_store
 
     @classmethod
     async def start(cls, settings: Settings, registry: Registry | None = None) -> Services:
@@ -56,11 +70,17 @@ class Services:
             settings=settings,
             redis=redis,
             arq=arq,
-            store=TaskStore(redis, settings.retention_seconds),
+            store=TaskStore(
+                redis,
+                settings.retention_seconds,
+                audit_outbox=outbox_key(settings.queue_name) if settings.audit_store != "none" else None,
+            ),
             storage=storage_from_settings(settings),
             registry=registry or load_registry(settings),
         )
 
     async def close(self) -> None:
+        if self._audit_store is not None:
+            await self._audit_store.close()
         await self.redis.aclose()
         await self.arq.aclose()

@@ -7,17 +7,19 @@ started with the same data dir agree on the signing secret.
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DATAPORT_", extra="ignore")
+    # hide_input_in_errors: a rejected value may be a secret (a KEK one character short).
+    model_config = SettingsConfigDict(env_prefix="DATAPORT_", extra="ignore", hide_input_in_errors=True)
 
     # Where the embedded defaults keep everything: demo database, local files, Redis data, secret.
     data_dir: Path = Path(".dataport")
@@ -79,6 +81,16 @@ class Settings(BaseSettings):
     s3_sse_kms_key_id: str | None = None
     s3_part_size: int = 8 * 1024 * 1024
     s3_create_bucket: bool = False
+
+    # Encryption before storage (docs/encryption.md): "aes256-gcm" or "none". Unset: on for the
+    # local backend, off for S3 (which keeps its server-side encryption, s3_sse).
+    encryption: Literal["aes256-gcm", "none"] | None = None
+    # Key-encryption keys: 64 hex characters each, comma-separated, newest first (rotation). Empty
+    # (and no KMS key): one is generated into <data dir>/kek, as the signing secret is.
+    kek: SecretStr = SecretStr("")
+    # An AWS KMS key (id, ARN or alias) that makes and unwraps the data keys instead of a KEK.
+    kms_key_id: str = ""
+    kms_endpoint_url: str | None = None
 
     # Limits.
     max_export_rows: int = 80_000
@@ -199,18 +211,40 @@ class Settings(BaseSettings):
     stream_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     # ---- end of the limits ----
 
-    # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
-    # (`dataport dev` starts its api and worker with text unless this is set).
-    log_format: Literal["json", "text"] = "json"
+    @field_validator("kek")
+    @classmethod
+    def _kek_is_hex(cls, value: SecretStr) -> SecretStr:
+        from storage.keys import parse_keks
 
-    @model_validator(mode="after")
-    def _audience_with_issuer(self) -> Settings:
-        if self.oidc_issuer and not self.oidc_audience:
-            raise ValueError(
-                "DATAPORT_OIDC_AUDIENCE must be set with DATAPORT_OIDC_ISSUER (the API's identifier at the"
-                " provider), or tokens the provider issued for other applications would be accepted"
-            )
-        return self
+        parse_keks(value.get_secret_value())  # a ValueError names DATAPORT_KEK, never the key
+        return value
+
+    @property
+    def resolved_encryption(self) -> str:
+        """``encryption``, or its default for the backend: encrypted on local, off on S3."""
+        return self.encryption or ("none" if self.storage == "s3" else "aes256-gcm")
+
+    @cached_property
+    def key_encryption_keys(self) -> list[bytes]:
+        """The KEKs, newest first: the setting, else one kept in ``<data dir>/kek`` (generated once,
+        written whole before it appears, so processes starting together read the same key)."""
+        from storage.keys import parse_keks
+
+        if keys := parse_keks(self.kek.get_secret_value()):
+            return keys
+        path = self.data_dir / "kek"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"kek.partial-{secrets.token_hex(8)}")
+            partial.write_text(secrets.token_hex(32))
+            partial.chmod(0o600)
+            try:
+                os.link(partial, path)  # first writer wins, with the whole key in place
+            except FileExistsError:
+                pass
+            finally:
+                partial.unlink()
+        return parse_keks(path.read_text().strip())
 
     @cached_property
     def resolved_files_dir(self) -> Path:

@@ -139,8 +139,13 @@ class Storage(Protocol):
         one whose size was checked, whatever upload finishes after the start."""
         ...
 
-    async def open_stream(self, key: str) -> ReadStream:
-        """The stored object as a ``ReadStream``; ``StorageError`` (not transient) when missing."""
+    async def open_stream(self, key: str, start: int = 0) -> ReadStream:
+        """The stored object from byte ``start`` on as a ``ReadStream``; ``StorageError`` (not
+        transient) when missing."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys of the stored objects under ``prefix`` (a folder, ending in ``/``)."""
         ...
 
     async def delete(self, key: str) -> None: ...

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from storage.base import StorageError, StoredObject, UploadRefused, UploadTarget, UploadTooLarge
+from storage.base import ObjectWriter, StorageError, StoredObject, UploadRefused, UploadTarget, UploadTooLarge
 from storage.signing import signed_path
 
 if TYPE_CHECKING:
@@ -57,6 +57,33 @@ def _fsync_dir(path: Path) -> None:
         pass  # some file systems do not fsync directories; the rename is still atomic
     finally:
         os.close(fd)
+
+
+async def receive_into(
+    writer: ObjectWriter,
+    key: str,
+    chunks: AsyncIterator[bytes],
+    *,
+    max_bytes: int,
+    keep: Callable[[], Awaitable[str | None]] | None = None,
+) -> StoredObject:
+    """``LocalStorage.receive``'s body, for any writer (``storage/encrypted.py`` passes one that
+    encrypts as the upload arrives)."""
+    received = 0
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > max_bytes:
+                # Stop reading here: the rest of an oversized body is never written.
+                raise UploadTooLarge(max_bytes, key=key)
+            await writer.write(chunk)
+        if keep is not None and (reason := await keep()) is not None:
+            raise UploadRefused(reason)
+        return await writer.complete()
+    except BaseException:
+        # Also on cancellation (the client went away): the partial file must not stay.
+        await asyncio.shield(writer.abort())
+        raise
 
 
 class LocalWriter:
@@ -361,21 +388,7 @@ class LocalStorage:
         asked once the body is whole, just before it becomes visible: a reason not to keep it
         raises ``UploadRefused``, and nothing is kept either."""
         writer = await self.open_writer(key, "application/octet-stream")
-        received = 0
-        try:
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > max_bytes:
-                    # Stop reading here: the rest of an oversized body is never written.
-                    raise UploadTooLarge(max_bytes, key=key)
-                await writer.write(chunk)
-            if keep is not None and (reason := await keep()) is not None:
-                raise UploadRefused(reason)
-            return await writer.complete()
-        except BaseException:
-            # Also on cancellation (the client went away): the partial file must not stay.
-            await asyncio.shield(writer.abort())
-            raise
+        return await receive_into(writer, key, chunks, max_bytes=max_bytes, keep=keep)
 
     async def size_of(self, key: str) -> int | None:
         path = self.path_for(key)
@@ -423,15 +436,39 @@ class LocalStorage:
         except OSError as e:
             raise _os_error("sealing", key, e) from e
 
-    async def open_stream(self, key: str) -> BinaryIO:
-        """The stored file, opened for reading (a plain, seekable file object)."""
+    async def open_stream(self, key: str, start: int = 0) -> BinaryIO:
+        """The stored file, opened for reading (a plain, seekable file object), at ``start``."""
         path = self.path_for(key)
+
+        def _open() -> BinaryIO:
+            file = path.open("rb")
+            if start:
+                file.seek(start)
+            return file
+
         try:
-            return await asyncio.to_thread(path.open, "rb")
+            return await asyncio.to_thread(_open)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise StorageError(f"local storage: {key!r} does not exist", transient=False) from None
         except OSError as e:
             raise _os_error("opening", key, e) from e
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys of the stored files under the folder ``prefix`` (``keys/``), partial files left out."""
+        folder = self.path_for(prefix.rstrip("/"))
+
+        def _list() -> list[str]:
+            found: list[str] = []
+            for parent, _, names in os.walk(folder):
+                for name in names:
+                    if PARTIAL not in name:
+                        found.append(Path(parent, name).relative_to(self.root).as_posix())
+            return sorted(found)
+
+        try:
+            return await asyncio.to_thread(_list)
+        except OSError as e:
+            raise _os_error("listing", prefix, e) from e
 
     async def delete(self, key: str) -> None:
         path = self.path_for(key)

@@ -36,6 +36,7 @@ from botocore.exceptions import (
 
 from storage.base import StorageError, StoredObject, UploadTarget
 from storage.disposition import content_disposition
+from storage.signing import signed_path
 
 if TYPE_CHECKING:
     from dataport.settings import Settings
@@ -318,11 +319,15 @@ class S3Storage:
         sse_kms_key_id: str | None = None,
         part_size: int = 8 * 1024 * 1024,
         upload_method: str = "POST",
+        public_url: str = "http://127.0.0.1:8000",
+        secret: str = "",
     ) -> None:
         if upload_method not in UPLOAD_METHODS:
             raise ValueError(f"unknown S3 upload method {upload_method!r} (expected 'POST' or 'PUT')")
         self.bucket = bucket
         self.upload_method = upload_method
+        self.public_url = public_url.rstrip("/")  # the api, which serves the download links
+        self.secret = secret
         self.region = region or "us-east-1"
         self.part_size = max(int(part_size), MIN_PART_SIZE)
         self.sse_args: dict[str, str] = {}
@@ -359,6 +364,8 @@ class S3Storage:
             sse_kms_key_id=settings.s3_sse_kms_key_id,
             part_size=settings.s3_part_size,
             upload_method=settings.s3_upload_method,
+            public_url=settings.public_url,
+            secret=settings.signing_secret,
         )
         if settings.s3_create_bucket:
             storage.ensure_bucket()
@@ -478,6 +485,12 @@ class S3Storage:
         return await self._call("verify", key, _verify)
 
     async def download_url(self, key: str, *, task_id: str, filename: str, expires_at: dt.datetime) -> str:
+        """The api's signed ``GET /files/{task_id}`` (as for the local backend): the api records the
+        download and streams the file (decrypting it) or redirects to ``presigned_download_url``."""
+        return self.public_url + signed_path(self.secret, "GET", "/files", task_id, int(expires_at.timestamp()))
+
+    async def presigned_download_url(self, key: str, *, filename: str, expires_at: dt.datetime) -> str:
+        """A presigned GetObject of ``key`` valid until ``expires_at``, as ``filename``."""
         seconds = _presign_seconds(expires_at)
         return await self._call(
             "presign GetObject",
@@ -566,11 +579,23 @@ class S3Storage:
 
         return await self._call("CopyObject", key, _copy)
 
-    async def open_stream(self, key: str) -> io.BufferedReader:
-        """The object's body as a synchronous, forward-only stream, for a worker thread. A missing
-        object is a ``StorageError`` (not transient) naming the key."""
-        response = await self._call("GetObject", key, self.client.get_object, Bucket=self.bucket, Key=key)
+    async def open_stream(self, key: str, start: int = 0) -> io.BufferedReader:
+        """The object's body from byte ``start`` on, as a synchronous, forward-only stream, for a
+        worker thread. A missing object is a ``StorageError`` (not transient) naming the key."""
+        ranged = {"Range": f"bytes={start}-"} if start else {}
+        response = await self._call("GetObject", key, self.client.get_object, Bucket=self.bucket, Key=key, **ranged)
         return io.BufferedReader(S3ReadStream(response["Body"], f"{self.bucket}/{key}"), READ_CHUNK)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys of the objects under ``prefix``."""
+
+        def _list() -> list[str]:
+            keys: list[str] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(str(o["Key"]) for o in page.get("Contents", []))
+            return keys
+
+        return await self._call("ListObjectsV2", prefix, _list)
 
     async def delete(self, key: str) -> None:
         await self._call("DeleteObject", key, self.client.delete_object, Bucket=self.bucket, Key=key)

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from audit.outbox import actor_of
+from audit.records import ACCESS_DENIED, EXPORT_REQUESTED, TASK_CANCELLED, TASK_RETRIED
 from dataport import errors
 from dataport.errors import UserErrors
 from dataport.services import Services
@@ -56,12 +58,27 @@ async def check_quota(services: Services, owner: Owner, field: tuple[str, ...]) 
 
 
 async def request_task(
-    services: Services, identifier: str, fields: dict[str, Any], reuse_seconds: float, field: tuple[str, ...]
+    services: Services,
+    identifier: str,
+    fields: dict[str, Any],
+    reuse_seconds: float,
+    field: tuple[str, ...],
+    identity: Identity | None = None,
+    action: str = "",
 ) -> RequestOutcome:
-    """``TaskStore.request`` under the owner's quota of active tasks; ``UserErrors`` past it."""
+    """``TaskStore.request`` under the owner's quota of active tasks; ``UserErrors`` past it. The
+    audit record (``action`` by ``identity``) carries the canonical request."""
     limit = services.settings.max_active_tasks_per_user
     try:
-        return await services.store.request(identifier, fields, reuse_seconds=reuse_seconds, max_active=limit)
+        return await services.store.request(
+            identifier,
+            fields,
+            reuse_seconds=reuse_seconds,
+            max_active=limit,
+            action=action,
+            actor=actor_of(identity),
+            detail={"request": orjson.loads(fields["request"]), "format": fields["format"]},
+        )
     except QuotaExceeded:
         raise quota_exceeded(limit, field) from None
 
@@ -78,6 +95,17 @@ def canonical_request(data: dict[str, Any]) -> dict[str, Any]:
         "limit": data.get("limit"),
         "format": data["format"],
     }
+
+
+async def denied_dataset(services: Services, identity: Identity, name: str, what: str) -> None:
+    """Record a refused dataset: one that exists but the caller may not use (a missing one is a
+    typo, not a refusal). The caller answers both alike."""
+    if services.registry.get(name) is not None:
+        await services.audit.record(ACCESS_DENIED, identity, dataset=name, reason=f"{what}: dataset not permitted")
+
+
+async def denied_task(services: Services, identity: Identity, task: Task, reason: str) -> None:
+    await services.audit.record(ACCESS_DENIED, identity, task_id=task.id, dataset=task.dataset, reason=reason)
 
 
 def dataset_not_found(name: str) -> UserErrors:
@@ -104,6 +132,7 @@ async def request_export(services: Services, identity: Identity, data: dict[str,
     owner = identity.owner
     dataset = readable(services.registry.get(data["dataset"]), identity)
     if dataset is None:
+        await denied_dataset(services, identity, data["dataset"], "export")
         raise dataset_not_found(data["dataset"])
     if data["format"] not in WRITERS:
         raise UserErrors.one(f"Format {data['format']} is not supported.", errors.UNSUPPORTED_FORMAT, "input", "format")
@@ -141,6 +170,8 @@ async def request_export(services: Services, identity: Identity, data: dict[str,
         },
         services.settings.export_reuse_seconds,
         ("input",),
+        identity,
+        EXPORT_REQUESTED,
     )
     if outcome.needs_job:
         await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
@@ -181,7 +212,10 @@ async def _count_within_limit(
 async def get_export(services: Services, identity: Identity, identifier: str) -> Task | None:
     """The caller's export (any user's, for an admin); None for a missing one and another's alike."""
     task = await services.store.get(identifier)
-    if task is None or task.kind is not TaskKind.EXPORT or not sees_task(identity, task.owner):
+    if task is None or task.kind is not TaskKind.EXPORT:
+        return None
+    if not sees_task(identity, task.owner):
+        await denied_task(services, identity, task, "another owner's export")
         return None
     return task
 
@@ -207,6 +241,8 @@ async def cancel_export(services: Services, identity: Identity, identifier: str)
         cancelled_by(identity, task),
         allowed_from=[TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
+        action=TASK_CANCELLED,
+        actor=actor_of(identity),
     )
     if not result.ok:
         raise UserErrors.one(
@@ -234,6 +270,7 @@ async def retry_export(services: Services, identity: Identity, identifier: str) 
     dataset = services.registry.get(task.dataset)
     if dataset is not None and not may_read_rows_of(identity, dataset, task.request):
         # Access was taken away (or the caller's scope changed) since the export was asked for.
+        await denied_task(services, identity, task, "retry: dataset no longer permitted")
         raise dataset_not_found(task.dataset)
     query = None
     if dataset is not None:
@@ -263,6 +300,8 @@ async def retry_export(services: Services, identity: Identity, identifier: str) 
         },
         -1,
         ("id",),
+        identity,
+        TASK_RETRIED,
     )
     if outcome.needs_job:
         await queue.enqueue(services.arq, services.settings.queue_name, EXPORT_JOB, outcome.task)
@@ -274,12 +313,17 @@ async def delete_export(services: Services, identity: Identity, identifier: str)
     task = await _owned(services, identity, identifier)
     if task.status not in FINAL_STATUSES:
         await services.store.transition(
-            task.id, TaskStatus.CANCELLED, "deleted by the owner", fields={"finished_at": stamp()}
+            task.id,
+            TaskStatus.CANCELLED,
+            "deleted by the owner",
+            fields={"finished_at": stamp()},
+            action=TASK_CANCELLED,
+            actor=actor_of(identity),
         )
         await queue.abort(services.arq, services.settings.queue_name, queue.job_id_for(task))
     if task.object_key:
         await services.storage.delete(task.object_key)
-    await services.store.delete(task)
+    await services.store.delete(task, actor_of(identity))
     return task
 
 
@@ -292,9 +336,11 @@ async def download_url(services: Services, identity: Identity, task: Task) -> st
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     filename = task.object_key.rsplit("/", 1)[-1]
-    return await services.storage.download_url(
+    url = await services.storage.download_url(
         task.object_key, task_id=task.id, filename=filename, expires_at=expires_at
     )
+    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)  # names the downloader
+    return url
 
 
 async def poll_after_seconds(services: Services, task: Task) -> float | None:
@@ -322,6 +368,7 @@ async def _owned(services: Services, identity: Identity, identifier: str) -> Tas
     """The caller's own export: retrying and deleting are the owner's alone, even for an admin."""
     task = await _visible(services, identity, identifier)
     if task.owner != identity.owner.id:
+        await denied_task(services, identity, task, "only the owner may retry or delete an export")
         raise UserErrors.one("Only the export's owner can do this.", errors.FORBIDDEN, "id")
     return task
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from audit.outbox import actor_of
+from audit.records import IMPORT_REQUESTED, TASK_CANCELLED
 from dataport import errors
 from dataport.errors import UserErrors
 from dataport.services import Services
@@ -33,7 +35,7 @@ from tasks.access import (
     scope_value,
     sees_task,
 )
-from tasks.exports import cancelled_by, dataset_not_found, request_task
+from tasks.exports import cancelled_by, dataset_not_found, denied_dataset, denied_task, request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
 from tasks.store import Page
@@ -91,18 +93,21 @@ async def request_import(services: Services, identity: Identity, data: dict[str,
     owner = identity.owner
     dataset = readable(services.registry.get(data["dataset"]), identity)
     if dataset is None:
+        await denied_dataset(services, identity, data["dataset"], "import")
         raise dataset_not_found(data["dataset"])
     if not dataset.importable:
         raise UserErrors.one(
             f"Dataset '{dataset.name}' does not accept imports.", errors.NOT_IMPORTABLE, "input", "dataset"
         )
     if not may_import(identity, dataset):
+        await denied_dataset(services, identity, dataset.name, "import")
         raise UserErrors.one(
             f"You may read dataset '{dataset.name}' but not import into it.", errors.FORBIDDEN, "input", "dataset"
         )
     scope = scope_value(identity, dataset)
     if scope is NO_ROWS:
         assert dataset.scope is not None
+        await denied_dataset(services, identity, dataset.name, "import without the scope claim")
         raise UserErrors.one(
             f"Dataset '{dataset.name}' keeps each tenant's rows apart by the '{dataset.scope.claim}' claim, "
             "which your token does not carry; ask your administrator.",
@@ -190,6 +195,8 @@ async def request_import(services: Services, identity: Identity, data: dict[str,
         },
         -1,
         ("input",),
+        identity,
+        IMPORT_REQUESTED,
     )
     # Nobody uploaded: the cron job expires the task (and any partial upload) after the window.
     await services.store.schedule_expiry(identifier, upload_expires_at.timestamp() + START_GRACE_SECONDS)
@@ -293,6 +300,8 @@ async def cancel_import(services: Services, identity: Identity, identifier: str)
         cancelled_by(identity, task),
         allowed_from=[TaskStatus.WAITING_FOR_UPLOAD, TaskStatus.PENDING, TaskStatus.PROCESSING],
         fields={"finished_at": stamp()},
+        action=TASK_CANCELLED,
+        actor=actor_of(identity),
     )
     if not result.ok:
         raise UserErrors.one(
@@ -307,7 +316,10 @@ async def cancel_import(services: Services, identity: Identity, identifier: str)
 async def get_import(services: Services, identity: Identity, identifier: str) -> Task | None:
     """The caller's import (any user's, for an admin); None for a missing one and another's alike."""
     task = await services.store.get(identifier)
-    if task is None or task.kind is not TaskKind.IMPORT or not sees_task(identity, task.owner):
+    if task is None or task.kind is not TaskKind.IMPORT:
+        return None
+    if not sees_task(identity, task.owner):
+        await denied_task(services, identity, task, "another owner's import")
         return None
     return task
 
@@ -326,9 +338,11 @@ async def error_report_url(services: Services, identity: Identity, task: Task) -
     if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    return await services.storage.download_url(
+    url = await services.storage.download_url(
         task.report_key, task_id=task.id, filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at
     )
+    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)  # names the downloader
+    return url
 
 
 async def _visible(services: Services, identity: Identity, identifier: str) -> Task:
@@ -342,5 +356,6 @@ async def _owned(services: Services, identity: Identity, identifier: str) -> Tas
     """The caller's own import: starting it is the owner's alone, even for an admin."""
     task = await _visible(services, identity, identifier)
     if task.owner != identity.owner.id:
+        await denied_task(services, identity, task, "only the owner may start an import")
         raise UserErrors.one("Only the import's owner can do this.", errors.FORBIDDEN, "id")
     return task

@@ -119,27 +119,48 @@ local function active_count(owner)
   return redis.call('SCARD', key)
 end
 
+-- The audit record of a step (audit/, docs/audit.md), appended to the queue's audit outbox in the
+-- same atomic step as the change it records: no change is ever left without its record, whatever
+-- process dies when. The caller passes five ARGV from index i: record id ('' = the audit log is off),
+-- action, actor JSON, detail JSON, outbox key. ``extra`` goes into the detail (fields 'x:NAME').
+local function audit(i, at, key, extra)
+  local record_id = ARGV[i]
+  if not record_id or record_id == '' then return end
+  local args = {'XADD', ARGV[i + 4], '*', 'id', record_id, 'at', at, 'action', ARGV[i + 1],
+                'actor', ARGV[i + 2], 'detail', ARGV[i + 3]}
+  local task_id, dataset = redis.call('HGET', key, 'id'), redis.call('HGET', key, 'dataset')
+  if task_id then args[#args + 1] = 'task_id'; args[#args + 1] = task_id end
+  if dataset then args[#args + 1] = 'dataset'; args[#args + 1] = dataset end
+  for name, value in pairs(extra) do
+    if value then args[#args + 1] = 'x:' .. name; args[#args + 1] = tostring(value) end
+  end
+  redis.call(unpack(args))
+end
+
 local entry = ARGV[1]
 
 -- KEYS: task, events, history, dataset-written-at, expiry schedule, owner's active set
 -- ARGV: 'request', channel, now, reuse_seconds, history_score, max_active ('' = no limit), n,
---       fields... (fields for a new task, 'owner' among them)
+--       fields... (fields for a new task, 'owner' among them), then the audit record's five
+--       (``audit``; its detail gains outcome, run, status and the status it came from)
 -- Returns {outcome, run}: outcome is created | existing | rerun, or {'quota', active count} when
 -- creating or running again would take the owner past max_active active tasks (nothing written).
 if entry == 'request' then
   local channel, now, reuse, score = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
   local max_active = ARGV[6]
   local fields = list_from(8, tonumber(ARGV[7]))
+  local audit_at = 8 + tonumber(ARGV[7])
   local status = redis.call('HGET', KEYS[1], 'status')
-  if status == 'PENDING' or status == 'PROCESSING' or status == 'WAITING_FOR_UPLOAD' then
-    return {'existing', redis.call('HGET', KEYS[1], 'run')}
-  end
+  local reused = status == 'PENDING' or status == 'PROCESSING' or status == 'WAITING_FOR_UPLOAD'
   if status == 'SUCCEEDED' then
     local finished = tonumber(redis.call('HGET', KEYS[1], 'finished_at') or '0')
     local written = tonumber(redis.call('GET', KEYS[4]) or '0')
-    if finished + reuse > now and written < finished then
-      return {'existing', redis.call('HGET', KEYS[1], 'run')}
-    end
+    reused = finished + reuse > now and written < finished
+  end
+  if reused then
+    local run = redis.call('HGET', KEYS[1], 'run')
+    audit(audit_at, ARGV[3], KEYS[1], {outcome = 'existing', run = run, status = status})
+    return {'existing', run}
   end
   local owner = nil
   for i = 1, #fields, 2 do
@@ -171,6 +192,7 @@ if entry == 'request' then
   active_mark(redis.call('HGET', KEYS[1], 'owner'), redis.call('HGET', KEYS[1], 'id'), status_now)
   local message = outcome == 'rerun' and ('requested again: run ' .. run) or 'requested'
   event(KEYS[2], ARGV[3], status_now, message)
+  audit(audit_at, ARGV[3], KEYS[1], {outcome = outcome, run = run, status = status_now, from = status})
   publish(KEYS[1], channel)
   return {outcome, tostring(run)}
 end
@@ -178,7 +200,8 @@ end
 -- KEYS: task, events, expiry schedule
 -- ARGV: 'transition', channel, now, to, allowed_from (space separated), fence_attempt ('' = none),
 --       message, expire_at ('' = not scheduled), lapse_seconds ('' = kept), duration buckets
---       (space separated upper bounds, the last '+Inf'), n, fields...
+--       (space separated upper bounds, the last '+Inf'), n, fields..., then the audit record's five
+--       (``audit``; its detail gains from, to, reason, run and attempt)
 -- lapse_seconds: the task and its events are deleted that long after this transition (EXPIRED),
 -- and it leaves the expiry schedule.
 -- Returns {'ok', status} or {'conflict', current status} or {'missing', ''}.
@@ -186,6 +209,7 @@ if entry == 'transition' then
   local channel, now, to, allowed, fence, message = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
   local expire_at, lapse, buckets = ARGV[8], ARGV[9], ARGV[10]
   local fields = list_from(12, tonumber(ARGV[11]))
+  local audit_at = 12 + tonumber(ARGV[11])
   local status = redis.call('HGET', KEYS[1], 'status')
   if not status then return {'missing', ''} end
   if not string.find(' ' .. allowed .. ' ', ' ' .. status .. ' ', 1, true) then
@@ -202,6 +226,9 @@ if entry == 'transition' then
     redis.call('ZADD', KEYS[3], expire_at, id)
   end
   event(KEYS[2], now, to, message)
+  audit(audit_at, now, KEYS[1], {from = status, to = to, reason = message,
+                                 run = redis.call('HGET', KEYS[1], 'run'),
+                                 attempt = redis.call('HGET', KEYS[1], 'attempts')})
   if lapse ~= '' then
     redis.call('ZREM', KEYS[3], id)
     redis.call('EXPIRE', KEYS[1], lapse)
@@ -236,10 +263,11 @@ if entry == 'progress' then
 end
 
 -- KEYS: task, events, history, expiry schedule
--- ARGV: 'delete', id
+-- ARGV: 'delete', id, now, then the audit record's five (see ``audit``)
 -- The task, its events and its places in the history, the expiry schedule and the statistics.
 if entry == 'delete' then
   local kind, status = redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'status')
+  if status then audit(4, ARGV[3], KEYS[1], {status = status}) end
   stats_move(kind, ARGV[2], status, nil)
   active_mark(redis.call('HGET', KEYS[1], 'owner'), ARGV[2], nil)
   redis.call('DEL', KEYS[1], KEYS[2])

@@ -25,6 +25,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from audit.records import SYSTEM, TASK_DELETED, TASK_EXPIRED, TASK_STATUS, Actor, dumps, new_id
 from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, parse_time
 
 _SCRIPT = files("tasks").joinpath("scripts.lua").read_text()
@@ -134,10 +135,20 @@ class Page:
 
 
 class TaskStore:
-    def __init__(self, redis: Redis, retention_seconds: float = 7 * 24 * 3600):
+    """``audit_outbox``: the audit outbox every write appends its record to, in the same script
+    (docs/audit.md); None when the audit log is off."""
+
+    def __init__(self, redis: Redis, retention_seconds: float = 7 * 24 * 3600, audit_outbox: str | None = None):
         self.redis = redis
         self.retention_seconds = retention_seconds
+        self.audit_outbox = audit_outbox
         self._script = redis.register_script(_SCRIPT)
+
+    def _audit(self, action: str, actor: Actor, detail: Mapping[str, Any] | None = None) -> list[str]:
+        """The five script arguments of one audit record (an empty id when the log is off)."""
+        if self.audit_outbox is None:
+            return ["", "", "", "", ""]
+        return [new_id(), action, actor.to_json(), dumps(dict(detail or {})), self.audit_outbox]
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -215,12 +226,21 @@ class TaskStore:
     # -- writes -------------------------------------------------------------------------------
 
     async def request(
-        self, task_id: str, fields: Mapping[str, Any], reuse_seconds: float, max_active: int | None = None
+        self,
+        task_id: str,
+        fields: Mapping[str, Any],
+        reuse_seconds: float,
+        max_active: int | None = None,
+        *,
+        action: str = "",
+        actor: Actor = SYSTEM,
+        detail: Mapping[str, Any] | None = None,
     ) -> RequestOutcome:
         """Create the task, return the one already there, or start a new run of a finished one.
         With ``max_active``, creating or running again is refused (``QuotaExceeded``) when the owner
         already has that many active tasks, counted and created in one atomic step; returning the
-        task already there never is."""
+        task already there never is. The audit record (``action`` by ``actor``, default
+        ``{kind}.requested``) is written in the same step, unless the quota refused."""
         now = time.time()
         flat = _flatten(fields)
         outcome, detail = await self._script(
@@ -241,6 +261,7 @@ class TaskStore:
                 "" if max_active is None else str(max_active),
                 len(flat),
                 *flat,
+                *self._audit(action or f"{fields['kind']}.requested", actor, detail),
             ],
         )
         if outcome == "quota":
@@ -258,9 +279,12 @@ class TaskStore:
         allowed_from: Iterable[TaskStatus] | None = None,
         fence_attempt: int | None = None,
         fields: Mapping[str, Any] | None = None,
+        action: str = TASK_STATUS,
+        actor: Actor = SYSTEM,
     ) -> TransitionResult:
         """Move the task to ``to`` if its current status allows it (and, when fenced, only if
-        ``attempts`` still equals ``fence_attempt``); record the event and publish the snapshot."""
+        ``attempts`` still equals ``fence_attempt``); record the event and the audit record
+        (``action`` by ``actor``) and publish the snapshot, all in one step."""
         sources = allowed_from or [s for s, targets in TRANSITIONS.items() if to in targets]
         sources = [s for s in sources if to in TRANSITIONS[s]]
         flat = _flatten(fields or {})
@@ -283,6 +307,7 @@ class TaskStore:
                 _BUCKETS_ARG,
                 len(flat),
                 *flat,
+                *self._audit(action, actor),
             ],
         )
         return TransitionResult(result == "ok", TaskStatus(status) if status else None)
@@ -294,7 +319,7 @@ class TaskStore:
         """Mark a finished task EXPIRED; it stays readable as such for one more retention period
         (the script sets that lifetime and takes it off the schedule in the same step)."""
         result = await self.transition(
-            task.id, TaskStatus.EXPIRED, message, fields={"object_key": None, "report_key": None}
+            task.id, TaskStatus.EXPIRED, message, fields={"object_key": None, "report_key": None}, action=TASK_EXPIRED
         )
         if not result.ok:  # moved on meanwhile (run again, say): not due any more
             await self.redis.zrem(EXPIRY_KEY, task.id)
@@ -308,10 +333,11 @@ class TaskStore:
         )
         return bool(written)
 
-    async def delete(self, task: Task) -> None:
+    async def delete(self, task: Task, actor: Actor = SYSTEM) -> None:
+        """Remove the task, with its audit record (``task.deleted`` by ``actor``)."""
         await self._script(
             keys=[task_key(task.id), events_key(task.id), history_key(task.owner, task.kind), EXPIRY_KEY],
-            args=["delete", task.id],
+            args=["delete", task.id, f"{time.time():.3f}", *self._audit(TASK_DELETED, actor)],
         )
 
     async def schedule_expiry(self, task_id: str, at: float) -> None:

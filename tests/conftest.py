@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.opensearch",
     "tests.fixtures.notify",
     "tests.fixtures.oidc",
+    "tests.fixtures.dynalite",
 ]

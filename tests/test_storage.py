@@ -20,6 +20,7 @@ from dataport.net import free_port
 from dataport.settings import Settings
 from storage import content_disposition, signing, storage_from_settings
 from storage.base import StorageError, StoredObject
+from storage.encrypted import EncryptedStorage
 from storage.local import LocalStorage
 from storage.s3 import MIN_PART_SIZE, S3Storage, storage_error
 from tests.fixtures.s3 import S3Server
@@ -344,9 +345,7 @@ async def test_presigned_download(s3: S3Storage):
     data = b"sample_id,site\n1,North \xe2\x80\x94 ridge\n"
     key = new_key()
     await write_all(s3, key, data)
-    url = await s3.download_url(
-        key, task_id="T1", filename="samples-1.csv", expires_at=utcnow() + dt.timedelta(minutes=15)
-    )
+    url = await s3.presigned_download_url(key, filename="samples-1.csv", expires_at=utcnow() + dt.timedelta(minutes=15))
     query = parse_qs(urlsplit(url).query)
     assert query["X-Amz-Expires"] == ["900"]
     async with httpx.AsyncClient() as client:
@@ -359,8 +358,8 @@ async def test_presigned_download(s3: S3Storage):
 async def test_presigned_download_with_unicode_filename(s3: S3Storage):
     key = new_key()
     await write_all(s3, key, b"x")
-    url = await s3.download_url(
-        key, task_id="T1", filename="échantillons-1.csv", expires_at=utcnow() + dt.timedelta(minutes=1)
+    url = await s3.presigned_download_url(
+        key, filename="échantillons-1.csv", expires_at=utcnow() + dt.timedelta(minutes=1)
     )
     async with httpx.AsyncClient() as client:
         response = await client.get(url)
@@ -371,7 +370,7 @@ async def test_presigned_download_with_unicode_filename(s3: S3Storage):
 async def test_expired_presigned_url_is_refused(s3: S3Storage):
     key = new_key()
     await write_all(s3, key, b"secret rows")
-    url = await s3.download_url(key, task_id="T1", filename="f.csv", expires_at=utcnow() + dt.timedelta(seconds=1))
+    url = await s3.presigned_download_url(key, filename="f.csv", expires_at=utcnow() + dt.timedelta(seconds=1))
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["1"]
     await asyncio.sleep(2)
     async with httpx.AsyncClient() as client:
@@ -385,7 +384,7 @@ async def test_tampered_presigned_urls_are_refused(s3: S3Storage, s3_server: S3S
     await write_all(s3, key, b"mine")
     await write_all(s3, other, b"someone else's")
     expires = utcnow() + dt.timedelta(minutes=5)
-    url = await s3.download_url(key, task_id="T1", filename="f.csv", expires_at=expires)
+    url = await s3.presigned_download_url(key, filename="f.csv", expires_at=expires)
     parts = urlsplit(url)
     signature = parse_qs(parts.query)["X-Amz-Signature"][0]
     flipped = signature[:-1] + ("0" if signature[-1] != "0" else "1")
@@ -393,8 +392,8 @@ async def test_tampered_presigned_urls_are_refused(s3: S3Storage, s3_server: S3S
     other_object = urlunsplit(parts._replace(path=parts.path.replace(key, other)))
     longer = url.replace("X-Amz-Expires=300", "X-Amz-Expires=3000")
     assert longer != url
-    forged = await s3_storage(s3_server, s3.bucket, secret_access_key="not-the-secret").download_url(
-        key, task_id="T1", filename="f.csv", expires_at=expires
+    forged = await s3_storage(s3_server, s3.bucket, secret_access_key="not-the-secret").presigned_download_url(
+        key, filename="f.csv", expires_at=expires
     )
     async with httpx.AsyncClient() as client:
         assert (await client.get(url)).status_code == 200
@@ -496,6 +495,18 @@ def test_signed_path():
     query = parse_qs(parts.query)
     assert query["expires"] == ["1800000000"]
     assert signing.verify(SECRET, "PUT", "T 1/x", query["expires"][0], query["signature"][0], now=0)
+
+
+async def test_s3_download_url_points_to_the_api(s3: S3Storage):
+    """The link users get is the api's signed ``GET /files/{task_id}``, as for the local backend:
+    the api records the download and serves (decrypts) it or redirects to a fresh presigned URL."""
+    s3 = S3Storage(s3.bucket, public_url=PUBLIC_URL + "/", secret=SECRET)
+    expires_at = utcnow() + dt.timedelta(minutes=15)
+    url = await s3.download_url(new_key(), task_id="T1", filename="samples-1.csv", expires_at=expires_at)
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == PUBLIC_URL + "/files/T1"
+    query = parse_qs(parts.query)
+    assert signing.verify(SECRET, "GET", "T1", query["expires"][0], query["signature"][0])
 
 
 async def test_local_download_url_is_signed_for_get(tmp_path: Path):
@@ -637,8 +648,12 @@ def test_content_disposition():
 
 def test_storage_from_settings_local(tmp_path: Path):
     settings = Settings(storage="local", data_dir=tmp_path, public_url=PUBLIC_URL, jwt_secret=SECRET)
-    storage = storage_from_settings(settings)
-    assert isinstance(storage, LocalStorage)
+    encrypted = storage_from_settings(settings)  # encrypted by default on the local backend
+    assert isinstance(encrypted, EncryptedStorage) and isinstance(encrypted.inner, LocalStorage)
+    assert encrypted.name == "local"
+    clear = Settings(storage="local", data_dir=tmp_path / "clear", encryption="none", jwt_secret=SECRET)
+    assert isinstance(storage_from_settings(clear), LocalStorage)
+    storage = encrypted.inner
     assert storage.name == "local"
     assert storage.root == (tmp_path / "files").absolute()
     assert storage.secret == SECRET

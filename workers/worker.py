@@ -11,7 +11,9 @@ import logging
 from typing import Any
 
 from arq import cron, func
+from arq.cron import CronJob
 
+from audit.drain import drain_job, prune_job
 from dataport.processes import new_event_loop
 from dataport.services import Services, redis_settings
 from dataport.settings import Settings
@@ -65,6 +67,7 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         "cron_jobs": [
             cron(expire_tasks, second=0, run_at_startup=True),
             cron(sweep_incomplete, minute=set(range(5, 60, 10)), second=30, run_at_startup=True),
+            *audit_cron_jobs(settings),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -81,6 +84,17 @@ def worker_settings(settings: Settings, registry: Registry | None = None) -> dic
         # SIGTERM: stop taking jobs, let running ones finish this long, then hand them back.
         "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
+
+
+def audit_cron_jobs(settings: Settings) -> list[CronJob]:
+    """The audit outbox drained every ``audit_drain_seconds`` (none on a worker set to 0, or with
+    the log off), and retention applied daily (docs/audit.md)."""
+    if settings.audit_store == "none" or settings.audit_drain_seconds == 0:
+        return []
+    return [
+        cron(drain_job, second=set(range(0, 60, settings.audit_drain_seconds)), run_at_startup=True, timeout=120),
+        cron(prune_job, hour=3, minute=17, second=0, run_at_startup=True, timeout=3600),
+    ]
 
 
 def run_worker(settings: Settings, registry: Registry | None = None) -> None:
