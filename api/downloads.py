@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
+from audit.records import ACCESS_DENIED
 from dataport.services import Services
 from storage.base import Storage, StorageError
 from storage.disposition import content_disposition
@@ -50,6 +51,7 @@ async def download(request: Request, task_id: str, expires: int = Query(...), si
     """An export's file once it succeeded; an import's error report once it finished."""
     services: Services = request.app.state.services
     if not verify(services.settings.signing_secret, "GET", task_id, expires, signature):
+        await services.audit.record(ACCESS_DENIED, task_id=task_id, reason="download link invalid or expired")
         raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
     task = await services.store.get(task_id)
     key = (task.report_key if task.kind is TaskKind.IMPORT else task.object_key) if task else None
@@ -58,6 +60,7 @@ async def download(request: Request, task_id: str, expires: int = Query(...), si
     )
     if not ready or not key:
         raise HTTPException(404, "There is no such file.")
+    await services.audit.downloaded(task_id, task.dataset if task else None, signature, key=key)  # docs/audit.md
     filename = key.rsplit("/", 1)[-1]
     storage = services.storage
     try:

@@ -211,6 +211,33 @@ class Settings(BaseSettings):
     stream_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     # ---- end of the limits ----
 
+    # The audit log (docs/audit.md): where records are kept ("none" records nothing: benchmarks),
+    # the database URL (sqlite: a file, default data_dir/audit.sqlite3; postgres: a URL; dynamodb:
+    # an endpoint URL, empty for AWS), the table, and how long records are kept.
+    audit_store: Literal["sqlite", "postgres", "dynamodb", "none"] = "sqlite"
+    audit_url: str = ""
+    audit_table: str = "dataport_audit"
+    audit_region: str = "us-east-1"
+    audit_create_table: bool = True
+    audit_retention_days: float = Field(default=400, gt=0)
+    # The drain moves the outbox into the store every this many seconds (1-60; 0: this worker
+    # does not drain, another one does), this many records a batch.
+    audit_drain_seconds: int = Field(default=5, ge=0, le=60)
+    audit_drain_batch: int = Field(default=500, ge=1)
+
+    # Logs of `dataport api` and `dataport worker`: one JSON object a line, or text for people
+    # (`dataport dev` starts its api and worker with text unless this is set).
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _audience_with_issuer(self) -> Settings:
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError(
+                "DATAPORT_OIDC_AUDIENCE must be set with DATAPORT_OIDC_ISSUER (the API's identifier at the"
+                " provider), or tokens the provider issued for other applications would be accepted"
+            )
+        return self
+
     @field_validator("kek")
     @classmethod
     def _kek_is_hex(cls, value: SecretStr) -> SecretStr:
