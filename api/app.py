@@ -26,6 +26,7 @@ from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
 from sources.registry import Registry
+from tasks.fanout import TaskFanout
 
 log = logging.getLogger("dataport.api")
 
@@ -40,9 +41,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.services = await Services.start(settings, registry)
+        # Every subscription of this process shares one Redis subscription (tasks/fanout.py).
+        fanout = app.state.services.fanout = TaskFanout.connect(app.state.services.redis, settings.redis_url)
+        await fanout.start()
         try:
             yield
         finally:
+            await fanout.stop()
             await app.state.services.close()
             await authenticator.aclose()
 

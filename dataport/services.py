@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis.exceptions
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -17,6 +18,13 @@ from sources.registry import Registry, load_registry
 from storage import storage_from_settings
 from storage.base import Storage
 from tasks.store import TaskStore
+
+if TYPE_CHECKING:
+    from tasks.fanout import TaskFanout
+
+
+# How long a command waits for a free pooled connection before failing (as Redis being down does).
+POOL_WAIT_SECONDS = 20
 
 
 def _blip_retry() -> dict:
@@ -47,6 +55,8 @@ class Services:
     store: TaskStore
     storage: Storage
     registry: Registry
+    # The api's one subscription to every task channel (tasks/fanout.py), set by its lifespan.
+    fanout: TaskFanout | None = field(default=None, init=False)
     audit: Outbox = field(init=False)  # the audit outbox (docs/audit.md)
     _audit_store: AuditStore | None = field(default=None, init=False)
 
@@ -64,7 +74,17 @@ class Services:
     async def start(cls, settings: Settings, registry: Registry | None = None) -> Services:
         if not settings.redis_url:
             raise RuntimeError("DATAPORT_REDIS_URL is not set (dataport dev starts an embedded Redis for you)")
-        redis = Redis.from_url(settings.redis_url, decode_responses=True, **_blip_retry())
+        # A bounded pool: past ``redis_max_connections`` commands wait for a free connection
+        # instead of opening more, so a burst (hundreds of subscriptions starting at once) never
+        # multiplies the connections to Redis.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            max_connections=settings.redis_max_connections,
+            timeout=POOL_WAIT_SECONDS,
+            **_blip_retry(),
+        )
+        redis = Redis.from_pool(pool)
         arq = await create_pool(redis_settings(settings))
         return cls(
             settings=settings,

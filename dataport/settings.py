@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # Queue and task store. Empty means "start the embedded Redis-compatible server" (dev only).
     redis_url: str = ""
     queue_name: str = "dataport:queue"
+    # Connections to it of one process's shared pool (the api's subscriptions add one of their own).
+    redis_max_connections: int = Field(default=8, ge=2)
 
     # Auth: HS256 JWT. Empty secret means "generate one and keep it in the data dir".
     jwt_secret: str = ""

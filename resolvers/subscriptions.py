@@ -1,5 +1,8 @@
 """Subscription resolvers: the current snapshot first, then every change, then done; each inside
-``api.subscription_guard`` (the user's subscription quota, and an end when the token expires)."""
+``api.subscription_guard`` (the user's subscription quota, and an end when the token expires).
+
+All of them follow tasks through the process's one Redis subscription (``tasks/fanout.py``).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,17 @@ from graphql import GraphQLError
 
 from api.context import Info
 from api.subscription_guard import guarded
-from schema.types import ExportTask, ImportTask
+from schema.types import ExportTask, ImportTask, TaskUpdate
 from tasks import exports, imports
-from tasks.watch import watch
+from tasks.fanout import TaskFanout
+from tasks.models import TaskKind
+from tasks.watch import watch, watch_owner
+
+
+def _fanout(info: Info) -> TaskFanout:
+    fanout = info.context.services.fanout
+    assert fanout is not None, "the api's lifespan starts the task fan-out"
+    return fanout
 
 
 async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[ExportTask, None]:
@@ -20,7 +31,7 @@ async def export_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Expor
     if await exports.get_export(services, info.context.identity, id) is None:
         # the same answer for a missing task and for someone else's
         raise GraphQLError(f"There is no export '{id}'.", extensions={"code": "NOT_FOUND"})
-    async for task in guarded(info, watch(services, id)):
+    async for task in guarded(info, watch(_fanout(info), id)):
         yield ExportTask(task=task)
 
 
@@ -28,5 +39,14 @@ async def import_progress(info: Info, id: strawberry.ID) -> AsyncGenerator[Impor
     services = info.context.services
     if await imports.get_import(services, info.context.identity, id) is None:
         raise GraphQLError(f"There is no import '{id}'.", extensions={"code": "NOT_FOUND"})
-    async for task in guarded(info, watch(services, id)):
+    async for task in guarded(info, watch(_fanout(info), id)):
         yield ImportTask(task=task)
+
+
+async def task_updates(info: Info) -> AsyncGenerator[TaskUpdate, None]:
+    """The caller's active tasks as they are now, then every change of any of the caller's tasks
+    (exports and imports; an admin's own too: other users' tasks never arrive here). Endless: the
+    client ends it, or the token's expiry does."""
+    owner = info.context.identity.owner.id
+    async for task in guarded(info, watch_owner(_fanout(info), owner)):
+        yield ExportTask(task=task) if task.kind is TaskKind.EXPORT else ImportTask(task=task)

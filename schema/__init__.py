@@ -18,6 +18,7 @@ from schema.types import (
     ImportPayload,
     ImportTask,
     ImportTaskConnection,
+    TaskUpdate,
 )
 
 _auth = [IsAuthenticated]
@@ -50,6 +51,11 @@ class Subscription:
     )
     import_progress: ImportTask = strawberry.subscription(
         resolver=subscriptions.import_progress, permission_classes=_auth
+    )
+    task_updates: TaskUpdate = strawberry.subscription(
+        resolver=subscriptions.task_updates,
+        permission_classes=_auth,
+        description="Every change of the caller's tasks: their active tasks as they are now, then each change.",
     )
 
 

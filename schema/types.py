@@ -4,7 +4,7 @@ download URL, queue position) resolve only when a client asks for them."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
 import strawberry
 from graphql import OperationType
@@ -200,6 +200,10 @@ class ImportTask(TaskFields):
     @strawberry.field(description="The failed rows as CSV (row, column, reason, original); a fresh signed URL.")
     async def error_report_url(self, info: Info) -> str | None:
         return await imports.error_report_url(info.context.services, info.context.identity, self.task)
+
+
+# Every change of the caller's tasks, whichever kind (the ``taskUpdates`` subscription).
+TaskUpdate = Annotated[ExportTask | ImportTask, strawberry.union("TaskUpdate")]
 
 
 @strawberry.type

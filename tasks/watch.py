@@ -1,48 +1,57 @@
-"""Follow one task: its current snapshot, then every change, ending after a final status.
+"""Follow tasks through the process's fan-out (``tasks/fanout.py``): one task (its current snapshot,
+then every change, ending after a final status), or every task of one owner.
 
-Subscribes to the task's channel *before* reading the snapshot, so no change can fall between the
-two; snapshots carry a version, so one seen twice (or out of order) is dropped.
+The inbox is registered *before* the snapshot is read, so no change can fall between the two;
+snapshots carry a version, so one seen twice (a re-read after a reconnect, say) or out of order is
+dropped. The fan-out already coalesces progress and re-reads quiet and missed tasks, once per
+process, so a watcher does no Redis work of its own after its first read.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
-import orjson
-
+from tasks.fanout import TaskFanout
 from tasks.models import Task
-from tasks.store import channel
 
-if TYPE_CHECKING:
-    from dataport.services import Services
-
-# With no message for this long, read the task again: it may have been deleted (deletion does not
-# publish), and this also covers a message lost with a dropped connection.
-QUIET_SECONDS = 5.0
+# How often a waiting watcher checks that Redis has not been gone too long (the hub decides).
+_CHECK_SECONDS = 5.0
 
 
-async def watch(services: Services, task_id: str) -> AsyncIterator[Task]:
-    pubsub = services.redis.pubsub()
-    await pubsub.subscribe(channel(task_id))
-    try:
-        task = await services.store.get(task_id)
+async def watch(fanout: TaskFanout, task_id: str) -> AsyncIterator[Task]:
+    """The task's snapshot, then each newer one, until a final status (or the task is deleted)."""
+    with fanout.task_inbox(task_id) as inbox:
+        task = (await fanout.read([task_id])).get(task_id)
         if task is None:
             return
         yield task
         seen = task.version
         while not task.status.is_final:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=QUIET_SECONDS)
-            if message is None:
-                latest = await services.store.get(task_id)
-                if latest is None:
-                    return
-            else:
-                latest = Task.from_hash(orjson.loads(message["data"]))
+            fanout.healthy_or_raise()
+            taken = await inbox.take(_CHECK_SECONDS)
+            if task_id not in taken:
+                continue
+            latest = taken[task_id]
+            if latest is None:  # GONE: deleted
+                return
             if latest.version <= seen:
                 continue
             task, seen = latest, latest.version
             yield task
-    finally:
-        await pubsub.unsubscribe()
-        await pubsub.aclose()
+
+
+async def watch_owner(fanout: TaskFanout, owner: str) -> AsyncIterator[Task]:
+    """The owner's active tasks as they are now, then every change of any of their tasks; endless
+    (the subscriber ends it)."""
+    seen: dict[str, int] = {}
+    with fanout.owner_inbox(owner) as inbox:
+        for task in await fanout.active(owner):
+            seen[task.id] = task.version
+            yield task
+        while True:
+            fanout.healthy_or_raise()
+            for task_id, change in (await inbox.take(_CHECK_SECONDS)).items():
+                if change is None or change.version <= seen.get(task_id, -1):
+                    continue  # deleted (GONE), or seen already
+                seen[task_id] = change.version
+                yield change

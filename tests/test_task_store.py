@@ -9,6 +9,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from tasks.fanout import TaskFanout
 from tasks.ids import task_id
 from tasks.models import TaskKind, TaskStatus, stamp
 from tasks.store import TaskStore, channel
@@ -135,15 +136,12 @@ async def test_snapshots_are_published_and_watch_ends_on_a_final_status(store, r
     assert orjson.loads(message["data"])["status"] == "PROCESSING"
     await pubsub.aclose()
 
-    class Services:  # watch needs the store and its Redis only
-        pass
-
-    services = Services()
-    services.store, services.redis = store, store.redis
+    fanout = TaskFanout.connect(store.redis, redis_url)
+    await fanout.start()
     seen = []
 
     async def follow():
-        async for task in watch(services, tid):
+        async for task in watch(fanout, tid):
             seen.append((task.status, task.progress.processed_rows))
 
     follower = asyncio.create_task(follow())
@@ -152,6 +150,7 @@ async def test_snapshots_are_published_and_watch_ends_on_a_final_status(store, r
         await store.progress(tid, 1, {"processed_rows": rows})
     await store.transition(tid, TaskStatus.SUCCEEDED, "done")
     await asyncio.wait_for(follower, 5)
+    await fanout.stop()
     assert seen[0] == (TaskStatus.PROCESSING, 0)
     assert seen[-1][0] is TaskStatus.SUCCEEDED
     rows_seen = [r for _, r in seen]
