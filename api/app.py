@@ -21,6 +21,7 @@ from api.graphql_view import GraphQLView
 from api.metrics import ServiceMetrics, exposition
 from api.readiness import Readiness
 from api.request_limits import VERIFIED, RequestSizeLimit
+from audit.outbox import RequestActor
 from dataport import errors
 from dataport.services import Services
 from dataport.settings import Settings, get_settings
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     # A body over the limit is refused before it is read whole (api/request_limits.py).
     app.add_middleware(RequestSizeLimit, settings=settings, authenticator=authenticator)
+    # Outermost: audit records made while serving a request name its address and user agent.
+    app.add_middleware(RequestActor)
 
     app.include_router(stream.router)
     app.include_router(uploads.router)

@@ -14,6 +14,7 @@ from graphql import GraphQLError
 
 from api.context import Info
 from api.ratelimit import retry_after_all
+from audit.records import RATE_LIMITED
 from dataport import errors
 
 
@@ -37,6 +38,7 @@ async def check_mutation(info: Info) -> None:
         settings.mutation_rate_window_seconds,
     )
     if wait is not None:
+        await ctx.services.audit.record(RATE_LIMITED, ctx.identity, limit="mutations", retry_after_seconds=wait)
         raise GraphQLError(
             f"Too many requests; try again in {wait} s.",
             extensions={"code": errors.RATE_LIMITED, "retryAfterSeconds": wait},

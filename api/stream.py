@@ -28,6 +28,7 @@ from api.auth import AuthError
 from api.ratelimit import retry_after
 from api.stream_response import IdleTimeoutStreamingResponse
 from api.stream_slots import RETRY_AFTER_SECONDS, NoSlot, take_slot
+from audit.records import ACCESS_DENIED, EXPORT_STREAMED, RATE_LIMITED
 from dataport import errors
 from dataport.errors import UserError, UserErrors
 from dataport.services import Services
@@ -45,6 +46,7 @@ from sources.query import (
 )
 from storage import content_disposition
 from tasks.access import readable, scope_value
+from tasks.exports import denied_dataset
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
 # Rows per read: what a stream holds while its client is slow is a few batches, so they are small.
@@ -125,6 +127,7 @@ async def stream_export(
     try:
         credentials = await request.app.state.authenticator.authenticate(request.headers.get("authorization"))
     except AuthError as e:
+        await services.audit.record(ACCESS_DENIED, reason="UNAUTHENTICATED", route="/exports/stream")
         return _error(401, "UNAUTHENTICATED", str(e))
     owner = credentials.owner
     client = request.client.host if request.client else "unknown"
@@ -134,6 +137,7 @@ async def stream_export(
     ):
         wait = await retry_after(services.redis, f"stream:{limited}", who, per_minute)
         if wait is not None:
+            await services.audit.record(RATE_LIMITED, credentials.identity, limit=f"stream:{limited}", dataset=dataset)
             return _error(429, errors.RATE_LIMITED, f"Too many streaming requests; try again in {wait} s.", retry=wait)
 
     file_format = format.upper()
@@ -146,6 +150,7 @@ async def stream_export(
         )
     ds = readable(services.registry.get(dataset), credentials.identity)  # unreadable: as if missing
     if ds is None:
+        await denied_dataset(services, credentials.identity, dataset, "stream")
         return _error(404, errors.DATASET_NOT_FOUND, f"There is no dataset '{shown(dataset)}'.", ["dataset"])
     if len(filter) > MAX_FILTERS:
         return _error(
@@ -248,6 +253,14 @@ async def stream_export(
     )
 
     writer = WRITERS[file_format]
+    await services.audit.record(
+        EXPORT_STREAMED,
+        credentials.identity,
+        dataset=ds.name,
+        format=file_format,
+        rows=matching,
+        query=dict(request.query_params),
+    )
     return IdleTimeoutStreamingResponse(
         _read_apart(chunks),
         idle_timeout=settings.stream_idle_timeout_seconds,

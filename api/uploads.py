@@ -23,6 +23,8 @@ import orjson
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
+from audit.outbox import client
+from audit.records import ACCESS_DENIED, FILE_UPLOADED, Actor
 from dataport.services import Services
 from storage.base import UploadRefused, UploadTooLarge
 from storage.signing import verify
@@ -39,6 +41,7 @@ async def upload(request: Request, task_id: str, expires: int = Query(...), sign
     services: Services = request.app.state.services
     settings = services.settings
     if services.storage.name != "local" or not verify(settings.signing_secret, "PUT", task_id, expires, signature):
+        await services.audit.record(ACCESS_DENIED, task_id=task_id, reason="upload link invalid or expired")
         raise HTTPException(403, "This upload link is invalid or has expired; request the import again.")
     task = await services.store.get(task_id)
     if task is None or task.kind is not TaskKind.IMPORT or not task.object_key:
@@ -65,6 +68,11 @@ async def upload(request: Request, task_id: str, expires: int = Query(...), sign
         raise HTTPException(413, f"The file is larger than {limit:,} bytes, {what}.") from None
     except UploadRefused as e:
         raise HTTPException(409, str(e)) from None
+    # Upload links are issued to the import's owner alone (tasks/imports.upload_target).
+    uploader = Actor(task.owner, (), *client())
+    await services.audit.record(
+        FILE_UPLOADED, actor=uploader, task_id=task.id, dataset=task.dataset, size=stored.size, sha256=stored.sha256
+    )
     return {"size": stored.size, "sha256": stored.sha256}
 
 

@@ -316,3 +316,13 @@ def _token(settings: Settings, token: str | None, token_file: Path | None) -> st
 
 if __name__ == "__main__":
     app()
+def _audit_commands() -> None:
+    """``dataport audit verify|export`` (audit/cli.py)."""
+    from audit.cli import audit_app
+
+    app.add_typer(audit_app, name="audit")
+
+
+_audit_commands()
+
+

@@ -6,6 +6,7 @@ import strawberry
 from graphql import GraphQLError
 
 from api.context import Info
+from audit.records import ACCESS_DENIED
 from schema.enums import TaskStatus
 from schema.types import Dataset, Edge, ExportTask, ExportTaskConnection, ImportTask, ImportTaskConnection, PageInfo
 from tasks import exports, imports
@@ -20,12 +21,13 @@ def datasets(info: Info) -> list[Dataset]:
     return [Dataset.of(d, importable=may_import(identity, d)) for d in registry if may_read(identity, d)]
 
 
-def listed_owner(info: Info, owner: str | None) -> str:
+async def listed_owner(info: Info, owner: str | None) -> str:
     """Whose tasks a list shows: the caller's, or for an admin whoever ``owner`` names."""
     identity = info.context.identity
     if owner is None or owner == identity.owner.id:
         return identity.owner.id
     if not identity.admin:
+        await info.context.services.audit.record(ACCESS_DENIED, identity, reason="FORBIDDEN", owner=owner)
         raise GraphQLError("Only an admin can list another user's tasks.", extensions={"code": "FORBIDDEN"})
     return owner
 
@@ -42,7 +44,7 @@ async def export_tasks(
     status: TaskStatus | None = None,
     owner: str | None = None,
 ) -> ExportTaskConnection:
-    who = listed_owner(info, owner)
+    who = await listed_owner(info, owner)
     page = await exports.list_exports(info.context.services, who, first, after, status)
     return ExportTaskConnection(
         edges=[Edge(cursor=encode_cursor(t.id), node=ExportTask(task=t)) for t in page.tasks],
@@ -63,7 +65,7 @@ async def import_tasks(
     status: TaskStatus | None = None,
     owner: str | None = None,
 ) -> ImportTaskConnection:
-    who = listed_owner(info, owner)
+    who = await listed_owner(info, owner)
     page = await imports.list_imports(info.context.services, who, first, after, status)
     return ImportTaskConnection(
         edges=[Edge(cursor=encode_cursor(t.id), node=ImportTask(task=t)) for t in page.tasks],

@@ -8,9 +8,10 @@ from strawberry.types import ExecutionContext
 
 from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, log_errors
 from api.graphql_limits import GraphQLLimits
-from resolvers import mutations, queries, subscriptions
+from resolvers import audit, mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
 from schema.types import (
+    AuditEventConnection,
     Dataset,
     ExportPayload,
     ExportTask,
@@ -31,6 +32,7 @@ class Query:
     export_tasks: ExportTaskConnection = strawberry.field(resolver=queries.export_tasks, permission_classes=_auth)
     import_task: ImportTask | None = strawberry.field(resolver=queries.import_task, permission_classes=_auth)
     import_tasks: ImportTaskConnection = strawberry.field(resolver=queries.import_tasks, permission_classes=_auth)
+    audit_events: AuditEventConnection = strawberry.field(resolver=audit.audit_events, permission_classes=_auth)
 
 
 @strawberry.type

@@ -278,3 +278,27 @@ class ImportTaskConnection:
     edges: list[Edge[ImportTask]]
     page_info: PageInfo
     total_count: int
+
+
+@strawberry.type
+class AuditEvent:
+    """One record of the audit log (docs/audit.md); admins only."""
+
+    id: strawberry.ID
+    at: dt.datetime
+    action: str
+    actor: str | None  # the user id
+    roles: list[str]
+    address: str | None
+    user_agent: str | None
+    task_id: strawberry.ID | None
+    dataset: str | None
+    detail: JSON | None
+    prev_hash: str
+    hash: str
+
+
+@strawberry.type
+class AuditEventConnection:
+    edges: list[Edge[AuditEvent]]
+    page_info: PageInfo
