@@ -343,6 +343,41 @@ def test_the_progress_bar_advances_while_an_export_runs(page, server):
     assert page.locator(f"#history-list .task[data-task-id='{task_id}'] .badge").text_content() == "done"
 
 
+def test_the_history_follows_every_task_over_one_task_updates_subscription(page, server):
+    sockets: list[list[dict]] = []  # each WebSocket's messages to the server
+
+    def opened(ws) -> None:
+        messages: list[dict] = []
+        sockets.append(messages)
+        ws.on("framesent", lambda payload: messages.append(json.loads(payload)))
+
+    page.on("websocket", opened)
+    sign_in(page, "historian")
+    page.get_by_label("JSON", exact=True).check()
+    page.get_by_role("button", name="Export", exact=True).click()
+    card = page.locator("#export-current .task")
+    card.and_(page.locator("[data-status=SUCCEEDED]")).wait_for()
+    page_task = card.get_attribute("data-task-id")
+
+    # An export the same user starts elsewhere (another tab, the CLI) appears and finishes live.
+    started = server.gql(
+        server.token("historian"),
+        'mutation { requestExport(input: {dataset: "samples", format: CSV, columns: ["sample_id"]}) '
+        "{ task { id } userErrors { message } } }",
+    )["requestExport"]
+    assert started["userErrors"] == [], started
+    other = started["task"]["id"]
+    page.locator(f"#history-list .task[data-task-id='{other}'][data-status=SUCCEEDED]").wait_for()
+    page.locator(f"#history-list .task[data-task-id='{page_task}'][data-status=SUCCEEDED]").wait_for()
+    shot(page, "1-history")
+
+    # The socket of this sign-in (the page signed in as "dev" first) carried one subscription.
+    subscriptions = [m for m in sockets[-1] if m.get("type") == "subscribe"]
+    assert len(subscriptions) == 1, subscriptions
+    assert "taskUpdates" in subscriptions[0]["payload"]["query"]
+    assert all(m.get("type") != "subscribe" or "taskUpdates" in m["payload"]["query"] for s in sockets for m in s)
+
+
 def test_a_running_export_is_cancelled_and_tried_again(page, server):
     sign_in(page, "canceller")
     page.get_by_label("Excel (XLSX)").check()  # the slowest writer: still running when the click lands

@@ -6,8 +6,9 @@
 //   app.js         this file: state, forms and task cards
 //
 // Every task the page knows is one entry in `tasks` (id → {kind, task, cards, …}). Cards (the
-// current export, the current import, a row of the history) show an entry; an entry that is still
-// active is followed by one subscription, whose snapshots update every card showing it.
+// current export, the current import, a row of the history) show an entry. One `taskUpdates`
+// subscription follows every task of the user while any of them is active; its snapshots update
+// every card showing the task.
 
 import { Api, ApiError, describeError, fetchAuthConfig, fetchDevToken, uploadFile } from "./api.js";
 import { GraphQLWsClient, webSocketUrl } from "./graphql-ws.js";
@@ -39,8 +40,8 @@ const Q = {
                                    ${USER_ERRORS} } }`,
   startImport: `mutation StartImport($id: ID!) { startImport(id: $id) { task { ${IMPORT_FIELDS} } ${USER_ERRORS} } }`,
   cancelImport: `mutation CancelImport($id: ID!) { cancelImport(id: $id) { task { ${IMPORT_FIELDS} } ${USER_ERRORS} } }`,
-  exportProgress: `subscription ExportProgress($id: ID!) { exportProgress(id: $id) { ${EXPORT_FIELDS} } }`,
-  importProgress: `subscription ImportProgress($id: ID!) { importProgress(id: $id) { ${IMPORT_FIELDS} } }`,
+  taskUpdates: `subscription TaskUpdates { taskUpdates { __typename
+    ... on ExportTask { ${EXPORT_FIELDS} } ... on ImportTask { ${IMPORT_FIELDS} } } }`,
 };
 
 const ACTIVE = new Set(["WAITING_FOR_UPLOAD", "PENDING", "PROCESSING"]);
@@ -212,6 +213,7 @@ async function renewToken() {
 
 async function useToken(token, status) {
   state.token = token;
+  stopUpdates();
   ws.close(); // the next subscription opens a socket with this token
   for (const entry of tasks.values()) stopFollowing(entry);
   tasks.clear();
@@ -231,6 +233,7 @@ async function useToken(token, status) {
   }
   $("#session-status").textContent = status;
   showNotice("");
+  followUpdates(); // before reading the history, so no change falls between the two
   await loadHistory();
   return true;
 }
@@ -591,10 +594,15 @@ async function runImport(entry, target, file) {
 function track(kind, task, local) {
   let entry = tasks.get(task.id);
   if (!entry) {
-    entry = { kind, task: {}, cards: new Set(), stop: null, poll: null, local: null, problem: null };
+    entry = { kind, task: {}, cards: new Set(), poll: null, local: null, problem: null };
     tasks.set(task.id, entry);
   }
   const before = entry.task.status;
+  // A read older than what the page has (the history, answered after the subscription pushed the
+  // end): a finished task becomes active again only when it runs again.
+  if (before && !ACTIVE.has(before) && ACTIVE.has(task.status) && !((task.run || 0) > (entry.task.run || 0))) {
+    return entry;
+  }
   entry.task = { ...entry.task, ...task };
   if (task.downloadUrl || task.errorReportUrl) entry.urlsAt = Date.now();
   if (local !== undefined) entry.local = local;
@@ -606,36 +614,12 @@ function track(kind, task, local) {
 }
 
 function follow(entry) {
-  const { status, id } = entry.task;
+  const { status } = entry.task;
   if (!ACTIVE.has(status)) {
     stopFollowing(entry);
     return;
   }
-  if (!entry.stop) {
-    const field = entry.kind === "export" ? "exportProgress" : "importProgress";
-    entry.stop = ws.subscribe(
-      { query: Q[field], variables: { id } },
-      {
-        next: (data) => data && data[field] && track(entry.kind, data[field]),
-        complete: () => {
-          entry.stop = null;
-          // Ended before a final status (a server restarting): read the task, follow it again.
-          if (ACTIVE.has(entry.task.status)) later(entry);
-        },
-        error: (e) => {
-          entry.stop = null;
-          if (e.code === "UNAUTHENTICATED" || e.code === "NOT_FOUND") {
-            entry.problem = errorOf(e);
-            render(entry);
-            return;
-          }
-          // The socket went away, or Dataport is briefly unavailable: read the task again after a
-          // pause, and follow it again if it is still running.
-          later(entry);
-        },
-      },
-    );
-  }
+  followUpdates();
   // The queue moves without the task changing: ask for its place now and then while it waits.
   if (entry.kind === "export" && status === "PENDING" && !entry.poll) {
     entry.poll = setInterval(() => refresh(entry), 2000);
@@ -645,9 +629,71 @@ function follow(entry) {
   }
 }
 
+// The one subscription for all of the user's tasks (instead of one per active task).
+const updates = { stop: null, failures: 0, retry: null, generation: 0 };
+
+function followUpdates() {
+  if (updates.stop || updates.retry || !state.token) return;
+  const generation = updates.generation;
+  const current = () => generation === updates.generation;
+  updates.stop = ws.subscribe(
+    { query: Q.taskUpdates },
+    {
+      next: (data) => {
+        const task = data && data.taskUpdates;
+        if (!current() || !task) return;
+        updates.failures = 0;
+        track(task.__typename === "ImportTask" ? "import" : "export", task);
+      },
+      complete: () => {
+        // Ended by the server (restarting): read the tasks again, and follow them again.
+        if (current()) laterUpdates();
+      },
+      error: (e) => {
+        if (!current()) return;
+        if (e.code === "UNAUTHENTICATED") {
+          updates.stop = null;
+          for (const entry of tasks.values()) {
+            if (!ACTIVE.has(entry.task.status)) continue;
+            entry.problem = errorOf(e);
+            render(entry);
+          }
+          return;
+        }
+        // The socket went away, or Dataport is briefly unavailable: read the active tasks again
+        // after a pause, and follow them again.
+        laterUpdates();
+      },
+    },
+  );
+}
+
+function stopUpdates() {
+  updates.generation += 1;
+  if (updates.stop) updates.stop();
+  updates.stop = null;
+  clearTimeout(updates.retry);
+  updates.retry = null;
+  updates.failures = 0;
+}
+
+/** After a pause that doubles with each failure in a row (1 s up to 30 s, with jitter), so that a
+ * page keeps following through an outage without hammering the server: read every active task
+ * once, then subscribe again if any is still active. */
+function laterUpdates() {
+  updates.stop = null;
+  const pause = Math.min(30000, 1000 * 2 ** updates.failures) * (0.5 + Math.random() / 2);
+  updates.failures += 1;
+  clearTimeout(updates.retry);
+  updates.retry = setTimeout(async () => {
+    updates.retry = null;
+    const active = [...tasks.values()].filter((entry) => ACTIVE.has(entry.task.status));
+    await Promise.all(active.map((entry) => refresh(entry)));
+    if ([...tasks.values()].some((entry) => ACTIVE.has(entry.task.status))) followUpdates();
+  }, pause);
+}
+
 function stopFollowing(entry) {
-  if (entry.stop) entry.stop();
-  entry.stop = null;
   clearInterval(entry.poll);
   entry.poll = null;
 }
