@@ -19,6 +19,16 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _keys_commands() -> None:
+    """``dataport keys rotate`` (dataport/keys_cli.py)."""
+    from dataport.keys_cli import keys_app
+
+    app.add_typer(keys_app, name="keys")
+
+
+_keys_commands()
+
+
 def _registry(settings: Settings):
     """The datasets, loaded once before serving: a mistake in the datasets file stops start-up
     with a message that names the dataset and the key, not a traceback."""

@@ -90,7 +90,8 @@ class Api:
             time.sleep(0.1)
 
     def download(self, url: str) -> httpx.Response:
-        return httpx.get(url, timeout=60)
+        # S3 files in clear: the api redirects to a fresh presigned URL (api/downloads.py).
+        return httpx.get(url, timeout=60, follow_redirects=True)
 
     def run_export(self, timeout: float = 120, **export_input: Any) -> tuple[dict[str, Any], bytes]:
         task = self.export(**export_input)

@@ -359,10 +359,11 @@ def test_s3_export_is_encrypted_verified_and_downloadable(s3_stack, s3_server):
     assert key.endswith(f"/{task['id']}/samples-1.csv")
     head = s3.head_object(Bucket=settings.s3_bucket, Key=key)
     assert head["ServerSideEncryption"] == "AES256" and head["ContentLength"] == task["fileSize"]
-    url = httpx.URL(task["downloadUrl"])
-    assert "attachment" in httpx.get(url).headers.get("content-disposition", "")
-    tampered = str(url).replace("X-Amz-Signature=", "X-Amz-Signature=0")
-    assert httpx.get(tampered).status_code == 403
+    url = httpx.URL(task["downloadUrl"])  # the api's link, which redirects to a fresh presigned URL
+    presigned = httpx.get(url).headers["location"]
+    assert "attachment" in httpx.get(presigned).headers.get("content-disposition", "")
+    assert httpx.get(presigned.replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403
+    assert httpx.get(str(url).replace("signature=", "signature=0")).status_code == 403
 
 
 def test_s3_and_local_files_are_identical(s3_stack, local_stack):
