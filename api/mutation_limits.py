@@ -14,14 +14,24 @@ from graphql import GraphQLError
 
 from api.context import Info
 from api.ratelimit import retry_after_all
-from audit.records import RATE_LIMITED
+from audit.outbox import Outbox, actor_of
+from audit.records import RATE_LIMITED, pending
 from dataport import errors
+from tasks.access import Identity
 
 
 def client_address(info: Info) -> str:
     request = info.context.request  # the HTTP request, or the WebSocket a mutation came over
     client = getattr(request, "client", None)
     return client.host if client else "unknown"
+
+
+def refusal(outbox: Outbox, identity: Identity) -> tuple[str, dict[str, str]] | None:
+    """The audit record of a refused mutation, for the rate-limit script to append (or None when
+    the audit log is off): the check and the record are one Redis command."""
+    if not outbox.enabled:
+        return None
+    return outbox.key, pending(RATE_LIMITED, actor_of(identity), limit="mutations").outbox_fields()
 
 
 async def check_mutation(info: Info) -> None:
@@ -36,9 +46,9 @@ async def check_mutation(info: Info) -> None:
             ("mutation:ip", client_address(info), settings.mutation_rate_per_ip),
         ],
         settings.mutation_rate_window_seconds,
+        refusal(ctx.services.audit, ctx.identity),
     )
     if wait is not None:
-        await ctx.services.audit.record(RATE_LIMITED, ctx.identity, limit="mutations", retry_after_seconds=wait)
         raise GraphQLError(
             f"Too many requests; try again in {wait} s.",
             extensions={"code": errors.RATE_LIMITED, "retryAfterSeconds": wait},

@@ -49,7 +49,9 @@ async def retry_after(redis: Redis, scope: str, identity: str, per_minute: int) 
     return max(1, math.ceil(float(oldest) + WINDOW_SECONDS - now))
 
 
-# KEYS: the request logs of every identity. ARGV: now, window, member, then one limit per key.
+# KEYS: the request logs of every identity. ARGV: now, window, member, then one limit per key,
+# then (optional) an audit outbox and the field/value pairs of the record of a refusal, which is
+# appended in the same step (docs/audit.md): a refused request costs no extra round trip.
 # Returns nil when allowed (counted in every log), else the seconds until each log that is full
 # lets one more in, the longest of them (as a string: a fraction).
 _SLIDING_WINDOWS = """
@@ -62,6 +64,14 @@ for i, key in ipairs(KEYS) do
     wait = math.max(wait or 0, oldest + window - now)
   end
 end
+local audit = 4 + #KEYS
+if wait and ARGV[audit] then
+  local args = {'XADD', ARGV[audit], '*'}
+  for j = audit + 1, #ARGV do args[#args + 1] = ARGV[j] end
+  args[#args + 1] = 'x:retry_after_seconds'
+  args[#args + 1] = tostring(math.max(1, math.ceil(wait)))
+  redis.call(unpack(args))
+end
 if wait then return tostring(wait) end
 for _, key in ipairs(KEYS) do
   redis.call('ZADD', key, ARGV[1], ARGV[3])
@@ -71,10 +81,19 @@ return nil
 """
 
 
-async def retry_after_all(redis: Redis, checks: list[tuple[str, str, int]], window_seconds: float) -> int | None:
+async def retry_after_all(
+    redis: Redis,
+    checks: list[tuple[str, str, int]],
+    window_seconds: float,
+    refusal: tuple[str, dict[str, str]] | None = None,
+) -> int | None:
     """Count one request against every ``(scope, identity, limit)``, or against none of them when
     any is over its limit; then the whole seconds to wait, after which the request gets through
-    (if nothing else was counted meanwhile)."""
+    (if nothing else was counted meanwhile). ``refusal``: an audit outbox and the record appended
+    to it, in the same step, when the request is refused."""
+    extra: list[str] = []
+    if refusal is not None:
+        extra = [refusal[0], *(part for pair in refusal[1].items() for part in pair)]
     now = time.time()
     keys = [f"dataport:ratelimit:{scope}:{identity}" for scope, identity, _ in checks]
     wait = await redis.eval(
@@ -85,6 +104,7 @@ async def retry_after_all(redis: Redis, checks: list[tuple[str, str, int]], wind
         window_seconds,
         f"{now:.6f}:{uuid.uuid4().hex[:8]}",
         *(limit for _, _, limit in checks),
+        *extra,
     )
     if wait is None:
         return None

@@ -56,7 +56,7 @@ async def drain(outbox: Outbox, store: AuditStore, batch: int = 500, deadline_se
             stored += await store.append(pending)
             await outbox.remove([entry_id for entry_id, _ in entries])
             moved += len(entries)
-            await redis.eval(_EXTEND, 1, lock, token, LOCK_SECONDS * 1000)  # type: ignore[misc]
+            await redis.eval(_EXTEND, 1, lock, token, str(LOCK_SECONDS * 1000))  # type: ignore[misc]
     finally:
         await redis.eval(_RELEASE, 1, lock, token)  # type: ignore[misc]
     if moved:

@@ -42,14 +42,14 @@ class PostgresAuditStore:
                 # Two processes creating the table at once would collide on its catalog rows.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [self.table])
                 for statement in sql.create_table(self.table, "BIGINT"):
-                    await conn.execute(statement)  # type: ignore[arg-type]
+                    await conn.execute(statement)
             self._conn = conn
         return self._conn
 
     async def _fetch(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         async with self._lock:
             conn = await self._connection()
-            cursor = await conn.execute(query, params)  # type: ignore[arg-type]
+            cursor = await conn.execute(query, params)
             return await cursor.fetchall()
 
     async def append(self, records: Sequence[Pending]) -> int:
@@ -60,7 +60,7 @@ class PostgresAuditStore:
             conn = await self._connection()
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [t])
-                cursor = await conn.execute(f"SELECT id FROM {t} WHERE id = ANY(%s)", [[r.id for r in records]])  # type: ignore[arg-type]
+                cursor = await conn.execute(f"SELECT id FROM {t} WHERE id = ANY(%s)", [[r.id for r in records]])
                 taken = {row[0] for row in await cursor.fetchall()}
                 fresh = []
                 for record in records:
@@ -69,15 +69,15 @@ class PostgresAuditStore:
                         taken.add(record.id)
                 if not fresh:
                     return 0
-                cursor = await conn.execute(f"SELECT seq, hash FROM {t} ORDER BY seq DESC LIMIT 1")  # type: ignore[arg-type]
+                cursor = await conn.execute(f"SELECT seq, hash FROM {t} ORDER BY seq DESC LIMIT 1")
                 head = await cursor.fetchone()
                 if head is None:
-                    cursor = await conn.execute(f"SELECT seq, hash FROM {t}_anchor")  # type: ignore[arg-type]
+                    cursor = await conn.execute(f"SELECT seq, hash FROM {t}_anchor")
                     head = await cursor.fetchone() or (0, GENESIS)
                 sealed = seal_all(int(head[0]) + 1, str(head[1]), fresh)
                 async with conn.cursor() as cur:
                     await cur.executemany(
-                        f"INSERT INTO {t} ({sql.SELECT}) VALUES ({','.join(['%s'] * len(sql.COLUMNS))})",  # type: ignore[arg-type]
+                        f"INSERT INTO {t} ({sql.SELECT}) VALUES ({','.join(['%s'] * len(sql.COLUMNS))})",
                         [sql.to_row(r) for r in sealed],
                     )
                 return len(fresh)
@@ -112,15 +112,15 @@ class PostgresAuditStore:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [t])
                 cursor = await conn.execute(
-                    f"SELECT seq, hash FROM {t} WHERE at < %s ORDER BY seq DESC LIMIT 1",  # type: ignore[arg-type]
+                    f"SELECT seq, hash FROM {t} WHERE at < %s ORDER BY seq DESC LIMIT 1",
                     [before],
                 )
                 last = await cursor.fetchone()
                 if last is None:
                     return 0
-                cursor = await conn.execute(f"DELETE FROM {t} WHERE seq <= %s", [last[0]])  # type: ignore[arg-type]
+                cursor = await conn.execute(f"DELETE FROM {t} WHERE seq <= %s", [last[0]])
                 await conn.execute(
-                    f"INSERT INTO {t}_anchor (one, hash, seq) VALUES (1, %s, %s) "  # type: ignore[arg-type]
+                    f"INSERT INTO {t}_anchor (one, hash, seq) VALUES (1, %s, %s) "
                     "ON CONFLICT (one) DO UPDATE SET hash = excluded.hash, seq = excluded.seq",
                     [last[1], last[0]],
                 )
