@@ -47,7 +47,7 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 @router.get("/files/{task_id}")
-async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)):
+async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)) -> Response:
     """An export's file once it succeeded; an import's error report once it finished."""
     services: Services = request.app.state.services
     if not verify(services.settings.signing_secret, "GET", task_id, expires, signature):

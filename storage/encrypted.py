@@ -26,18 +26,18 @@ import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from storage.base import ObjectWriter, ReadStream, Storage, StorageError, StoredObject, UploadTarget
 from storage.encryption import (
     CHUNK_SIZE,
-    HEADER_SIZE,
+    READ,
+    DecryptingStream,
     Decryptor,
     Encryptor,
     Header,
-    IntegrityError,
     last_record,
     plaintext_size,
+    read_exactly,
     record_span,
 )
 from storage.keys import Keyring, KeyUnavailable, WrappedKey
@@ -45,7 +45,6 @@ from storage.keys import Keyring, KeyUnavailable, WrappedKey
 KEY_FILES = "keys/"
 KEY_FILE_VERSION = 1
 BATCH = 1024 * 1024  # plaintext gathered before it is hashed and encrypted (in a thread)
-READ = 1024 * 1024
 MAX_KEY_FILE = 64 * 1024
 
 
@@ -119,64 +118,6 @@ class EncryptingWriter:
         await self._inner.abort()
 
 
-class DecryptingStream(io.RawIOBase):
-    """A stored encrypted file as a plaintext ``ReadStream`` (for a worker thread): records from
-    ``raw``, opened one by one, ``skip`` plaintext bytes of the first left out. A failed record
-    raises ``IntegrityError``: nothing of it is returned."""
-
-    def __init__(
-        self, raw: ReadStream, header: Header, data_key: bytes, counter: int, skip: int, *, with_header: bool
-    ) -> None:
-        super().__init__()
-        self._raw = raw
-        self._header = header
-        self._decryptor = Decryptor(data_key, header, counter)
-        self._skip = skip
-        self._with_header = with_header
-        self._out = b""
-        self._at = 0
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        if self._with_header:
-            self._with_header = False
-            if _read_exactly(self._raw, HEADER_SIZE) != self._header.pack():
-                raise IntegrityError("encrypted file: its header does not match its key file")
-        while self._at >= len(self._out) and not self._eof:
-            data = self._raw.read(READ)
-            if data:
-                self._out = self._decryptor.update(data)
-            else:
-                self._out, self._eof = self._decryptor.finish(), True
-            self._at = 0
-            if self._skip:
-                dropped = min(self._skip, len(self._out))
-                self._at, self._skip = dropped, self._skip - dropped
-
-    def readinto(self, buffer: Any) -> int:
-        if self._at >= len(self._out):
-            self._fill()
-        n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at : self._at + n]
-        self._at += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
-
-
-def _read_exactly(stream: ReadStream, n: int) -> bytes:
-    data = b""
-    while len(data) < n and (more := stream.read(n - len(data))):
-        data += more
-    return data
-
-
 @dataclass
 class Plaintext:
     """An encrypted file opened for download: its plaintext size, an entity tag, and streams of
@@ -204,7 +145,7 @@ class Plaintext:
 
         def _check() -> None:
             try:
-                Decryptor(self.data_key, self.header, counter).open_final(_read_exactly(raw, length))
+                Decryptor(self.data_key, self.header, counter).open_final(read_exactly(raw, length))
             finally:
                 raw.close()
 
@@ -266,7 +207,7 @@ class EncryptedStorage:
 
         def _read() -> bytes:
             try:
-                return _read_exactly(stream, MAX_KEY_FILE)
+                return read_exactly(stream, MAX_KEY_FILE)
             finally:
                 stream.close()
 

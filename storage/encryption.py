@@ -19,20 +19,23 @@ The data key itself is not in the file: it is wrapped by a key-encryption key an
 (``storage/keys.py``, ``storage/encrypted.py``), so keys can be rotated without touching files.
 
 ``Encryptor`` and ``Decryptor`` are incremental and pure (no I/O): memory is bounded by one chunk
-plus whatever the caller hands them at once. ``plaintext_size`` and ``record_span`` turn sizes and
+plus whatever the caller hands them at once; ``DecryptingStream`` turns a stored file's stream into
+a plaintext one. ``plaintext_size`` and ``record_span`` turn sizes and
 plaintext offsets into ciphertext positions, for sizes without reading and ranged reads.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from storage.base import StorageError
+from storage.base import ReadStream, StorageError
 
 MAGIC = b"DPENC"
 VERSION = 1
@@ -44,6 +47,7 @@ _HEADER = struct.Struct(">5sBI8s")
 HEADER_SIZE = _HEADER.size  # 18
 MAX_CHUNKS = 2**32  # the counter's range: 256 TiB at 64 KiB chunks
 MIN_CHUNK, MAX_CHUNK = 1024, 16 * 1024 * 1024
+READ = 1024 * 1024  # ciphertext read at once by DecryptingStream
 
 
 class IntegrityError(StorageError):
@@ -215,6 +219,64 @@ class Decryptor(_Chunks):
     def open_final(self, record: bytes) -> bytes:
         """Open ``record`` as the final one at this decryptor's counter (checks a file's end)."""
         return self._open(record, True)
+
+
+class DecryptingStream(io.RawIOBase):
+    """A stored encrypted file as a plaintext ``ReadStream`` (for a worker thread): records from
+    ``raw``, opened one by one, ``skip`` plaintext bytes of the first left out. A failed record
+    raises ``IntegrityError``: nothing of it is returned."""
+
+    def __init__(
+        self, raw: ReadStream, header: Header, data_key: bytes, counter: int, skip: int, *, with_header: bool
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._header = header
+        self._decryptor = Decryptor(data_key, header, counter)
+        self._skip = skip
+        self._with_header = with_header
+        self._out = b""
+        self._at = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        if self._with_header:
+            self._with_header = False
+            if read_exactly(self._raw, HEADER_SIZE) != self._header.pack():
+                raise IntegrityError("encrypted file: its header does not match its key file")
+        while self._at >= len(self._out) and not self._eof:
+            data = self._raw.read(READ)
+            if data:
+                self._out = self._decryptor.update(data)
+            else:
+                self._out, self._eof = self._decryptor.finish(), True
+            self._at = 0
+            if self._skip:
+                dropped = min(self._skip, len(self._out))
+                self._at, self._skip = dropped, self._skip - dropped
+
+    def readinto(self, buffer: Any) -> int:
+        if self._at >= len(self._out):
+            self._fill()
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def read_exactly(stream: ReadStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (more := stream.read(n - len(data))):
+        data += more
+    return data
 
 
 def new_data_key() -> bytes:
