@@ -18,6 +18,7 @@ from typing import Any
 
 import jwt
 
+from api.token_cache import TokenCache
 from dataport.settings import Settings
 from tasks.access import Identity, Owner, claim_at
 
@@ -133,6 +134,7 @@ class Authenticator:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.tokens: TokenCache[Credentials] = TokenCache()
         self.oidc = None
         if settings.oidc_issuer:
             from api.oidc import OidcVerifier
@@ -144,8 +146,23 @@ class Authenticator:
             await self.oidc.aclose()
 
     async def authenticate(self, authorization: object) -> Credentials:
-        """The caller an ``Authorization`` value names, or ``AuthError`` saying what was wrong."""
+        """The caller an ``Authorization`` value names, or ``AuthError`` saying what was wrong.
+        Each token is verified once for its lifetime, a refusal kept for seconds (api/token_cache.py)."""
         token = bearer_token(authorization)
+        cached = self.tokens.get(token)
+        if isinstance(cached, Credentials):
+            return cached
+        if isinstance(cached, str):
+            raise AuthError(cached)
+        try:
+            credentials = await self._verify(token)
+        except AuthError as e:
+            self.tokens.refused(token, str(e))
+            raise
+        self.tokens.accepted(token, credentials, credentials.expires_at)
+        return credentials
+
+    async def _verify(self, token: str) -> Credentials:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
