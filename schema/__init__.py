@@ -6,6 +6,7 @@ import strawberry
 from graphql import GraphQLError
 from strawberry.types import ExecutionContext
 
+from api.graphql_cache import CachedDocuments
 from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, log_errors
 from api.graphql_limits import GraphQLLimits
 from resolvers import audit, mutations, queries, subscriptions
@@ -76,6 +77,7 @@ schema = Schema(
     # ones). The limits come first: a refused document is never validated in full.
     extensions=[
         GraphQLLimits,
+        CachedDocuments,  # after the limits: their parser options are part of its key
         MaskUnexpectedErrors,
     ],
 )
