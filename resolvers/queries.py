@@ -7,6 +7,7 @@ from graphql import GraphQLError
 
 from api.context import Info
 from audit.records import ACCESS_DENIED
+from resolvers.selection import selects
 from schema.enums import TaskStatus
 from schema.types import Dataset, Edge, ExportTask, ExportTaskConnection, ImportTask, ImportTaskConnection, PageInfo
 from tasks import exports, imports
@@ -33,7 +34,9 @@ async def listed_owner(info: Info, owner: str | None) -> str:
 
 
 async def export_task(info: Info, id: strawberry.ID) -> ExportTask | None:
-    task = await exports.get_export(info.context.services, info.context.identity, id)
+    # One round trip for a polling client: the read counts the poll pollAfterSeconds would count.
+    counting = selects(info, "pollAfterSeconds")
+    task = await exports.get_export(info.context.services, info.context.identity, id, count_poll=counting)
     return ExportTask(task=task) if task else None
 
 

@@ -35,6 +35,7 @@ from tasks.access import (
 )
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
+from tasks.reads import read_counting_poll
 from tasks.store import Page, QuotaExceeded, RequestOutcome
 
 EXPORT_JOB = "run_export"
@@ -209,9 +210,14 @@ async def _count_within_limit(
     return matching
 
 
-async def get_export(services: Services, identity: Identity, identifier: str) -> Task | None:
-    """The caller's export (any user's, for an admin); None for a missing one and another's alike."""
-    task = await services.store.get(identifier)
+async def get_export(services: Services, identity: Identity, identifier: str, count_poll: bool = False) -> Task | None:
+    """The caller's export (any user's, for an admin); None for a missing one and another's alike.
+    ``count_poll``: the client asks for ``pollAfterSeconds``, so count its poll in the same round trip."""
+    if count_poll:
+        owner = None if identity.admin else identity.owner.id
+        task = await read_counting_poll(services.redis, identifier, TaskKind.EXPORT, owner)
+    else:
+        task = await services.store.get(identifier)
     if task is None or task.kind is not TaskKind.EXPORT:
         return None
     if not sees_task(identity, task.owner):
@@ -347,7 +353,7 @@ async def poll_after_seconds(services: Services, task: Task) -> float | None:
     """x + n·ln 2 seconds, n = polls so far: polling clients back off as a task runs long."""
     if task.status in FINAL_STATUSES:
         return None
-    polls = await services.store.count_poll(task.id)
+    polls = task.polls if task.poll_counted else await services.store.count_poll(task.id)
     return round(services.settings.poll_base_seconds + polls * math.log(2), 3)
 
 

@@ -100,6 +100,8 @@ class Task:
     object_key: str | None = None
     job_id: str | None = None
     polls: int = 0
+    # This read counted the poll already (tasks/reads.py): pollAfterSeconds must not count it again.
+    poll_counted: bool = False
     notify: bool = False  # the request asked for an email when the task ends
     # Imports only.
     rows_imported: int = 0
