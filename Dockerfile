@@ -34,4 +34,5 @@ EXPOSE 8000
 # The api's liveness route; a worker container (no HTTP) turns this off (docker-compose.yml does).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=5 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+# One api process unless DATAPORT_API_WORKERS (or --workers N) asks for more on the same port.
 CMD ["dataport", "api", "--host", "0.0.0.0", "--port", "8000"]

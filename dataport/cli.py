@@ -63,27 +63,19 @@ def dev(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 @app.command()
-def api(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """The GraphQL api (needs DATAPORT_REDIS_URL)."""
-    import uvicorn
-
-    from api.app import create_app
+def api(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[
+        int | None, typer.Option(help="api processes on this port (default DATAPORT_API_WORKERS)", min=1)
+    ] = None,
+) -> None:
+    """The GraphQL api (needs DATAPORT_REDIS_URL); --workers N runs N processes on one port."""
+    from api.serve import serve
 
     _logging()
     settings = get_settings()
-    app = create_app(settings, _registry(settings))
-    # log_config=None: uvicorn's own and access lines go through the handler _logging() set up.
-    # ws_max_size: a WebSocket frame over the request limit is refused by the protocol (1009)
-    # before it is read whole (uvicorn's default reads up to 16 MiB).
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="info",
-        log_config=None,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_request_bytes,
-    )
+    serve(settings, _registry(settings), host, port, workers or settings.api_workers)
 
 
 @app.command()

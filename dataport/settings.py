@@ -196,6 +196,12 @@ class Settings(BaseSettings):
     # Requests without a valid token can only introspect: they get a smaller body and token budget.
     graphql_anonymous_max_tokens: int = 1_000
     max_anonymous_request_bytes: int = 16 * 1024
+    # `dataport api`'s processes on its one port (api/serve.py); `--workers` overrides it.
+    api_workers: int = Field(default=1, ge=1)
+    # Admission control (api/admission.py), per api process: HTTP requests being worked on at once;
+    # past it a request waits up to the queue budget for a slot, then gets 503 SERVICE_UNAVAILABLE.
+    api_max_in_flight: int = Field(default=64, ge=1)
+    api_queue_seconds: float = Field(default=0.5, ge=0)
     # Mutations: per-minute limits (RATE_LIMITED) and active tasks (QUOTA_EXCEEDED), per user.
     mutation_rate_per_user: int = 60
     mutation_rate_per_ip: int = 300

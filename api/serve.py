@@ -1,0 +1,63 @@
+"""Serving the api with uvicorn: one process, or ``workers`` processes on one port.
+
+With one process the app is built here and handed to uvicorn, as before. With several, uvicorn
+binds the port once in a supervising process and spawns ``workers`` children that accept on the
+same socket (the kernel spreads connections between them); each child builds its own app from
+``worker_app``, an import-string factory, because an app object cannot cross into a spawned
+process. uvicorn's supervisor restarts a child that dies and stops them all on SIGTERM/SIGINT.
+
+Nothing that must be shared is kept in a process: tasks, progress, rate limits, the active-task
+quota, subscription and stream slots and the task metrics live in Redis (docs/operations.md). What
+each process keeps for itself is a cache that is right in any process (verified tokens, parsed
+documents) or a bound on its own work (admission control, ``api/admission.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI
+
+from dataport.settings import Settings, get_settings
+from sources.registry import Registry
+
+
+# uvicorn's options for the api, whatever the number of processes. log_config=None: uvicorn's own
+# and access lines go through the handler dataport/logs.py set up. ws_max_size: a WebSocket frame
+# over the request limit is refused by the protocol (1009) before it is read whole.
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "log_level": "info",
+        "log_config": None,
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_request_bytes,
+    }
+
+
+def worker_app() -> FastAPI:
+    """The app of one api process started by uvicorn's supervisor (``workers`` > 1): logging as
+    ``dataport api`` sets it up, settings from the environment, the datasets loaded (the parent
+    checked the file before spawning, so a mistake has been reported already)."""
+    from api.app import create_app
+    from dataport.logs import configure_logging
+    from sources.registry import load_registry
+
+    settings = get_settings()
+    configure_logging(settings.log_format, os.environ.get("DATAPORT_LOG_LEVEL", "INFO"))
+    return create_app(settings, load_registry(settings))
+
+
+def serve(settings: Settings, registry: Registry, host: str, port: int, workers: int) -> None:
+    """Run the api until SIGTERM/SIGINT: in this process (``workers`` = 1), or as ``workers``
+    processes sharing one listening socket."""
+    import uvicorn
+
+    if workers <= 1:
+        from api.app import create_app
+
+        uvicorn.run(create_app(settings, registry), host=host, port=port, **uvicorn_options(settings))
+        return
+    uvicorn.run(
+        "api.serve:worker_app", factory=True, workers=workers, host=host, port=port, **uvicorn_options(settings)
+    )
