@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from starlette.requests import HTTPConnection, Request
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from api import downloads, stream, uploads
+from api.admission import Admission
 from api.auth import Authenticator, claim_value, issue_token
 from api.context import Context
 from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
@@ -76,6 +78,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         ),
         prefix="/graphql",
     )
+    # Past capacity, 503 + Retry-After at once (api/admission.py); inside the size limit, so a body
+    # is read before its request takes a slot.
+    app.add_middleware(Admission, settings=settings)
     # A body over the limit is refused before it is read whole (api/request_limits.py).
     app.add_middleware(RequestSizeLimit, settings=settings, authenticator=authenticator)
     # Outermost: audit records made while serving a request name its address and user agent.
@@ -106,7 +111,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok"}
+        # pid: which of `dataport api --workers N`'s processes answered (api/serve.py).
+        return {"status": "ok", "pid": os.getpid()}
 
     app.state.readiness = Readiness()
 

@@ -1,0 +1,171 @@
+"""Admission control: past its capacity an api process answers at once with 503 and ``Retry-After``
+instead of letting every request's latency grow without bound.
+
+One event loop serves all of a process's requests, so each request admitted past what the CPU
+can serve adds its cost to every other's latency: at twice its capacity a process answered
+nothing in time (issue 19: 200 reads/s offered, ~20/s served, the rest timed out). Here at most
+``api_max_in_flight`` HTTP requests are worked on at once; the next ones wait, first come first
+served, up to ``api_queue_seconds`` for a slot, and a request still waiting then, or arriving when
+``MAX_WAITING_FACTOR`` x the limit are waiting already, is refused: ``/graphql`` with a GraphQL body
+(``extensions.code`` ``SERVICE_UNAVAILABLE``, ``extensions.retryAfterSeconds``), the plain routes with
+``{"error": {"code": "SERVICE_UNAVAILABLE", …}}``; both HTTP 503 with ``Retry-After``. A refusal
+costs microseconds, so a process past capacity keeps serving what it admits at full speed.
+
+A request holds its slot until its response starts (or it ends): a download or stream then
+sends its body without holding one (streams have their own caps, api/stream_slots.py). What is
+not counted: ``/healthz``, ``/readyz`` and ``/metrics`` (probes must see a busy process as alive),
+WebSockets (bounded by the subscription quota), and ``PUT /uploads/…`` bodies (their time is the
+client's network, bounded by the upload size limit). The middleware sits inside
+``api/request_limits.py``, so a ``/graphql`` body is read before its request takes a slot: a slow
+client holds a connection, not a slot. The bound is per process; ``api_workers`` processes hold
+``api_workers`` x ``api_max_in_flight``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Gauge
+
+from dataport import errors
+from dataport.settings import Settings
+
+log = logging.getLogger("dataport.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+EXEMPT_PREFIXES = ("/uploads/",)
+MAX_WAITING_FACTOR = 4
+RETRY_AFTER_SECONDS = 1
+MESSAGE = "Dataport is busy; try again in a moment."
+
+IN_FLIGHT = Gauge("dataport_api_requests_in_flight", "HTTP requests this api process is working on")
+SHED = Counter("dataport_api_requests_shed", "HTTP requests this api process refused past its capacity (503)")
+
+
+class Slots:
+    """At most ``limit`` holders; waiters are served first come, first served."""
+
+    def __init__(self, limit: int, max_waiting: int) -> None:
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.held = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, wait_seconds: float) -> bool:
+        """Whether a slot was had within ``wait_seconds``."""
+        if self.held < self.limit and not self._waiting:
+            self.held += 1
+            return True
+        if wait_seconds <= 0 or len(self._waiting) >= self.max_waiting:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), wait_seconds)
+            return True
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return True  # handed a slot as the wait ran out: it is ours
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+            return False
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot, then cancelled: pass it on
+            waiter.cancel()
+            raise
+
+    def release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.held -= 1
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiting if not waiter.done())
+
+
+class Admission:
+    """The ASGI middleware (api/app.py adds it inside the body-size limit)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.queue_seconds = settings.api_queue_seconds
+        self.slots = Slots(settings.api_max_in_flight, MAX_WAITING_FACTOR * settings.api_max_in_flight)
+
+    @staticmethod
+    def counted(scope: Scope) -> bool:
+        if scope["type"] != "http":
+            return False
+        path: str = scope["path"]
+        return path not in EXEMPT_PATHS and not path.startswith(EXEMPT_PREFIXES)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.counted(scope):
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        if not await self.slots.acquire(self.queue_seconds):
+            SHED.inc()
+            log.info(
+                "%s %s refused: %d requests in flight, waited %.3f s (SERVICE_UNAVAILABLE)",
+                scope.get("method"),
+                scope["path"],
+                self.slots.held,
+                time.monotonic() - started,
+            )
+            await refuse(scope, send)
+            return
+        IN_FLIGHT.inc()
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                IN_FLIGHT.dec()
+                self.slots.release()
+
+        async def send_freeing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                free()  # the work is done; the body may take the client's time
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_freeing)
+        finally:
+            free()
+
+
+async def refuse(scope: Scope, send: Send) -> None:
+    """503 with ``Retry-After``: GraphQL-shaped for ``/graphql``, the plain routes' shape otherwise."""
+    if scope["path"].rstrip("/") == "/graphql":
+        extensions = {"code": errors.SERVICE_UNAVAILABLE, "retryAfterSeconds": RETRY_AFTER_SECONDS}
+        body = orjson.dumps({"errors": [{"message": MESSAGE, "extensions": extensions}]})
+    else:
+        body = orjson.dumps({"error": {"code": errors.SERVICE_UNAVAILABLE, "message": MESSAGE}})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
