@@ -340,12 +340,21 @@ async def download_url(services: Services, identity: Identity, task: Task) -> st
         return None
     if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
+    return await signed_download_url(services, task, identity)
+
+
+async def signed_download_url(services: Services, task: Task, issued_to: Identity) -> str | None:
+    """The signed URL itself, without the caller check of ``download_url``: for a caller already
+    checked, and for the owner's own email and webhook when the task finishes (they asked for it,
+    under the scope it ran with, moments before; the worker has no token to check)."""
+    if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+        return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     filename = task.object_key.rsplit("/", 1)[-1]
     url = await services.storage.download_url(
         task.object_key, task_id=task.id, filename=filename, expires_at=expires_at
     )
-    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)  # names the downloader
+    await services.audit.issued(url, issued_to, services.settings.download_url_ttl_seconds)  # names the downloader
     return url
 
 

@@ -337,11 +337,18 @@ async def error_report_url(services: Services, identity: Identity, task: Task) -
         return None
     if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
+    return await signed_report_url(services, task, identity)
+
+
+async def signed_report_url(services: Services, task: Task, issued_to: Identity) -> str | None:
+    """The report's signed URL without the caller check (see ``exports.signed_download_url``)."""
+    if not task.report_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
+        return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
     url = await services.storage.download_url(
         task.report_key, task_id=task.id, filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at
     )
-    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)  # names the downloader
+    await services.audit.issued(url, issued_to, services.settings.download_url_ttl_seconds)  # names the downloader
     return url
 
 

@@ -47,6 +47,7 @@ from arq import Retry
 from dataport.logs import bind_job
 from dataport.services import Services
 from tasks import exports, imports
+from tasks.access import Identity, Owner
 from tasks.models import Task, TaskKind, TaskStatus
 from tasks.notifications import NOTIFIED_STATUSES, delivery_key, email_requested
 
@@ -225,6 +226,11 @@ async def compose(services: Services, task: Task) -> EmailMessage:
     return message
 
 
+def _owner(task: Task) -> Identity:
+    """Whom an email's or a webhook's links are issued to: the task's owner."""
+    return Identity(Owner(task.owner, task.email))
+
+
 async def _content(services: Services, task: Task) -> tuple[str, list[str | Link]]:
     settings = services.settings
     minutes = max(1, round(settings.download_url_ttl_seconds / 60))
@@ -234,7 +240,7 @@ async def _content(services: Services, task: Task) -> tuple[str, list[str | Link
     name = task.dataset
     if task.kind is TaskKind.EXPORT:
         if task.status is TaskStatus.SUCCEEDED:
-            url = await exports.download_url(services, task)
+            url = await exports.signed_download_url(services, task, _owner(task))
             summary = (
                 f"Your export of {name} is ready: {_rows(task.row_count or 0)}, {task.format}, "
                 f"{_size(task.file_size or 0)}."
@@ -251,7 +257,7 @@ async def _content(services: Services, task: Task) -> tuple[str, list[str | Link
 
     file_name = task.request.get("fileName") or "the file"
     dry_run = bool(task.request.get("dryRun"))
-    report = await imports.error_report_url(services, task)
+    report = await imports.signed_report_url(services, task, _owner(task))
     report_part: list[str | Link] = (
         [f"The error report lists the failed rows (the link works for {minutes} minutes):", Link(report)]
         if report
@@ -325,14 +331,14 @@ async def webhook_payload(services: Services, task: Task) -> dict[str, Any]:
             rowCount=task.row_count,
             fileSize=task.file_size,
             checksumSha256=task.checksum_sha256,
-            downloadUrl=await exports.download_url(services, task),
+            downloadUrl=await exports.signed_download_url(services, task, _owner(task)),
         )
     else:
         payload.update(
             rowsImported=task.rows_imported,
             rowsFailed=task.rows_failed,
             dryRun=bool(task.request.get("dryRun")),
-            errorReportUrl=await imports.error_report_url(services, task),
+            errorReportUrl=await imports.signed_report_url(services, task, _owner(task)),
         )
     return payload
 
