@@ -21,7 +21,7 @@ from arq import Retry
 from dataport.services import Services
 from dataport.settings import Settings
 from sources.base import TransientSourceError
-from tasks.models import Task, TaskStatus, now, parse_time, stamp
+from tasks.models import Task, TaskStatus, now, parse_stamp, stamp
 from tasks.notifications import NOTIFIED_STATUSES, task_finished
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
@@ -106,7 +106,7 @@ def _retrying_for(task: Task) -> float:
     run, _, since = (task.retrying_since or "").partition("@")
     if run != str(task.run) or not since:
         return 0.0
-    return (now() - parse_time(since)).total_seconds()
+    return (now() - parse_stamp(since)).total_seconds()
 
 
 async def retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:
