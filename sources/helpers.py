@@ -23,7 +23,7 @@ import concurrent.futures
 import multiprocessing
 import multiprocessing.forkserver
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -144,7 +144,7 @@ class HelperPool:
         done.set_result(result)
         self.pending.append((done, rows))
 
-    async def results(self, *, every: bool = False) -> AsyncIterator[tuple[Any, int]]:
+    async def results(self, *, every: bool = False) -> AsyncGenerator[tuple[Any, int], None]:
         """The results to take now, in order: while too much work is out, or the oldest is done
         (with ``every``: all that is left, when no more work will come)."""
         while self.pending and (every or self.full or self.pending[0][0].done()):

@@ -87,7 +87,8 @@ def backoff(settings: Settings, attempt: int) -> float:
     """The pause after failed try ``attempt``: retry_delay_seconds doubled per try, at most
     retry_max_delay_seconds, half of it fixed and half random, so that the tasks a restart failed
     together do not all come back together."""
-    ceiling = min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (attempt - 1))
+    # Annotated: an int power has no static type (a negative exponent makes a float).
+    ceiling: float = min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (attempt - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -51,7 +51,7 @@ class Cursors(Requests):
 
     async def _pages(self, body: dict[str, Any], pit: bool, limit: int | None,
                      read: PageReader | RenderedPages,
-                     ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
+                     ) -> AsyncGenerator[tuple[list[Sequence[Any]], int], None]:  # fmt: skip
         """The pages as (what ``read`` made of the hits, rows), in one pass: cells by column from a
         ``PageReader``, None from ``RenderedPages`` (whose helpers hold the pages' CSV). Through a
         point in time (``pit``, where the cluster has one) or a scroll; released when the read

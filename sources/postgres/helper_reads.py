@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -49,7 +49,7 @@ async def _flattened_csv_batches(
     writer: csv_format.CsvWriter,
     batch_rows: int,
     formula_guard: bool,
-) -> AsyncIterator[tuple[bytes, int]]:
+) -> AsyncGenerator[tuple[bytes, int], None]:
     """``csv_batches`` of a plan that flattens documents in Python: the Python writer's header, then
     its CSV of the rows, flattened here or in helper processes."""
     yield writer.begin(), 0
@@ -102,7 +102,7 @@ async def _flattened_csv_batches(
 
 async def _ranges_by_helpers(source: PostgresSource, helpers: HelperPool, query: Query, plan: _Plan,
                              ranges: list[tuple[int | None, int | None]], batch_rows: int,
-                             ) -> AsyncIterator[tuple[bytes, int]]:  # fmt: skip
+                             ) -> AsyncGenerator[tuple[bytes, int], None]:  # fmt: skip
     """Each key range read and flattened by a helper process on its own connection (in the
     snapshot that ``helpers`` were started with), its CSV taken here in the ranges' order.
     A bad cell's row number is made the read's, from the rows of the ranges before it."""

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -150,8 +150,8 @@ async def _second_connection(
 
 
 async def _in_turn(
-    conns: list[psycopg.AsyncConnection], reads: list[Callable[[psycopg.AsyncConnection], AsyncIterator[Any]]]
-) -> AsyncIterator[Any]:
+    conns: list[psycopg.AsyncConnection], reads: list[Callable[[psycopg.AsyncConnection], AsyncGenerator[Any, None]]]
+) -> AsyncGenerator[Any, None]:
     """What the ``reads`` (one key range each, in output order) give, in order, the connections
     taking the reads in turn.
 
@@ -171,7 +171,7 @@ async def _in_turn(
             for i in range(c, n, len(conns)):
                 await may_start[i].wait()
                 items = reads[i](conns[c])
-                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                async with contextlib.aclosing(items):
                     async for item in items:
                         buffers[i].append(item)
                         changed.set()

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import psycopg
 import psycopg.errors as pge
@@ -68,7 +68,7 @@ def _copy_rows(conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int) -> 
 
 async def _copy_chunks(
     conn: psycopg.AsyncConnection, statement: str, params: tuple | None, batch_rows: int
-) -> AsyncIterator[tuple[bytes, int]]:
+) -> AsyncGenerator[tuple[bytes, int], None]:
     """``statement`` (a COPY TO STDOUT in CSV) as chunks of whole rows ending in "\\r\\n", with
     their row counts."""
     cur = conn.cursor(binary=False)
@@ -93,7 +93,7 @@ def _batch_size(query: Query, batch_rows: int) -> int:
 
 async def _cursor_batches(
     conn: psycopg.AsyncConnection, select: str, params: tuple, size: int
-) -> AsyncIterator[list[Row]]:
+) -> AsyncGenerator[list[Row], None]:
     """``select`` through a named server-side cursor, ``size`` rows at a time; the next batch is
     already asked for while the current one is handed on, so PostgreSQL and Python work at once."""
     cur = conn.cursor(name=f"dataport_{uuid.uuid4().hex[:12]}", binary=True)

@@ -25,7 +25,7 @@ CSV fast path (``csv_batches``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 from typing import Any
 
@@ -130,7 +130,7 @@ class PostgresSource:
     async def counted(self, query: Query, rows: int) -> None:
         """Nothing to do: reads do not depend on the count."""
 
-    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+    async def batches(self, query: Query, batch_rows: int) -> AsyncGenerator[list[Row], None]:
         async with contextlib.aclosing(self._fetched(query, batch_rows, False)) as fetched:
             async for plan, rows, offset in fetched:
                 yield plan.build(rows, offset) if plan.build else rows
@@ -142,7 +142,7 @@ class PostgresSource:
         formula_guard: bool,
         conns: list[psycopg.AsyncConnection] | None = None,
         split: _Split | None = None,
-    ) -> AsyncIterator[tuple[_Plan, list[Row], int]]:
+    ) -> AsyncGenerator[tuple[_Plan, list[Row], int], None]:
         """The read plan's SELECT list as fetched, in batches, each with the plan and the number of
         rows before it. On the caller's connection and ``_split`` of the query, if it has them."""
         conns = conns or [await self._connect(snapshot=True)]
@@ -186,7 +186,7 @@ class PostgresSource:
 
     async def csv_batches(
         self, query: Query, batch_rows: int, *, formula_guard: bool
-    ) -> AsyncIterator[tuple[bytes, int]]:
+    ) -> AsyncGenerator[tuple[bytes, int], None]:
         """The query as CSV bytes, like ``CsvWriter`` writes them: ``(header, 0)`` first, then
         ``(chunk, rows in chunk)``. Through COPY when every cell can be rendered in SQL."""
         writer = csv_format.CsvWriter(query.columns, formula_guard=formula_guard)
