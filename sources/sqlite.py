@@ -49,7 +49,8 @@ class SqliteSource:
         def run() -> int:
             conn = self._connect()
             try:
-                return conn.execute(compiled.count, compiled.params).fetchone()[0]
+                count: int = conn.execute(compiled.count, compiled.params).fetchone()[0]
+                return count
             finally:
                 self._release(conn)
 

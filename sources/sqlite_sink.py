@@ -203,7 +203,7 @@ class SqliteSink:
                 f"{self.dataset.table} ({keys})) or import in INSERT mode"
             )
 
-    def _has_unique(self, info: list[tuple], key: set[str]) -> bool:
+    def _has_unique(self, info: list[tuple[Any, ...]], key: set[str]) -> bool:
         assert self._conn is not None
         if {name for _, name, _, _, _, pk in info if pk} == key:
             return True

@@ -160,5 +160,6 @@ class OpenSearchSource(Planning, Cursors):
         batch_rows = max(1, batch_rows)
         async with aclosing(self._pages(body, pit, query.limit, PageReader(query.columns))) as pages:
             async for columns, count in pages:
+                assert columns is not None  # (None only from RenderedPages)
                 for start in range(0, count, batch_rows):
                     yield [cells[start : start + batch_rows] for cells in columns], min(batch_rows, count - start)
