@@ -182,7 +182,7 @@ class _RangeReader:
                    ) -> tuple[bytes, int]:  # fmt: skip
         if self.conn is None:
             self.conn = await self.source._connect(snapshot=True, snapshot_id=self.snapshot_id)
-            set_json_loads(bytes, self.conn)  # type: ignore[arg-type]  # psycopg passes the loader bytes, never str  # the documents' JSON text as bytes, as in _fetched
+            set_json_loads(bytes, self.conn)  # type: ignore[arg-type]  # JSON text as bytes, as in PostgresSource._fetched
             # Run as the process ends, so that the server sees the client leave rather than lose it.
             multiprocessing.util.Finalize(self, self.close, exitpriority=10)
         parts, rows = [], 0
