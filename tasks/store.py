@@ -249,7 +249,7 @@ class TaskStore:
         ``{kind}.requested``) is written in the same step, unless the quota refused."""
         now = time.time()
         flat = _flatten(fields)
-        outcome, detail = await self._script(
+        outcome, active = await self._script(
             keys=[
                 task_key(task_id),
                 events_key(task_id),
@@ -271,7 +271,7 @@ class TaskStore:
             ],
         )
         if outcome == "quota":
-            raise QuotaExceeded(int(detail), max_active or 0)
+            raise QuotaExceeded(int(active), max_active or 0)  # the owner's active tasks
         task = await self.get(task_id)
         assert task is not None
         return RequestOutcome(task, outcome)
