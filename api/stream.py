@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import anyio
@@ -79,7 +79,7 @@ def _user_errors(problems: list[UserError]) -> JSONResponse:
     )
 
 
-async def _read_apart(chunks: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[bytes]:
+async def _read_apart(chunks: AsyncGenerator[tuple[bytes, int], None]) -> AsyncIterator[bytes]:
     """The file's chunks, read from the source in a task of their own.
 
     Starlette stops a response whose client went away by cancelling an anyio scope, and that

@@ -318,6 +318,8 @@ def _token(settings: Settings, token: str | None, token_file: Path | None) -> st
 
 if __name__ == "__main__":
     app()
+
+
 def _audit_commands() -> None:
     """``dataport audit verify|export`` (audit/cli.py)."""
     from audit.cli import audit_app
@@ -326,5 +328,3 @@ def _audit_commands() -> None:
 
 
 _audit_commands()
-
-

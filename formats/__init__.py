@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from formats.base import Writer
+from formats.base import Writer, WriterClass
 from formats.csv import CsvWriter
 from formats.json import JsonWriter, NdjsonWriter
 from formats.xlsx import XlsxWriter
 from sources.base import Column
 
 # Keyed by the GraphQL FileFormat enum values.
-WRITERS: dict[str, type] = {
+WRITERS: dict[str, WriterClass] = {
     "CSV": CsvWriter,
     "JSON": JsonWriter,
     "NDJSON": NdjsonWriter,

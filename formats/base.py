@@ -33,3 +33,14 @@ class Writer(Protocol):
 
 class WriterFactory(Protocol):
     def __call__(self, columns: Sequence[Column], *, formula_guard: bool = True) -> Writer: ...
+
+
+class WriterClass(WriterFactory, Protocol):
+    """A writer class as ``formats.WRITERS`` holds it: what its files are called before any is
+    made (the upload's content type, the export's file name), and the factory of its writers."""
+
+    @property
+    def extension(self) -> str: ...
+
+    @property
+    def content_type(self) -> str: ...

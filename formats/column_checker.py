@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 from formats.converters import BOOLEANS, CellError, Refused, converter
 from formats.csv import unguard
@@ -62,7 +62,7 @@ _ISO_DATETIMES = [rf"{day}{_TIME}(?:\.[0-9]{{1,6}})?Z" for day in _DAYS]
 _TRAILING_ZEROS = re.compile(r"\.[0-9]*0Z").finditer
 
 
-def _column_pattern(cells: list[str]) -> Callable[..., re.Match | None]:
+def _column_pattern(cells: list[str]) -> Callable[..., re.Match[str] | None]:
     """A matcher of cells each followed by "\n", each one empty or one of ``cells``, from a
     position on (to the first cell that is neither)."""
     return re.compile("(?:" + "".join(rf"{cell}\n|" for cell in cells) + r"\n)*+").match
@@ -85,7 +85,7 @@ def _joined(cells: Sequence[Any]) -> str | None:
     return joined + "\n"
 
 
-def _unmatched(match: Callable[..., re.Match | None], joined: str) -> list[int]:
+def _unmatched(match: Callable[..., re.Match[str] | None], joined: str) -> list[int]:
     """The indexes of the cells of ``joined`` (see ``_joined``) that the column matcher ``match``
     does not take: a few calls per such cell, none per other cell."""
     bad: list[int] = []
@@ -105,7 +105,7 @@ _BOOL_TEXT: dict[str, str] = {"": ""}  # each spelling (lower, upper, capitalise
 for _spelling, _value in BOOLEANS.items():
     for _form in (_spelling, _spelling.upper(), _spelling.capitalize()):
         _BOOL_TEXT[_form] = "t" if _value else "f"
-_TEXT_BOOL = {"t": True, "f": False, "": None}
+_TEXT_BOOL: dict[str | None, bool | None] = {"t": True, "f": False, "": None}  # None: a bad cell
 
 
 def text_form(value: Any) -> str:
@@ -148,11 +148,11 @@ class ColumnChecker:
 
     def check(
         self, cells: Sequence[Sequence[Any]], output: int
-    ) -> tuple[list[Sequence] | None, dict[int, list[CellError]]]:
+    ) -> tuple[list[Sequence[Any]] | None, dict[int, list[CellError]]]:
         if output == TEXT and not self.unguard_text:
             raise ValueError("TEXT output spells no value as '', which only unguard_text has for text")
         errors: dict[int, list[CellError]] = {}
-        out: list[Sequence] = []
+        out: list[Sequence[Any]] = []
         for k, column in enumerate(cells):
             fast = self._fast[k]
             done = fast(self, k, column, output, errors) if fast is not None else None
@@ -166,10 +166,10 @@ class ColumnChecker:
         k: int,
         cells: Sequence[Any],
         indexes: Sequence[int],
-        out: list,
+        out: list[Any],
         output: int,
         errors: dict[int, list[CellError]],
-    ) -> list:
+    ) -> list[Any]:
         """``cells`` at ``indexes`` through the column's converter, into ``out`` (never ``cells``
         itself: the originals go to the error report)."""
         convert, name = self._converters[k], self.columns[k].name
@@ -189,11 +189,11 @@ class ColumnChecker:
         self,
         k: int,
         cells: Sequence[Any],
-        match: Callable[..., re.Match | None],
+        match: Callable[..., re.Match[str] | None],
         output: int,
         errors: dict[int, list[CellError]],
         typed: Callable[[str], Any] | None,
-    ) -> list | None:
+    ) -> Sequence[Any] | None:
         """A column whose plain cells are their own text form; ``typed`` makes their value."""
         joined = _joined(cells)
         if joined is None:
@@ -211,12 +211,12 @@ class ColumnChecker:
         output: int,
         errors: dict[int, list[CellError]],
         typed: Callable[[str], Any] | None,
-    ) -> Sequence:
+    ) -> Sequence[Any]:
         if output == NO_OUTPUT:
             return self._cells(k, cells, bad, [], output, errors)
         if output == TEXT and not bad:
             return cells
-        out = list(cells)
+        out: list[Any] = list(cells)
         if output == TYPED and typed is not None:
             for i in bad:
                 out[i] = ""
@@ -225,16 +225,24 @@ class ColumnChecker:
             out = [v or None for v in out]
         return self._cells(k, cells, bad, out, output, errors) if bad else out
 
-    def _integer(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _integer(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         return self._pattern(k, cells, _INTEGER_COLUMN, output, errors, int)
 
-    def _float(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _float(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         return self._pattern(k, cells, _FLOAT_COLUMN, output, errors, float)
 
-    def _date(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _date(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         return self._pattern(k, cells, _DATE_COLUMN, output, errors, None)
 
-    def _datetime(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _datetime(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         joined = _joined(cells)
         if joined is None:
             return None
@@ -255,25 +263,35 @@ class ColumnChecker:
                     out[index] = v[:-1].rstrip("0").rstrip(".") + "Z"
         if not bad:
             return out
-        return self._cells(k, cells, bad, list(out) if out is cells else out, output, errors)
+        # A copy when ``out`` is the caller's cells; any other ``out`` is a list of our own.
+        mine = out if isinstance(out, list) and out is not cells else list(out)
+        return self._cells(k, cells, bad, mine, output, errors)
 
-    def _boolean(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _boolean(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         try:
-            texts = list(map(_BOOL_TEXT.get, cells))
+            texts: list[str | None] = list(map(_BOOL_TEXT.get, cells))
         except TypeError:  # an unhashable cell (a JSON object)
             return None
+        bad: list[int]
         try:
-            "".join(texts)  # quicker than `None in texts`, which compares every text with None
+            # The join raises TypeError at a None: quicker than `None in texts`, which compares
+            # every text with None.
+            "".join(texts)  # type: ignore[arg-type]  # the None it may meet is the point
             bad = []
         except TypeError:  # a None: a spelling the dict does not have
             bad = [i for i, v in enumerate(texts) if v is None]
         if self.columns[k].required and not all(texts):
             bad = sorted({*bad, *(i for i, v in enumerate(texts) if v == "")})
+        values: list[Any] = texts
         if output == TYPED:
-            texts = list(map(_TEXT_BOOL.get, texts))
-        return self._cells(k, cells, bad, texts, output, errors) if bad else texts
+            values = list(map(_TEXT_BOOL.get, texts))
+        return self._cells(k, cells, bad, values, output, errors) if bad else values
 
-    def _string(self, k, cells, output, errors):  # type: ignore[no-untyped-def]
+    def _string(
+        self, k: int, cells: Sequence[Any], output: int, errors: dict[int, list[CellError]]
+    ) -> Sequence[Any] | None:
         if not self.unguard_text:  # "" is a value then: the converter decides, cell by cell
             return None
         try:
@@ -293,9 +311,15 @@ class ColumnChecker:
             texts = list(texts) if all(texts) else [v or None for v in texts]
         elif bad and output == TEXT:
             texts = list(texts)
-        return self._cells(k, cells, bad, texts, output, errors) if bad else texts
+        if not bad:
+            return texts
+        # A list of our own wherever _cells writes into it (TEXT, TYPED); with NO_OUTPUT it may
+        # still be the caller's cells, which _cells then does not touch.
+        return self._cells(k, cells, bad, cast("list[Any]", texts), output, errors)
 
-    _FAST: dict[str, Callable[..., list | None]] = {
+    _FAST: dict[
+        str, Callable[[ColumnChecker, int, Sequence[Any], int, dict[int, list[CellError]]], Sequence[Any] | None]
+    ] = {
         "string": _string, "integer": _integer, "float": _float, "boolean": _boolean, "date": _date,
         "datetime": _datetime,
     }  # fmt: skip

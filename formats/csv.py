@@ -48,9 +48,10 @@ import csv
 import io
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, islice
 from operator import itemgetter
+from typing import Any
 
 import orjson
 
@@ -73,7 +74,7 @@ def unguard(text: str) -> str:
     return text[1:] if _IS_GUARDED(text) else text
 
 
-def guard_column(cells: Sequence) -> Sequence:
+def guard_column(cells: Sequence[Any]) -> Sequence[Any]:
     """``guard`` over one column of cells; ``None`` passes through."""
     # Most batches have no cell to guard: one regex over the joined column finds that out in C.
     # A NUL inside a cell can only cause a false alarm, which the exact per-cell pass settles.
@@ -89,14 +90,18 @@ def guard_column(cells: Sequence) -> Sequence:
 _BOOL_TEXT = {True: "true", False: "false"}
 
 
-def bool_column(cells: Sequence) -> list:
+def bool_column(cells: Sequence[Any]) -> list[Any]:
     """``true``/``false`` as JSON spells them; ``None`` passes through."""
     return list(map(_BOOL_TEXT.get, cells, cells))
 
 
-def column_fixes(columns: Sequence[Column], formula_guard: bool) -> list[tuple[int, Callable[[Sequence], Sequence]]]:
+# A column's cells in, the same column fixed out (guarded, booleans spelled).
+ColumnFix = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+def column_fixes(columns: Sequence[Column], formula_guard: bool) -> list[tuple[int, ColumnFix]]:
     """(index, transform) for the columns whose cells need Python-side work before encoding."""
-    fixes: list[tuple[int, Callable[[Sequence], Sequence]]] = []
+    fixes: list[tuple[int, ColumnFix]] = []
     for i, column in enumerate(columns):
         if column.type == "boolean":
             fixes.append((i, bool_column))
@@ -127,10 +132,13 @@ def _number_text(blob: bytes) -> bytes:
         blob = _SHORT_EXPONENT(b"e-0", blob)
     at = blob.find(b"0.0000")
     if at >= 0:  # 1e-5 <= |x| < 1e-4: orjson writes it in full, repr with an exponent ("1e-05")
-        out, done = [], 0
+        out: list[bytes] = []
+        done = 0
         while at >= 0:
             if blob[at - 1 : at] in b"[,-":  # the number begins there (after its sign)
-                end = _DIGITS(blob, at + 6).end()
+                digits = _DIGITS(blob, at + 6)
+                assert digits is not None  # [0-9]* matches anywhere, if only the empty string
+                end = digits.end()
                 out += (blob[done:at], repr(float(blob[at:end])).encode())
                 done = end
             at = blob.find(b"0.0000", at + 6)
@@ -138,7 +146,7 @@ def _number_text(blob: bytes) -> bytes:
     return blob.translate(None, b"nul") if b"n" in blob else blob
 
 
-def _finite(cells) -> bool:
+def _finite(cells: Iterable[Any]) -> bool:
     """No NaN or infinity among ``cells`` (ints, floats and ``None``)."""
     try:
         return math.isfinite(sum(filter(None, cells)))
@@ -151,7 +159,7 @@ def _finite(cells) -> bool:
 UNKNOWN, NUMBERS, FINITE = 0, 1, 2
 
 
-def _numbers(values: Sequence, *, rows: bool, known: int = UNKNOWN) -> bytes | None:
+def _numbers(values: Sequence[Any], *, rows: bool, known: int = UNKNOWN) -> bytes | None:
     """``values`` (a column, or with ``rows`` a list of each row's run of cells) as number text;
     ``None`` if a cell is not a plain int, float or ``None`` that orjson writes the way the csv
     module would."""
@@ -169,7 +177,7 @@ def _numbers(values: Sequence, *, rows: bool, known: int = UNKNOWN) -> bytes | N
 def orjson_writes_repr() -> bool:
     """Whether the installed orjson writes numbers the way ``_number_text`` expects: checked on
     values around every place where orjson's spelling and ``repr``'s part ways."""
-    values: list = [
+    values: list[Any] = [
         0.0,
         -0.0,
         1.0,
@@ -222,7 +230,9 @@ _GUARD_MARK = bytes.maketrans(_GUARD_FIRST, b"=" * len(_GUARD_FIRST))
 _GUARD_ALL = re.compile(rb"\0(?='*[=+\-@\t\r])").sub  # a literal replacement: no Python call per cell
 
 
-def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequence], str]) -> list[bytes] | None:
+def _texts(
+    cells: Sequence[Any], formula_guard: bool, quote_column: Callable[[Sequence[Any]], str]
+) -> list[bytes] | None:
     """A column of ``str``/``None`` as CSV fields in UTF-8 (guarded, quoted, ``None`` empty);
     ``None`` if some cell is of another type or holds a NUL."""
     if len(cells) >= _FEW_VALUES_FROM:
@@ -248,17 +258,18 @@ def _texts(cells: Sequence, formula_guard: bool, quote_column: Callable[[Sequenc
     count = len(cells)
     if data.count(b"\0") != count - 1:  # a NUL inside a cell: it would split wrongly
         return None
+    texts: Sequence[Any] | None = cells  # None once the guarded cells are in ``data`` only
     if formula_guard and b"\0=" in b"\0" + data.translate(_GUARD_MARK):
         # Some cell begins with a trigger or a quote: it may need the guard.
         if set(map(type, cells)) == {str}:  # guard_column guards exact str cells only
             data = _GUARD_ALL(b"\0'", b"\0" + data)[1:]
-            cells = None
+            texts = None
         else:
-            cells = ["'" + v if v.__class__ is str and _NEEDS_GUARD(v) else v for v in cells]
-            data = "\0".join(cells).encode("utf-8")
+            texts = ["'" + v if v.__class__ is str and _NEEDS_GUARD(v) else v for v in cells]
+            data = "\0".join(texts).encode("utf-8")
     specials = data.translate(_SPECIAL_MARK).count(b",")
     if specials * 8 > count:  # many cells to quote: the csv module quotes the whole column
-        text = quote_column(data.decode("utf-8").split("\0") if cells is None else cells)
+        text = quote_column(data.decode("utf-8").split("\0") if texts is None else texts)
         return text.encode("utf-8").split(b"\0")
     fields = data.split(b"\0")
     if specials:  # a few: find them, counting the separators in front of each special character
@@ -281,7 +292,7 @@ _BOOL_FIELD = {True: b"true", False: b"false", None: b""}
 _JOIN = 4096
 
 
-def _bools(cells: Sequence) -> list[bytes] | None:
+def _bools(cells: Sequence[Any]) -> list[bytes] | None:
     if not set(map(type, cells)) <= _BOOL_TYPES:
         return None
     return list(map(_BOOL_FIELD.__getitem__, cells))
@@ -351,8 +362,8 @@ class CsvWriter:
     def render(
         self,
         count: int,
-        column: Callable[[int], Sequence],
-        run: Callable[[int, int], tuple[Sequence[Sequence], int]],
+        column: Callable[[int], Sequence[Any]],
+        run: Callable[[int, int], tuple[Sequence[Sequence[Any]], int]],
         known: int = UNKNOWN,
     ) -> bytes:
         """``count`` rows given column-wise, as ``write`` writes them (only while ``FAST``).
@@ -405,17 +416,17 @@ class CsvWriter:
         self._column_buffer.truncate()
         return text
 
-    def _exact(self, parts: Sequence[Sequence], start: int) -> list[bytes]:
+    def _exact(self, parts: Sequence[Sequence[Any]], start: int) -> list[bytes]:
         """Each row's cells ``parts`` (the columns from ``start`` on) as the csv module writes them
         within a row: fixed first, then written with one more empty field so that a lone empty
         field is not quoted, which is taken off again."""
         fixes = [(i - start, fix) for i, fix in self._fixes if start <= i < start + len(parts[0])]
         if fixes:
-            columns = list(zip(*parts, strict=True))
+            columns: list[Sequence[Any]] = list(zip(*parts, strict=True))
             for i, fix in fixes:
                 columns[i] = fix(columns[i])
             parts = list(zip(*columns, strict=True))
-        out = []
+        out: list[bytes] = []
         writerow, buffer = self._csv.writerow, self._buffer
         for cells in parts:
             writerow((*cells, None))
@@ -426,14 +437,15 @@ class CsvWriter:
 
     def _write_csv(self, rows: Sequence[Row]) -> bytes:
         """The whole batch through the csv module (and the column fixes)."""
+        table: Iterable[Sequence[Any]] = rows
         if self._fixes:
             # Transpose, fix the few columns that need it, transpose back: cheaper than
             # looking at every cell of every row.
-            cells = list(zip(*rows, strict=True))
+            cells: list[Sequence[Any]] = list(zip(*rows, strict=True))
             for i, fix in self._fixes:
                 cells[i] = fix(cells[i])
-            rows = zip(*cells, strict=True)  # type: ignore[assignment]
-        self._csv.writerows(rows)
+            table = zip(*cells, strict=True)
+        self._csv.writerows(table)
         return self._drain()
 
     def finish(self) -> Iterator[bytes]:

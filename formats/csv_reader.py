@@ -45,7 +45,6 @@ import csv
 import io
 from collections.abc import Iterator
 from itertools import chain, islice
-from typing import BinaryIO
 
 from formats.csv import unguard
 from formats.records import (
@@ -58,7 +57,7 @@ from formats.records import (
     shorten,
     text_over,
 )
-from formats.utf8 import Utf8Chunks
+from formats.utf8 import ByteStream, Utf8Chunks
 
 MAX_LINE_CELLS = 16
 
@@ -92,7 +91,7 @@ def _split_lines(text: str) -> list[str]:
 
 
 class CsvReader:
-    def __init__(self, stream: BinaryIO, *, max_cell_bytes: int) -> None:
+    def __init__(self, stream: ByteStream, *, max_cell_bytes: int) -> None:
         self.max_cell_bytes = max_cell_bytes
         self._source = Utf8Chunks(stream, format="CSV")
         _raise_field_limit(max_cell_bytes)

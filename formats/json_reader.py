@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from formats.limits import number_or_long
 from formats.records import FileError, FileLimitError, Record, as_text, json_text, text_over
-from formats.utf8 import Utf8Chunks
+from formats.utf8 import ByteStream, Utf8Chunks
 
 # A row may take at most this many cells' worth of bytes (a JSON element, an NDJSON line).
 MAX_ROW_CELLS = 16
@@ -116,7 +116,7 @@ def kind_of(value: Any) -> str:
     return "a number"
 
 
-def oversized(obj: dict, limit: int) -> str | None:
+def oversized(obj: dict[str, Any], limit: int) -> str | None:
     """The first key whose value is larger than ``limit`` bytes, if any."""
     for key, value in obj.items():
         if isinstance(value, str):
@@ -173,7 +173,7 @@ class _Careful:
     def __init__(self, data: bytes, max_nesting: int) -> None:
         self.data, self.max_nesting, self.at = data, max_nesting, 0
 
-    def token(self) -> re.Match:
+    def token(self) -> re.Match[bytes]:
         found = _TOKEN.match(self.data, self.at)
         if found is None:
             rest = self.data[self.at :].lstrip()
@@ -198,15 +198,16 @@ class _Careful:
 
     def string(self, text: bytes, at: int) -> str:
         try:
-            return orjson.loads(text)
+            string: str = orjson.loads(text)  # the token is a JSON string
+            return string
         except orjson.JSONDecodeError as error:
             reason = surrogate_reason(text)
             if reason is not None:
                 raise RowRefused(reason) from None
             raise JsonSyntax(f"invalid string ({error.msg})", at) from None
 
-    def array(self, depth: int) -> list:
-        out: list = []
+    def array(self, depth: int) -> list[Any]:
+        out: list[Any] = []
         after = self.at
         if self.token().group(4) == b"]":
             return out
@@ -219,8 +220,8 @@ class _Careful:
             if mark.group(4) != b",":
                 raise JsonSyntax("expect ',' or ']'", mark.start())
 
-    def object(self, depth: int) -> dict:
-        out: dict = {}
+    def object(self, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         token = self.token()
         if token.group(4) == b"}":
             return out
@@ -278,8 +279,12 @@ class _Scan:
 
 class JsonReader:
     fields = None
+    # Where records() is: set when it starts.
+    _pos: int
+    _state: int
+    _scan: _Scan | None
 
-    def __init__(self, stream: BinaryIO, *, max_cell_bytes: int, max_nesting: int = 8) -> None:
+    def __init__(self, stream: ByteStream, *, max_cell_bytes: int, max_nesting: int = 8) -> None:
         self.max_cell_bytes = max_cell_bytes
         self.max_nesting = max_nesting
         self.max_row_bytes = MAX_ROW_CELLS * max_cell_bytes
@@ -314,7 +319,7 @@ class JsonReader:
         """Everything ``buf`` holds from ``self._pos`` that can be read yet."""
         size = len(buf)
         while True:
-            p = _SKIP_WS.match(buf, self._pos).end() if self._scan is None else self._pos
+            p = _SKIP_WS.match(buf, self._pos).end() if self._scan is None else self._pos  # type: ignore[union-attr]  # whitespace* matches anywhere
             state = self._state
             if p == size:
                 self._pos = p
@@ -369,7 +374,7 @@ class JsonReader:
                 yield self._element(self._count, bytes(buf[p : one.end()]), p)
                 if one.end() >= end:
                     return
-                p = _SEP.match(buf, one.end()).end()
+                p = _SEP.match(buf, one.end()).end()  # type: ignore[union-attr]  # a run has "," between elements
         check = end - start > self.max_cell_bytes  # else no cell of the run can be over the limit
         for value in values:
             self._count += 1
@@ -391,7 +396,10 @@ class JsonReader:
             found = _SCALAR_END.search(buf, at)
             if found is not None:
                 return found.start()
-            return size if final else self._wait(scan, start, size)
+            if final:
+                return size
+            self._wait(scan, start, size)
+            return None
         depth, in_string = scan.depth, scan.in_string
         while True:
             if in_string:
@@ -431,7 +439,8 @@ class JsonReader:
         scan.depth, scan.in_string = depth, in_string
         if final:
             return None  # the file ends inside the element: the caller says so
-        return self._wait(scan, start, at)
+        self._wait(scan, start, at)
+        return None
 
     def _wait(self, scan: _Scan, start: int, at: int) -> None:
         scan.done = at - start
@@ -502,7 +511,7 @@ class JsonReader:
 class NdjsonReader:
     fields = None
 
-    def __init__(self, stream: BinaryIO, *, max_cell_bytes: int, max_nesting: int = 8) -> None:
+    def __init__(self, stream: ByteStream, *, max_cell_bytes: int, max_nesting: int = 8) -> None:
         self.max_cell_bytes = max_cell_bytes
         self.max_nesting = max_nesting
         self.max_line_bytes = MAX_ROW_CELLS * max_cell_bytes

@@ -8,7 +8,7 @@ the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from formats import writer_for
@@ -18,7 +18,7 @@ from sources.query import Query
 
 async def encode(
     source: Source, query: Query, file_format: str, *, batch_rows: int, formula_guard: bool
-) -> AsyncIterator[tuple[bytes, int]]:
+) -> AsyncGenerator[tuple[bytes, int], None]:
     # aclosing: when this generator is closed early (cancel, client gone), the source's generator is
     # closed right then, releasing its cursor or scroll, rather than whenever it is collected.
     render_csv = getattr(source, "csv_batches", None)

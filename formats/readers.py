@@ -15,16 +15,19 @@ does. The CSV reader also reads a batch of rows at a time, column by column (``R
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from formats.limits import ParseLimits
 from formats.records import Record
+from formats.utf8 import ByteStream
 
 
 class Reader(Protocol):
-    # CSV/XLSX: the header's names, read when the reader is made. JSON/NDJSON: None (each record
-    # carries its own keys).
-    fields: list[str] | None
+    @property
+    def fields(self) -> list[str] | None:
+        """CSV/XLSX: the header's names, read when the reader is made. JSON/NDJSON: None (each
+        record carries its own keys)."""
+        ...
 
     @property
     def bytes_read(self) -> int:
@@ -39,7 +42,7 @@ class Reader(Protocol):
     # for ``formats.column_checker.ColumnChecker``; the worker uses it where a reader has it.
 
 
-def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int, limits: ParseLimits | None = None) -> Reader:
+def reader_for(format: str, stream: ByteStream, *, max_cell_bytes: int, limits: ParseLimits | None = None) -> Reader:
     """A reader for ``stream`` in ``format`` (CSV, JSON, NDJSON or XLSX, any case); ``KeyError`` for
     another name.
 
@@ -65,5 +68,6 @@ def reader_for(format: str, stream: BinaryIO, *, max_cell_bytes: int, limits: Pa
     if name == "XLSX":
         from formats.xlsx_reader import XlsxReader
 
-        return XlsxReader(stream, max_cell_bytes=max_cell_bytes, limits=limits)
+        # The caller's promise (see above): an XLSX stream is a seekable file.
+        return XlsxReader(cast(BinaryIO, stream), max_cell_bytes=max_cell_bytes, limits=limits)
     raise KeyError(format)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from formats.converters import BOOLEANS, INT_MAX, INT_MIN, CellError, Refused, converter
-from sources.base import Column
+from sources.base import Column, Row
 
 
 class RowConverter:
@@ -29,7 +29,7 @@ class RowConverter:
         self._converters = tuple(converter(c, unguard_text=unguard_text) for c in self.columns)
         self._row = compile_row(self.columns, self._converters, unguard_text=unguard_text)
 
-    def convert(self, values: dict[str, Any]) -> tuple[tuple | None, list[CellError]]:
+    def convert(self, values: dict[str, Any]) -> tuple[Row | None, list[CellError]]:
         """``values`` (field -> raw cell, keys restricted to column names; absent ones are None) as
         a row tuple in column order and ``[]``, or ``None`` and an error for every bad cell."""
         try:
@@ -90,16 +90,17 @@ def _fast_path(column: Column, i: int, unguard_text: bool) -> list[str]:
 
 def compile_row(
     columns: Sequence[Column], converters: Sequence[Callable[[Any], Any]], *, unguard_text: bool
-) -> Callable[[dict[str, Any]], tuple]:
+) -> Callable[[dict[str, Any]], Row]:
     """A function of a record's cells that returns the typed row or raises ``Refused``."""
     lines = ["def row(values):", "    get = values.get"]
     scope: dict[str, Any] = {"BOOLEANS": BOOLEANS}
     for i, (column, convert) in enumerate(zip(columns, converters, strict=True)):
         scope[f"n{i}"], scope[f"c{i}"] = column.name, convert
         if column.type == "date":
-            scope[f"s{i}"] = convert.seen  # type: ignore[attr-defined]
+            scope[f"s{i}"] = convert.seen  # type: ignore[attr-defined]  # set on the date converter (formats.converters)
         lines.append(f"    x = get(n{i})")
         lines += [f"    {line}" for line in _fast_path(column, i, unguard_text)]
     lines.append(f"    return ({''.join(f'v{i}, ' for i in range(len(columns)))})")
     exec("\n".join(lines), scope)
-    return scope["row"]
+    row: Callable[[dict[str, Any]], Row] = scope["row"]  # the function exec just made
+    return row

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Protocol
 
 from formats.records import FileError
 
@@ -20,6 +20,13 @@ CHUNK_BYTES = 64 * 1024
 _BOM = "\ufeff"
 
 
+class ByteStream(Protocol):
+    """What a reader reads: ``read(n)`` and nothing else (a local file, boto3's StreamingBody, a
+    stored file's ``storage.base.ReadStream``). XLSX needs more: a seekable file."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
 class Utf8Chunks:
     """A binary stream read in ``CHUNK_BYTES`` pieces and checked to be UTF-8 on the way.
 
@@ -28,7 +35,7 @@ class Utf8Chunks:
     naming the line and byte offset, after everything before them has been yielded.
     """
 
-    def __init__(self, stream: BinaryIO, *, format: str) -> None:
+    def __init__(self, stream: ByteStream, *, format: str) -> None:
         self._stream = stream
         self._format = format
         self.bytes_read = 0

@@ -16,6 +16,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import xlsxwriter
 
@@ -66,7 +67,7 @@ class XlsxWriter:
 
     def write(self, rows: Sequence[Row]) -> bytes:
         if rows and self._guarded:
-            cells = list(zip(*rows, strict=True))
+            cells: list[Sequence[Any]] = list(zip(*rows, strict=True))
             for i in self._guarded:
                 cells[i] = guard_column(cells[i])
             rows = list(zip(*cells, strict=True))
@@ -86,7 +87,7 @@ class XlsxWriter:
         """Remove the temp file; safe to call at any time, and more than once."""
         self._cleanup()
 
-    def _write_rows(self, rows: Sequence[Row]) -> None:
+    def _write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         # xlsxwriter silently drops cells past the last sheet row; a cut-off export must fail.
         if self._row + len(rows) > MAX_ROWS:
             raise ValueError(f"XLSX holds at most {MAX_ROWS - 1:,} rows besides the header")

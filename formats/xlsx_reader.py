@@ -41,8 +41,8 @@ import datetime as dt
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, Protocol
 
 import openpyxl
 from openpyxl.utils import get_column_letter
@@ -64,6 +64,16 @@ MAX_MEMBERS = 10_000
 MAX_PART_BYTES = 32 * 1024 * 1024
 # The inflated/compressed ratio is only judged for members larger than this.
 RATIO_FROM_BYTES = 1024 * 1024
+
+
+class SeekableFile(Protocol):
+    """What zipfile reads an archive from."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
 
 
 class CountingFile:
@@ -107,7 +117,7 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
-def xlsx_line(cells: list) -> str:
+def xlsx_line(cells: list[Any]) -> str:
     return csv_line([cell_text(v) for v in cells])
 
 
@@ -121,20 +131,27 @@ def _size(n: int) -> str:
     return f"{n / MiB:,.1f} MiB" if n >= MiB else f"{n:,} bytes"
 
 
-def check_archive(file: BinaryIO, limits: ParseLimits) -> None:
+# zipfile's reader of the end-of-directory record and its fields (private, but stable since Python 2,
+# and so not in the type stubs): it reads only the end record.
+_end_record: Callable[[SeekableFile], list[Any] | None] = zipfile._EndRecData  # type: ignore[attr-defined]
+_ECD_ENTRIES_TOTAL: int = zipfile._ECD_ENTRIES_TOTAL  # type: ignore[attr-defined]
+_ECD_SIZE: int = zipfile._ECD_SIZE  # type: ignore[attr-defined]
+
+
+def check_archive(file: SeekableFile, limits: ParseLimits) -> None:
     """Refuse an archive whose parts would inflate past the limits (see the module docstring),
     from its directory alone. A file that is not a zip archive passes: openpyxl says what it is."""
     file.seek(0)
     try:
-        end = zipfile._EndRecData(file)  # (private, but stable since Python 2): reads only the end record
+        end = _end_record(file)
     except OSError:
         end = None
     if not end:
         file.seek(0)
         return
-    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_MEMBERS or end[zipfile._ECD_SIZE] > MAX_MEMBERS * 1024:
+    if end[_ECD_ENTRIES_TOTAL] > MAX_MEMBERS or end[_ECD_SIZE] > MAX_MEMBERS * 1024:
         raise FileLimitError(
-            f"the archive lists {end[zipfile._ECD_ENTRIES_TOTAL]:,} members; an XLSX workbook has a few dozen "
+            f"the archive lists {end[_ECD_ENTRIES_TOTAL]:,} members; an XLSX workbook has a few dozen "
             f"(at most {MAX_MEMBERS:,} are read)"
         )
     file.seek(0)
@@ -217,7 +234,8 @@ class XlsxReader:
                 raise FileError("the workbook has no sheet: the first sheet must hold a header row and the rows")
             sheet = self._book.worksheets[0]
             self.sheet_name = sheet.title
-            source = self._book._archive.open(sheet._worksheet_path)
+            # openpyxl's read-only internals (not in its stubs): the open archive and the sheet's part.
+            source = self._book._archive.open(sheet._worksheet_path)  # type: ignore[attr-defined]
         except FileError:
             raise
         except Exception as error:  # openpyxl raises a dozen kinds for a file that is not a workbook
@@ -229,11 +247,11 @@ class XlsxReader:
         # openpyxl's own cell parser (shared strings, dates, formulas), fed one cell at a time.
         self._cells = WorkSheetParser(
             source,
-            sheet._shared_strings,
+            sheet._shared_strings,  # type: ignore[attr-defined]  # openpyxl internals, as above
             data_only=False,
             epoch=self._book.epoch,
-            date_formats=self._book._date_formats,
-            timedelta_formats=self._book._timedelta_formats,
+            date_formats=self._book._date_formats,  # type: ignore[attr-defined]  # openpyxl internals
+            timedelta_formats=self._book._timedelta_formats,  # type: ignore[attr-defined]  # (as above)
         )
         self._source = source
         self._width = MAX_COLUMNS  # cells kept per row: the header's width once it is read
@@ -409,8 +427,8 @@ class XlsxReader:
                 if problem is None and not any(v is not None for v in values):
                     empty += 1  # a record of empty cells if a row follows, else nothing
                     continue
-                for at in range(number - empty, number):
-                    yield Record(at, dict.fromkeys(fields), None, [None] * n, xlsx_line)
+                for skipped in range(number - empty, number):
+                    yield Record(skipped, dict.fromkeys(fields), None, [None] * n, xlsx_line)
                 empty = 0
                 record = dict(zip(fields, values, strict=True))
                 yield Record(number, record, problem, values, xlsx_line)

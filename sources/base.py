@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,8 +102,11 @@ class Source(Protocol):
         export is requested): a source that plans its read by the count takes this one."""
         ...
 
-    def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
-        """Matching rows in a stable order, as tuples in ``query.columns`` order, typed per column."""
+    def batches(self, query: Query, batch_rows: int) -> AsyncGenerator[list[Row], None]:
+        """Matching rows in a stable order, as tuples in ``query.columns`` order, typed per column.
+
+        An async generator: a caller that stops early closes it (``contextlib.aclosing``), and the
+        source releases its cursor or scroll right then."""
         ...
 
     async def close(self) -> None: ...

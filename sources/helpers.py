@@ -23,7 +23,7 @@ import concurrent.futures
 import multiprocessing
 import multiprocessing.forkserver
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -49,7 +49,7 @@ def prepare(main_modules: Sequence[str] = ()) -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def _start(owner: int, initializer: Callable[..., None], initargs: tuple) -> None:
+def _start(owner: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
     # A SIGKILLed worker must not leave its helpers running. (Their parent is the fork server,
     # which lives as long as any helper does.)
     exit_with(owner)
@@ -68,14 +68,14 @@ def _ready() -> None:
 class HelperPool:
     """Work handed to helper processes, its results taken in order with the rows each holds."""
 
-    def __init__(self, initializer: Callable[..., None], initargs: tuple, *, processes: int = HELPERS,
+    def __init__(self, initializer: Callable[..., None], initargs: tuple[Any, ...], *, processes: int = HELPERS,
                  depth: int = 2):  # fmt: skip
         self.processes = processes
         self.depth = depth
         self.args = (os.getpid(), initializer, initargs)
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._starting: asyncio.Future[concurrent.futures.ProcessPoolExecutor] | None = None
-        self.pending: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.pending: collections.deque[tuple[asyncio.Future[Any], int]] = collections.deque()
 
     @property
     def started(self) -> bool:
@@ -99,7 +99,7 @@ class HelperPool:
         self._starting = asyncio.get_running_loop().run_in_executor(None, start)
         self._starting.add_done_callback(self._started)
 
-    def _started(self, starting: asyncio.Future) -> None:
+    def _started(self, starting: asyncio.Future[concurrent.futures.ProcessPoolExecutor]) -> None:
         if starting.cancelled() or starting.exception() is not None:
             return
         if starting is self._starting:
@@ -127,14 +127,14 @@ class HelperPool:
             return
         self.pending.append((self._submit(work, args), rows))
 
-    def _submit(self, work: Callable[..., Any], args: tuple) -> asyncio.Future:
+    def _submit(self, work: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
         assert self.pool is not None
         try:
             return asyncio.wrap_future(self.pool.submit(work, *args))
         except BrokenProcessPool as e:
             raise _ended() from e
 
-    async def _submit_once_started(self, work: Callable[..., Any], args: tuple) -> Any:
+    async def _submit_once_started(self, work: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         await self.start()
         return await self._submit(work, args)
 
@@ -144,7 +144,7 @@ class HelperPool:
         done.set_result(result)
         self.pending.append((done, rows))
 
-    async def results(self, *, every: bool = False) -> AsyncIterator[tuple[Any, int]]:
+    async def results(self, *, every: bool = False) -> AsyncGenerator[tuple[Any, int], None]:
         """The results to take now, in order: while too much work is out, or the oldest is done
         (with ``every``: all that is left, when no more work will come)."""
         while self.pending and (every or self.full or self.pending[0][0].done()):

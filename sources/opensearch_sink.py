@@ -49,6 +49,7 @@ the reason; the rows before it in the batch are written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -327,7 +328,7 @@ class OpenSearchSink:
         what = f"writing to index '{self.index}'"
         for attempt in range(len(self.retry_delays) + 1):
             body = b"".join(lines[i] for i in pending)
-            response = await self._call(what, lambda body=body: self.client.bulk(body=body, index=self.index))
+            response = await self._call(what, functools.partial(self.client.bulk, body=body, index=self.index))
             items = response.get("items") or []
             if len(items) != len(pending):
                 raise SinkError(
@@ -338,7 +339,7 @@ class OpenSearchSink:
             again: list[int] = []
             last_error = ""
             for i, item in zip(pending, items, strict=True):
-                result = next(iter(item.values()), {}) or {}
+                result: dict[str, Any] = next(iter(item.values()), {}) or {}
                 status = int(result.get("status") or 0)
                 if 200 <= status < 300:
                     continue

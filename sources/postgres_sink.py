@@ -82,7 +82,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -109,7 +109,10 @@ from sources.sink_base import (
 
 log = logging.getLogger("dataport.sinks.postgres")
 
-try:  # psycopg's C row formatter (psycopg[binary] or [c]); the fallback is Copy.write_row
+# psycopg's C row formatter (psycopg[binary] or [c]): a row, the transformer, the buffer it appends
+# to. The fallback is Copy.write_row.
+_FORMAT_ROW: Callable[[Sequence[Any], Any, bytearray], None] | None
+try:
     from psycopg._cmodule import _psycopg
 
     _FORMAT_ROW = getattr(_psycopg, "format_row_text", None)
@@ -395,6 +398,7 @@ class PostgresSink:
         out = bytearray()
         tx = copy.formatter.transformer
         fmt = _FORMAT_ROW
+        assert fmt is not None  # (the caller writes through Copy.write_row without it)
         try:
             for row in rows:
                 fmt(row, tx, out)
@@ -439,16 +443,18 @@ class PostgresSink:
     def _cell_error(self, rows: list[Row], first: int, tx: Any) -> SinkError:
         """Which row and cell psycopg could not turn into COPY text (a NUL character in text, an
         object of a type it does not know)."""
+        fmt = _FORMAT_ROW
+        assert fmt is not None  # called by _format only
         scratch = bytearray()
         for n, row in enumerate(rows):
             try:
-                _FORMAT_ROW(row, tx, scratch)
+                fmt(row, tx, scratch)
                 continue
             except Exception as e:
                 problem = e
             for column, cell in zip(self.columns, row, strict=False):
                 try:
-                    _FORMAT_ROW((cell,), tx, scratch)
+                    fmt((cell,), tx, scratch)
                 except Exception as e:
                     return SinkError(
                         f"dataset '{self.dataset.name}': row {first + n}, column '{column.name}': "
@@ -653,7 +659,7 @@ def _shown_key(cols: list[str], values: str, types: dict[str, str]) -> str:
 
 
 async def _connect(dataset: Dataset) -> psycopg.AsyncConnection:
-    params = conninfo_to_dict(dataset.url)
+    params: dict[str, Any] = conninfo_to_dict(dataset.url)  # libpq keywords, which connect() takes as **kwargs
     params.setdefault("application_name", APPLICATION_NAME)
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     params["client_encoding"] = "UTF8"  # the text the formatter writes; any server encoding converts from it

@@ -194,16 +194,16 @@ def build_query(
     compiled_sort = []
     sorted_on: set[str] = set()
     for i, raw in enumerate(sort or ()):
-        name = raw.get("field")
-        column = dataset.column(name) if isinstance(name, str) else None
+        field = raw.get("field")
+        column = dataset.column(field) if isinstance(field, str) else None
         if column is None:
-            bad(f"Dataset '{dataset.name}' has no column '{shown(name)}'.", errors.UNKNOWN_COLUMN, "sort", i, "field")
+            bad(f"Dataset '{dataset.name}' has no column '{shown(field)}'.", errors.UNKNOWN_COLUMN, "sort", i, "field")
         elif not column.sortable:
-            bad(f"Column '{name}' cannot be sorted on.", errors.NOT_SORTABLE, "sort", i, "field")
-        elif name in sorted_on:
-            bad(f"Column '{name}' is sorted on twice.", errors.DUPLICATE_COLUMN, "sort", i, "field")
+            bad(f"Column '{column.name}' cannot be sorted on.", errors.NOT_SORTABLE, "sort", i, "field")
+        elif column.name in sorted_on:
+            bad(f"Column '{column.name}' is sorted on twice.", errors.DUPLICATE_COLUMN, "sort", i, "field")
         else:
-            sorted_on.add(name)
+            sorted_on.add(column.name)
             direction = str(raw.get("direction") or "ASC").upper()
             compiled_sort.append(Sort(column, descending=direction == "DESC"))
 

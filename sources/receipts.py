@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -38,7 +39,7 @@ class Receipt:
     rows: int = 0  # filled in by the sink at commit
 
 
-def table_for(dataset: Dataset, quote_name) -> str:
+def table_for(dataset: Dataset, quote_name: Callable[[str], str]) -> str:
     """The receipts table, quoted, in the schema of the dataset's table (``schema.table``)."""
     schema, dot, _ = dataset.table.rpartition(".")
     return f"{quote_name(schema)}.{quote_name(TABLE)}" if dot else quote_name(TABLE)

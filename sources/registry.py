@@ -177,7 +177,7 @@ def _scope(value: Any, columns: set[str], fail: Callable[[str, str], DatasetConf
     return Scope(column=column, claim=claim)
 
 
-def _resolve_url(url: Any, fail) -> str:
+def _resolve_url(url: Any, fail: Callable[[str, str], DatasetConfigError]) -> str:
     if not isinstance(url, str) or not url:
         raise fail("url", "is required")
     if url.startswith("env:"):
@@ -188,7 +188,7 @@ def _resolve_url(url: Any, fail) -> str:
     return url
 
 
-def _column(name: str, spec: Any, fail) -> Column:
+def _column(name: str, spec: Any, fail: Callable[[str, str], DatasetConfigError]) -> Column:
     if not isinstance(spec, dict):
         raise fail(f"columns.{name}", 'must be a table such as { type = "float" }')
     unknown = set(spec) - _COLUMN_KEYS

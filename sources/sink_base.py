@@ -73,7 +73,8 @@ def same_value(stored: Any, written: Any) -> bool:
     """Equal as cells: True is not 1, None is nothing else; 3 equals 3.0."""
     if stored is None or written is None or stored.__class__ is bool or written.__class__ is bool:
         return stored is written
-    return stored == written
+    same: bool = stored == written  # (cells: == is a bool)
+    return same
 
 
 def check_scope(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class SqliteSource:
         def run() -> int:
             conn = self._connect()
             try:
-                return conn.execute(compiled.count, compiled.params).fetchone()[0]
+                count: int = conn.execute(compiled.count, compiled.params).fetchone()[0]
+                return count
             finally:
                 self._release(conn)
 
@@ -58,7 +59,7 @@ class SqliteSource:
     async def counted(self, query: Query, rows: int) -> None:
         """Nothing to do: reads do not depend on the count."""
 
-    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+    async def batches(self, query: Query, batch_rows: int) -> AsyncGenerator[list[Row], None]:
         compiled = compile_query(query, self.dataset.table, SQLITE)
         convert = _converter(query.columns)
         conn = await asyncio.to_thread(_translated, self._connect, self.dataset)

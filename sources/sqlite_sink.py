@@ -40,7 +40,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sources import receipts
@@ -61,6 +61,8 @@ from sources.sink_base import (
 from sources.sql import SQLITE
 
 log = logging.getLogger("dataport.sinks.sqlite")
+
+T = TypeVar("T")
 
 _SLICE_ROWS = 1000
 _LOOKUP_ROWS = 500  # keys per foreign_rows query (SQLite binds at most 32,766 parameters)
@@ -203,7 +205,7 @@ class SqliteSink:
                 f"{self.dataset.table} ({keys})) or import in INSERT mode"
             )
 
-    def _has_unique(self, info: list[tuple], key: set[str]) -> bool:
+    def _has_unique(self, info: list[tuple[Any, ...]], key: set[str]) -> bool:
         assert self._conn is not None
         if {name for _, name, _, _, _, pk in info if pk} == key:
             return True
@@ -352,7 +354,7 @@ class SqliteSink:
                 f"dataset '{self.dataset.name}': an earlier write of this import failed ({self._failed}); roll it back"
             )
 
-    async def _run(self, fn: Callable[[], Any]) -> Any:
+    async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _translated, fn, self.dataset)
 
 
@@ -360,7 +362,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _translated(fn: Callable[[], Any], dataset: Dataset) -> Any:
+def _translated(fn: Callable[[], T], dataset: Dataset) -> T:
     """Run ``fn``; sqlite3's errors become sink errors that say whether a retry can help."""
     try:
         return fn()

@@ -39,6 +39,8 @@ from storage.disposition import content_disposition
 from storage.signing import signed_path
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import MultipartUploadTypeDef  # boto3-stubs, a test dependency
+
     from dataport.settings import Settings
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -131,7 +133,8 @@ class S3ReadStream(io.RawIOBase):
         try:
             # StreamingBody checks the byte count against Content-Length at the end: a body cut
             # short raises IncompleteReadError instead of passing for a shorter file.
-            return self._body.readinto(buffer)
+            read: int = self._body.readinto(buffer)  # (botocore's StreamingBody is untyped)
+            return read
         except (BotoCoreError, ClientError) as e:
             raise storage_error(e, f"reading {self._where}") from e
 
@@ -244,7 +247,8 @@ class S3Writer:
         self._state = "completing"
         try:
             if self._upload_id is None and self._inflight is None:
-                call = self._start(
+                # Awaited for completion only: what S3 answers is not read.
+                call: asyncio.Future[object] = self._start(
                     "PutObject",
                     self._s3.client.put_object,
                     Body=bytes(self._buffer),
@@ -402,11 +406,11 @@ class S3Storage:
     async def open_writer(self, key: str, content_type: str) -> S3Writer:
         return S3Writer(self, key, content_type)
 
-    async def incomplete_uploads(self, prefix: str) -> list[dict[str, Any]]:
+    async def incomplete_uploads(self, prefix: str) -> list[MultipartUploadTypeDef]:
         """Open multipart uploads (``Key``, ``UploadId``) whose key starts with ``prefix``."""
 
-        def _list() -> list[dict[str, Any]]:
-            uploads: list[dict[str, Any]] = []
+        def _list() -> list[MultipartUploadTypeDef]:
+            uploads: list[MultipartUploadTypeDef] = []
             for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
                 uploads.extend(page.get("Uploads", []))
             return uploads
@@ -508,7 +512,9 @@ class S3Storage:
     def _header_names(self, params: dict[str, str]) -> dict[str, str]:
         """PutObject parameters (``ContentType``, ``ServerSideEncryption``, ``SSEKMSKeyId``...) as
         the HTTP headers (and POST form fields) that carry them, named by botocore's own model."""
-        members = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        shape = self.client.meta.service_model.operation_model("PutObject").input_shape
+        assert shape is not None  # PutObject takes parameters
+        members = shape.members
         return {members[name].serialization["name"]: value for name, value in params.items()}
 
     async def upload_target(
@@ -569,7 +575,8 @@ class S3Storage:
                     Key=sealed_key,
                     CopySource={"Bucket": self.bucket, "Key": key},
                     MetadataDirective="COPY",
-                    **self.sse_args,
+                    # The configured names, as given: S3 judges them, not the stubs' Literal types.
+                    **self.sse_args,  # type: ignore[arg-type]
                 )
             except ClientError as e:
                 if _status(e) == 404 and _error_code(e) in _MISSING:

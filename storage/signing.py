@@ -34,7 +34,7 @@ def verify(
     method: str,
     task_id: str,
     expires: int | str,
-    signature: str,
+    signature: object,
     now: float | None = None,
 ) -> bool:
     """True when ``signature`` was made by ``sign`` with the same arguments and ``expires`` has not

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sources.base import Dataset
-from sources.query import NO_ROWS  # what a caller without the claim reads: no rows
+from sources.query import NO_ROWS as NO_ROWS  # what a caller without the claim reads: no rows (re-exported)
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,11 @@ async def retry_export(services: Services, identity: Identity, identifier: str) 
             query = task_query(dataset, task.request)
         except UserErrors:  # the dataset changed since the request
             pass
-    matching = None if query is None else await _count_within_limit(services, dataset, query, (("id",), ("id",)))
+    matching = (
+        None
+        if dataset is None or query is None
+        else await _count_within_limit(services, dataset, query, (("id",), ("id",)))
+    )
     outcome = await request_task(
         services,
         task.id,

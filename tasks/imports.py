@@ -253,6 +253,7 @@ async def start(services: Services, task: Task) -> Task:
             "No file has been uploaded for this import yet; upload it, then start it.", errors.UPLOAD_MISSING, "id"
         )
     sealed_key, size = sealed
+    assert task.object_key is not None  # seal() found no upload without one
     problem = sealing.size_problem(size, services.settings.max_upload_bytes, task.request.get("fileSize"))
     if problem is not None:
         await sealing.discard(services.storage, sealed_key)

@@ -132,7 +132,7 @@ class Task:
                 eta_seconds=_float(h.get("eta_seconds")),
                 total_bytes=_int(h.get("total_bytes")),
             ),
-            created_at=parse_time(h["created_at"]),
+            created_at=parse_stamp(h["created_at"]),
             email=h.get("email") or None,
             started_at=parse_time(h.get("started_at")),
             finished_at=parse_time(h.get("finished_at")),
@@ -170,8 +170,14 @@ def stamp(moment: dt.datetime | None = None) -> str:
     return f"{(moment or now()).timestamp():.3f}"
 
 
+def parse_stamp(value: str) -> dt.datetime:
+    """A time that is always written (created_at, an event's at): what stamp() wrote."""
+    return dt.datetime.fromtimestamp(float(value), dt.UTC)
+
+
 def parse_time(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromtimestamp(float(value), dt.UTC) if value else None
+    """A time that may be unset: None for a missing or empty field."""
+    return parse_stamp(value) if value else None
 
 
 def _int(value: str | None) -> int | None:

@@ -91,7 +91,8 @@ async def started(arq: ArqRedis, queue_name: str, job_id: str) -> int:
 async def due_first(arq: ArqRedis, queue_name: str, limit: int) -> list[bytes]:
     """The due jobs of arq's own scores (notifications, cron, retries after their pause): started
     before any tagged job."""
-    return await arq.zrangebyscore(queue_name, CEILING, timestamp_ms(), start=0, num=limit)
+    due: list[bytes] = await arq.zrangebyscore(queue_name, CEILING, timestamp_ms(), start=0, num=limit)
+    return due
 
 
 async def position(arq: ArqRedis, queue_name: str, job_id: str) -> int | None:
@@ -116,7 +117,8 @@ async def position(arq: ArqRedis, queue_name: str, job_id: str) -> int | None:
 
 
 async def depth(arq: ArqRedis, queue_name: str) -> int:
-    return await arq.zcard(queue_name)
+    waiting: int = await arq.zcard(queue_name)
+    return waiting
 
 
 async def abort(arq: ArqRedis, queue_name: str, job_id: str) -> None:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from audit.records import SYSTEM, TASK_DELETED, TASK_EXPIRED, TASK_STATUS, Actor, dumps, new_id
-from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, parse_time
+from tasks.models import TRANSITIONS, Task, TaskEvent, TaskKind, TaskStatus, parse_stamp
 
 _SCRIPT = files("tasks").joinpath("scripts.lua").read_text()
 
@@ -154,7 +154,10 @@ class TaskStore:
 
     async def get(self, task_id: str, owner: str | None = None) -> Task | None:
         """The task, or None when it does not exist or belongs to someone else."""
-        h = await self.redis.hgetall(task_key(task_id))
+        # redis-py types the commands shared by its sync and asyncio clients as "Awaitable[T] | T";
+        # on redis.asyncio.Redis they always return the awaitable, and the client decodes
+        # responses (dataport.services), so a hash is str to str.
+        h = await cast("Awaitable[dict[str, str]]", self.redis.hgetall(task_key(task_id)))
         if not h or (owner is not None and h.get("owner") != owner):
             return None
         return Task.from_hash(h)
@@ -162,7 +165,7 @@ class TaskStore:
     async def events(self, task_id: str) -> list[TaskEvent]:
         entries = await self.redis.xrange(events_key(task_id))
         return [
-            TaskEvent(at=parse_time(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
+            TaskEvent(at=parse_stamp(e["at"]), status=TaskStatus(e["status"]), message=e.get("message") or None)
             for _, e in entries
         ]
 
@@ -172,7 +175,8 @@ class TaskStore:
 
     async def count_poll(self, task_id: str) -> int:
         """Record one poll; returns how many polls came before it."""
-        return int(await self.redis.hincrby(task_key(task_id), "polls", 1)) - 1
+        # Awaitable on the asyncio client: see get().
+        return int(await cast("Awaitable[int]", self.redis.hincrby(task_key(task_id), "polls", 1))) - 1
 
     async def page(
         self,
@@ -214,12 +218,14 @@ class TaskStore:
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hgetall(task_key(task_id))
-        return await pipe.execute()
+        hashes: list[dict[str, str]] = await pipe.execute()
+        return hashes
 
     async def _count_status(self, key: str, status: TaskStatus) -> int:
         count = 0
         async for task_id, _ in self.redis.zscan_iter(key):
-            if await self.redis.hget(task_key(task_id), "status") == status.value:
+            # Awaitable on the asyncio client: see get().
+            if await cast("Awaitable[str | None]", self.redis.hget(task_key(task_id), "status")) == status.value:
                 count += 1
         return count
 
@@ -243,7 +249,7 @@ class TaskStore:
         ``{kind}.requested``) is written in the same step, unless the quota refused."""
         now = time.time()
         flat = _flatten(fields)
-        outcome, detail = await self._script(
+        outcome, active = await self._script(
             keys=[
                 task_key(task_id),
                 events_key(task_id),
@@ -265,7 +271,7 @@ class TaskStore:
             ],
         )
         if outcome == "quota":
-            raise QuotaExceeded(int(detail), max_active or 0)
+            raise QuotaExceeded(int(active), max_active or 0)  # the owner's active tasks
         task = await self.get(task_id)
         assert task is not None
         return RequestOutcome(task, outcome)
@@ -313,7 +319,8 @@ class TaskStore:
         return TransitionResult(result == "ok", TaskStatus(status) if status else None)
 
     async def due_for_expiry(self, limit: int = 500) -> list[str]:
-        return await self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)
+        ids: list[str] = await self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)
+        return ids
 
     async def expired(self, task: Task, message: str) -> TransitionResult:
         """Mark a finished task EXPIRED; it stays readable as such for one more retention period

@@ -21,7 +21,7 @@ from arq import Retry
 from dataport.services import Services
 from dataport.settings import Settings
 from sources.base import TransientSourceError
-from tasks.models import Task, TaskStatus, now, parse_time, stamp
+from tasks.models import Task, TaskStatus, now, parse_stamp, stamp
 from tasks.notifications import NOTIFIED_STATUSES, task_finished
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
@@ -87,7 +87,8 @@ def backoff(settings: Settings, attempt: int) -> float:
     """The pause after failed try ``attempt``: retry_delay_seconds doubled per try, at most
     retry_max_delay_seconds, half of it fixed and half random, so that the tasks a restart failed
     together do not all come back together."""
-    ceiling = min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (attempt - 1))
+    # Annotated: an int power has no static type (a negative exponent makes a float).
+    ceiling: float = min(settings.retry_max_delay_seconds, settings.retry_delay_seconds * 2 ** (attempt - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -106,7 +107,7 @@ def _retrying_for(task: Task) -> float:
     run, _, since = (task.retrying_since or "").partition("@")
     if run != str(task.run) or not since:
         return 0.0
-    return (now() - parse_time(since)).total_seconds()
+    return (now() - parse_stamp(since)).total_seconds()
 
 
 async def retry_or_fail(services: Services, task: Task, attempt: int, error: BaseException) -> str:

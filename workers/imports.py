@@ -43,11 +43,11 @@ from formats.limits import ParseLimits, capped, listed
 from formats.readers import Reader, reader_for
 from formats.records import FileError, FileLimitError, Record, RowBatch
 from formats.row_converter import RowConverter
-from sources.base import Column, Dataset, SourceError
+from sources.base import Column, Dataset, Row, SourceError
 from sources.receipts import Receipt, find_receipt
 from sources.sink_base import SinkError
 from sources.sinks import RowSink, open_sink
-from storage.base import ObjectWriter, StorageError
+from storage.base import ObjectWriter, ReadStream, StorageError
 from tasks.imports import report_key
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
@@ -137,7 +137,7 @@ async def fail(services: Services, task: Task, attempt: int, code: str, message:
 class Batch:
     # The valid rows: typed row tuples (``rows``), or with TEXT output their cells as text, column
     # by column (``text``, see formats.column_checker.ColumnChecker); ``valid`` counts them either way.
-    rows: list[tuple] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     text: list[Sequence[str]] | None = None
     valid: int = 0
     failures: list[tuple[int, str, str, str]] = field(default_factory=list)  # row, column, reason, original
@@ -240,6 +240,7 @@ class FileBatches:
 
     def _next_columns(self, size: int, failures_allowed: int) -> Batch:
         if self._batches is None:
+            # CSV's optional batches() (formats.readers.Reader): taken only where the reader has it.
             self._batches = self.reader.batches(size)  # type: ignore[attr-defined]
         read = next(self._batches, None)
         batch = Batch(bytes_read=self.reader.bytes_read)
@@ -404,6 +405,7 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         valid = failed = 0
         ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors))
         while True:
+            assert ahead is not None  # set below on every turn that does not end the loop
             batch = await asyncio.shield(ahead)  # a cancel leaves the read to finish (see _settle)
             ahead = None
             if keys is not None and tenant is not None and batch.rows:
@@ -496,6 +498,8 @@ async def _refuse_foreign_keys(keys: RowSink, dataset: Dataset, tenant: Tenant, 
 
 async def _write(sink: RowSink, batch: Batch) -> None:
     if batch.text is not None:
+        # The optional write_text() of a sink that parses text: batch.text is set only for such a
+        # sink (_output).
         await sink.write_text(batch.text, batch.valid)  # type: ignore[attr-defined]
     else:
         await sink.write(batch.rows)
@@ -578,7 +582,7 @@ async def _discard(sink: RowSink | None, report: ErrorReport) -> None:
     await report.abort()
 
 
-async def _open_file(services: Services, task: Task) -> IO[bytes]:
+async def _open_file(services: Services, task: Task) -> ReadStream:
     """The uploaded file as a stream. XLSX is a zip, read by seeking: it is copied to a temporary
     file first (on disk, never in memory); the other formats stream straight from storage."""
     assert task.object_key

@@ -34,10 +34,11 @@ import html
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 import httpx
@@ -100,7 +101,9 @@ async def notify_task(ctx: dict[str, Any], task_id: str, run: int) -> str:
 
 def backoff(services: Services, attempt: int) -> float:
     """The pause after try ``attempt`` failed: the base, doubled for every try before, capped."""
-    return min(services.settings.webhook_backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+    # Annotated: an int power has no static type (a negative exponent makes a float).
+    delay: float = min(services.settings.webhook_backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+    return delay
 
 
 # -- email ----------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ async def deliver_email(services: Services, task: Task, attempt: int) -> str | L
                 reason,
             )
             return f"failed: {reason}"
-        await redis.eval(_RELEASE, 1, key, token)
+        # redis-py types asyncio commands as "Awaitable[T] | T"; this client's are always awaitable.
+        await cast("Awaitable[object]", redis.eval(_RELEASE, 1, key, token))
         log.warning("email about %s %s run %s failed (try %s): %s", task.kind.value, task.id, task.run, attempt, reason)
         return Later(backoff(services, attempt), reason)
     await redis.set(key, "sent", ex=keep)
@@ -173,11 +177,13 @@ def _permanent(error: Exception) -> bool:
 async def send(services: Services, message: EmailMessage) -> None:
     settings = services.settings
     if not settings.smtp_host:
+        body = message.get_body(("plain",))
+        assert body is not None  # compose() always sets a plain body
         log.info(
             "mail (not sent: DATAPORT_SMTP_HOST is empty)\nTo: %s\nSubject: %s\n\n%s",
             message["To"],
             message["Subject"],
-            message.get_body(("plain",)).get_content(),
+            body.get_content(),
         )
         return
     await aiosmtplib.send(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +36,11 @@ RELEASE_TIMEOUT_SECONDS = 1.0  # a point in time or scroll is given up within th
 KEEP_ALIVE = "5m"  # between two pages; renewed by every page
 
 
+# A page as _digest makes it: the cells by column (None from RenderedPages, whose chunks the
+# helpers hand on), the rows, the last hit's sort values.
+_Page = tuple[list[Sequence[Any]] | None, int, list[Any] | None]
+
+
 @dataclass(eq=False)
 class _Cursor:
     kind: str  # "pit" | "scroll"
@@ -51,7 +56,7 @@ class Cursors(Requests):
 
     async def _pages(self, body: dict[str, Any], pit: bool, limit: int | None,
                      read: PageReader | RenderedPages,
-                     ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
+                     ) -> AsyncGenerator[tuple[list[Sequence[Any]] | None, int], None]:  # fmt: skip
         """The pages as (what ``read`` made of the hits, rows), in one pass: cells by column from a
         ``PageReader``, None from ``RenderedPages`` (whose helpers hold the pages' CSV). Through a
         point in time (``pit``, where the cluster has one) or a scroll; released when the read
@@ -66,12 +71,12 @@ class Cursors(Requests):
         if cursor is not None:
             body = {**body, "track_total_hits": False}  # (a scroll refuses this)
         what = f"reading index '{self.index}'"
-        pending: asyncio.Future | None = None
+        pending: asyncio.Future[_Page] | None = None
         try:
             if cursor is not None:
                 page = await self._call(
                     what,
-                    lambda: self._pit_page(cursor, body, None),
+                    partial(self._pit_page, cursor, body, None),
                     digest=partial(self._digest, what, cursor, remaining, read),
                     decode=read.decode,
                 )
@@ -123,24 +128,27 @@ class Cursors(Requests):
 
     async def _next_page(self, what: str, cursor: _Cursor, body: dict[str, Any], after: list[Any] | None,
                          remaining: int | None, read: PageReader | RenderedPages,
-                         ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
+                         ) -> _Page:  # fmt: skip
         digest = partial(self._digest, what, cursor, remaining, read)
+        page: _Page  # what digest makes of the answer (_call reads it again as dicts rather than give None)
         if cursor.kind == "pit":
-            return await self._call(
+            page = await self._call(
                 what, lambda: self._pit_page(cursor, body, after), digest=digest, decode=read.decode
             )
-        return await self._call(
+            return page
+        page = await self._call(
             what,
             lambda: self.client.scroll(body={"scroll_id": cursor.id, "scroll": KEEP_ALIVE}),
             replay_safe=False,
             digest=digest,
             decode=read.decode,
         )
+        return page
 
     @staticmethod
     def _digest(what: str, cursor: _Cursor | None, remaining: int | None,
-                read: PageReader | RenderedPages, response: Mapping[str, Any],
-                ) -> tuple[list[Sequence[Any]], int, list[Any] | None]:  # fmt: skip
+                read: PageReader | RenderedPages, response: Any,
+                ) -> _Page | None:  # fmt: skip
         """A page's answer (parsed, or a typed page from ``read.decode``) as (cells by column, rows,
         the last hit's sort values); the cursor takes the id it carries. At most ``remaining`` hits
         are read. None when a typed page holds a cell that does not convert: then the answer is
@@ -199,7 +207,8 @@ class Cursors(Requests):
         page = {**body, "pit": {"id": cursor.id, "keep_alive": KEEP_ALIVE}}
         if after is not None:
             page["search_after"] = after
-        return self.client.search(body=page)
+        search: Awaitable[Any] = self.client.search(body=page)  # (opensearch-py's methods return Any)
+        return search
 
     async def _release(self, cursor: _Cursor) -> None:
         """Give the point in time or scroll back to the cluster, within a second; a failure is

@@ -138,7 +138,7 @@ class PageReader:
         in_fields = list(zip(*[as_tuple(h.source) if h.source is not None else empty for h in hits], strict=True))
         if not in_fields:
             return [[] for _ in self.columns]
-        raw = [in_fields[i] for i in self._order]
+        raw: list[Sequence[Any]] = [in_fields[i] for i in self._order]
         return self._typed_columns(raw, DECODED_CELL_TYPES)  # dates and date-times are checked as they are
 
     def _learn_from(self, answer: bytes) -> None:
@@ -186,7 +186,9 @@ class PageReader:
             ],
             gc=False,
         )
-        hits = msgspec.defstruct("Hits", [("hits", list[hit], msgspec.field(default_factory=list))], gc=False)
+        # (hit is a type made at run time, which a static checker cannot take as a type argument)
+        hits_field: tuple[str, Any, Any] = ("hits", list[hit], msgspec.field(default_factory=list))  # type: ignore[valid-type]
+        hits = msgspec.defstruct("Hits", [hits_field], gc=False)
         page = msgspec.defstruct(
             "Page",
             [
@@ -203,7 +205,9 @@ class PageReader:
         self._decode = msgspec.json.Decoder(page).decode
 
     @staticmethod
-    def _values_of(sources: list[dict[str, Any]], name: str, walk: Callable | None) -> Sequence[Any]:
+    def _values_of(
+        sources: list[dict[str, Any]], name: str, walk: Callable[[dict[str, Any]], Any] | None
+    ) -> Sequence[Any]:
         if walk is None:
             return list(map(dict.get, sources, repeat(name)))
         values = list(map(walk, sources))

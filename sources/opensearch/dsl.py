@@ -94,11 +94,11 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
         column = query.dataset.by_name.get(name)
         if name in sorted_on:
             continue
-        where = field(column) if column is not None else None
-        if where is None or not where.searchable:
+        key_field = field(column) if column is not None else None
+        if column is None or key_field is None or not key_field.searchable:
             total = False
             continue
-        sort.append(_sort_clause(column, where, False))
+        sort.append(_sort_clause(column, key_field, False))
     if not query.dataset.key:
         sort.append("_doc")  # index order: cheapest, and the order of a table without a key
 
@@ -199,6 +199,7 @@ def _date_condition(f: Filter, where: Field) -> tuple[list[dict[str, Any]], list
     format the mapping declares. A ``date`` field keeps milliseconds: a filter value with finer
     digits is rounded the way each comparison needs, so that the answer is the exact one."""
     path, op, values = where.path, f.op, f.values
+    encode: Callable[[Any], str]  # of the column's values: dates, or date-times
     if f.column.type == "date":
         fmt, encode = "strict_date", _encode_date
         exact: Callable[[Any], bool] = lambda v: True  # noqa: E731

@@ -68,11 +68,12 @@ class Requests:
         if paused:
             gc.disable()
         try:
-            page = decode(answer) if decode is not None and digest is not None else None
-            if page is not None:
-                out = digest(page)
-                if out is not None:
-                    return out
+            if decode is not None and digest is not None:
+                page = decode(answer)
+                if page is not None:
+                    out = digest(page)
+                    if out is not None:
+                        return out
             try:
                 parsed = parse(answer)
             except ValueError as e:

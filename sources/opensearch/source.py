@@ -27,7 +27,7 @@ process only fetches, both cores convert while the cluster prepares the next pag
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -113,7 +113,7 @@ class OpenSearchSource(Planning, Cursors):
         body, _ = _compile(query, await self._mapping())
         self._counted[_query_key(body)] = (rows, True)
 
-    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+    async def batches(self, query: Query, batch_rows: int) -> AsyncGenerator[list[Row], None]:
         width = len(query.columns)
         async with aclosing(self._columns(query, batch_rows)) as pages:
             async for columns, count in pages:
@@ -121,7 +121,7 @@ class OpenSearchSource(Planning, Cursors):
 
     async def csv_batches(
         self, query: Query, batch_rows: int, *, formula_guard: bool
-    ) -> AsyncIterator[tuple[bytes, int]]:
+    ) -> AsyncGenerator[tuple[bytes, int], None]:
         """The query as CSV bytes, exactly as ``CsvWriter.write`` writes ``batches``: ``(header, 0)``
         first, then ``(chunk, rows in chunk)``. The cells go to the writer by column, as they are
         read, instead of being made into row tuples and taken apart again."""
@@ -154,11 +154,12 @@ class OpenSearchSource(Planning, Cursors):
     # -- reading
 
     async def _columns(self, query: Query, batch_rows: int, plan: tuple[dict[str, Any], bool, int] | None = None,
-                       ) -> AsyncIterator[tuple[list[Sequence[Any]], int]]:  # fmt: skip
+                       ) -> AsyncGenerator[tuple[list[Sequence[Any]], int], None]:  # fmt: skip
         """The rows as (one sequence of cells per column, rows), at most ``batch_rows`` at a time."""
         body, pit, _ = plan or await self._plan(query, batch_rows)
         batch_rows = max(1, batch_rows)
         async with aclosing(self._pages(body, pit, query.limit, PageReader(query.columns))) as pages:
             async for columns, count in pages:
+                assert columns is not None  # (None only from RenderedPages)
                 for start in range(0, count, batch_rows):
                     yield [cells[start : start + batch_rows] for cells in columns], min(batch_rows, count - start)

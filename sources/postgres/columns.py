@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -91,7 +92,7 @@ _DATETIME_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|z|[+
 def discover_columns(url: str, table: str) -> tuple[Column, ...]:
     """The table's columns, typed; each JSONB column replaced by its fields (``data.a.b``), typed
     from a sample of ``_DISCOVERY_SAMPLE`` documents. Blocking: called once at start-up."""
-    params = conninfo_to_dict(url)
+    params: dict[str, Any] = conninfo_to_dict(url)  # libpq keywords, which connect() takes as **kwargs
     params.setdefault("application_name", "dataport-discovery")
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     try:
@@ -118,11 +119,13 @@ def discover_columns(url: str, table: str) -> tuple[Column, ...]:
 def _discover_document(conn: psycopg.Connection, table: str, doc: str, taken: set[str]) -> list[Column]:
     # Up to _DISCOVERY_SAMPLE documents, fewer when they are wide: about _DISCOVERY_VALUES values
     # in all (at least 100 documents), which keeps 2,897-key documents to about a second.
-    keys = conn.execute(
+    row = conn.execute(
         f"SELECT avg((SELECT count(*) FROM jsonb_object_keys(d))) FROM (SELECT {quote_ident(doc)} AS d "
         f"FROM {quote_ident(table)} WHERE jsonb_typeof({quote_ident(doc)}) = 'object' LIMIT 20) AS s",
         (),
-    ).fetchone()[0]
+    ).fetchone()
+    assert row is not None  # an aggregate: one row
+    keys = row[0]
     limit = max(100, min(_DISCOVERY_SAMPLE, int(_DISCOVERY_VALUES // max(1.0, float(keys or 1)))))
     statement = _DISCOVER_SQL.format(
         doc=quote_ident(doc),

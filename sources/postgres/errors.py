@@ -6,7 +6,7 @@ error (a value that does not cast) explained: the column, and when it can be fou
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg.errors as pge
@@ -114,12 +114,13 @@ async def _find_value(
         if conn.pgconn.transaction_status == TransactionStatus.INERROR:
             await conn.execute("ROLLBACK")
         await conn.execute(f"BEGIN READ ONLY; {_SESSION}; SET LOCAL statement_timeout = '10s'")
-        key = [resolve(source.dataset.by_name[k], source._info) for k in source.dataset.key]
+        key = [resolve(source.dataset.by_name[k], source.info) for k in source.dataset.key]
         hit = " ".join(f"WHEN {f.raw_sql} = %s THEN {i}" for i, f in enumerate(candidates))
         match = " OR ".join(f"{f.raw_sql} = %s" for f in candidates)
-        scoped, scope_params = "TRUE", []
+        scoped = "TRUE"
+        scope_params: list[Any] = []
         if query.scope is not None:
-            scoped, scope_params = scope_condition(query.scope, POSTGRES, column_sql_for(source._info))
+            scoped, scope_params = scope_condition(query.scope, POSTGRES, column_sql_for(source.info))
         select = ", ".join([f"CASE {hit} END", *(f"({k.raw_sql})::text" for k in key)])
         cur = await conn.execute(
             f"SELECT {select} FROM {quote_ident(source.dataset.table)} WHERE {scoped} AND ({match}) LIMIT 1",

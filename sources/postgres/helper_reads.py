@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.util
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.types.json import set_json_loads
@@ -49,7 +49,7 @@ async def _flattened_csv_batches(
     writer: csv_format.CsvWriter,
     batch_rows: int,
     formula_guard: bool,
-) -> AsyncIterator[tuple[bytes, int]]:
+) -> AsyncGenerator[tuple[bytes, int], None]:
     """``csv_batches`` of a plan that flattens documents in Python: the Python writer's header, then
     its CSV of the rows, flattened here or in helper processes."""
     yield writer.begin(), 0
@@ -102,7 +102,7 @@ async def _flattened_csv_batches(
 
 async def _ranges_by_helpers(source: PostgresSource, helpers: HelperPool, query: Query, plan: _Plan,
                              ranges: list[tuple[int | None, int | None]], batch_rows: int,
-                             ) -> AsyncIterator[tuple[bytes, int]]:  # fmt: skip
+                             ) -> AsyncGenerator[tuple[bytes, int], None]:  # fmt: skip
     """Each key range read and flattened by a helper process on its own connection (in the
     snapshot that ``helpers`` were started with), its CSV taken here in the ranges' order.
     A bad cell's row number is made the read's, from the rows of the ranges before it."""
@@ -148,7 +148,7 @@ def _helper_csv(rows: list[Row], offset: int) -> bytes:
     return _flattened_csv(*_helper, rows, offset)
 
 
-def _helper_range_csv(select: str, params: tuple, size: int) -> tuple[bytes, int]:
+def _helper_range_csv(select: str, params: tuple[Any, ...], size: int) -> tuple[bytes, int]:
     assert _helper is not None and _range_reader is not None
     return _range_reader.csv(select, params, size, *_helper)
 
@@ -173,16 +173,16 @@ class _RangeReader:
         self.snapshot_id = snapshot_id
         self.conn: psycopg.AsyncConnection | None = None
 
-    def csv(self, select: str, params: tuple, size: int, plan: _Plan, writer: csv_format.CsvWriter,
+    def csv(self, select: str, params: tuple[Any, ...], size: int, plan: _Plan, writer: csv_format.CsvWriter,
             ) -> tuple[bytes, int]:  # fmt: skip
         """The range's rows (``select``, ``size`` at a time) as CSV, and how many there are."""
         return self.loop.run_until_complete(self._csv(select, params, size, plan, writer))
 
-    async def _csv(self, select: str, params: tuple, size: int, plan: _Plan, writer: csv_format.CsvWriter,
+    async def _csv(self, select: str, params: tuple[Any, ...], size: int, plan: _Plan, writer: csv_format.CsvWriter,
                    ) -> tuple[bytes, int]:  # fmt: skip
         if self.conn is None:
             self.conn = await self.source._connect(snapshot=True, snapshot_id=self.snapshot_id)
-            set_json_loads(bytes, self.conn)  # the documents' JSON text as bytes, as in _fetched
+            set_json_loads(bytes, self.conn)  # type: ignore[arg-type]  # JSON text as bytes, as in PostgresSource._fetched
             # Run as the process ends, so that the server sees the client leave rather than lose it.
             multiprocessing.util.Finalize(self, self.close, exitpriority=10)
         parts, rows = [], 0

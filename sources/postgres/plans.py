@@ -62,7 +62,7 @@ _FAST_TYPES = {
 _INT_FLOAT = frozenset((int, float, _NONE))
 
 
-def _getter(keys: list[str]) -> Callable[[dict], tuple]:
+def _getter(keys: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     """The values of ``keys`` in a document, as a tuple; ``KeyError`` if one is missing."""
     if len(keys) == 1:
         key = keys[0]
@@ -144,7 +144,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         else ((lambda row: (row[sql_cells[0]],)) if sql_cells else (lambda row: ()))
     )
     loads = orjson.loads
-    empty: dict = {}
+    empty: dict[str, Any] = {}
     slot_groups = {slot: [g for g, group in enumerate(group_list) if group[0] == slot] for slot in doc_slots}
     decoders = {
         slot: _decoder([group_list[g][2] for g in mine], [group_kind[g] for g in mine])
@@ -152,7 +152,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         if not any(s == slot for s, _ in nested)
     }
 
-    def raw_values(doc: Any, get: Callable, keys: list[str]) -> Sequence:
+    def raw_values(doc: Any, get: Callable[[dict[str, Any]], tuple[Any, ...]], keys: list[str]) -> Sequence[Any]:
         if doc.__class__ is dict:
             try:  # every key there (the common case): one C-level lookup per key
                 return get(doc)
@@ -163,10 +163,10 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
     # per document: the groups that a typed decoding of it leaves with nothing to check
     slot_typed = {slot: [g for g in mine if group_kind[g] in DECODED_CELL_TYPES] for slot, mine in slot_groups.items()}
 
-    def documents(row: Row) -> tuple[list[Sequence], list[bool], dict[int, Any]]:
+    def documents(row: Row) -> tuple[list[Sequence[Any]], list[bool], dict[int, Any]]:
         """The row's documents: each group's values as they are in the JSON, whether they are
         typed already, and the parsed documents that nested fields are read from."""
-        raws: list[Sequence] = [()] * len(group_list)
+        raws: list[Sequence[Any]] = [()] * len(group_list)
         typed = [False] * len(group_list)
         docs: dict[int, Any] = {}
         for slot in doc_slots:
@@ -188,8 +188,8 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         return raws, typed, docs
 
     def group_values(
-        values: Sequence, typed: bool, members: list[_Extract], fast: frozenset, to_float: bool
-    ) -> tuple[Sequence, bool]:
+        values: Sequence[Any], typed: bool, members: list[_Extract], fast: frozenset[Any], to_float: bool
+    ) -> tuple[Sequence[Any], bool]:
         """A group's values typed, and whether some were converted from text (a float from text
         may be NaN or infinite, one from a JSON number never is)."""
         if typed:
@@ -250,7 +250,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
         return run_pieces[start, stop]
 
     def csv_build(writer: csv_format.CsvWriter, rows: list[Row], offset: int) -> bytes:
-        by_group: list[list[Sequence]] = [[] for _ in group_list]
+        by_group: list[list[Sequence[Any]]] = [[] for _ in group_list]
         by_nested: list[list[Any]] = [[] for _ in nested]
         converted = [False] * len(group_list)
         for n, row in enumerate(rows):
@@ -266,7 +266,7 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
             except _CellError as e:
                 raise refuse(e, offset + n + 1) from None
 
-        def column(i: int) -> Sequence:
+        def column(i: int) -> Sequence[Any]:
             kind, key, j = where[i]
             if kind == "sql":
                 return list(map(itemgetter(sql_cells[j]), rows))
@@ -274,11 +274,12 @@ def _plan(fields: Sequence[Field], formula_guard: bool, info: TableInfo) -> _Pla
                 return list(map(itemgetter(j), by_group[group_index[key]]))
             return by_nested[j]
 
-        def run(start: int, stop: int) -> tuple[Sequence[Sequence], int]:
+        def run(start: int, stop: int) -> tuple[Sequence[Sequence[Any]], int]:
             # The cells of number columns are ints, floats and None: the SQL casts, the groups'
             # type checks and the conversions see to that. A document's numbers are finite unless
             # converted from text ("nan"); SQL cells may be NaN.
-            parts, known = [], csv_format.FINITE
+            parts: list[Sequence[Sequence[Any]]] = []
+            known = csv_format.FINITE
             for g, first, size in pieces_of(start, stop):
                 if g < 0:
                     parts.append([(v,) for v in column(first)])

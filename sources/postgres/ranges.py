@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -90,12 +90,16 @@ async def _key_ranges(
     ):
         return []
     cur = await conn.execute("SELECT pg_total_relation_size(to_regclass(%s))", (_regclass_arg(source.dataset.table),))
-    size = (await cur.fetchone())[0]
+    row = await cur.fetchone()
+    assert row is not None  # a function's value: one row
+    size = row[0]
     if size is None or size < SPLIT_BYTES:  # a view or a partitioned table has no size of its own
         return []
     k = quote_ident(column.name)
     cur = await conn.execute(f"SELECT min({k}), max({k}) FROM {quote_ident(source.dataset.table)}", ())
-    low, high = await cur.fetchone()
+    row = await cur.fetchone()
+    assert row is not None  # aggregates: one row
+    low, high = row
     if low is None:
         return []
     n = int(min(high - low + 1, max(2, size // RANGE_BYTES), MAX_RANGES))
@@ -117,7 +121,9 @@ async def _split(source: PostgresSource, conns: list[psycopg.AsyncConnection], q
         return [], None
     try:
         cur = await conns[0].execute("SELECT pg_export_snapshot()")
-        return ranges, (await cur.fetchone())[0]
+        row = await cur.fetchone()
+        assert row is not None  # a function's value: one row
+        return ranges, row[0]
     except psycopg.Error as e:  # a standby, say: one connection is enough
         log.warning("dataset %s: reading on one connection (%s)", source.dataset.name, e)
         # The failed statement ended the transaction: the read takes a new one.
@@ -150,8 +156,8 @@ async def _second_connection(
 
 
 async def _in_turn(
-    conns: list[psycopg.AsyncConnection], reads: list[Callable[[psycopg.AsyncConnection], AsyncIterator[Any]]]
-) -> AsyncIterator[Any]:
+    conns: list[psycopg.AsyncConnection], reads: list[Callable[[psycopg.AsyncConnection], AsyncGenerator[Any, None]]]
+) -> AsyncGenerator[Any, None]:
     """What the ``reads`` (one key range each, in output order) give, in order, the connections
     taking the reads in turn.
 
@@ -160,7 +166,7 @@ async def _in_turn(
     only once the one before the previous has been handed on (one range ahead at most). Closing
     this generator cancels the readers; the caller closes the connections."""
     n = len(reads)
-    buffers: list[collections.deque] = [collections.deque() for _ in range(n)]
+    buffers: list[collections.deque[Any]] = [collections.deque() for _ in range(n)]
     may_start = [asyncio.Event() for _ in range(n)]
     changed = asyncio.Event()
     failed: list[BaseException] = []
@@ -171,7 +177,7 @@ async def _in_turn(
             for i in range(c, n, len(conns)):
                 await may_start[i].wait()
                 items = reads[i](conns[c])
-                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                async with contextlib.aclosing(items):
                     async for item in items:
                         buffers[i].append(item)
                         changed.set()

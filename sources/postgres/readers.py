@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import psycopg
 import psycopg.errors as pge
@@ -34,7 +35,9 @@ _CELLS_PER_BATCH = 250_000
 _CSV_CHUNK_BYTES = 256 * 1024
 
 
-def _copy_rows(conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int) -> PQGen[tuple[list, int | None]]:
+def _copy_rows(
+    conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int
+) -> PQGen[tuple[list[bytes | memoryview], int | None]]:
     """A psycopg generator (run it with ``conn.wait``) reading a COPY's rows: every CopyData message
     libpq already holds, waiting only when it holds none, up to ``max_bytes`` or ``max_rows``; each
     row without its final "\\n". Returns (rows, None), or at the end (rows, rows the server reported,
@@ -43,7 +46,7 @@ def _copy_rows(conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int) -> 
     Like psycopg's own ``copy_from`` generator, but many rows per call: ``Copy.read()`` (a wait per
     row) took 1.3 s of CPU for 1,000,000 rows, this 0.5 s."""
     pgconn = conn.pgconn
-    rows: list = []
+    rows: list[bytes | memoryview] = []
     size = 0
     while size < max_bytes and len(rows) < max_rows:
         nbytes, data = pgconn.get_copy_data(1)
@@ -67,8 +70,8 @@ def _copy_rows(conn: psycopg.AsyncConnection, max_bytes: int, max_rows: int) -> 
 
 
 async def _copy_chunks(
-    conn: psycopg.AsyncConnection, statement: str, params: tuple | None, batch_rows: int
-) -> AsyncIterator[tuple[bytes, int]]:
+    conn: psycopg.AsyncConnection, statement: str, params: tuple[Any, ...] | None, batch_rows: int
+) -> AsyncGenerator[tuple[bytes, int], None]:
     """``statement`` (a COPY TO STDOUT in CSV) as chunks of whole rows ending in "\\r\\n", with
     their row counts."""
     cur = conn.cursor(binary=False)
@@ -92,13 +95,13 @@ def _batch_size(query: Query, batch_rows: int) -> int:
 
 
 async def _cursor_batches(
-    conn: psycopg.AsyncConnection, select: str, params: tuple, size: int
-) -> AsyncIterator[list[Row]]:
+    conn: psycopg.AsyncConnection, select: str, params: tuple[Any, ...], size: int
+) -> AsyncGenerator[list[Row], None]:
     """``select`` through a named server-side cursor, ``size`` rows at a time; the next batch is
     already asked for while the current one is handed on, so PostgreSQL and Python work at once."""
     cur = conn.cursor(name=f"dataport_{uuid.uuid4().hex[:12]}", binary=True)
     await cur.execute(select, params)
-    pending: asyncio.Future | None = asyncio.ensure_future(cur.fetchmany(size))
+    pending: asyncio.Future[list[Row]] | None = asyncio.ensure_future(cur.fetchmany(size))
     try:
         while pending is not None:
             rows = await pending

@@ -25,7 +25,7 @@ CSV fast path (``csv_batches``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 from typing import Any
 
@@ -63,7 +63,7 @@ class PostgresSource:
     async def _connect(self, *, snapshot: bool, snapshot_id: str | None = None) -> psycopg.AsyncConnection:
         """A connection in a read-only transaction: REPEATABLE READ with ``snapshot`` (one snapshot
         for the whole read), the exported snapshot ``snapshot_id`` of another connection if given."""
-        params = conninfo_to_dict(self.dataset.url)
+        params: dict[str, Any] = conninfo_to_dict(self.dataset.url)  # libpq keywords, which connect() takes as **kwargs
         params.setdefault("application_name", "dataport")
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
         try:
@@ -109,16 +109,21 @@ class PostgresSource:
         assert self._info is not None
         return self._info
 
-    def _fields(self, columns: Sequence[Column]) -> list[Field]:
+    @property
+    def info(self) -> TableInfo:
+        """The table as the first connection read it: every read connects before it needs this."""
         assert self._info is not None
-        return [resolve(c, self._info) for c in columns]
+        return self._info
+
+    def _fields(self, columns: Sequence[Column]) -> list[Field]:
+        return [resolve(c, self.info) for c in columns]
 
     # reading ---------------------------------------------------------------------------------
 
     async def count(self, query: Query, cap: int | None = None) -> int:
         conn = await self._connect(snapshot=False)
         try:
-            compiled = compile_query(query, self._table, POSTGRES, count_cap=cap, column_sql=column_sql_for(self._info))
+            compiled = compile_query(query, self._table, POSTGRES, count_cap=cap, column_sql=column_sql_for(self.info))
             cur = await conn.execute(compiled.count, compiled.params)
             row = await cur.fetchone()
             return int(row[0]) if row else 0
@@ -130,7 +135,7 @@ class PostgresSource:
     async def counted(self, query: Query, rows: int) -> None:
         """Nothing to do: reads do not depend on the count."""
 
-    async def batches(self, query: Query, batch_rows: int) -> AsyncIterator[list[Row]]:
+    async def batches(self, query: Query, batch_rows: int) -> AsyncGenerator[list[Row], None]:
         async with contextlib.aclosing(self._fetched(query, batch_rows, False)) as fetched:
             async for plan, rows, offset in fetched:
                 yield plan.build(rows, offset) if plan.build else rows
@@ -142,18 +147,18 @@ class PostgresSource:
         formula_guard: bool,
         conns: list[psycopg.AsyncConnection] | None = None,
         split: _Split | None = None,
-    ) -> AsyncIterator[tuple[_Plan, list[Row], int]]:
+    ) -> AsyncGenerator[tuple[_Plan, list[Row], int], None]:
         """The read plan's SELECT list as fetched, in batches, each with the plan and the number of
         rows before it. On the caller's connection and ``_split`` of the query, if it has them."""
         conns = conns or [await self._connect(snapshot=True)]
         try:
-            plan = _plan(self._fields(query.columns), formula_guard, self._info)
+            plan = _plan(self._fields(query.columns), formula_guard, self.info)
             size = _batch_size(query, batch_rows)
             ranges = await _second_connection(self, conns, *(split or await _split(self, conns, query)))
             for conn in conns:
                 # Documents come as the bytes of their JSON text, parsed in _plan (in a helper
                 # process, perhaps): no UTF-8 decoding into str here, nor encoding for the helper.
-                set_json_loads(bytes, conn)
+                set_json_loads(bytes, conn)  # type: ignore[arg-type]  # psycopg passes the loader bytes, never str
             try:
                 offset = 0
                 if not ranges:
@@ -177,21 +182,21 @@ class PostgresSource:
             for conn in conns:
                 await self._release(conn)
 
-    def _select(self, query: Query, plan: _Plan) -> tuple[str, tuple]:
+    def _select(self, query: Query, plan: _Plan) -> tuple[str, tuple[Any, ...]]:
         """The SELECT of ``query`` reading ``plan``'s expressions, and its parameters."""
         out_query, out_sql = _output_query(query, plan.exprs)
-        column_sql = column_sql_for(self._info)
+        column_sql = column_sql_for(self.info)
         compiled = compile_query(out_query, self._table, POSTGRES, column_sql=lambda c: out_sql(c) or column_sql(c))
         return compiled.select, compiled.params
 
     async def csv_batches(
         self, query: Query, batch_rows: int, *, formula_guard: bool
-    ) -> AsyncIterator[tuple[bytes, int]]:
+    ) -> AsyncGenerator[tuple[bytes, int], None]:
         """The query as CSV bytes, like ``CsvWriter`` writes them: ``(header, 0)`` first, then
         ``(chunk, rows in chunk)``. Through COPY when every cell can be rendered in SQL."""
         writer = csv_format.CsvWriter(query.columns, formula_guard=formula_guard)
         await self.table_info()
-        plan = _plan(self._fields(query.columns), formula_guard, self._info)
+        plan = _plan(self._fields(query.columns), formula_guard, self.info)
         if plan.csv_exprs is None:  # documents flattened in Python: the Python writer
             flattened = _flattened_csv_batches(self, query, plan, writer, batch_rows, formula_guard)
             async with contextlib.aclosing(flattened):
@@ -227,11 +232,11 @@ class PostgresSource:
             for conn in conns:
                 await self._release(conn)
 
-    def _copy(self, query: Query, plan: _Plan) -> tuple[str, tuple | None]:
+    def _copy(self, query: Query, plan: _Plan) -> tuple[str, tuple[Any, ...] | None]:
         """The COPY statement of ``query`` with its cells rendered in SQL, and its parameters."""
         assert plan.csv_exprs is not None
         out_query, out_sql = _output_query(query, plan.csv_exprs)
-        column_sql = column_sql_for(self._info)
+        column_sql = column_sql_for(self.info)
         compiled = compile_query(out_query, self._table, POSTGRES, column_sql=lambda c: out_sql(c) or column_sql(c))
         statement = f"COPY ({compiled.select}) TO STDOUT WITH (FORMAT csv)"
         if not compiled.params:  # psycopg reads no placeholders (nor %%) in a COPY without parameters
