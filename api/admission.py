@@ -49,6 +49,7 @@ EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXEMPT_PREFIXES = ("/uploads/",)
 MAX_WAITING_FACTOR = 4
 RETRY_AFTER_SECONDS = 1
+LOG_EVERY_SECONDS = 1.0
 MESSAGE = "Dataport is busy; try again in a moment."
 
 IN_FLIGHT = Gauge("dataport_api_requests_in_flight", "HTTP requests this api process is working on")
@@ -110,6 +111,24 @@ class Admission:
         self.app = app
         self.queue_seconds = settings.api_queue_seconds
         self.slots = Slots(settings.api_max_in_flight, MAX_WAITING_FACTOR * settings.api_max_in_flight)
+        self.refused = 0  # since the last log line
+        self.logged_at = -LOG_EVERY_SECONDS
+
+    def _log_refusal(self, scope: Scope, waited: float) -> None:
+        """One line a second at most: past capacity, a line per refusal would add to the load."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.logged_at >= LOG_EVERY_SECONDS:
+            log.info(
+                "%d requests refused (SERVICE_UNAVAILABLE), the last %s %s after %.3f s: %d in flight, %d waiting",
+                self.refused,
+                scope.get("method"),
+                scope["path"],
+                waited,
+                self.slots.held,
+                self.slots.waiting,
+            )
+            self.refused, self.logged_at = 0, now
 
     @staticmethod
     def counted(scope: Scope) -> bool:
@@ -125,13 +144,7 @@ class Admission:
         started = time.monotonic()
         if not await self.slots.acquire(self.queue_seconds):
             SHED.inc()
-            log.info(
-                "%s %s refused: %d requests in flight, waited %.3f s (SERVICE_UNAVAILABLE)",
-                scope.get("method"),
-                scope["path"],
-                self.slots.held,
-                time.monotonic() - started,
-            )
+            self._log_refusal(scope, time.monotonic() - started)
             await refuse(scope, send)
             return
         IN_FLIGHT.inc()
