@@ -33,6 +33,7 @@ from graphql.language.parser import MAX_NESTING_DEPTH
 from graphql.validation.validate import ValidationAbortedError
 from strawberry.extensions import SchemaExtension
 
+from api.graphql_cache import measured
 from dataport import errors
 from dataport.settings import Settings
 
@@ -153,7 +154,7 @@ def _selection_shape(selection_set: SelectionSetNode | None, fragments: dict[str
 
 def check(document: DocumentNode, limits: QueryLimits) -> GraphQLError | None:
     """The first limit the document exceeds, as a coded error; None when it is within all."""
-    operations, shape = measure(document)
+    operations, shape = measured(document, measure)  # once per cached document (api/graphql_cache.py)
     if operations > limits.operations:
         return too_complex(
             f"The document holds {operations} operations; at most {limits.operations} are allowed.", limits.operations
