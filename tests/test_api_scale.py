@@ -1,0 +1,295 @@
+"""Several api processes on one port, the cheap request path and admission control (issue 19,
+items 4 and 5): real ``dataport api`` processes on the real Redis, and the middleware and caches
+in-process where the order of events must be chosen by the test.
+
+Run: ``python -m pytest tests/test_api_scale.py -q`` (needs the test servers of tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from api import token_cache
+from api.admission import Admission
+from api.auth import Authenticator, AuthError, issue_token
+from api.graphql_cache import DOCUMENTS
+from api.graphql_limits import DEFAULT_LIMITS, QueryLimits
+from dataport.settings import Settings
+from schema import schema
+from tests.fixtures.stack import Stack, _stack
+
+READ = "query($id: ID!) { exportTask(id: $id) { id status } }"
+POLL = "query($id: ID!) { exportTask(id: $id) { id pollAfterSeconds } }"
+REQUEST = """mutation($input: ExportInput!) { requestExport(input: $input) {
+  task { id } userErrors { code message } } }"""
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, redis_url, test_data) -> Iterator[Stack]:
+    """``dataport api`` with DATAPORT_API_WORKERS=2, no worker: tasks stay PENDING."""
+    extra = {"DATAPORT_STORAGE": "local", "DATAPORT_API_WORKERS": "2"}
+    yield from _stack("scale", tmp_path_factory, redis_url, test_data, extra, workers=0)
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory, redis_url, test_data) -> Iterator[Stack]:
+    """One request in flight at a time and no waiting: every overlap is refused."""
+    extra = {"DATAPORT_STORAGE": "local", "DATAPORT_API_MAX_IN_FLIGHT": "1", "DATAPORT_API_QUEUE_SECONDS": "0"}
+    yield from _stack("admission", tmp_path_factory, redis_url, test_data, extra, workers=0)
+
+
+def _gql(client: httpx.Client, token: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/graphql", json={"query": query, "variables": variables}, headers=_auth(token))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert not body.get("errors"), body
+    return body["data"]
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _export(client: httpx.Client, token: str, sample: int = 1) -> str:
+    variables = {"input": {"dataset": "samples", "filters": [{"field": "sample_id", "op": "EQ", "value": sample}]}}
+    payload = _gql(client, token, REQUEST, variables)["requestExport"]
+    assert not payload["userErrors"], payload
+    return payload["task"]["id"]
+
+
+def _pinned(stack: Stack) -> tuple[httpx.Client, int]:
+    """A client on one kept-alive connection, so every request of it reaches the same process; and
+    that process's pid."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    client = httpx.Client(base_url=stack.url, limits=limits, timeout=30)
+    return client, client.get("/healthz").json()["pid"]
+
+
+# --- several processes -------------------------------------------------------------------------
+
+
+def test_two_api_processes_serve_one_port_and_share_tasks(two_processes):
+    clients: dict[int, httpx.Client] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while len(clients) < 2:  # the kernel gives each new connection to either process
+            assert time.monotonic() < deadline, f"only process {list(clients)} ever answered"
+            client, pid = _pinned(two_processes)
+            if pid in clients:
+                client.close()
+                time.sleep(0.02)
+            else:
+                clients[pid] = client
+        (pid_a, a), (pid_b, b) = clients.items()
+        supervisor = psutil.Process(two_processes.processes[0].pid)
+        assert {pid_a, pid_b} <= {child.pid for child in supervisor.children()}
+
+        token = two_processes.token(f"user-{uuid.uuid4().hex[:8]}")
+        task_id = _export(a, token)
+        assert _gql(b, token, READ, {"id": task_id})["exportTask"] == {"id": task_id, "status": "PENDING"}
+        # Asked again through the other process: the same task (the ids and the store are shared).
+        assert _export(b, token) == task_id
+        assert [c.get("/healthz").json()["pid"] for c in (a, b)] == [pid_a, pid_b]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_a_poll_is_counted_once_with_the_read_and_only_when_asked_for(two_processes):
+    token, other = (two_processes.token(f"user-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    with httpx.Client(base_url=two_processes.url, timeout=30) as client:
+        task_id = _export(client, token, sample=7)
+        for _ in range(2):  # reads without pollAfterSeconds count nothing
+            _gql(client, token, READ, {"id": task_id})
+        # Another user's read is refused as a missing task and counts nothing either.
+        assert _gql(client, other, POLL, {"id": task_id})["exportTask"] is None
+        hints = [_gql(client, token, POLL, {"id": task_id})["exportTask"]["pollAfterSeconds"] for _ in range(3)]
+    base = Settings().poll_base_seconds
+    assert hints == pytest.approx([base, base + 0.693, base + 2 * 0.693], abs=0.01)
+
+
+# --- admission control against a real api -----------------------------------------------------
+
+
+async def _burst(url: str, token: str, task_id: str, size: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    body = {"query": READ, "variables": {"id": task_id}}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/graphql", json=body, headers=_auth(token)) for _ in range(size)))
+
+
+async def test_past_its_capacity_the_api_refuses_at_once_and_serves_what_it_admits(one_slot):
+    token = one_slot.token(f"user-{uuid.uuid4().hex[:8]}")
+    with httpx.Client(base_url=one_slot.url, timeout=30) as client:
+        task_id = _export(client, token)
+    responses: list[httpx.Response] = []
+    for _ in range(5):  # each request awaits Redis, so overlapping ones meet the one slot taken
+        responses += await _burst(one_slot.url, token, task_id, 40)
+        if any(r.status_code == 503 for r in responses):
+            break
+    refused = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert refused and served and len(refused) + len(served) == len(responses)
+    for response in refused:
+        error = response.json()["errors"][0]
+        assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE", "retryAfterSeconds": 1}
+        assert response.headers["retry-after"] == "1"
+    assert all(r.json() == {"data": {"exportTask": {"id": task_id, "status": "PENDING"}}} for r in served)
+    async with httpx.AsyncClient(base_url=one_slot.url, timeout=30) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    shed = next(line for line in metrics.splitlines() if line.startswith("dataport_api_requests_shed_total"))
+    assert float(shed.split()[-1]) >= len(refused)
+
+
+# --- the middleware, events in the test's order --------------------------------------------------
+
+
+class Gate:
+    """An ASGI app whose ``/slow`` answers only when ``open`` is set; everything else at once."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await self.open.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/slow-body":
+            await self.open.wait()  # the response has started: the slot is free already
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _call(app: Admission, path: str, kind: str = "http") -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": kind, "path": path, "method": "GET", "headers": []}, receive, send)
+    return sent
+
+
+async def _until(condition: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+
+
+async def test_the_middleware_refuses_with_the_shape_of_the_route_and_exempts_probes():
+    gate = Gate()
+    app = Admission(gate, Settings(api_max_in_flight=1, api_queue_seconds=0.05))
+    slow = asyncio.create_task(_call(app, "/slow"))
+    await _until(lambda: app.slots.held == 1)
+    graphql, plain = await _call(app, "/graphql"), await _call(app, "/files/x")
+    for sent in (graphql, plain):
+        assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert b'"code":"SERVICE_UNAVAILABLE","retryAfterSeconds":1' in graphql[1]["body"]
+    assert plain[1]["body"].startswith(b'{"error":{"code":"SERVICE_UNAVAILABLE"')
+    for path in ("/healthz", "/readyz", "/metrics", "/uploads/t"):
+        assert (await _call(app, path))[0]["status"] == 200
+    assert (await _call(app, "/graphql", kind="websocket"))[0]["status"] == 200
+    gate.open.set()
+    assert (await slow)[0]["status"] == 200 and app.slots.held == 0
+
+
+async def test_waiting_requests_are_admitted_in_order_and_a_started_response_frees_its_slot():
+    gate = Gate()
+    app = Admission(gate, Settings(api_max_in_flight=1, api_queue_seconds=60))
+    first = asyncio.create_task(_call(app, "/slow"))
+    await _until(lambda: app.slots.held == 1)
+    waiting = [asyncio.create_task(_call(app, f"/next/{n}")) for n in range(3)]
+    await _until(lambda: app.slots.waiting == 3)
+    gate.open.set()
+    assert [(await task)[0]["status"] for task in (first, *waiting)] == [200] * 4
+    assert app.slots.held == 0
+
+    gate.open.clear()
+    streaming = asyncio.create_task(_call(app, "/slow-body"))
+    await _until(lambda: app.slots.held == 0 and not streaming.done())  # started, body pending
+    assert (await _call(app, "/another"))[0]["status"] == 200
+    gate.open.set()
+    await streaming
+
+
+# --- verified tokens, kept --------------------------------------------------------------------
+
+
+async def test_a_token_is_verified_once_for_its_lifetime_and_a_refusal_for_seconds(monkeypatch):
+    settings = Settings(jwt_secret="s" * 40)
+    authenticator = Authenticator(settings)
+    verified: list[str] = []
+    real = Authenticator._verify
+
+    async def counting(self: Authenticator, token: str) -> Any:
+        verified.append(token)
+        return await real(self, token)
+
+    monkeypatch.setattr(Authenticator, "_verify", counting)
+    token = issue_token(settings, "alice", ttl=60)
+    first = await authenticator.authenticate(f"Bearer {token}")
+    assert await authenticator.authenticate(f"Bearer {token}") is first and len(verified) == 1
+
+    for _ in range(2):
+        with pytest.raises(AuthError, match="not valid"):
+            await authenticator.authenticate("Bearer not-a-token")
+    assert len(verified) == 2  # the refusal was kept
+
+    now = time.time()
+    monkeypatch.setattr(token_cache.time, "time", lambda: now + token_cache.REFUSAL_SECONDS + 1)
+    with pytest.raises(AuthError):
+        await authenticator.authenticate("Bearer not-a-token")
+    assert len(verified) == 3  # kept for seconds only
+    monkeypatch.setattr(token_cache.time, "time", lambda: first.expires_at)
+    await authenticator.authenticate(f"Bearer {token}")
+    assert len(verified) == 4  # never past the token's exp
+
+
+def test_the_token_cache_is_bounded():
+    cache: token_cache.TokenCache[str] = token_cache.TokenCache(max_entries=2)
+    for n in range(3):
+        cache.accepted(f"t{n}", f"c{n}", time.time() + 60)
+    assert len(cache) == 2 and cache.get("t0") is None and cache.get("t2") == "c2"
+
+
+# --- parsed and validated documents, kept ----------------------------------------------------
+
+
+class _Limited:
+    """A context carrying the caller's limits (what api/context.py gives graphql_limits)."""
+
+    def __init__(self, limits: QueryLimits) -> None:
+        self.query_limits = limits
+
+
+async def test_a_document_is_parsed_and_validated_once_yet_every_limit_still_applies():
+    query = "{ __typename }"
+    await schema.execute(query, context_value=_Limited(DEFAULT_LIMITS))
+    hits = DOCUMENTS.hits
+    result = await schema.execute(query, context_value=_Limited(DEFAULT_LIMITS))
+    assert result.data == {"__typename": "Query"} and not result.errors and DOCUMENTS.hits == hits + 1
+
+    # The same text under a smaller budget (an anonymous caller's) is a document of its own.
+    small = QueryLimits(**{**DEFAULT_LIMITS.__dict__, "tokens": 2})
+    refused = await schema.execute(query, context_value=_Limited(small))
+    assert refused.errors[0].extensions["code"] == "QUERY_TOO_COMPLEX"
+
+    aliased = "{ " + " ".join(f"a{n}: __typename" for n in range(DEFAULT_LIMITS.aliases + 1)) + " }"
+    invalid = "{ noSuchField }"
+    for _ in range(2):  # cached or not, refused the same way
+        result = await schema.execute(aliased, context_value=_Limited(DEFAULT_LIMITS))
+        assert result.errors[0].extensions["code"] == "QUERY_TOO_COMPLEX"
+        result = await schema.execute(invalid, context_value=_Limited(DEFAULT_LIMITS))
+        assert result.errors[0].extensions["code"] == "GRAPHQL_VALIDATION_FAILED"
