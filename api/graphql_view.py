@@ -36,6 +36,7 @@ from strawberry.types.execution import PreExecutionError
 from strawberry.types.unset import UNSET, UnsetType
 
 from api.auth import AuthError
+from api.graphiql import graphiql_html
 from api.request_limits import error_body
 from api.websockets import CONNECTION_INIT_TIMEOUT, BoundedWebSocketAdapter, LegacyWSHandler, TransportWSHandler
 from dataport import errors
@@ -67,6 +68,11 @@ class GraphQLView(GraphQLRouter):
     def __init__(self, schema: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(schema, connection_init_wait_timeout=CONNECTION_INIT_TIMEOUT, **kwargs)
         self.settings = settings
+
+    @property
+    def graphql_ide_html(self) -> str:
+        """GraphiQL with its scripts and styles served by Dataport, so it works offline (api/graphiql.py)."""
+        return graphiql_html()
 
     # -- bodies -----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,16 @@ import pytest
 from dataport.net import free_port, wait_for_port
 
 DEMO_ROWS = 3_000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every ``dataport dev`` here records where it runs (dataport/dev_record.py) in a config dir of
+    this module's, never the user's."""
+    config_home = tmp_path_factory.mktemp("config")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(config_home))
+        yield config_home
 
 
 def _env(data_dir: Path | None = None) -> dict[str, str]:
