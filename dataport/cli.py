@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dataport.cli_help import plain_help_types
+from dataport.client import FileFormat, ImportMode
 from dataport.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from dataport.client import DataportClient
+    from dataport.dev_record import DevRecord, Signer
+
+plain_help_types()  # `--help` says TEXT, PATH, USER: no `<bool>`, `<str>` or `{user}` (dataport/cli_help.py)
 app = typer.Typer(
     help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True, pretty_exceptions_enable=False
 )
@@ -117,12 +125,15 @@ def token(
     ] = None,
     ttl: Annotated[int | None, typer.Option(help="seconds (default DATAPORT_TOKEN_TTL_SECONDS)")] = None,
 ) -> None:
-    """Print one signed (HS256) token for USER, with the same settings the api uses: roles go where
-    the api reads them (DATAPORT_ROLES_CLAIM, nested for a dotted path)."""
+    """Print one signed (HS256) token for USER, with the same settings the api uses.
+
+    Roles go where the api reads them (DATAPORT_ROLES_CLAIM, nested for a dotted path). The secret:
+    DATAPORT_JWT_SECRET or DATAPORT_DATA_DIR's, else the running `dataport dev`'s, else ./.dataport's."""
     from api.auth import issue_token
 
     claims = _claims(claim or [])
-    print(issue_token(get_settings(), user, email, ttl=ttl, roles=role or [], claims=claims))
+    signing = _signer(get_settings(), quiet=False)
+    print(issue_token(signing.settings, user, email, ttl=ttl, roles=role or [], claims=claims))
 
 
 @app.command("demo-data")
@@ -142,25 +153,32 @@ def demo_data(rows: int = typer.Option(None, help="Rows to generate (default DAT
 @app.command()
 def export(
     dataset: str,
-    format: Annotated[str, typer.Option("--format", "-f")] = "CSV",
+    format: Annotated[FileFormat, typer.Option("--format", "-f", case_sensitive=False)] = FileFormat.CSV,
     filter: Annotated[list[str] | None, typer.Option("--filter", help="field:op:value, repeatable")] = None,
     columns: Annotated[str | None, typer.Option(help="comma-separated column names")] = None,
     limit: int | None = None,
     out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
-    url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DATAPORT_URL", help="the api; default: the running `dataport dev`'s URL, else http://127.0.0.1:8000"
+        ),
+    ] = None,
     token: Annotated[
-        str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: --token-file, else $USER's")
+        str | None,
+        typer.Option(
+            envvar="DATAPORT_TOKEN", help="default: --token-file, else one for $USER signed like `dataport token`"
+        ),
     ] = None,
     token_file: Annotated[
         Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
     ] = None,
 ) -> None:
     """Request an export over GraphQL, follow its progress, download the file."""
-    from dataport.client import ClientError, DataportClient
+    from dataport.client import ClientError
     from sources.query import parse_filter_text
 
-    settings = get_settings()
-    client = DataportClient(url.rstrip("/"), _token(settings, token, token_file))
+    client = _client(url, token, token_file)
     try:
         filters = [parse_filter_text(f) for f in filter or []]
     except ValueError as e:
@@ -169,15 +187,14 @@ def export(
     try:
         export_input = {
             "dataset": dataset,
-            "format": format.upper(),
+            "format": format.value,
             "filters": filters,
             "columns": columns.split(",") if columns else None,
             "limit": limit,
         }
         task = asyncio.run(_export(client, export_input, out))
-    except ClientError as e:
-        console.print(f"[red]Export failed:[/red] {e}")
-        raise typer.Exit(1) from None
+    except (ClientError, httpx.TransportError) as e:
+        _failed("Export", client, e)
     console.print(f"{task['rowCount']:,} rows, {task['fileSize']:,} bytes, sha256 {task['checksumSha256']}")
 
 
@@ -221,31 +238,44 @@ IMPORT_FORMATS = {".csv": "CSV", ".json": "JSON", ".ndjson": "NDJSON", ".jsonl":
 def import_(
     dataset: str,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    format: Annotated[str | None, typer.Option("--format", "-f", help="default: from the file's extension")] = None,
-    mode: Annotated[str, typer.Option(help="INSERT or UPSERT (on the dataset's key)")] = "INSERT",
+    format: Annotated[
+        FileFormat | None,
+        typer.Option("--format", "-f", case_sensitive=False, help="default: from the file's extension"),
+    ] = None,
+    mode: Annotated[
+        ImportMode, typer.Option(case_sensitive=False, help="UPSERT: insert or update on the dataset's key")
+    ] = ImportMode.INSERT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="check every row, write nothing")] = False,
     max_errors: Annotated[int | None, typer.Option(help="stop after this many failed rows")] = None,
     report: Annotated[Path | None, typer.Option(help="where to save the error report, if there is one")] = None,
-    url: Annotated[str, typer.Option(envvar="DATAPORT_URL")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DATAPORT_URL", help="the api; default: the running `dataport dev`'s URL, else http://127.0.0.1:8000"
+        ),
+    ] = None,
     token: Annotated[
-        str | None, typer.Option(envvar="DATAPORT_TOKEN", help="default: --token-file, else $USER's")
+        str | None,
+        typer.Option(
+            envvar="DATAPORT_TOKEN", help="default: --token-file, else one for $USER signed like `dataport token`"
+        ),
     ] = None,
     token_file: Annotated[
         Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
     ] = None,
 ) -> None:
     """Upload a file, import it over GraphQL with a progress bar, save the error report if any."""
-    from dataport.client import ClientError, DataportClient
+    from dataport.client import ClientError
 
-    file_format = (format or IMPORT_FORMATS.get(file.suffix.lower(), "")).upper()
+    file_format = format.value if format else IMPORT_FORMATS.get(file.suffix.lower(), "")
     if not file_format:
         console.print(f"[red]--format:[/red] cannot tell the format of {file.name}; pass --format CSV|JSON|NDJSON|XLSX")
         raise typer.Exit(2)
-    client = DataportClient(url.rstrip("/"), _token(get_settings(), token, token_file))
+    client = _client(url, token, token_file)
     import_input = {
         "dataset": dataset,
         "format": file_format,
-        "mode": mode.upper(),
+        "mode": mode.value,
         "fileName": file.name,
         "fileSize": file.stat().st_size,
         "dryRun": dry_run,
@@ -253,9 +283,8 @@ def import_(
     }
     try:
         task = asyncio.run(_import(client, import_input, file, report))
-    except ClientError as e:
-        console.print(f"[red]Import failed:[/red] {e}")
-        raise typer.Exit(1) from None
+    except (ClientError, httpx.TransportError) as e:
+        _failed("Import", client, e)
     verb = "would be written (dry run)" if task["dryRun"] else "written"
     console.print(f"{task['rowsImported']:,} rows {verb}, {task['rowsFailed']:,} failed")
 
@@ -296,10 +325,66 @@ async def _import(client, import_input: dict, file: Path, report: Path | None) -
     return fresh
 
 
-def _token(settings: Settings, token: str | None, token_file: Path | None) -> str:
+def _signer(settings: Settings, quiet: bool = True) -> Signer:
+    """Whose secret signs the CLI's tokens (dataport/dev_record.py): DATAPORT_JWT_SECRET or
+    DATAPORT_DATA_DIR's, else the running `dataport dev`'s, else ./.dataport's. Unless ``quiet``, a
+    secret about to be made, which no running server knows, is said on stderr with where it looked."""
+    from dataport.dev_record import record_path, signer
+
+    signing = signer(settings)
+    if quiet or signing.settings.jwt_secret:
+        return signing
+    secret = signing.settings.data_dir.resolve() / "secret"
+    if signing.record is not None and signing.record.secret_file is None:
+        console.print(
+            f"[yellow]The dataport dev at {signing.record.url} signs with DATAPORT_JWT_SECRET; set it here too."
+            f"[/yellow] This token is signed with {secret}."
+        )
+    elif not secret.exists():
+        console.print(
+            f"[yellow]No running `dataport dev` found ({record_path()}) and no secret at {secret}:[/yellow] "
+            "making one there; only a server started with that data dir accepts this token."
+        )
+    return signing
+
+
+def _client(url: str | None, token: str | None, token_file: Path | None) -> DataportClient:
+    """The GraphQL client of export and import: --url (DATAPORT_URL), else the running `dataport
+    dev`'s URL, else http://127.0.0.1:8000; the token as ``_token`` finds it."""
+    from dataport.client import DataportClient
+
+    signing = _signer(get_settings())
+    record = signing.record
+    url = url or (record.url if record else "http://127.0.0.1:8000")
+    source = "--token / DATAPORT_TOKEN" if token else str(token_file) if token_file else signing.source
+    return DataportClient(url.rstrip("/"), _token(signing.settings, token, token_file, record), source)
+
+
+def _failed(verb: str, client: DataportClient, error: Exception) -> NoReturn:
+    """One line for a failure, never a traceback; a refused token also says where it came from."""
+    from dataport.client import unreachable
+
+    if isinstance(error, httpx.TransportError):
+        error = unreachable(str(error.request.url) if _has_request(error) else client.url, error)
+    console.print(f"[red]{verb} failed:[/red] {error}", highlight=False, soft_wrap=True)
+    if getattr(error, "code", None) == "UNAUTHENTICATED":
+        console.print(f"The token came from {client.token_source}.", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _has_request(error: httpx.TransportError) -> bool:
+    try:
+        error.request  # noqa: B018 - httpx raises RuntimeError when the error has no request
+    except RuntimeError:
+        return False
+    return True
+
+
+def _token(settings: Settings, token: str | None, token_file: Path | None, record: DevRecord | None = None) -> str:
     """--token (DATAPORT_TOKEN), else the file --token-file (DATAPORT_TOKEN_FILE) names, which an
-    identity provider's tooling may refresh; else an HS256 token for $USER signed with the data
-    dir's secret (dev). A "Bearer " prefix is dropped."""
+    identity provider's tooling may refresh; else an HS256 token for $USER signed with ``settings``'
+    secret (``_signer``); else, when a running `dataport dev` signs with a secret this shell has not
+    got (its DATAPORT_JWT_SECRET), the token it recorded. A "Bearer " prefix is dropped."""
     if not token and token_file is not None:
         try:
             token = token_file.read_text().strip()
@@ -313,6 +398,8 @@ def _token(settings: Settings, token: str | None, token_file: Path | None) -> st
         return token.removeprefix("Bearer ").strip()
     from api.auth import issue_token
 
+    if record is not None and record.secret_file is None and not settings.jwt_secret:
+        return record.token
     return issue_token(settings, os.environ.get("USER") or "dev")
 
 

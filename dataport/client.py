@@ -4,6 +4,7 @@ progress over the subscription, download."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import random
 import time
@@ -57,36 +58,77 @@ PASSING_CODES = frozenset({"SERVICE_UNAVAILABLE", "RATE_LIMITED"})
 REFUSED_CLOSE_CODES = frozenset({4400, 4401, 4403})
 
 
+class FileFormat(enum.StrEnum):
+    """``dataport export|import --format``: the contract's ``FileFormat`` (tests/test_first_hour.py keeps
+    them equal); a Typer enum, so a wrong value is refused with the choices listed, in any case."""
+
+    CSV = "CSV"
+    JSON = "JSON"
+    NDJSON = "NDJSON"
+    XLSX = "XLSX"
+
+
+class ImportMode(enum.StrEnum):
+    """``dataport import --mode``: the contract's ``ImportMode``."""
+
+    INSERT = "INSERT"
+    UPSERT = "UPSERT"
+
+
 class ClientError(Exception):
-    pass
+    """A refusal or failure to show the user in one line; ``code`` is the GraphQL error code, if any."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PassingError(ClientError):
     """Dataport is briefly unavailable; the same request can succeed a little later."""
 
 
+class Unreachable(ClientError):
+    """Nothing answers at the URL (refused, unknown host, timed out): one line naming the URL, the
+    CLI's replacement for httpx's traceback."""
+
+
 def _error(errors: list[dict[str, Any]]) -> ClientError:
     first = errors[0] if errors else {}
     code = (first.get("extensions") or {}).get("code")
     kind = PassingError if code in PASSING_CODES else ClientError
-    return kind(first.get("message") or "the server reported an error")
+    return kind(first.get("message") or "the server reported an error", code)
+
+
+def unreachable(url: str, error: BaseException) -> Unreachable:
+    """The one-line message for a server that does not answer at ``url``."""
+    reason = str(error) or type(error).__name__
+    return Unreachable(f"cannot reach Dataport at {url} ({reason}); is it running? (--url or DATAPORT_URL)")
 
 
 @dataclass
 class DataportClient:
     url: str  # e.g. http://127.0.0.1:8000
     token: str
+    token_source: str = "the caller"  # where the token came from, for the message when it is refused
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
     async def execute(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=60) as http:
-            response = await http.post(
-                f"{self.url}/graphql", json={"query": query, "variables": variables}, headers=self.headers
-            )
-        body = response.json()
+        try:
+            async with httpx.AsyncClient(timeout=60) as http:
+                response = await http.post(
+                    f"{self.url}/graphql", json={"query": query, "variables": variables}, headers=self.headers
+                )
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+        try:
+            body = response.json()
+        except ValueError:
+            raise ClientError(
+                f"{self.url}/graphql answered HTTP {response.status_code} without a GraphQL body; is that Dataport?"
+            ) from None
         if body.get("errors"):
             raise _error(body["errors"])
         return body["data"]

@@ -3,10 +3,8 @@ Playwright, against ``dataport dev`` (the embedded Redis, local storage, the SQL
 
 Screenshots of every key step go to ``tests/artifacts/``.
 
-Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; or ``DATAPORT_TEST_CHROMIUM``) and,
-for the GraphiQL test, ``npm``: the GraphiQL page loads its bundle from unpkg.com, which test
-machines cannot reach, so the test serves the same files, packed from the npm registry, in its
-place (the page's subresource-integrity hashes prove they are byte for byte what it asks for).
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; or ``DATAPORT_TEST_CHROMIUM``).
+GraphiQL's files are vendored (``web/vendor``): its test blocks every request that is not to the server.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -453,51 +450,14 @@ def test_user_errors_are_shown_in_words_beside_the_servers_message(page, server)
 # -- GraphiQL ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def graphiql_assets(server, request) -> dict[str, tuple[bytes, str]]:
-    """The files the GraphiQL page loads from unpkg.com, by URL, packed from the npm registry."""
-    page = httpx.get(f"{server.url}/graphql", headers={"Accept": "text/html"}).text
-    urls = sorted(set(re.findall(r'"(https://unpkg\.com/[^"]+)"', page)))
-    assert urls, "the GraphiQL page names no unpkg.com files; update this fixture"
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail(
-            "npm is not installed: the GraphiQL test packs GraphiQL's browser bundle from the npm "
-            "registry (apt-get install -y npm)."
-        )
-    cache = request.config.cache.mkdir("graphiql-assets")
-    assets = {}
-    for url in urls:
-        match = re.fullmatch(r"https://unpkg\.com/((?:@[^/]+/)?[^/@]+)@([^/]+)/(.+)", url)
-        assert match, url
-        package, version, path = match.groups()
-        tarball = cache / f"{package.replace('@', '').replace('/', '-')}-{version}.tgz"
-        if not tarball.exists():
-            packed = subprocess.run(
-                [npm, "pack", f"{package}@{version}", "--pack-destination", str(cache)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if packed.returncode != 0 or not tarball.exists():
-                pytest.fail(f"npm pack {package}@{version} failed: {packed.stderr[-2000:]}")
-        with tarfile.open(tarball) as archive:
-            body = archive.extractfile(f"package/{path}").read()
-        assets[url] = (body, "text/css" if path.endswith(".css") else "application/javascript")
-    return assets
-
-
-def test_graphiql_runs_a_subscription(page, server, graphiql_assets):
-    def from_npm(route):
-        asset = graphiql_assets.get(route.request.url)
-        if asset is None:
-            route.abort()
+def test_graphiql_runs_a_subscription(page, server):
+    def loopback_only(route):  # GraphiQL's files are served by Dataport (api/graphiql.py): no internet
+        if route.request.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:")):
+            route.continue_()
         else:
-            route.fulfill(
-                status=200, body=asset[0], headers={"Content-Type": asset[1], "Access-Control-Allow-Origin": "*"}
-            )
+            route.abort()
 
-    page.route("https://unpkg.com/**", from_npm)
+    page.route("**/*", loopback_only)
     token = server.token(f"graphiql-{uuid.uuid4().hex[:6]}")
     # An import that waits for its file: the subscription is surely running before anything changes.
     requested = server.gql(

@@ -736,6 +736,10 @@ function showCurrent(kind, entry) {
   const card = createCard(entry, { compact: false });
   container.replaceChildren(card.el);
   render(entry);
+  // On a phone the form is taller than the screen: bring the progress card into view, where it is
+  // below the Export (or Import) button, without moving a page on which it is already visible.
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  card.el.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
 }
 
 function addToHistory(entry) {
