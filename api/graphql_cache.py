@@ -13,8 +13,8 @@ validated again.
 with it too; the comparison with the caller's limits is made on every request, since it depends
 on who asks. What is not cached: documents that failed to parse or to validate (they are refused
 again the same way, at the same cost), and texts over ``MAX_TEXT`` characters (application
-queries are far smaller; a cache of big documents would be memory an attacker chooses). The cache is bounded (``MAX_ENTRIES``,
-least recently used out) and lives in each api process.
+queries are far smaller; a cache of big documents would be memory an attacker chooses). The
+cache is bounded (``MAX_ENTRIES``, least recently used out) and lives in each api process.
 
 Why not Strawberry's ``ParserCache`` and ``ValidationCache``: ``ValidationCache`` sets the
 validation result unconditionally, which would overwrite a ``QUERY_TOO_COMPLEX`` refusal made just
