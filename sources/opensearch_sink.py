@@ -18,7 +18,9 @@ stored documents are fetched (``mget``) and read the way the source reads them; 
 columns hold the same values, the row is already there (a re-run converges); if not,
 ``DuplicateKeyError`` names the key and the first column that differs. UPSERT writes ``update``
 with ``doc_as_upsert``: fields not in the file keep their values, as the SQL UPSERT does; a key
-repeated in the file ends with its last row.
+repeated in the file ends with its last row. UPDATE writes ``update`` without it: the worker
+refused unknown keys (asking ``stored``, an ``mget`` read as the source reads), and a document
+deleted since (404) fails the batch, transient.
 
 Stored values: a column ``a.b`` is the object field ``{"a": {"b": v}}`` (the source flattens it
 back); None is an explicit null (UPSERT then clears the field, like SQL's NULL); integers, floats
@@ -49,6 +51,7 @@ the reason; the rows before it in the batch are written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -206,6 +209,30 @@ class OpenSearchSink:
         stored = await self._stored(ids)
         return [n for n, i in enumerate(ids) if i in stored and stored[i][0] is not None]
 
+    async def stored(self, rows: list[Row]) -> list[Row | None]:
+        """``RowSink.stored``: the documents of the rows' ids (``mget``), read as the source reads
+        them; of a scoped import, the tenant's own only."""
+        self._check_open()
+        if not rows:
+            return []
+        ids = [self._id(row) for row in rows]
+        response = await self._call(
+            f"reading existing documents of index '{self.index}'",
+            lambda: self.client.mget(
+                index=self.index, body={"ids": sorted(set(ids))}, params={"_source_includes": ",".join(self._names)}
+            ),
+        )
+        found: dict[str, Row] = {}
+        for doc in response.get("docs") or []:
+            if doc.get("found"):
+                with contextlib.suppress(SourceError):  # a document the source cannot read: not matched
+                    found[str(doc.get("_id"))] = self._read([doc])[0]
+        at, scope = self._scope_at, self.scope
+        out: list[Row | None] = [found.get(i) for i in ids]
+        if at is not None and scope is not None:
+            out = [row if row is not None and same_value(row[at], scope.value) else None for row in out]
+        return out
+
     async def _stored(self, ids: list[str]) -> dict[str, tuple[str | None, int, int]]:
         """The documents of ``ids`` that exist: id → (why it is another tenant's, else None;
         its ``_seq_no``; its ``_primary_term``)."""
@@ -248,6 +275,13 @@ class OpenSearchSink:
                 raise SinkError(
                     f"dataset '{self.dataset.name}': row {first + n} is keyed like a document that "
                     "belongs to another tenant; run the import again",
+                    transient=True,
+                    row=first + n,
+                )
+            if seq_no < 0 and self.mode == "UPDATE":
+                raise SinkError(
+                    f"dataset '{self.dataset.name}': the row to update of row {first + n} was deleted while the "
+                    "import ran; run it again",
                     transient=True,
                     row=first + n,
                 )
@@ -310,9 +344,9 @@ class OpenSearchSink:
                 b'{"create":{"_id":%b}}\n%b\n' % (dumps(i), dumps(self._doc(row)))
                 for i, row in zip(ids, rows, strict=True)
             ]
+        upsert = b',"doc_as_upsert":true' if self.mode == "UPSERT" else b""  # UPDATE: existing documents only
         return [
-            b'{"update":{"_id":%b,"retry_on_conflict":3}}\n{"doc":%b,"doc_as_upsert":true}\n'
-            % (dumps(i), dumps(self._doc(row)))
+            b'{"update":{"_id":%b,"retry_on_conflict":3}}\n{"doc":%b%b}\n' % (dumps(i), dumps(self._doc(row)), upsert)
             for i, row in zip(ids, rows, strict=True)
         ]
 
@@ -357,6 +391,13 @@ class OpenSearchSink:
                     )
                 if status == 409 and self.mode == "INSERT":
                     conflicts.append(i)
+                elif status == 404 and self.mode == "UPDATE":  # document_missing: deleted since the look-up
+                    raise SinkError(
+                        f"dataset '{self.dataset.name}': the document of row {number} ('{ids[i]}') was deleted "
+                        "while the import ran; run it again",
+                        transient=True,
+                        row=number,
+                    )
                 elif status == 429 or status >= 500 or status == 409:  # 409 in UPSERT: concurrent updates
                     again.append(i)
                     last_error = reason

@@ -22,27 +22,20 @@ savepoint, over ``DISTINCT ON (key) … ORDER BY key, ctid DESC``: the last row 
 as in SQLite and OpenSearch. (COPY appends to the fresh temp table in file order, so ctid order is
 file order; the sort is paid only by files that repeat a key.)
 
-Rows travel as COPY text: each batch is formatted by psycopg's C row formatter
-(``format_row_text``, the function behind ``Copy.write_row``) into one buffer and sent with one
-``Copy.write``. The importing process's CPU is what limits an import (the server works on the
-other core), so that is what was measured, for 1,000,000 rows × 10 columns: 1.02-1.09 s, against
-1.28-1.33 s for ``await copy.write_row(row)`` per row (a coroutine per row) and 1.14-1.21 s for
-the formatter's own ``write_row`` per row; building the text in Python from typed values, column
-by column, is about 3 times slower than the C formatter. ``format_row_text`` is not public API:
-without it (pure-Python psycopg, or a version that renames it) the sink uses ``Copy.write_row``.
+Rows travel as COPY text: typed rows formatted by psycopg's C row formatter, rows of a CSV file
+as the text they came as (``write_text``); ``sources.postgres_copy_text`` makes that text and
+says why, with the measurements.
 
-Rows of a CSV file come as text instead (``write_text``, see sources/sinks.py): the cells are
-already the text COPY wants, so no typed value is made and printed again. They go in a COPY with
-``NULL ''`` (an empty field is NULL: such rows have no empty text), escaped where a cell needs it
-(found a column at a time), interleaved and joined (``_text``). For the benchmark's 1,000,000
-rows (bench/postgres_import.py; 2 busy cores): ``_text`` ~0.36 s against ~0.88 s for
-``format_row_text`` on the typed rows, which cost ~0.9 s more to make than the text does.
-The fields are those ``format_row_text`` writes for the typed rows, but for floats in ``double
-precision`` columns, which go as the file spelled them (``1.50``, ``2e-3``): PostgreSQL's
-``float8in`` is the C library's ``strtod``, correctly rounded like ``float()``, so it reads the
-same double, and the checks let through only plain decimals without overflow or underflow
-(tests/test_sinks.py compares both paths bit for bit on thousands of texts, exact ties between
-two doubles included). A switch between the two kinds of rows ends the COPY and starts another.
+UPSERT of a file that lacks a NOT NULL column (it updates some columns) cannot use ``ON
+CONFLICT``, which checks NOT NULL before the conflict: it runs UPDATE mode's statement, then
+``INSERT … SELECT`` of the staged rows whose key no row has.
+
+UPDATE mode COPYs into the staging table as UPSERT does, then at ``commit`` runs ``UPDATE target
+SET c = s.c FROM (SELECT DISTINCT ON (key) … ORDER BY key, ctid DESC) s WHERE target.key = s.key``
+(scoped: ``AND target.scope_column = s.scope_column``) for the file's non-key columns, and fails
+the import (transient) when it changed fewer rows than the file has keys: the worker had refused
+unknown keys (asking ``stored``), so a row was deleted meanwhile. ``stored`` reads the rows of a
+batch's keys as committed, on the look-up connection, each cell as the source reads it.
 
 The COPY stays open across batches, so the server parses and inserts one batch while the worker
 reads the next (3.8-4.2 s against 5.3-5.5 s for one COPY per batch, same machine). A server-side
@@ -80,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -90,12 +82,14 @@ import psycopg.errors as pge
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
+from sources import postgres_sink_lookups as lookups
 from sources import receipts
 from sources.base import Column, Dataset, Row
-from sources.postgres import CONNECT_TIMEOUT_SECONDS, POSTGRES, quote_ident
+from sources.postgres import CONNECT_TIMEOUT_SECONDS, POSTGRES
+from sources.postgres_copy_text import cell_error, copy_text
+from sources.postgres_sink_errors import explain, plain_error
 from sources.receipts import Receipt
 from sources.sink_base import (
-    DuplicateKeyError,
     RowScope,
     SinkError,
     check_key_texts,
@@ -124,15 +118,18 @@ IDLE_TIMEOUT = "10min"
 ROLLBACK_TIMEOUT_SECONDS = 5.0
 APPLICATION_NAME = "dataport-import"
 
-_SESSION = (
+SESSION = (
     f"SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
     f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_TIMEOUT}'"
 )
-# Connection lost, too many connections, server shutting down, serialization failure, deadlock,
-# lock not available, system errors: a later try may succeed.
-_TRANSIENT_STATES = ("08", "53", "57P", "40", "55P03", "58")
 _q = POSTGRES.quote  # for statements without parameters (psycopg reads no placeholders in them)
 
+# Columns a row cannot be inserted without: NOT NULL, with no default, not computed.
+_NOT_NULL_SQL = """
+SELECT a.attname FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
+  AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+"""
 _RELKIND_SQL = "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)"
 _COLUMNS_SQL = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), COALESCE(bt.typname, t.typname),
@@ -152,33 +149,6 @@ WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indimmediate AND i.in
   AND i.indexprs IS NULL
 GROUP BY i.indexrelid
 """
-# What COPY text escapes with a backslash (psycopg also escapes \b, \f and \v, which the server
-# reads back to the same characters either way).
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]").search
-_COPY_SPECIALS = re.compile(r"[\\\t\n\r]").finditer
-
-
-def _copy_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _escaped(cells: Sequence[str], joined: str) -> Sequence[str]:
-    """``cells`` (``joined``: them apart by NUL, none holding one) with what COPY text escapes
-    escaped: cell by cell when few need it, else all at once."""
-    found = [m.start() for m in _COPY_SPECIALS(joined)]
-    if len(found) * 16 > len(cells):
-        return _copy_escape(joined).split("\0")
-    out = list(cells)
-    index = last = 0
-    for at in found:
-        index += joined.count("\0", last, at)
-        last = at
-        out[index] = _copy_escape(cells[index])
-    return out
-
-
-_KEY_DETAIL = re.compile(r"Key \((?P<cols>.*)\)=\((?P<vals>.*)\) already exists\.", re.S)
-_COPY_LINE = re.compile(r"COPY [^,]*, line (\d+)(?:, column (.*?): (.*))?", re.S)
 
 
 class PostgresSink:
@@ -194,6 +164,8 @@ class PostgresSink:
         self._conn: psycopg.AsyncConnection | None = None
         self._lookup: psycopg.AsyncConnection | None = None  # foreign_rows' own (autocommit) connection
         self._types: dict[str, str] = {}  # column → its SQL type (format_type), for casts
+        self._partial = False  # UPSERT of a file without some NOT NULL column: UPDATE, then INSERT the rest
+        self._out_sql: list[str] | None = None  # each column's cell as the source reads it (``stored``)
         self._identity = False  # an imported column is GENERATED ALWAYS AS IDENTITY
         self._copy: psycopg.AsyncCopy | None = None
         self._copy_stack: contextlib.AsyncExitStack | None = None
@@ -207,7 +179,7 @@ class PostgresSink:
         self._names = names
         # The staging table is named in pg_temp explicitly: no table of the database can be taken for it.
         self._staging = f"pg_temp.{_q(f'dataport_staging_{uuid.uuid4().hex[:8]}')}"
-        target = self._staging if mode == "UPSERT" else _q(dataset.table)
+        target = self._staging if mode in ("UPSERT", "UPDATE") else _q(dataset.table)
         self._copy_sql = f"COPY {target} ({names}) FROM STDIN"
         # Rows given as text (write_text) have no empty text: an empty field is NULL.
         self._copy_text_sql = f"{self._copy_sql} WITH (NULL '')"
@@ -220,8 +192,8 @@ class PostgresSink:
         try:
             sink._conn = await _connect(dataset)
             await sink._inspect()
-            await sink._conn.execute(f"BEGIN; {_SESSION}")
-            if mode == "UPSERT":
+            await sink._conn.execute(f"BEGIN; {SESSION}")
+            if mode in ("UPSERT", "UPDATE"):
                 await sink._conn.execute(
                     f"CREATE TEMP TABLE {sink._staging} ON COMMIT DROP AS "
                     f"SELECT {sink._names} FROM {_q(dataset.table)} WITH NO DATA"
@@ -229,7 +201,7 @@ class PostgresSink:
         except BaseException as e:
             await sink.close()
             if isinstance(e, psycopg.Error):
-                raise _plain_error(e, dataset) from e
+                raise plain_error(e, dataset) from e
             raise
         return sink
 
@@ -258,7 +230,7 @@ class PostgresSink:
                 assert rows is not None
                 check_keys(self.dataset, self.columns, self._keys, rows, first)
                 check_scope(self.dataset, self.columns, self._scope_at, self.scope, rows, first)
-            data = self._text(texts, count) if texts is not None else None
+            data = copy_text(self.columns, self._exact_floats, texts, count) if texts is not None else None
             if self._copy is not None and self._copy_text != (data is not None):
                 await self._end_copy()  # the other kind of rows came before
             if self._copy is None:
@@ -282,7 +254,7 @@ class PostgresSink:
         except BaseException as e:
             self._failed = f"{type(e).__name__}: {e}".strip()
             if isinstance(e, psycopg.Error):
-                raise await self._explain(e) from e
+                raise await explain(self, e) from e
             raise
 
     async def commit(self, receipt: Receipt | None = None) -> int:
@@ -293,13 +265,15 @@ class PostgresSink:
             await self._end_copy()
             if self.mode == "UPSERT":
                 await self._merge(conn)
+            elif self.mode == "UPDATE":
+                await self._update(conn)
             if receipt is not None:
                 await self._write_receipt(conn, receipt)
             await conn.execute("COMMIT")
         except BaseException as e:
             self._failed = f"{type(e).__name__}: {e}".strip()
             if isinstance(e, psycopg.Error):
-                raise await self._explain(e) from e
+                raise await explain(self, e) from e
             raise
         self._done = True
         await self._close_connection()
@@ -311,27 +285,7 @@ class PostgresSink:
         self._check_open()
         if not self._guard or not rows:
             return []
-        scope = self.scope
-        assert scope is not None
-        if self._lookup is None:
-            self._lookup = await _connect(self.dataset)
-        key = self.dataset.key
-        arrays = ", ".join(["%s::bigint[]", *(f"%s::{self._array_type(k)}" for k in key)])
-        names = ", ".join(f"k{j}" for j in range(len(key)))
-        on = " AND ".join(f"t.{_q(k)} = f.k{j}" for j, k in enumerate(key))
-        scope_type = self._types[scope.column].replace("%", "%%")
-        sql = (
-            f"SELECT DISTINCT f.n FROM unnest({arrays}) AS f(n, {names}) JOIN {_q(self.dataset.table)} AS t ON {on} "
-            f"WHERE t.{_q(scope.column)} IS DISTINCT FROM %s::{scope_type} ORDER BY f.n"
-        )
-        params = [list(range(len(rows))), *([row[i] for row in rows] for i in self._keys), scope.value]
-        try:
-            found = await (await self._lookup.execute(sql, params)).fetchall()
-        except psycopg.Error as e:
-            await self._lookup.close()
-            self._lookup = None
-            raise _plain_error(e, self.dataset) from e
-        return [n for (n,) in found]
+        return await lookups.foreign_rows(self, rows)
 
     def _array_type(self, column: str) -> str:
         return self._types[column].replace("%", "%%") + "[]"
@@ -403,72 +357,71 @@ class PostgresSink:
             for row in rows:
                 fmt(row, tx, out)
         except Exception:
-            raise self._cell_error(rows, first, tx) from None
+            raise cell_error(fmt, self.dataset, self.columns, rows, first, tx) from None
         return out
 
-    def _text(self, texts: Sequence[Sequence[str]], count: int) -> bytes | None:
-        """Rows given as text, column by column, as COPY text for a COPY with ``NULL ''``: the very
-        fields ``_format`` writes for their typed rows (but an empty one for NULL), except a float
-        in a ``double precision`` column, which goes as the file wrote it (the server's strtod
-        reads it as float() does: both round correctly). None if a text holds a NUL (which COPY
-        cannot carry). Text is escaped cell by cell where it needs it, found a column at a time.
+    # -- UPDATE, and the stored rows
 
-        All ASCII, the fields are interleaved and joined once (~150 ns a row of 10). Otherwise each
-        row is joined and encoded by itself: one joined batch would be as wide as its widest
-        character (one emoji: 4 bytes for every character), and encoding that is slow (~400 ns a
-        row against ~240)."""
-        fields: list[Sequence[str]] = []
-        ascii = True
-        for column, cells, exact in zip(self.columns, texts, self._exact_floats, strict=True):
-            kind = column.type
-            if kind == "string":
-                joined = "\0".join(cells)
-                if joined.count("\0") != count - 1:
-                    return None
-                ascii = ascii and joined.isascii()
-                if _COPY_SPECIAL(joined):
-                    cells = _escaped(cells, joined)
-            elif kind == "float" and not exact:
-                cells = [repr(float(v)) if v else "" for v in cells]
-            fields.append(cells)
-        if not ascii:
-            return b"\n".join(map(str.encode, map("\t".join, zip(*fields, strict=False)))) + b"\n"
-        width = 2 * len(fields)
-        out = ["\t"] * (width * count)
-        for k, cells in enumerate(fields):
-            out[2 * k :: width] = cells
-        out[width - 1 :: width] = ["\n"] * count
-        return "".join(out).encode()
-
-    def _cell_error(self, rows: list[Row], first: int, tx: Any) -> SinkError:
-        """Which row and cell psycopg could not turn into COPY text (a NUL character in text, an
-        object of a type it does not know)."""
-        fmt = _FORMAT_ROW
-        assert fmt is not None  # called by _format only
-        scratch = bytearray()
-        for n, row in enumerate(rows):
-            try:
-                fmt(row, tx, scratch)
-                continue
-            except Exception as e:
-                problem = e
-            for column, cell in zip(self.columns, row, strict=False):
-                try:
-                    fmt((cell,), tx, scratch)
-                except Exception as e:
-                    return SinkError(
-                        f"dataset '{self.dataset.name}': row {first + n}, column '{column.name}': "
-                        f"{cell!r} cannot be written ({e})",
-                        row=first + n,
-                    )
-            return SinkError(
-                f"dataset '{self.dataset.name}': row {first + n} cannot be written ({problem})", row=first + n
+    async def _update(self, conn: psycopg.AsyncConnection, *, insert_rest: bool = False) -> None:
+        """UPDATE mode: the staged rows change the rows with their keys (a key repeated in the file:
+        its last row), only the file's columns. Every key must match a row (the worker refused
+        unknown keys, asking ``stored``); fewer rows changed (one deleted meanwhile, or another
+        tenant's) fails the import, transient."""
+        key = ", ".join(_q(k) for k in self.dataset.key)
+        sets = [c.name for c in self.columns if c.name not in self.dataset.key] or [self.dataset.key[0]]
+        assign = ", ".join(f"{_q(n)} = s.{_q(n)}" for n in sets)
+        match = " AND ".join(f"dataport_target.{_q(k)} = s.{_q(k)}" for k in self.dataset.key)
+        if self.scope is not None:
+            column = _q(self.scope.column)
+            match += f" AND dataport_target.{column} = s.{column}"
+        latest = f"SELECT DISTINCT ON ({key}) {self._names} FROM {self._staging} ORDER BY {key}, ctid DESC"
+        updated = await conn.execute(
+            f"UPDATE {_q(self.dataset.table)} AS dataport_target SET {assign} FROM ({latest}) AS s WHERE {match}"
+        )
+        changed = updated.rowcount
+        if insert_rest:  # an UPSERT whose file lacks a NOT NULL column: then the rows that do not exist
+            absent = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in self.dataset.key)
+            overriding = " OVERRIDING SYSTEM VALUE" if self._identity else ""
+            inserted = await conn.execute(
+                f"INSERT INTO {_q(self.dataset.table)} ({self._names}){overriding} SELECT {self._names} "
+                f"FROM ({latest}) AS s WHERE NOT EXISTS (SELECT 1 FROM {_q(self.dataset.table)} AS t WHERE {absent})"
             )
-        return SinkError(f"dataset '{self.dataset.name}': rows {first}-{first + len(rows) - 1} cannot be written")
+            changed += inserted.rowcount
+        counted = await conn.execute(f"SELECT count(*) FROM (SELECT DISTINCT {key} FROM {self._staging}) k")
+        expected = (await counted.fetchone() or (0,))[0]
+        if changed != expected and (self._guard or not insert_rest):
+            raise SinkError(
+                f"dataset '{self.dataset.name}': a row this import updates was deleted (or changed hands) while "
+                "it ran; run it again",
+                transient=True,
+            )
+
+    async def stored(self, rows: list[Row]) -> list[Row | None]:
+        """``RowSink.stored``, on the look-up connection (the import's may be in a COPY): the rows
+        as committed, each cell as the PostgreSQL source reads it."""
+        self._check_open()
+        if not rows or not self._keys:
+            return [None] * len(rows)
+        return await lookups.stored_rows(self, rows)
+
+    async def _lookup_connection(self) -> psycopg.AsyncConnection:
+        """The second connection, for reads of committed rows (``postgres_sink_lookups``)."""
+        if self._lookup is None:
+            self._lookup = await _connect(self.dataset)
+        return self._lookup
+
+    async def _drop_lookup(self) -> None:
+        lookup, self._lookup = self._lookup, None
+        if lookup is not None:
+            with contextlib.suppress(Exception):
+                await lookup.close()
 
     # -- UPSERT
 
     async def _merge(self, conn: psycopg.AsyncConnection) -> None:
+        if self._partial:  # INSERT … ON CONFLICT checks NOT NULL before the conflict
+            await self._update(conn, insert_rest=True)
+            return
         key = ", ".join(_q(k) for k in self.dataset.key)
         updates = [f"{_q(c.name)} = EXCLUDED.{_q(c.name)}" for c in self.columns if c.name not in self.dataset.key]
         action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
@@ -537,95 +490,17 @@ class PostgresSink:
                 )
             self._identity = self._identity or (name in chosen and identity)
         if self.mode == "UPSERT":
+            lacking = await (await conn.execute(_NOT_NULL_SQL, (table,))).fetchall()
+            self._partial = any(name not in chosen for (name,) in lacking)
+        if self.mode in ("UPSERT", "UPDATE"):
             uniques = [set(cols) for (cols,) in await (await conn.execute(_UNIQUE_SQL, (table,))).fetchall()]
             if set(ds.key) not in uniques:
                 keys = ", ".join(ds.key)
                 raise SinkError(
-                    f"dataset '{ds.name}': UPSERT needs a primary key or unique constraint on ({keys}) in table "
+                    f"dataset '{ds.name}': {self.mode} needs a primary key or unique constraint on ({keys}) in table "
                     f"'{ds.table}', and there is none (a partial, expression or deferrable index does not "
                     f"count); add one, or import in INSERT mode"
                 )
-
-    # -- errors
-
-    async def _explain(self, e: psycopg.Error) -> SinkError:
-        """The server's error as a ``SinkError`` naming the row, column and value where it can."""
-        ds = self.dataset
-        state = e.sqlstate or ""
-        diag = e.diag
-        primary = diag.message_primary or str(e).strip().splitlines()[0]
-        row = None
-        where = ""
-        found = _COPY_LINE.search(diag.context or "")
-        if found:  # an error in a COPY: "COPY t, line 12, column x: "abc"" (line 1 = the COPY's first row)
-            row = self._copy_first + int(found.group(1)) - 1
-            where = f" row {row}" + (f", column '{found.group(2)}'" if found.group(2) else "") + ":"
-        which = f"row {row}" if row else "a row"
-        if isinstance(e, pge.UniqueViolation):
-            return await self._duplicate(e, row)
-        if isinstance(e, pge.NotNullViolation) and diag.column_name:
-            return SinkError(
-                f"dataset '{ds.name}': {which} has no value for column '{diag.column_name}', which "
-                f"table '{ds.table}' requires",
-                row=row,
-            )
-        if isinstance(e, pge.QueryCanceled):
-            return SinkError(
-                f"dataset '{ds.name}': the server cancelled the import ({primary}); ask your database "
-                f"administrator about statement_timeout",
-                row=row,
-            )
-        if state.startswith(_TRANSIENT_STATES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
-            return SinkError(f"dataset '{ds.name}' could not be written: {primary}", transient=True, row=row)
-        detail = f" ({diag.message_detail.strip()})" if diag.message_detail else ""
-        return SinkError(f"dataset '{ds.name}':{where} {primary}{detail}", row=row)
-
-    async def _duplicate(self, e: psycopg.Error, row: int | None) -> SinkError:
-        """A unique violation: the key of an existing row (DuplicateKeyError), a key repeated in the
-        file (DuplicateKeyError too), or another unique column (SinkError)."""
-        ds = self.dataset
-        found = _KEY_DETAIL.search(e.diag.message_detail or "")
-        at = f" (row {row})" if row else ""
-        if not found:
-            return SinkError(f"dataset '{ds.name}': {e.diag.message_primary}{at}", row=row)
-        cols = [c.strip().strip('"') for c in found.group("cols").split(", ")]
-        values = found.group("vals")
-        shown = _shown_key(cols, values, {c.name: c.type for c in self.columns})
-        if set(cols) != set(ds.key):
-            return SinkError(
-                f"dataset '{ds.name}': another row already has {shown}, and table '{ds.table}' allows it only once{at}",
-                row=row,
-            )
-        exists = await self._exists(cols, values)
-        if exists is False:
-            return DuplicateKeyError(
-                f"the file has more than one row with {shown}{at}; dataset '{ds.name}' takes one row per key", row=row
-            )
-        return DuplicateKeyError(
-            f"a row with {shown} already exists in dataset '{ds.name}'; import in UPSERT mode to update it{at}", row=row
-        )
-
-    async def _exists(self, cols: list[str], values: str) -> bool | None:
-        """Whether the table (as committed) holds the key that the error detail shows; None when
-        that cannot be told (a compound key whose text values contain ", ")."""
-        parts = values.split(", ") if len(cols) > 1 else [values]
-        conn = self._conn
-        if len(parts) != len(cols) or conn is None or any(c not in self._types for c in cols):
-            return None
-        where = " AND ".join(f"{quote_ident(c)} = %s::{self._types[c].replace('%', '%%')}" for c in cols)
-        try:
-            async with asyncio.timeout(10):
-                await conn.execute("ROLLBACK")  # this import is lost anyway; look at the table as committed
-                await conn.execute(f"BEGIN READ ONLY; {_SESSION}")
-                cur = await conn.execute(
-                    f"SELECT EXISTS (SELECT 1 FROM {quote_ident(self.dataset.table)} WHERE {where})", parts
-                )
-                answer = await cur.fetchone()
-                await conn.execute("ROLLBACK")
-        except Exception as e:
-            log.info("dataset %s: could not look the duplicate key up (%s)", self.dataset.name, e)
-            return None
-        return bool(answer and answer[0])
 
     # -- helpers
 
@@ -647,17 +522,6 @@ class PostgresSink:
                     await each.close()
 
 
-def _shown_key(cols: list[str], values: str, types: dict[str, str]) -> str:
-    """The key from an error detail as the other sinks show it: ``id=42``, ``code='A-7'``."""
-    parts = values.split(", ") if len(cols) > 1 else [values]
-    if len(parts) != len(cols):  # text values with ", " in them: as the server wrote them
-        return f"({', '.join(cols)})=({values})"
-    shown = [v if types.get(c) in ("integer", "float") else repr(v) for c, v in zip(cols, parts, strict=True)]
-    if len(cols) == 1:
-        return f"{cols[0]}={shown[0]}"
-    return f"({', '.join(cols)})=({', '.join(shown)})"
-
-
 async def _connect(dataset: Dataset) -> psycopg.AsyncConnection:
     params: dict[str, Any] = conninfo_to_dict(dataset.url)  # libpq keywords, which connect() takes as **kwargs
     params.setdefault("application_name", APPLICATION_NAME)
@@ -666,21 +530,6 @@ async def _connect(dataset: Dataset) -> psycopg.AsyncConnection:
     try:
         return await psycopg.AsyncConnection.connect(autocommit=True, **params)
     except psycopg.Error as e:
-        raise _plain_error(e, dataset) from e
+        raise plain_error(e, dataset) from e
     except OSError as e:
         raise SinkError(f"dataset '{dataset.name}' is unavailable: {e}", transient=True) from e
-
-
-def _plain_error(e: psycopg.Error, dataset: Dataset) -> SinkError:
-    """An error outside the rows (connecting, inspecting the table)."""
-    state = e.sqlstate or ""
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if "password authentication failed" in text or "no pg_hba.conf" in text or "does not exist" in text:
-        return SinkError(f"dataset '{dataset.name}': cannot connect: {text}")
-    if isinstance(e, pge.InsufficientPrivilege):
-        return SinkError(
-            f"dataset '{dataset.name}': the database user may not write to table '{dataset.table}' ({text})"
-        )
-    if state.startswith(_TRANSIENT_STATES) or isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
-        return SinkError(f"dataset '{dataset.name}' is unavailable: {text}", transient=True)
-    return SinkError(f"dataset '{dataset.name}' could not be written: {text}")

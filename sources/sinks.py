@@ -45,7 +45,9 @@ from sources.sink_base import RowScope, SinkError
 if TYPE_CHECKING:
     from sources.receipts import Receipt
 
-MODES = ("INSERT", "UPSERT")
+MODES = ("INSERT", "UPSERT", "UPDATE")
+# Modes that match rows on the key and touch only the file's columns of the rows they change.
+KEYED_MODES = ("UPSERT", "UPDATE")
 
 
 class RowSink(Protocol):
@@ -74,6 +76,14 @@ class RowSink(Protocol):
         (``sink_base.guards_keys``). Reads only: a dry run asks it too."""
         ...
 
+    async def stored(self, rows: list[Row]) -> list[Row | None]:
+        """For each of ``rows``, the stored row with its key (the values of the sink's columns, as
+        the dataset's source reads them, so they compare with ``sink_base.same_value``), or None
+        when no row has that key; of a scoped import, the tenant's own rows only. Reads only: the
+        worker asks it to tell new rows from updated and unchanged ones (UPDATE, UPSERT, dry runs,
+        results files)."""
+        ...
+
 
 class TextRowSink(RowSink, Protocol):
     async def write_text(self, columns: Sequence[Sequence[str]], count: int) -> None:
@@ -85,7 +95,7 @@ class TextRowSink(RowSink, Protocol):
 async def open_sink(
     dataset: Dataset, columns: Sequence[Column], mode: str, settings: Any, scope: RowScope | None = None
 ) -> RowSink:
-    """A sink writing ``columns`` of ``dataset`` in ``mode`` (``INSERT`` or ``UPSERT``), for the
+    """A sink writing ``columns`` of ``dataset`` in ``mode`` (``INSERT``, ``UPSERT`` or ``UPDATE``), for the
     tenant ``scope`` when the dataset is scoped. Checks the request and the target (table, columns,
     key constraint) before anything is written; a ``SinkError`` says what to change."""
     columns = check_request(dataset, columns, mode)
@@ -107,27 +117,27 @@ async def open_sink(
 
 
 def check_request(dataset: Dataset, columns: Sequence[Column], mode: str) -> tuple[Column, ...]:
-    """The checks every store shares: a known mode, columns named once, and for UPSERT a key
-    whose columns are all imported."""
+    """The checks every store shares: a known mode, columns named once, and for UPSERT and
+    UPDATE a key whose columns are all imported."""
     columns = tuple(columns)
     if mode not in MODES:
-        raise SinkError(f"dataset '{dataset.name}': unknown import mode {mode!r} (INSERT or UPSERT)")
+        raise SinkError(f"dataset '{dataset.name}': unknown import mode {mode!r} (INSERT, UPSERT or UPDATE)")
     if not columns:
         raise SinkError(f"dataset '{dataset.name}': an import needs at least one column")
     names = [c.name for c in columns]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise SinkError(f"dataset '{dataset.name}': column '{repeated[0]}' is imported twice")
-    if mode == "UPSERT":
+    if mode in KEYED_MODES:
         if not dataset.key:
             raise SinkError(
-                f"dataset '{dataset.name}' has no key, so rows cannot be matched for UPSERT: set "
+                f"dataset '{dataset.name}' has no key, so rows cannot be matched for {mode}: set "
                 f"`key` in the datasets file, or import in INSERT mode"
             )
         missing = [k for k in dataset.key if k not in names]
         if missing:
             raise SinkError(
-                f"dataset '{dataset.name}': UPSERT matches rows on the key "
+                f"dataset '{dataset.name}': {mode} matches rows on the key "
                 f"({', '.join(dataset.key)}), but the file has no column '{missing[0]}'"
             )
     return columns

@@ -21,7 +21,18 @@ keeps them; the source turns them back into booleans), dates as ``YYYY-MM-DD`` a
 the canonical ISO text (``2024-01-02T03:04:05.5Z``, what the demo table holds, fractions only when
 there are any). NaN is refused (SQLite would store NULL).
 
-UPSERT is ``INSERT … ON CONFLICT (key) DO UPDATE SET c = excluded.c`` for the imported columns
+UPDATE is ``UPDATE table SET c = ? … WHERE key = ?`` (scoped: ``AND scope_column = ?``): the rows
+must exist (the worker refused unknown keys beforehand, asking ``stored``), and a slice that
+changed fewer rows than it had fails the import, transient (a row deleted meanwhile), so no row
+is passed over silently. ``stored`` reads the imported columns of the rows with the batch's keys
+on the sink's connection, so rows written earlier in the import count.
+
+UPSERT of a file that lacks a ``NOT NULL`` column of the table (its rows update some columns)
+cannot be ``INSERT … ON CONFLICT``: SQLite checks NOT NULL before the conflict. Each slice is then
+an UPDATE of the rows whose key exists and an ``INSERT … SELECT … WHERE NOT EXISTS`` of the others
+(a new row without the column fails on NOT NULL, as it should; the worker refuses those first).
+
+Otherwise UPSERT is ``INSERT … ON CONFLICT (key) DO UPDATE SET c = excluded.c`` for the imported columns
 that are not in the key, so a later row of the file wins over an earlier one with the same key;
 it needs a primary key or a unique index (not partial) on exactly the key columns.
 
@@ -59,6 +70,7 @@ from sources.sink_base import (
     scope_position,
 )
 from sources.sql import SQLITE
+from sources.sqlite import _converter as _source_cells  # stored cells as the source reads them
 
 log = logging.getLogger("dataport.sinks.sqlite")
 
@@ -97,6 +109,10 @@ class SqliteSink:
         self._insert = (
             f"INSERT INTO {q(dataset.table)} ({', '.join(map(q, names))}) VALUES ({', '.join('?' * len(names))})"
         )
+        self._update_order: list[int] = []
+        self._partial: str | None = None  # UPSERT of a file that lacks a NOT NULL column: its INSERT
+        if mode == "UPDATE":
+            self._insert = self._update_sql(names)
         if mode == "UPSERT":
             updates = [f"{q(n)} = excluded.{q(n)}" for n in names if n not in dataset.key]
             action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
@@ -104,6 +120,20 @@ class SqliteSink:
                 assert scope is not None
                 action += f" WHERE {q(dataset.table)}.{q(scope.column)} = excluded.{q(scope.column)}"
             self._insert += f" ON CONFLICT ({', '.join(map(q, dataset.key))}) {action}"
+
+    def _update_sql(self, names: list[str]) -> str:
+        """UPDATE mode's statement: the non-key columns set where the key matches (and, scoped, only
+        the tenant's row); its parameters are a row reordered by ``_update_order``."""
+        q, key = SQLITE.quote, self.dataset.key
+        sets = [n for n in names if n not in key] or [key[0]]  # only the key: a no-op that still counts the row
+        where = " AND ".join(f"{q(k)} = ?" for k in key)
+        if self.scope is not None:
+            where += f" AND {q(self.scope.column)} = ?"
+        at = {n: i for i, n in enumerate(names)}
+        self._update_order = [at[n] for n in sets] + [at[k] for k in key]
+        if self.scope is not None:
+            self._update_order.append(at[self.scope.column])
+        return f"UPDATE {q(self.dataset.table)} SET {', '.join(f'{q(n)} = ?' for n in sets)} WHERE {where}"
 
     @classmethod
     async def open(
@@ -147,6 +177,14 @@ class SqliteSink:
         if not self._guard or not rows:
             return []
         return await self._run(lambda: self._foreign(rows))
+
+    async def stored(self, rows: list[Row]) -> list[Row | None]:
+        """``RowSink.stored``, on the sink's connection: inside the import's transaction once it
+        began, so a key written by an earlier batch of this import counts as stored."""
+        self._check_open()
+        if not rows or not self._keys:
+            return [None] * len(rows)
+        return await self._run(lambda: self._stored(rows))
 
     async def commit(self, receipt: Receipt | None = None) -> int:
         self._check_open()
@@ -197,6 +235,20 @@ class SqliteSink:
                 raise SinkError(
                     f"dataset '{self.dataset.name}': table '{self.dataset.table}' has no column '{column.name}'"
                 )
+        imported = {c.name for c in self.columns}
+        lacking = [name for _, name, _, notnull, default, pk in info if notnull and default is None and not pk]
+        if self.mode == "UPSERT" and any(name not in imported for name in lacking):
+            # INSERT … ON CONFLICT checks NOT NULL before the conflict: update the rows that exist,
+            # then insert those that do not (module docstring).
+            q, key = SQLITE.quote, self.dataset.key
+            names = [c.name for c in self.columns]
+            self._insert = self._update_sql(names)
+            absent = " AND ".join(f"{q(k)} = ?" for k in key)
+            self._partial = (
+                f"INSERT INTO {q(self.dataset.table)} ({', '.join(map(q, names))}) "
+                f"SELECT {', '.join('?' * len(names))} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {q(self.dataset.table)} WHERE {absent})"
+            )
         if self.mode == "UPSERT" and not self._has_unique(info, set(self.dataset.key)):
             keys = ", ".join(self.dataset.key)
             raise SinkError(
@@ -233,6 +285,19 @@ class SqliteSink:
                 if self._stop:
                     raise SinkError(f"dataset '{self.dataset.name}': the write was cancelled")
                 part = rows[start : start + _SLICE_ROWS]
+                if self._partial is not None:
+                    self._write_partial(conn, part)
+                    continue
+                if self.mode == "UPDATE":
+                    order = self._update_order
+                    changed = conn.executemany(self._insert, [[row[i] for i in order] for row in part]).rowcount
+                    if changed != len(part):  # a row gone since the worker looked (or another tenant's)
+                        raise SinkError(
+                            f"dataset '{self.dataset.name}': a row this import updates was deleted (or changed "
+                            "hands) while it ran; run it again",
+                            transient=True,
+                        )
+                    continue
                 changed = conn.executemany(self._insert, part).rowcount
                 if self._guard and self.mode == "UPSERT" and changed != len(part):
                     raise SinkError(
@@ -244,6 +309,23 @@ class SqliteSink:
             conn.execute("ROLLBACK TO dataport_batch")
             raise self._explain(rows, first) from None
         conn.execute("RELEASE dataport_batch")
+
+    def _write_partial(self, conn: sqlite3.Connection, part: list[Row]) -> None:
+        """UPSERT of a file without some NOT NULL column: UPDATE the rows whose key exists, then
+        INSERT the others; a key repeated in the slice is written once, with its last row."""
+        assert self._partial is not None
+        last = {tuple(row[i] for i in self._keys): row for row in part}
+        rows = list(last.values())
+        order = self._update_order
+        changed = conn.executemany(self._insert, [[row[i] for i in order] for row in rows]).rowcount
+        keys = [[row[i] for i in self._keys] for row in rows]
+        changed += conn.executemany(self._partial, [[*row, *key] for row, key in zip(rows, keys, strict=True)]).rowcount
+        if self._guard and changed != len(rows):
+            raise SinkError(
+                f"dataset '{self.dataset.name}': another tenant wrote a row with a key of this import while it ran; "
+                "run it again",
+                transient=True,
+            )
 
     def _foreign(self, rows: list[Row]) -> list[int]:
         conn, scope = self._conn, self.scope
@@ -266,6 +348,32 @@ class SqliteSink:
                 )
             ]
         return sorted(found)
+
+    def _stored(self, rows: list[Row]) -> list[Row | None]:
+        conn = self._conn
+        assert conn is not None
+        q = SQLITE.quote
+        width = len(self._keys)
+        names = ", ".join(f"k{j}" for j in range(width))
+        on = " AND ".join(f"t.{q(k)} = f.k{j}" for j, k in enumerate(self.dataset.key))
+        marks = "(" + ", ".join("?" * (width + 1)) + ")"
+        cells = ", ".join(f"t.{q(c.name)}" for c in self.columns)
+        scoped, extra = "", []
+        if self.scope is not None:
+            scoped, extra = f" WHERE t.{q(self.scope.column)} IS ?", [self.scope.value]
+        found: list[Row | None] = [None] * len(rows)
+        convert = _source_cells(self.columns)
+        for start in range(0, len(rows), _LOOKUP_ROWS):
+            part = rows[start : start + _LOOKUP_ROWS]
+            params = [v for n, row in enumerate(part) for v in (start + n, *(row[i] for i in self._keys))]
+            result = conn.execute(
+                f"WITH f(n, {names}) AS (VALUES {', '.join([marks] * len(part))}) "
+                f"SELECT f.n, {cells} FROM f JOIN {q(self.dataset.table)} AS t ON {on}{scoped}",
+                [*params, *extra],
+            ).fetchall()
+            for n, *values in result:
+                found[n] = convert([tuple(values)], 0)[0]
+        return found
 
     def _explain(self, rows: list[Row], first: int) -> SinkError:
         """The failing row of a batch that broke a constraint, found by replaying it row by row."""
