@@ -35,6 +35,7 @@ from storage.disposition import content_disposition
 from storage.encrypted import EncryptedStorage, MissingFile, Plaintext
 from storage.local import LocalStorage
 from storage.signing import verify
+from tasks.imports import RESULTS_SUFFIX
 from tasks.models import TaskKind, TaskStatus
 
 log = logging.getLogger("dataport.api")
@@ -48,15 +49,22 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 @router.get("/files/{task_id}")
 async def download(request: Request, task_id: str, expires: int = Query(...), signature: str = Query(...)) -> Response:
-    """An export's file once it succeeded; an import's error report once it finished."""
+    """An export's file once it succeeded; an import's error report (or, as ``{id}.results``, its
+    results file) once it finished."""
     services: Services = request.app.state.services
     if not verify(services.settings.signing_secret, "GET", task_id, expires, signature):
         await services.audit.record(ACCESS_DENIED, task_id=task_id, reason="download link invalid or expired")
         raise HTTPException(403, "This download link is invalid or has expired; ask for a new one.")
+    # An import's results file is "{task_id}.results" (tasks/imports.py): signed as such above.
+    task_id, results = task_id.removesuffix(RESULTS_SUFFIX), task_id.endswith(RESULTS_SUFFIX)
     task = await services.store.get(task_id)
     key = (task.report_key if task.kind is TaskKind.IMPORT else task.object_key) if task else None
+    if results:
+        key = task.results_key if task is not None and task.kind is TaskKind.IMPORT else None
     ready = task is not None and (
-        task.status.is_final if task.kind is TaskKind.IMPORT else task.status is TaskStatus.SUCCEEDED
+        task.status.is_final and task.status is not TaskStatus.EXPIRED
+        if task.kind is TaskKind.IMPORT
+        else task.status is TaskStatus.SUCCEEDED
     )
     if not ready or not key:
         raise HTTPException(404, "There is no such file.")

@@ -48,6 +48,8 @@ INVALID_MAX_ERRORS = "INVALID_MAX_ERRORS"
 NO_KEY = "NO_KEY"
 UPLOAD_MISSING = "UPLOAD_MISSING"
 UPLOAD_EXPIRED = "UPLOAD_EXPIRED"
+# Imports (issue 20): an ImportInput.columnMap naming unknown columns, or a header or column twice.
+INVALID_COLUMN_MAP = "INVALID_COLUMN_MAP"
 
 # Hostile input (issue 15): user errors.
 QUOTA_EXCEEDED = "QUOTA_EXCEEDED"

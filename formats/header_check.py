@@ -1,13 +1,17 @@
 """A CSV or XLSX header checked against the dataset's columns, before any row is read.
 
-``header_problems`` names the file's columns that the dataset does not have (with the name the
-user probably meant, when one is close) and the required columns the file lacks.
+``map_header`` says which column each field of the header stands for: the one the request's
+``columnMap`` names for it (its key as written, else ignoring case and surrounding spaces), else
+the column of that name, else the column whose name it is but for case and surrounding spaces
+(``" Site"`` is ``site``); a column two fields would fill is a problem. ``header_problems`` then
+names the fields that are no column of the dataset (with the name the user probably meant, by
+difflib, when one is close) and the required columns the file lacks.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from formats.limits import listed
 from sources.base import Column
@@ -56,8 +60,52 @@ def _suggestions(unknown: Sequence[str], names: Sequence[str], unused: set[str])
     for field in unknown[:5]:
         match = folded.get(field.strip().casefold())
         if match is None:
-            close = difflib.get_close_matches(field, [n for n in names if n in unused], n=1, cutoff=0.8)
+            close = difflib.get_close_matches(field, [n for n in names if n in unused], n=1, cutoff=0.6)
             match = close[0] if close else None
         if match is not None:
             hints.append(f"{_quoted(match)} for {_quoted(field)}")
     return hints
+
+
+def fold(name: str) -> str:
+    """A header as it is matched: without surrounding spaces, case folded."""
+    return name.strip().casefold()
+
+
+def header_resolver(columns: Sequence[Column], column_map: Mapping[str, str] | None) -> Callable[[str], str | None]:
+    """The column a field of a file names (``map_header``'s rule), or None when it names none."""
+    names = {c.name for c in columns}
+    folded: dict[str, str] = {}
+    for c in columns:
+        folded.setdefault(fold(c.name), c.name)
+    mapped = dict(column_map or {})
+    mapped_folded = {fold(k): v for k, v in mapped.items()}
+
+    def resolve(field: str) -> str | None:
+        if field in mapped:
+            return mapped[field]
+        if fold(field) in mapped_folded:
+            return mapped_folded[fold(field)]
+        if field in names:
+            return field
+        return folded.get(fold(field))
+
+    return resolve
+
+
+def map_header(
+    fields: Sequence[str], columns: Sequence[Column], column_map: Mapping[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """The column each field stands for (an unknown field keeps its own text, for
+    ``header_problems`` to name), and the problems of the mapping itself: a column that two
+    fields would fill."""
+    resolve = header_resolver(columns, column_map)
+    out = [resolve(f) or f for f in fields]
+    problems = []
+    by_column: dict[str, list[str]] = {}
+    for f, name in zip(fields, out, strict=True):
+        by_column.setdefault(name, []).append(f)
+    twice = {name: given for name, given in by_column.items() if len(given) > 1}
+    for name, given in list(twice.items())[:SHOWN_NAMES]:
+        problems.append(f"column {_quoted(name)} is given by more than one field ({', '.join(map(repr, given))})")
+    return out, problems

@@ -10,6 +10,7 @@ status transition in the task store's script, so two triggers can never queue it
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import unicodedata
 from typing import Any
@@ -59,6 +60,19 @@ def report_key(task: Task) -> str:
     """The error report, beside the upload (DESIGN.md: ``imports/{owner}/{task_id}/…``)."""
     stem = (task.request.get("fileName") or "import").rsplit(".", 1)[0]
     return f"imports/{task.owner}/{task.id}/report/{stem}-errors.csv"
+
+
+def results_key(task: Task) -> str:
+    """The results file (``results: true``: one line per input row), beside the error report."""
+    stem = (task.request.get("fileName") or "import").rsplit(".", 1)[0]
+    return f"imports/{task.owner}/{task.id}/report/{stem}-results.csv"
+
+
+# The download route's name for a task's results file (``GET /files/{task_id}.results``): signed
+# as it is, so a link to the error report cannot be turned into one to the results.
+RESULTS_SUFFIX = ".results"
+# At most this many entries in a columnMap (a file has at most this many columns worth mapping).
+MAX_COLUMN_MAP = 1_000
 
 
 def clean_file_name(name: str) -> str:
@@ -119,7 +133,7 @@ async def request_import(services: Services, identity: Identity, data: dict[str,
         raise UserErrors.one(
             f"Format {data['format']} cannot be imported.", errors.UNSUPPORTED_FORMAT, "input", "format"
         )
-    if data["mode"] == "UPSERT" and not dataset.key:
+    if data["mode"] in ("UPSERT", "UPDATE") and not dataset.key:
         raise UserErrors.one(
             f"Dataset '{dataset.name}' has no key, so it can only be imported in INSERT mode.",
             errors.NO_KEY,
@@ -158,6 +172,9 @@ async def request_import(services: Services, identity: Identity, data: dict[str,
                 ("input", "maxErrors"),
             )
         )
+    column_map = data.get("columnMap")
+    if column_map is not None:
+        problems += column_map_problems(column_map, [c.name for c in dataset.columns])
     if problems:
         raise UserErrors(problems)
 
@@ -170,6 +187,10 @@ async def request_import(services: Services, identity: Identity, data: dict[str,
         "fileName": file_name,
         "fileSize": size,
     }
+    if column_map:
+        request["columnMap"] = {k.strip(): v for k, v in column_map.items()}
+    if data.get("results"):
+        request["results"] = True
     if dataset.scope is not None:  # the worker writes only this tenant's rows
         request["scope"] = scope_for_request(scope)
     # Active from now, while it waits for its file too: starting it later needs no second check.
@@ -351,6 +372,86 @@ async def signed_report_url(services: Services, task: Task, issued_to: Identity)
     )
     await services.audit.issued(url, issued_to, services.settings.download_url_ttl_seconds)  # names the downloader
     return url
+
+
+async def results_url(services: Services, identity: Identity, task: Task) -> str | None:
+    """The results file's link: like the error report's, only for a caller who may read the rows."""
+    if not task.results_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
+        return None
+    if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
+        return None
+    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
+    url = await services.storage.download_url(
+        task.results_key,
+        task_id=task.id + RESULTS_SUFFIX,
+        filename=task.results_key.rsplit("/", 1)[-1],
+        expires_at=expires_at,
+    )
+    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)
+    return url
+
+
+def preview_of(services: Services, identity: Identity, task: Task) -> dict[str, Any] | None:
+    """The counts and samples an import kept (``workers.import_outcomes.Preview``; a dry run's is
+    its preview, a run's gives the page its first failed rows): they quote stored rows and the
+    file's, so only for a caller who may read the rows."""
+    if not task.preview or not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
+        return None
+    found: dict[str, Any] = orjson.loads(task.preview)
+    return found
+
+
+def outcome(task: Task) -> str | None:
+    """COMPLETE (every row written, or would be in a dry run), PARTIAL (some written, some
+    refused) or NOTHING_WRITTEN (every row refused) for an import that succeeded; None before, and
+    for one that failed or was cancelled (nothing written, where the store has transactions)."""
+    if task.status is not TaskStatus.SUCCEEDED:
+        return None
+    if not task.rows_failed:
+        return "COMPLETE"
+    return "PARTIAL" if task.rows_imported else "NOTHING_WRITTEN"
+
+
+def column_map_problems(column_map: Any, columns: list[str]) -> list[errors.UserError]:
+    """What is wrong with a request's ``columnMap`` (file header → column): not an object of
+    texts, a column the dataset does not have (with the closest name), a header given twice
+    (ignoring case and surrounding spaces), a column two headers map to."""
+    field = ("input", "columnMap")
+    code = errors.INVALID_COLUMN_MAP
+    if not isinstance(column_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
+    ):
+        return [errors.UserError("columnMap must map file headers (text) to column names (text).", code, field)]
+    if len(column_map) > MAX_COLUMN_MAP:
+        return [errors.UserError(f"columnMap may map at most {MAX_COLUMN_MAP:,} headers.", code, field)]
+    problems = []
+    known = set(columns)
+    for header, column in column_map.items():
+        if column not in known:
+            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(
+                errors.UserError(
+                    f"columnMap maps '{header}' to '{column}', which is not a column of the dataset{hint}.",
+                    code,
+                    (*field, header),
+                )
+            )
+    folded: dict[str, list[str]] = {}
+    for header in column_map:
+        folded.setdefault(header.strip().casefold(), []).append(header)
+    for given in folded.values():
+        if len(given) > 1:
+            shown = ", ".join(f"'{h}'" for h in given)
+            problems.append(errors.UserError(f"columnMap names the header {shown} more than once.", code, field))
+    targets: dict[str, list[str]] = {}
+    for header, column in column_map.items():
+        targets.setdefault(column, []).append(header)
+    for column, headers in targets.items():
+        if len(headers) > 1:
+            shown = ", ".join(f"'{h}'" for h in headers)
+            problems.append(errors.UserError(f"columnMap maps {shown} to the same column '{column}'.", code, field))
+    return problems[:50]
 
 
 async def _visible(services: Services, identity: Identity, identifier: str) -> Task:

@@ -107,6 +107,9 @@ class Task:
     rows_imported: int = 0
     rows_failed: int = 0
     report_key: str | None = None
+    # ``results: true``: the results file (one line per input row); a dry run's preview, as JSON.
+    results_key: str | None = None
+    preview: str | None = None
     upload_expires_at: dt.datetime | None = None
     # "{run}@{time}": when this run's first transient failure happened (workers/attempts.py).
     retrying_since: str | None = None
@@ -149,6 +152,8 @@ class Task:
             rows_imported=int(h.get("rows_imported") or 0),
             rows_failed=int(h.get("rows_failed") or 0),
             report_key=h.get("report_key") or None,
+            results_key=h.get("results_key") or None,
+            preview=h.get("preview") or None,
             upload_expires_at=parse_time(h.get("upload_expires_at")),
             retrying_since=h.get("retrying_since") or None,
         )

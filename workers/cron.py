@@ -26,7 +26,7 @@ async def expire_tasks(ctx: dict[str, Any]) -> int:
         if task is None or (task.status not in FINAL_STATUSES and not waiting) or task.status is TaskStatus.EXPIRED:
             await services.redis.zrem(EXPIRY_KEY, task_id)
             continue
-        for key in (task.object_key, task.report_key):
+        for key in (task.object_key, task.report_key, task.results_key):
             if key:
                 await services.storage.delete(key)
         reason = "no file was uploaded in time" if waiting else f"expired after {days:g} days; the file was deleted"

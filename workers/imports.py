@@ -27,43 +27,41 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from operator import itemgetter
 from typing import IO, Any
 
 from dataport.logs import bind_job
 from dataport.services import Services
-from formats.column_checker import NO_OUTPUT, TEXT, TYPED, ColumnChecker
-from formats.converters import CellError
-from formats.csv import CsvWriter
-from formats.header_check import header_problems
-from formats.limits import ParseLimits, capped, listed
+from formats.column_checker import NO_OUTPUT, TEXT, TYPED
+from formats.header_check import header_problems, header_resolver, map_header
+from formats.limits import ParseLimits, capped
 from formats.readers import Reader, reader_for
-from formats.records import FileError, FileLimitError, Record, RowBatch
-from formats.row_converter import RowConverter
-from sources.base import Column, Dataset, Row, SourceError
+from formats.records import FileError, FileLimitError
+from sources.base import Column, Dataset, SourceError
 from sources.receipts import Receipt, find_receipt
 from sources.sink_base import SinkError
-from sources.sinks import RowSink, open_sink
-from storage.base import ObjectWriter, ReadStream, StorageError
-from tasks.imports import report_key
+from sources.sinks import KEYED_MODES, RowSink, open_sink
+from storage.base import ReadStream, StorageError
+from tasks.imports import report_key, results_key
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
 from workers import memory
 from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
 from workers.attempts import fail as _fail
+from workers.import_batches import (  # noqa: F401 (REPORT_COLUMNS, first_cells: imported from here by tests)
+    REPORT_COLUMNS,
+    Batch,
+    ErrorReport,
+    FileBatches,
+    first_cells,
+)
+from workers.import_outcomes import Outcomes, ResultsFile
 from workers.progress import ProgressReporter, TaskMovedOn
 from workers.scoping import Tenant, foreign_key_failures, header_columns, tenant_for
 
 log = logging.getLogger("dataport.worker")
-
-REPORT_COLUMNS = (Column("row", "integer"), Column("column"), Column("reason"), Column("original"))
-# Formats whose exports carry the formula guard: their text cells lose exactly that prefix again.
-GUARDED_FORMATS = ("CSV", "XLSX")
-# The report lists at most this many bad cells of one row (a 16,384-column row once took 160 MB).
-MAX_CELLS_PER_ROW = 20
 
 
 async def run_import(ctx: dict[str, Any], task_id: str, run: int) -> str:
@@ -133,230 +131,6 @@ async def fail(services: Services, task: Task, attempt: int, code: str, message:
     return await _fail(services, task, attempt, code, capped(message), **fields)
 
 
-@dataclass
-class Batch:
-    # The valid rows: typed row tuples (``rows``), or with TEXT output their cells as text, column
-    # by column (``text``, see formats.column_checker.ColumnChecker); ``valid`` counts them either way.
-    rows: list[Row] = field(default_factory=list)
-    text: list[Sequence[str]] | None = None
-    valid: int = 0
-    failures: list[tuple[int, str, str, str]] = field(default_factory=list)  # row, column, reason, original
-    failed_rows: int = 0
-    records: int = 0
-    bytes_read: int = 0
-    done: bool = False
-    # For a scoped import whose keys are looked up: the row number and original text of each
-    # valid row, by its index in ``rows`` (made only for the rows that are refused after all).
-    origin: Callable[[int], tuple[int, str]] | None = None
-
-
-class FileBatches:
-    """The reading half of an import: records of the file, checked, a batch at a time. Runs in a
-    worker thread; holds one batch, never the file.
-
-    A reader with ``batches`` (CSV) is checked column by column (``ColumnChecker``), and its valid
-    rows come out as ``output`` asks: TYPED rows, TEXT columns (for a sink with ``write_text``) or
-    nothing (a dry run). Other readers go record by record through ``RowConverter`` (TYPED rows;
-    none for a dry run). Both check and convert every cell as ``formats.converters`` defines."""
-
-    def __init__(
-        self,
-        reader: Reader,
-        dataset: Dataset,
-        columns: Sequence[Column],
-        file_format: str,
-        output: int = TYPED,
-        tenant: Tenant | None = None,
-    ):
-        self.reader = reader
-        self.dataset = dataset
-        unguard_text = file_format in GUARDED_FORMATS
-        self.unguard_text = unguard_text
-        self._batches: Iterator[RowBatch] | None = None
-        self.by_column = reader.fields is not None and callable(getattr(reader, "batches", None))
-        # A scoped import (workers.scoping): where the scope column is, what fills it, whether each
-        # valid row's number and original are kept for the key look-up.
-        self.tenant = tenant
-        self.scope_at = next(i for i, c in enumerate(columns) if c.name == tenant.column.name) if tenant else -1
-        self.fill = tenant.fill_cell(unguard_text) if tenant else None
-        self.keep_origin = tenant is not None and tenant.guards_keys
-        if self.by_column:
-            assert reader.fields is not None
-            at = {name: i for i, name in enumerate(reader.fields)}
-            # None: a column the file lacks (the scope column, which is filled)
-            self.positions = [at.get(c.name) for c in columns]
-            self.checker = ColumnChecker(columns, unguard_text=unguard_text)
-            self.output = TYPED if output == TEXT and not unguard_text else output
-        else:
-            self.records = reader.records()
-            # Files with a header had their names checked once, before the first row.
-            self.names = {c.name for c in columns} if reader.fields is None else None
-            self.converter = RowConverter(columns, unguard_text=unguard_text)
-            self.output = TYPED
-
-    def next(self, size: int, failures_allowed: int) -> Batch:
-        """Up to ``size`` records; fewer when ``failures_allowed`` rows have failed, so that an
-        import stopped by maxErrors reports exactly that many."""
-        if self.by_column:
-            return self._next_columns(size, failures_allowed)
-        batch = Batch()
-        kept: list[Record] | None = [] if self.keep_origin else None
-        for record in self.records:
-            batch.records += 1
-            self._check(record, batch, kept)
-            if batch.records >= size or batch.failed_rows >= failures_allowed:
-                break
-        else:
-            batch.done = True
-        batch.valid = len(batch.rows)
-        batch.bytes_read = self.reader.bytes_read
-        if kept is not None:
-            batch.origin = lambda n: (kept[n].number, kept[n].original())
-        return batch
-
-    def _check(self, record: Record, batch: Batch, kept: list[Record] | None = None) -> None:
-        problem = record.problem
-        if problem is None and self.names is not None:
-            unknown = [name for name in record.values if name not in self.names]
-            if unknown:
-                problem = f"not a column of dataset '{self.dataset.name}': {listed(unknown)}"
-        if problem is not None:
-            batch.failed_rows += 1
-            batch.failures.append((record.number, "", problem, record.original()))
-            return
-        tenant = self.tenant
-        values = record.values if tenant is None else tenant.filled(record.values, self.fill)
-        row, errors = self.converter.convert(values)
-        if row is not None and tenant is not None and not tenant.owns(row, self.scope_at):
-            row, errors = None, [CellError(tenant.column.name, tenant.refusal)]
-        if row is not None:
-            batch.rows.append(row)
-            if kept is not None:
-                kept.append(record)
-            return
-        batch.failed_rows += 1
-        original = record.original()
-        batch.failures.extend((record.number, e.column, e.reason, original) for e in first_cells(errors))
-
-    def _next_columns(self, size: int, failures_allowed: int) -> Batch:
-        if self._batches is None:
-            # CSV's optional batches() (formats.readers.Reader): taken only where the reader has it.
-            self._batches = self.reader.batches(size)  # type: ignore[attr-defined]
-        read = next(self._batches, None)
-        batch = Batch(bytes_read=self.reader.bytes_read)
-        if read is None:
-            batch.done = True
-            return batch
-        count = len(read.numbers)
-        cells = [read.columns[i] if i is not None else [""] * count for i in self.positions]
-        foreign: list[int] = []
-        if self.tenant is not None:
-            cells[self.scope_at], foreign = self.tenant.column_cells(cells[self.scope_at], self.unguard_text)
-        out, errors = self.checker.check(cells, self.output)
-        for i in foreign:  # a row of another tenant (its scope cell was checked as the tenant's)
-            errors.setdefault(i, []).append(CellError(self.tenant.column.name, self.tenant.refusal))  # type: ignore[union-attr]
-        keep = count  # the rows looked at: all, unless maxErrors is reached within the batch
-        batch.records = count + len(read.problems)
-        if errors or read.problems:
-            # The failed records in file order, up to the one that reaches failures_allowed.
-            failed = sorted(
-                [(read.numbers[i], i, None) for i in errors] + [(p.number, -1, p) for p in read.problems],
-                key=itemgetter(0),
-            )
-            for number, i, problem in failed:
-                if problem is None:
-                    original = read.original(i)
-                    batch.failures.extend((number, e.column, e.reason, original) for e in first_cells(errors[i]))
-                else:
-                    batch.failures.append((number, "", problem.problem or "", problem.original()))
-                batch.failed_rows += 1
-                if batch.failed_rows >= failures_allowed:
-                    keep = bisect_right(read.numbers, number)
-                    batch.records = keep + sum(1 for p in read.problems if p.number <= number)
-                    break
-        good: Sequence[int] = range(count)
-        if errors or keep < count:
-            good = [i for i in range(keep) if i not in errors]
-            batch.valid = len(good)
-            if out is not None:
-                out = [[column[i] for i in good] for column in out]
-        else:
-            batch.valid = count
-        if out is not None and batch.valid:
-            if self.output == TEXT:
-                batch.text = out
-            else:
-                batch.rows = list(zip(*out, strict=False))  # columns of a length
-        if self.keep_origin:
-            batch.origin = lambda n: (read.numbers[good[n]], read.original(good[n]))
-        return batch
-
-
-def first_cells(errors: list[CellError]) -> list[CellError]:
-    """A row's bad cells as the report lists them: the first ``MAX_CELLS_PER_ROW``, then one line
-    for the rest."""
-    if len(errors) <= MAX_CELLS_PER_ROW:
-        return errors
-    more = len(errors) - MAX_CELLS_PER_ROW
-    return [*errors[:MAX_CELLS_PER_ROW], CellError("", f"… and {more:,} more cells of this row failed")]
-
-
-class ErrorReport:
-    """The failed rows as CSV (row, column, reason, original), written to storage only once there
-    is something in it. Text is formula-guarded: people open this file in spreadsheets. It stops
-    growing past ``max_bytes``: a last line says how many failure lines were left out."""
-
-    def __init__(self, services: Services, key: str, max_bytes: int | None = None):
-        self.services = services
-        self.key = key
-        self.writer = CsvWriter(REPORT_COLUMNS, formula_guard=True)
-        self.out: ObjectWriter | None = None
-        self.max_bytes = max_bytes if max_bytes is not None else services.settings.import_max_report_bytes
-        self.written = 0
-        self.left_out = 0  # failure lines not written: the report was full
-
-    async def add(self, failures: list[tuple[int, str, str, str]]) -> None:
-        if not failures:
-            return
-        if self.left_out:
-            self.left_out += len(failures)
-            return
-        if self.out is None:
-            self.out = await self.services.storage.open_writer(self.key, "text/csv; charset=utf-8")
-            await self._put(self.writer.begin())
-        data = self.writer.write(failures)
-        if self.written + len(data) > self.max_bytes:
-            # Line by line up to the limit (only this once), then nothing more.
-            for i, failure in enumerate(failures):
-                line = self.writer.write([failure])
-                if self.written + len(line) > self.max_bytes:
-                    self.left_out = len(failures) - i
-                    return
-                await self._put(line)
-            return
-        await self._put(data)
-
-    async def _put(self, data: bytes) -> None:
-        assert self.out is not None
-        self.written += len(data)
-        await self.out.write(data)
-
-    async def complete(self) -> str | None:
-        if self.out is None:
-            return None
-        if self.left_out:
-            note = (
-                f"the report stops here at {self.max_bytes:,} bytes: {self.left_out:,} more failure lines were left out"
-            )
-            await self.out.write(self.writer.write([(None, "", note, "")]))
-        await self.out.complete()
-        return self.key
-
-    async def abort(self) -> None:
-        if self.out is not None:
-            await self.out.abort()
-
-
 async def _import(services: Services, task: Task, attempt: int) -> str:
     settings = services.settings
     dataset = services.registry.get(task.dataset)
@@ -377,9 +151,10 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     progress.counters = {"rows_imported": 0, "rows_failed": 0}
     await progress.flush()
     report = ErrorReport(services, report_key(task))
+    results = ResultsFile(services, results_key(task)) if request.get("results") else None
     stream = await _open_file(services, task)
     sink: RowSink | None = None
-    probe: RowSink | None = None  # a sink only asked about keys (a dry run of a scoped import), never written
+    probe: RowSink | None = None  # a sink only asked about stored rows (a dry run), never written
     ahead: asyncio.Future[Batch] | None = None  # the next batch, read while this one is written
     try:
         reader = await asyncio.to_thread(
@@ -389,18 +164,41 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             max_cell_bytes=settings.import_max_cell_bytes,
             limits=ParseLimits.from_settings(settings),
         )
-        columns = _columns(dataset, reader, tenant)
+        mode = request["mode"]
+        columns, header, rename = _plan_columns(dataset, reader, tenant, mode, request.get("columnMap"))
         # An earlier attempt of this run may have committed before its worker died: then its rows
         # are in, and this attempt only reads the file again for the counts and the error report.
         committed = None if dry_run else await find_receipt(dataset, task.id, task.run)
         scope = tenant.sink_scope if tenant is not None else None
+        outcomes = Outcomes(
+            dataset,
+            columns,
+            mode,
+            dry_run=dry_run,
+            results=results,
+            missing_required=_missing_required(dataset, columns, tenant, mode) if reader.fields is not None else (),
+        )
+        if committed is not None:
+            outcomes.lookup = False  # the rows are in: their outcomes can no longer be told
+        guarded = tenant is not None and tenant.guards_keys
         if not dry_run and committed is None:
-            sink = await open_sink(dataset, columns, request["mode"], settings, scope)
-        elif tenant is not None and tenant.guards_keys:  # the same row errors as a real run
-            probe = await open_sink(dataset, columns, request["mode"], settings, scope)
-        keys = sink or probe if tenant is not None and tenant.guards_keys else None  # asked for foreign keys
-        output = TYPED if keys is not None else _output(sink)
-        batches = FileBatches(reader, dataset, columns, task.format, output=output, tenant=tenant)
+            sink = await open_sink(dataset, columns, mode, settings, scope)
+        elif guarded or (dry_run and outcomes.lookup):  # the same row errors as a real run
+            probe = await open_sink(dataset, columns, mode, settings, scope)
+        keys = sink or probe if guarded or outcomes.lookup else None  # asked for foreign keys, stored rows
+        typed = keys is not None or dry_run or results is not None  # rows looked at, sampled or listed
+        output = TYPED if typed else _output(sink)
+        batches = FileBatches(
+            reader,
+            dataset,
+            columns,
+            task.format,
+            output=output,
+            tenant=tenant,
+            header=header,
+            rename=rename,
+            keep_origin=outcomes.lookup or results is not None or dry_run,
+        )
         rows = settings.import_batch_rows
         valid = failed = 0
         ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors))
@@ -408,19 +206,22 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             assert ahead is not None  # set below on every turn that does not end the loop
             batch = await asyncio.shield(ahead)  # a cancel leaves the read to finish (see _settle)
             ahead = None
-            if keys is not None and tenant is not None and batch.rows:
+            if keys is not None and tenant is not None and guarded and batch.rows:
                 await _refuse_foreign_keys(keys, dataset, tenant, batch)
+            if keys is not None and outcomes.lookup:
+                await outcomes.classify(keys, batch)
             failed += batch.failed_rows
             if not batch.done and failed < max_errors:
                 ahead = asyncio.ensure_future(asyncio.to_thread(batches.next, rows, max_errors - failed))
             if sink is not None and batch.valid:
                 await _write(sink, batch)
             await report.add(batch.failures)
+            await outcomes.record(batch)
             valid += batch.valid
             progress.counters = {"rows_imported": 0 if dry_run else valid, "rows_failed": failed}
             await progress.advance(batch.records, batch.bytes_read - progress.bytes)
             if failed >= max_errors:
-                return await _too_many_errors(services, task, attempt, sink, report, progress, max_errors)
+                return await _too_many_errors(services, task, attempt, sink, report, progress, max_errors, results)
             if batch.done:
                 break
         await progress.flush()  # raises TaskMovedOn if cancelled: nothing is committed then
@@ -430,6 +231,8 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             log.info("import %s run %d had committed %d rows before its worker stopped", task.id, task.run, written)
     except BaseException:
         await asyncio.shield(_discard(sink, report))
+        if results is not None:
+            results.close()
         raise
     finally:
         await _settle(ahead)  # a read in progress ends before its stream is closed
@@ -441,10 +244,11 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
     if written:
         await services.store.mark_dataset_written(dataset.name)
     report_at = await report.complete()
+    results_at = await results.complete() if results is not None else None
     message = (
-        f"dry run: {valid:,} rows valid, {failed:,} failed; nothing was written"
+        f"dry run: {valid:,} rows valid{outcomes.summary()}, {failed:,} failed; nothing was written"
         if dry_run
-        else f"{written:,} rows written, {failed:,} failed"
+        else f"{written:,} rows written{outcomes.summary()}, {failed:,} failed"
         + (" (committed by an earlier attempt whose worker stopped)" if committed is not None else "")
     )
     finished = await services.store.transition(
@@ -463,6 +267,9 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
             "rows_failed": failed,
             "row_count": progress.rows,
             "report_key": report_at,
+            "results_key": results_at,
+            # A run keeps it too: its failed rows' samples are shown inline (ImportTask.failedSamples).
+            "preview": outcomes.preview.as_json(),
         },
     )
     if finished.ok:
@@ -486,14 +293,9 @@ async def _refuse_foreign_keys(keys: RowSink, dataset: Dataset, tenant: Tenant, 
     refused = await keys.foreign_rows(batch.rows)
     if not refused:
         return
-    assert batch.origin is not None
-    batch.failures = sorted(
-        batch.failures + foreign_key_failures(dataset, tenant, refused, batch.origin), key=itemgetter(0)
-    )
-    out = set(refused)
-    batch.rows = [row for n, row in enumerate(batch.rows) if n not in out]
-    batch.valid = len(batch.rows)
-    batch.failed_rows += len(refused)
+    failures = foreign_key_failures(dataset, tenant, refused, batch.original_of)
+    batch.failures = sorted(batch.failures + failures, key=itemgetter(0))
+    batch.drop(set(refused))
 
 
 async def _write(sink: RowSink, batch: Batch) -> None:
@@ -530,21 +332,48 @@ def nothing_written(task: Task, services: Services) -> str:
 
 
 def _columns(dataset: Dataset, reader: Reader, tenant: Tenant | None = None) -> list[Column]:
-    """The dataset's columns this import writes: the header's (CSV, XLSX), checked before any
-    row is read; every column for files without a header (JSON, NDJSON: a missing key is null).
-    A scoped import always writes the scope column, which a header need not name (it is filled)."""
+    """The columns an INSERT of the file writes (``_plan_columns``' first part)."""
+    return _plan_columns(dataset, reader, tenant)[0]
+
+
+def _plan_columns(
+    dataset: Dataset,
+    reader: Reader,
+    tenant: Tenant | None = None,
+    mode: str = "INSERT",
+    column_map: Mapping[str, str] | None = None,
+) -> tuple[list[Column], list[str] | None, Callable[[str], str | None] | None]:
+    """The dataset's columns this import writes, and how the file names them. With a header (CSV,
+    XLSX): the header's columns, mapped (``formats.header_check.map_header``: ``columnMap``, then
+    names ignoring case and surrounding spaces) and checked before any row is read, returned with
+    the column of each field. Without one (JSON, NDJSON): every column (a missing key is null),
+    and the resolver of each record's keys. A scoped import always writes the scope column, which a
+    header need not name (it is filled). UPSERT and UPDATE need the key's columns, not the other
+    required ones (``Outcomes`` refuses a new row that lacks them)."""
     if reader.fields is None:
-        return list(dataset.columns)
-    problems = header_problems(reader.fields, header_columns(dataset, tenant))
+        return list(dataset.columns), None, header_resolver(dataset.columns, column_map) if column_map else None
+    mapped, problems = map_header(reader.fields, dataset.columns, column_map)
+    checked = header_columns(dataset, tenant)
+    if mode in KEYED_MODES:
+        checked = tuple(replace(c, required=c.name in dataset.key) for c in checked)
+    problems += header_problems(mapped, checked)
     if problems:
         raise Failure(
             "INVALID_HEADER",
             f"The file's header does not fit dataset '{dataset.name}': {'; '.join(problems)}. Nothing was written.",
         )
-    named = set(reader.fields)
+    named = set(mapped)
     if tenant is not None:
         named.add(tenant.column.name)
-    return [c for c in dataset.columns if c.name in named]
+    return [c for c in dataset.columns if c.name in named], mapped, None
+
+
+def _missing_required(dataset: Dataset, columns: Sequence[Column], tenant: Tenant | None, mode: str) -> list[str]:
+    """The required columns an UPSERT's file lacks: a new row cannot be inserted without them."""
+    if mode != "UPSERT":
+        return []
+    named = {c.name for c in columns}
+    return [c.name for c in header_columns(dataset, tenant) if c.required and c.name not in named]
 
 
 async def _too_many_errors(
@@ -555,10 +384,16 @@ async def _too_many_errors(
     report: ErrorReport,
     progress: ProgressReporter,
     max_errors: int,
+    results: ResultsFile | None = None,
 ) -> str:
     if sink is not None:
         await sink.rollback()
     report_at = await report.complete()
+    results_at = None
+    if results is not None:
+        dataset = services.registry.get(task.dataset)
+        kept = sink is not None and dataset is not None and dataset.source == "opensearch"  # no rollback there
+        results_at = await results.complete(None if kept else "not written: the import stopped at maxErrors")
     message = (
         f"Stopped after {max_errors:,} failed rows (maxErrors); {nothing_written(task, services)} "
         "The error report lists them."
@@ -570,6 +405,7 @@ async def _too_many_errors(
         "TOO_MANY_ERRORS",
         message,
         report_key=report_at,
+        results_key=results_at,
         rows_failed=progress.counters["rows_failed"],
         rows_imported=0,
         processed_rows=progress.rows,
