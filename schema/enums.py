@@ -45,3 +45,14 @@ class SortDirection(enum.Enum):
 class ImportMode(enum.Enum):
     INSERT = "INSERT"
     UPSERT = "UPSERT"
+    UPDATE = "UPDATE"
+
+
+@strawberry.enum(
+    description="How a finished import went: every row written (or, for a dry run, would be), some "
+    "written and some refused, or every row refused."
+)
+class ImportOutcome(enum.Enum):
+    COMPLETE = "COMPLETE"
+    PARTIAL = "PARTIAL"
+    NOTHING_WRITTEN = "NOTHING_WRITTEN"

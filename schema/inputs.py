@@ -58,12 +58,20 @@ class ImportInput:
     dry_run: bool = False
     max_errors: int | None = None
     notify: bool = False
+    column_map: JSON | None = strawberry.field(
+        default=None, description="File header -> column; other headers match columns ignoring case and spaces."
+    )
+    results: bool = strawberry.field(
+        default=False, description="Also write a results file: one line per input row with its outcome."
+    )
 
     def to_request(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
             "format": self.format.value,
             "mode": self.mode.value,
+            "columnMap": self.column_map,
+            "results": self.results,
             "fileName": self.file_name,
             "fileSize": self.file_size,
             "dryRun": self.dry_run,

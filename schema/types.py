@@ -12,7 +12,7 @@ from strawberry.scalars import JSON
 
 from api.context import Info
 from dataport.errors import UserError as DomainUserError
-from schema.enums import FileFormat, ImportMode, TaskStatus
+from schema.enums import FileFormat, ImportMode, ImportOutcome, TaskStatus
 from sources.base import Dataset as DomainDataset
 from storage.base import UploadTarget as DomainUploadTarget
 from tasks import exports, imports
@@ -200,6 +200,54 @@ class ImportTask(TaskFields):
     @strawberry.field(description="The failed rows as CSV (row, column, reason, original); a fresh signed URL.")
     async def error_report_url(self, info: Info) -> str | None:
         return await imports.error_report_url(info.context.services, info.context.identity, self.task)
+
+    @strawberry.field(
+        description="Every input row's outcome as CSV (row, outcome, key, message), when the import asked for "
+        "results; a fresh signed URL."
+    )
+    async def results_url(self, info: Info) -> str | None:
+        return await imports.results_url(info.context.services, info.context.identity, self.task)
+
+    @strawberry.field(description="A dry run's counts and first rows of each kind.")
+    def preview(self, info: Info) -> ImportPreview | None:
+        found = imports.preview_of(info.context.services, info.context.identity, self.task)
+        if found is None or not self.task.request.get("dryRun"):
+            return None
+        return ImportPreview(
+            new_rows=found["newRows"],
+            updated_rows=found["updatedRows"],
+            unchanged_rows=found["unchangedRows"],
+            failed_rows=found["failedRows"],
+            samples=found["samples"],
+        )
+
+    @strawberry.field(
+        description="The first failed rows of a finished import (dry run or not): [{row, errors: [{column, "
+        "reason}]}], at most 5; the error report lists them all."
+    )
+    def failed_samples(self, info: Info) -> JSON | None:
+        found = imports.preview_of(info.context.services, info.context.identity, self.task)
+        return found["samples"]["failed"] if found is not None else None
+
+    @strawberry.field(
+        description="Once it succeeded: COMPLETE, PARTIAL (some rows refused: see rowsFailed and the error "
+        "report) or NOTHING_WRITTEN. Null before, and for a failed or cancelled import."
+    )
+    def outcome(self) -> ImportOutcome | None:
+        found = imports.outcome(self.task)
+        return ImportOutcome(found) if found else None
+
+
+@strawberry.type(description="What a dry run found, before anything is written.")
+class ImportPreview:
+    new_rows: int
+    updated_rows: int
+    unchanged_rows: int
+    failed_rows: int
+    samples: JSON = strawberry.field(
+        description="The first rows of each kind: {new, updated, unchanged, failed}; each with its row number "
+        "and key; new rows their values, updated rows their changed cells {old, new}, failed rows their errors."
+    )
 
 
 # Every change of the caller's tasks, whichever kind (the ``taskUpdates`` subscription).
