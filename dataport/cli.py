@@ -243,11 +243,24 @@ def import_(
         typer.Option("--format", "-f", case_sensitive=False, help="default: from the file's extension"),
     ] = None,
     mode: Annotated[
-        ImportMode, typer.Option(case_sensitive=False, help="UPSERT: insert or update on the dataset's key")
+        ImportMode,
+        typer.Option(
+            case_sensitive=False,
+            help="UPSERT: insert or update on the key, the file's columns only; UPDATE: existing keys only",
+        ),
     ] = ImportMode.INSERT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="check every row, write nothing")] = False,
     max_errors: Annotated[int | None, typer.Option(help="stop after this many failed rows")] = None,
     report: Annotated[Path | None, typer.Option(help="where to save the error report, if there is one")] = None,
+    column_map: Annotated[
+        list[str] | None, typer.Option("--map", help="HEADER=COLUMN: the file's HEADER is COLUMN; repeatable")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="ask for a results file (a line per input row) and save it here")
+    ] = None,
+    allow_row_errors: Annotated[
+        bool, typer.Option("--allow-row-errors", help="exit 0 even when some rows were refused")
+    ] = False,
     url: Annotated[
         str | None,
         typer.Option(
@@ -280,17 +293,42 @@ def import_(
         "fileSize": file.stat().st_size,
         "dryRun": dry_run,
         "maxErrors": max_errors,
+        "columnMap": _column_map(column_map or []),
+        "results": results is not None,
     }
     try:
-        task = asyncio.run(_import(client, import_input, file, report))
+        task = asyncio.run(_import(client, import_input, file, report, results))
     except (ClientError, httpx.TransportError) as e:
         _failed("Import", client, e)
     verb = "would be written (dry run)" if task["dryRun"] else "written"
     console.print(f"{task['rowsImported']:,} rows {verb}, {task['rowsFailed']:,} failed")
+    if task["rowsFailed"] and not allow_row_errors:
+        # Partial failure is not success: scripts must not take a refused row for an imported one.
+        console.print("[red]Some rows were refused[/red] (see the error report); --allow-row-errors accepts that")
+        raise typer.Exit(3)
 
 
-async def _import(client, import_input: dict, file: Path, report: Path | None) -> dict:
-    from dataport.client import IMPORT_PROGRESS, IMPORT_TASK, ClientError
+def _column_map(pairs: list[str]) -> dict[str, str] | None:
+    """``--map HEADER=COLUMN`` options as the request's columnMap."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        header, sep, column = pair.partition("=")
+        if not sep or not header.strip() or not column.strip():
+            console.print(f"[red]--map:[/red] {pair!r} is not HEADER=COLUMN")
+            raise typer.Exit(2)
+        found[header] = column.strip()
+    return found or None
+
+
+# The final read of an import: its fields, a fresh results link and a dry run's preview.
+IMPORT_DONE = """query($id: ID!) { importTask(id: $id) {
+  id status dryRun rowsImported rowsFailed errorReportUrl resultsUrl outcome error { code message }
+  preview { newRows updatedRows unchangedRows failedRows samples }
+} }"""
+
+
+async def _import(client, import_input: dict, file: Path, report: Path | None, results: Path | None = None) -> dict:
+    from dataport.client import IMPORT_PROGRESS, ClientError
 
     task = await client.request_import(import_input)
     columns = [
@@ -314,11 +352,23 @@ async def _import(client, import_input: dict, file: Path, report: Path | None) -
                 completed=p["percent"] or 0,
                 rate=f"{p['processedRows']:,} rows",
             )
-    fresh = (await client.execute(IMPORT_TASK, {"id": task["id"]}))["importTask"]  # a fresh report URL
+    fresh = (await client.execute(IMPORT_DONE, {"id": task["id"]}))["importTask"]  # fresh links
     if fresh["errorReportUrl"]:
         target = report or file.with_name(f"{file.stem}-errors.csv")
         await client.download(fresh["errorReportUrl"], target)
         console.print(f"{fresh['rowsFailed']:,} rows failed; the error report is in {target}")
+    if results is not None and fresh.get("resultsUrl"):
+        await client.download(fresh["resultsUrl"], results)
+        console.print(f"every row's outcome is in {results}")
+    preview = fresh.get("preview")
+    if preview:
+        console.print(
+            f"preview: {preview['newRows']:,} new, {preview['updatedRows']:,} updated, "
+            f"{preview['unchangedRows']:,} unchanged, {preview['failedRows']:,} failed"
+        )
+        for sample in preview["samples"].get("updated", []):
+            changes = ", ".join(f"{c} {v['old']!r} → {v['new']!r}" for c, v in sample["changes"].items())
+            console.print(f"  row {sample['row']}: {changes}")
     if fresh["status"] != "SUCCEEDED":
         reason = (fresh.get("error") or {}).get("message") or fresh["status"].lower()
         raise ClientError(reason)

@@ -32,7 +32,7 @@ EXPORT_TASK = f"query($id: ID!) {{ exportTask(id: $id) {{ {TASK_FIELDS} }} }}"
 EXPORT_PROGRESS = f"subscription($id: ID!) {{ exportProgress(id: $id) {{ {TASK_FIELDS} }} }}"
 
 IMPORT_FIELDS = """
-  id status dataset format mode dryRun attempts rowsImported rowsFailed errorReportUrl
+  id status dataset format mode dryRun attempts rowsImported rowsFailed errorReportUrl outcome
   upload { url method headers fields expiresAt }
   progress { processedRows percent bytes rowsPerSecond etaSeconds }
   error { code message }
@@ -73,6 +73,7 @@ class ImportMode(enum.StrEnum):
 
     INSERT = "INSERT"
     UPSERT = "UPSERT"
+    UPDATE = "UPDATE"
 
 
 class ClientError(Exception):

@@ -291,9 +291,17 @@ def test_an_import_ends_with_an_error_report_listing_the_bad_row(page, server, t
 
     page.get_by_role("button", name="Import", exact=True).click()
     card = page.locator("#import-current .task")
-    card.and_(page.locator("[data-status=SUCCEEDED]")).wait_for()
-    shot(page, "2-done")
+    # Partial failure is not success (issue 20, item 5): not a green "done", the refused row inline.
+    card.and_(page.locator("[data-status=PARTIAL]")).wait_for()
+    shot(page, "2-done-with-refused-rows")
     assert card.locator(".stats").text_content() == "3 rows read: 2 written, 1 failed."
+    assert card.locator(".badge").text_content() == "done with refused rows"
+    assert card.locator(".badge").evaluate("b => getComputedStyle(b).color") != card.locator(".badge").evaluate(
+        "b => { const ok = document.createElement('span'); ok.className = 'badge'; ok.dataset.status = 'SUCCEEDED';"
+        " b.after(ok); const c = getComputedStyle(ok).color; ok.remove(); return c; }"
+    )
+    failed = card.locator(".failed-rows li")
+    assert failed.count() == 1 and failed.first.text_content().startswith("Row 2: au_ppm: ")
     values = recorded_bar(page)
     assert ("upload", 100) in [(phase, value) for phase, value, _ in values], values  # the bytes went up
     assert values[-1][:2] == ("SUCCEEDED", 100), values

@@ -20,6 +20,7 @@ const PROGRESS = "progress { processedRows totalRows percent bytes rowsPerSecond
 const EXPORT_FIELDS = `id status dataset format run queuePosition rowCount fileSize downloadUrl
   createdAt startedAt finishedAt expiresAt ${PROGRESS} error { code message }`;
 const IMPORT_FIELDS = `id status dataset format mode dryRun rowsImported rowsFailed errorReportUrl
+  outcome failedSamples preview { newRows updatedRows unchangedRows failedRows samples }
   createdAt startedAt finishedAt ${PROGRESS} error { code message }`;
 const USER_ERRORS = "userErrors { field message code }";
 
@@ -859,6 +860,13 @@ function updateCard(card, entry) {
   const badge = $(".badge", el);
   badge.dataset.status = task.status;
   badge.textContent = uploading ? "uploading" : STATUS_WORDS[task.status] || task.status;
+  // Partial failure is not success: an import that refused rows is not shown as a green "done".
+  const partial = kind === "import" && ["PARTIAL", "NOTHING_WRITTEN"].includes(task.outcome);
+  if (partial) {
+    badge.dataset.status = task.outcome;
+    el.dataset.status = task.outcome;
+    badge.textContent = task.outcome === "PARTIAL" ? "done with refused rows" : "every row refused";
+  }
 
   const { label, percent, text } = progressOf(entry);
   card.bar.setAttribute("aria-label", `${label}: ${title}`);
@@ -892,8 +900,44 @@ function updateCard(card, entry) {
   if (task.status === "FAILED" && task.error) problems.push(task.error);
   if (entry.problem) problems.push(entry.problem);
   renderErrors($(".task-error", el), problems);
+  if (kind === "import") renderImportDetails(el, task);
 
   updateActions(card, entry);
+}
+
+/** A dry run's preview (counts, cells that would change) and the first refused rows, inline. */
+function renderImportDetails(el, task) {
+  let box = $(".import-details", el);
+  if (!box) {
+    box = element("div", { class: "import-details" });
+    $(".task-error", el).after(box);
+  }
+  const parts = [];
+  const preview = task.preview;
+  if (preview) {
+    parts.push(element("p", { class: "preview-counts" },
+      `Preview: ${fmt(preview.newRows)} new, ${fmt(preview.updatedRows)} updated, ` +
+      `${fmt(preview.unchangedRows)} unchanged, ${fmt(preview.failedRows)} failed.`));
+    const updated = preview.samples?.updated || [];
+    if (updated.length) {
+      parts.push(element("ul", { class: "preview-changes" }, ...updated.map((sample) => element("li", {},
+        `Row ${sample.row}: ` + Object.entries(sample.changes || {})
+          .map(([column, cell]) => `${column} ${show(cell.old)} → ${show(cell.new)}`).join(", ")))));
+    }
+  }
+  const failed = task.failedSamples || [];
+  if (failed.length && task.rowsFailed) {
+    parts.push(element("p", { class: "failed-title" },
+      `${fmt(task.rowsFailed)} row${task.rowsFailed === 1 ? " was" : "s were"} refused${failed.length < task.rowsFailed ? "; the first:" : ":"}`));
+    parts.push(element("ul", { class: "failed-rows" }, ...failed.map((row) => element("li", {},
+      `Row ${row.row}: ` + (row.errors || []).map((e) => (e.column ? `${e.column}: ${e.reason}` : e.reason)).join("; ")))));
+  }
+  box.replaceChildren(...parts);
+  box.hidden = parts.length === 0;
+}
+
+function show(value) {
+  return value === null || value === undefined ? "(empty)" : JSON.stringify(value);
 }
 
 function updateActions(card, entry) {
