@@ -11,13 +11,19 @@ function that also compiles the filters (``sources.sql._where``, ``sources.opens
 so no read, count or split of a read can leave it out. It is not a user filter: the column need
 not be filterable, nothing about it appears in a user error, and a value that does not convert to
 the column's type matches no rows rather than being refused.
+
+Filter groups (``anyOf``): a row matches when it matches every filter of ``filters`` AND every
+filter of at least one group (``Query.any_of``: an OR of AND-groups). Each source compiles the
+groups beside the filters and the scope, as one more AND-ed term, so a group can narrow the rows
+but never reach past the scope. Groups count against the same caps as filters: ``MAX_FILTERS``
+filters and ``MAX_IN_VALUES`` values in the whole request, at most ``MAX_GROUPS`` groups.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +34,9 @@ from sources.base import NUMERIC_TYPES, Column, Dataset, SourceError
 # Bounds on one request, so that no source meets a query too large for it (SQLite's expression
 # depth of 1,000 and its 32,766 bound values, PostgreSQL's 65,535, OpenSearch's 1,024 clauses):
 # more is refused here, as TOO_MANY_VALUES, before any source sees it.
-MAX_FILTERS = 100
-MAX_IN_VALUES = 10_000  # in one filter, and in all the filters of a request together
+MAX_FILTERS = 100  # in ``filters`` and all the ``anyOf`` groups together
+MAX_IN_VALUES = 10_000  # in one filter, and in all the filters of a request together (groups too)
+MAX_GROUPS = 20  # ``anyOf`` groups in one request
 # Integers are 64-bit in every source; a limit is a GraphQL Int (32-bit) on every entry point.
 MIN_INTEGER, MAX_INTEGER = -(2**63), 2**63 - 1
 MAX_LIMIT = 2**31 - 1
@@ -101,6 +108,8 @@ class Query:
     # Set exactly when the dataset has a scope (``build_query``): every source adds it to the
     # filters, in the function that compiles them.
     scope: TenantScope | None = None
+    # ``anyOf``: rows match at least one group (every filter of it); empty: no such condition.
+    any_of: tuple[tuple[Filter, ...], ...] = ()
 
     @property
     def column_names(self) -> list[str]:
@@ -116,8 +125,11 @@ def build_query(
     path: tuple[str, ...] = ("input",),
     *,
     scope: Any = None,
+    any_of: Sequence[Mapping[str, Any]] | None = None,
 ) -> Query:
     """Check the input against ``dataset``; raise ``UserErrors`` naming every bad field.
+
+    ``any_of``: the ``anyOf`` groups, each ``{"filters": [...]}``; None or empty for none.
 
     ``scope``: the caller's scope value (``tasks.access.scope_value``): None for an unscoped
     dataset (ignored when the dataset has no scope), ``NO_ROWS``, or the claim's value. A scoped
@@ -153,43 +165,7 @@ def build_query(
             "limit",
         )
 
-    compiled_filters = []
-    filters = list(filters or ())
-    if len(filters) > MAX_FILTERS:
-        bad(
-            f"At most {MAX_FILTERS} filters can be given, not {len(filters):,}; use IN for a list of values.",
-            errors.TOO_MANY_VALUES,
-            "filters",
-        )
-        filters = []
-    counts = {
-        i: len(raw["values"])
-        for i, raw in enumerate(filters)
-        if isinstance(raw, Mapping) and isinstance(raw.get("values"), list | tuple)
-    }
-    if sum(counts.values()) > MAX_IN_VALUES:  # refused before any value is looked at
-        for i, n in counts.items():
-            if n > MAX_IN_VALUES:
-                op = shown(str(filters[i].get("op")).upper(), 20)
-                bad(
-                    f"{op} takes at most {MAX_IN_VALUES:,} values, got {n:,}.",
-                    errors.TOO_MANY_VALUES,
-                    "filters",
-                    i,
-                    "values",
-                )
-        if max(counts.values()) <= MAX_IN_VALUES:
-            bad(
-                f"The filters list {sum(counts.values()):,} values in all; at most {MAX_IN_VALUES:,} can be given.",
-                errors.TOO_MANY_VALUES,
-                "filters",
-            )
-        filters = []
-    for i, raw in enumerate(filters):
-        try:
-            compiled_filters.append(_build_filter(dataset, raw))
-        except _FilterProblem as p:
-            bad(p.message, p.code, "filters", i, p.field)
+    compiled_filters, compiled_groups = _build_filters(dataset, filters, any_of, bad)
 
     compiled_sort = []
     sorted_on: set[str] = set()
@@ -210,7 +186,89 @@ def build_query(
     if problems:
         raise UserErrors(problems)
     return Query(
-        dataset, tuple(chosen), tuple(compiled_filters), tuple(compiled_sort), limit, tenant_scope(dataset, scope)
+        dataset,
+        tuple(chosen),
+        tuple(compiled_filters),
+        tuple(compiled_sort),
+        limit,
+        tenant_scope(dataset, scope),
+        tuple(compiled_groups),
+    )
+
+
+def _build_filters(
+    dataset: Dataset,
+    filters: Sequence[Mapping[str, Any]] | None,
+    any_of: Sequence[Mapping[str, Any]] | None,
+    bad: Callable[..., None],
+) -> tuple[list[Filter], list[tuple[Filter, ...]]]:
+    """``filters`` and the ``anyOf`` groups, compiled; problems go to ``bad``. The caps hold for
+    the request as a whole, so a request cannot pass more filters or values by spreading them
+    over groups; past a cap nothing is compiled (the values are never looked at)."""
+    plain = list(filters or ())
+    groups: list[list[Any]] = []
+    refused = False
+    if any_of is not None and not isinstance(any_of, list | tuple):
+        bad("anyOf is a list of groups, each {filters: [...]}.", errors.INVALID_FILTER_VALUE, "anyOf")
+        any_of, refused = None, True
+    if any_of and len(any_of) > MAX_GROUPS:
+        bad(f"At most {MAX_GROUPS} anyOf groups can be given, not {len(any_of):,}.", errors.TOO_MANY_VALUES, "anyOf")
+        any_of, refused = None, True
+    for g, group in enumerate(any_of or ()):
+        members = group.get("filters") if isinstance(group, Mapping) else None
+        if not isinstance(members, list | tuple) or not members:
+            bad(
+                "A group needs at least one filter (a group without any would match every row).",
+                errors.INVALID_FILTER_VALUE,
+                "anyOf",
+                g,
+                "filters",
+            )
+            refused = True
+            members = []
+        groups.append(list(members))
+    # Every filter of the request with where it sits: ("filters", i) or ("anyOf", g, "filters", i).
+    placed: list[tuple[tuple[str | int, ...], Any]] = [(("filters", i), raw) for i, raw in enumerate(plain)]
+    for g, members in enumerate(groups):
+        placed += [(("anyOf", g, "filters", i), raw) for i, raw in enumerate(members)]
+    if len(placed) > MAX_FILTERS:
+        where = "filters" if len(plain) > MAX_FILTERS or not groups else "anyOf"
+        bad(
+            f"At most {MAX_FILTERS} filters can be given, not {len(placed):,}; use IN for a list of values.",
+            errors.TOO_MANY_VALUES,
+            where,
+        )
+        return [], []
+    counts = {
+        at: len(raw["values"])
+        for at, raw in placed
+        if isinstance(raw, Mapping) and isinstance(raw.get("values"), list | tuple)
+    }
+    if sum(counts.values()) > MAX_IN_VALUES:  # refused before any value is looked at
+        raw_of = dict(placed)
+        for at, n in counts.items():
+            if n > MAX_IN_VALUES:
+                op = shown(str(raw_of[at].get("op")).upper(), 20)
+                bad(f"{op} takes at most {MAX_IN_VALUES:,} values, got {n:,}.", errors.TOO_MANY_VALUES, *at, "values")
+        if max(counts.values()) <= MAX_IN_VALUES:
+            bad(
+                f"The filters list {sum(counts.values()):,} values in all; at most {MAX_IN_VALUES:,} can be given.",
+                errors.TOO_MANY_VALUES,
+                "filters" if not groups else "anyOf",
+            )
+        return [], []
+    compiled: dict[tuple[str | int, ...], Filter] = {}
+    for at, raw in placed:
+        try:
+            compiled[at] = _build_filter(dataset, raw)
+        except _FilterProblem as p:
+            bad(p.message, p.code, *at, p.field)
+            refused = True
+    if refused:
+        return [], []
+    return (
+        [compiled[("filters", i)] for i in range(len(plain))],
+        [tuple(compiled[("anyOf", g, "filters", i)] for i in range(len(members))) for g, members in enumerate(groups)],
     )
 
 
@@ -423,6 +481,20 @@ def parse_filter_text(text: str) -> dict[str, Any]:
     if op == "IS_NULL":
         return {"field": field, "op": op, "value": value.lower() != "false"}
     return {"field": field, "op": op, "value": value}
+
+
+def parse_any_of_text(texts: Sequence[str]) -> list[dict[str, Any]]:
+    """The streaming route's (and the CLI's) ``anyOf=N:field:op:value``, repeatable, as ``anyOf``
+    input: the filters that share a group number N (a whole number, 1 to ``MAX_GROUPS``) form one
+    group; groups come in order of their numbers. The rest is ``field:op:value`` as for ``filter``,
+    so a value may hold any character. Raises ``ValueError`` saying what was wrong."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for text in texts:
+        number, sep, rest = text.partition(":")
+        if not sep or not number.isascii() or not number.isdigit() or not 1 <= int(number[:4]) <= MAX_GROUPS:
+            raise ValueError(f"anyOf '{shown(text)}' is not N:field:op:value, N a group from 1 to {MAX_GROUPS}")
+        groups.setdefault(int(number), []).append(parse_filter_text(rest))
+    return [{"filters": groups[n]} for n in sorted(groups)]
 
 
 def parse_limit_text(text: str) -> int:

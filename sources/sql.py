@@ -11,7 +11,9 @@ are chosen to match across all sources:
 
 The tenant scope (``Query.scope``) is compiled in ``_where`` with the filters, so the SELECT, the
 count and every statement built from a ``Query`` (key ranges, COPY, helpers' reads) carry it: an
-equality on the scope column with the value bound, or ``FALSE`` for no rows.
+equality on the scope column with the value bound, or ``FALSE`` for no rows. The ``anyOf``
+groups follow as one parenthesised term, ``((a AND b) OR (c))``, AND-ed with the scope and the
+filters like any other: no group can widen what the scope allows.
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ def _where(query: Query, dialect: Dialect, expr: ColumnSql) -> tuple[str, list[A
         clause, values = _condition(f, dialect, expr)
         clauses.append(clause)
         params.extend(values)
+    if query.any_of:
+        alternatives = []
+        for group in query.any_of:
+            terms = []
+            for f in group:
+                clause, values = _condition(f, dialect, expr)
+                terms.append(clause)
+                params.extend(values)
+            alternatives.append("(" + " AND ".join(terms) + ")")
+        clauses.append("(" + " OR ".join(alternatives) + ")")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 

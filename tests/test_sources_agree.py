@@ -203,6 +203,36 @@ async def test_every_source_returns_the_same_rows_in_the_same_order(sources, cho
         assert await sources[name].count(query) == len(expected), name
 
 
+# anyOf: one to three groups of one to three filters, beside zero to two plain filters.
+groups = st.lists(st.lists(filters(), min_size=1, max_size=3).map(lambda fs: {"filters": fs}), min_size=1, max_size=3)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chosen=st.lists(filters(), max_size=2), any_of=groups, order=sorts, limit=st.one_of(st.none(), st.integers(1, 60))
+)
+async def test_any_of_groups_give_the_same_rows_on_every_source(sources, chosen, any_of, order, limit):
+    """(AND of filters) AND (OR of AND-groups): every source returns SQLite's rows, and SQLite's
+    rows are exactly those that the plain filters and at least one whole group let through."""
+    dataset = sources["sqlite"].dataset
+    try:
+        query = build_query(dataset, None, chosen, order, limit, any_of=any_of)
+    except UserErrors:
+        return
+    expected = await _read(sources["sqlite"], query)
+    for name in ("postgres", "opensearch"):
+        got = await _read(sources[name], query)
+        assert got == expected, (name, chosen, any_of, order, limit)
+        assert await sources[name].count(query) == len(expected), name
+    # The reference itself: the union of each group's rows, read as plain filters, within the limit.
+    ids: set[int] = set()
+    for group in any_of:
+        alone = build_query(dataset, None, [*chosen, *group["filters"]], order)
+        ids |= {row[0] for row in await _read(sources["sqlite"], alone)}
+    everything = await _read(sources["sqlite"], build_query(dataset, None, chosen, order))
+    assert expected == [row for row in everything if row[0] in ids][:limit]
+
+
 async def test_the_rows_are_typed_alike(sources):
     query = build_query(sources["sqlite"].dataset)
     reference = await _read(sources["sqlite"], query)

@@ -20,6 +20,10 @@ The tenant scope (``Query.scope``) is compiled in ``_compile`` with the filters:
 column in the ``bool`` filter (the value a ``term`` query's value, never part of a query string),
 or ``match_none`` for no rows. Counts, point-in-time and scroll pages and the helpers' pages all
 take the body ``_compile`` makes, so all of them are scoped.
+
+The ``anyOf`` groups are one more clause of that ``bool`` filter: ``bool.should`` with
+``minimum_should_match: 1``, one ``bool`` (filter / must_not) per group. Being in the filter beside
+the scope, it can only narrow the rows.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
     must_not: list[dict[str, Any]] = []
     if query.scope is not None:
         must.append(_scope_condition(query, field(query.scope.column)))
-    for i, f in enumerate(query.filters):
+
+    def compiled(f: Filter, at: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         where = field(f.column)
         if not where.searchable and f.op != "IS_NULL":
             problems.append(
@@ -63,13 +68,26 @@ def _compile(query: Query, fields: Mapping[str, Field]) -> tuple[dict[str, Any],
                     f"Column '{f.column.name}' is full text in the index (no keyword subfield) and cannot be "
                     f"filtered with {f.op}.",
                     errors.NOT_FILTERABLE,
-                    ("input", "filters", str(i), "field"),
+                    ("input", *at, "field"),
                 )
             )
-            continue
-        positive, negative = _condition(f, where)
+            return [], []
+        return _condition(f, where)
+
+    for i, f in enumerate(query.filters):
+        positive, negative = compiled(f, ("filters", str(i)))
         must.extend(positive)
         must_not.extend(negative)
+    if query.any_of:
+        should: list[dict[str, Any]] = []
+        for g, group in enumerate(query.any_of):
+            inner: dict[str, Any] = {}
+            for i, f in enumerate(group):
+                positive, negative = compiled(f, ("anyOf", str(g), "filters", str(i)))
+                inner.setdefault("filter", []).extend(positive)
+                inner.setdefault("must_not", []).extend(negative)
+            should.append({"bool": {k: v for k, v in inner.items() if v} or {"filter": [{"match_all": {}}]}})
+        must.append({"bool": {"should": should, "minimum_should_match": 1}})
 
     sort: list[Any] = []
     for i, s in enumerate(query.sort):

@@ -72,7 +72,8 @@ async def _explain(
         return error
     value = _bad_value(str(e).splitlines()[0])
     seen: dict[str, Field] = {}
-    used = [*query.columns, *(f.column for f in query.filters), *(s.column for s in query.sort)]
+    grouped = (f.column for group in query.any_of for f in group)
+    used = [*query.columns, *(f.column for f in query.filters), *grouped, *(s.column for s in query.sort)]
     for column in used:
         with contextlib.suppress(SourceError):
             field = resolve(column, source._info)
