@@ -50,6 +50,8 @@ UPLOAD_MISSING = "UPLOAD_MISSING"
 UPLOAD_EXPIRED = "UPLOAD_EXPIRED"
 # Imports (issue 20): an ImportInput.columnMap naming unknown columns, or a header or column twice.
 INVALID_COLUMN_MAP = "INVALID_COLUMN_MAP"
+# Exports (issue 20): an ExportInput.label that is too long or holds control characters.
+INVALID_LABEL = "INVALID_LABEL"
 
 # Hostile input (issue 15): user errors.
 QUOTA_EXCEEDED = "QUOTA_EXCEEDED"

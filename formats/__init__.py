@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from formats.base import Writer, WriterClass
 from formats.csv import CsvWriter
 from formats.json import JsonWriter, NdjsonWriter
+from formats.parquet import ParquetWriter
 from formats.xlsx import XlsxWriter
 from sources.base import Column
 
@@ -16,6 +17,7 @@ WRITERS: dict[str, WriterClass] = {
     "JSON": JsonWriter,
     "NDJSON": NdjsonWriter,
     "XLSX": XlsxWriter,
+    "PARQUET": ParquetWriter,
 }
 
 

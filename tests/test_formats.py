@@ -484,6 +484,7 @@ def test_registry():
         "JSON": ("json", "application/json"),
         "NDJSON": ("ndjson", "application/x-ndjson"),
         "XLSX": ("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+        "PARQUET": ("parquet", "application/vnd.apache.parquet"),
     }
     assert isinstance(writer_for("CSV", COLUMNS), CsvWriter)
     assert isinstance(writer_for("ndjson", COLUMNS), NdjsonWriter)  # the streaming route's spelling
@@ -491,7 +492,7 @@ def test_registry():
     assert isinstance(writer, XlsxWriter) and writer.formula_guard is False
     writer.close()
     with pytest.raises(KeyError):
-        writer_for("PARQUET", COLUMNS)
+        writer_for("AVRO", COLUMNS)
 
 
 # --- memory: does not grow with the row count --------------------------------------------------
