@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import mimetypes
 import re
 from collections.abc import AsyncIterator
 
@@ -31,7 +30,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response, Streamin
 from audit.records import ACCESS_DENIED
 from dataport.services import Services
 from storage.base import Storage, StorageError
-from storage.disposition import content_disposition
+from storage.disposition import content_disposition, media_type
 from storage.encrypted import EncryptedStorage, MissingFile, Plaintext
 from storage.local import LocalStorage
 from storage.signing import verify
@@ -90,7 +89,9 @@ async def _in_clear(storage: Storage, key: str, filename: str) -> Response:
         path = storage.path_for(key)
         if not path.exists():
             raise HTTPException(404, "There is no such file.")
-        return FileResponse(path, filename=filename, content_disposition_type="attachment")
+        return FileResponse(
+            path, filename=filename, content_disposition_type="attachment", media_type=media_type(filename)
+        )
     presign = getattr(storage, "presigned_download_url", None)  # S3
     if presign is None or await storage.size_of(key) is None:
         raise HTTPException(404, "There is no such file.")
@@ -153,5 +154,4 @@ async def _decrypted(request: Request, plain: Plaintext, filename: str) -> Respo
     }
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    return StreamingResponse(body(), status_code=206 if span else 200, headers=headers, media_type=media_type)
+    return StreamingResponse(body(), status_code=206 if span else 200, headers=headers, media_type=media_type(filename))

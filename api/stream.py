@@ -6,6 +6,12 @@ first byte: a bad token (401), too many requests (429), bad input (400), more ro
 dataset's ``stream_max_rows`` (413, pointing to ``requestExport``), more open streams than the
 user's share (429) or the api's (503), each 429/503 with ``Retry-After``.
 
+``anyOf=N:field:op:value`` (repeatable) adds filter groups: the filters of one number N form a
+group, and rows match every ``filter`` and at least one whole group (``sources.query``).
+``compression=gzip|zstd`` sends the file compressed, named ``….csv.gz`` / ``….csv.zst`` and typed
+``application/gzip`` / ``application/zstd``, without a ``Content-Encoding``: the client saves the
+compressed file. The download's name follows ``tasks.file_names`` (the time is the request's).
+
 Once it runs, a stream holds a slot (``api.stream_slots``) and a source read; a client that reads
 nothing for ``stream_idle_timeout_seconds`` is dropped and both are freed
 (``api.stream_response``).
@@ -33,12 +39,14 @@ from dataport import errors
 from dataport.errors import UserError, UserErrors
 from dataport.services import Services
 from formats import WRITERS
+from formats.compression import compressed, compression_for
 from formats.pipeline import encode
 from sources.base import SourceError
 from sources.query import (
     MAX_FILTERS,
     QueryTooComplex,
     build_query,
+    parse_any_of_text,
     parse_filter_text,
     parse_limit_text,
     parse_sort_text,
@@ -47,6 +55,8 @@ from sources.query import (
 from storage import content_disposition
 from tasks.access import readable, scope_value
 from tasks.exports import denied_dataset
+from tasks.file_names import checked_label, make_file_name
+from tasks.models import now
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
 # Rows per read: what a stream holds while its client is slow is a few batches, so they are small.
@@ -121,6 +131,9 @@ async def stream_export(
     filter: list[str] = Query(default=[]),
     sort: str | None = None,
     limit: str | None = None,
+    any_of: list[str] = Query(default=[], alias="anyOf"),
+    compression: str | None = None,
+    label: str | None = None,
 ):
     services: Services = request.app.state.services
     settings = services.settings
@@ -145,9 +158,22 @@ async def stream_export(
         return _error(
             400,
             errors.UNSUPPORTED_FORMAT,
-            f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX needs requestExport.",
+            f"format must be csv, json or ndjson, not '{shown(format)}'; XLSX and PARQUET need requestExport.",
             ["format"],
         )
+    try:
+        packing = compression_for(compression)
+    except KeyError:
+        return _error(
+            400,
+            errors.UNSUPPORTED_FORMAT,
+            f"compression must be gzip, zstd or none, not '{shown(compression)}'.",
+            ["compression"],
+        )
+    try:
+        name_label = checked_label(label)
+    except UserErrors as e:
+        return _error(400, errors.INVALID_LABEL, e.errors[0].message, ["label"])
     ds = readable(services.registry.get(dataset), credentials.identity)  # unreadable: as if missing
     if ds is None:
         await denied_dataset(services, credentials.identity, dataset, "stream")
@@ -163,6 +189,17 @@ async def stream_export(
         filters = [parse_filter_text(f) for f in filter]
     except ValueError as e:
         return _error(400, errors.INVALID_FILTER_VALUE, str(e), ["filter"])
+    if len(any_of) > MAX_FILTERS:
+        return _error(
+            400,
+            errors.TOO_MANY_VALUES,
+            f"At most {MAX_FILTERS} anyOf filters can be given, not {len(any_of):,}.",
+            ["anyOf"],
+        )
+    try:
+        groups = parse_any_of_text(any_of)
+    except ValueError as e:
+        return _error(400, errors.INVALID_FILTER_VALUE, str(e), ["anyOf"])
     try:
         rows = parse_limit_text(limit) if limit is not None else None
     except ValueError as e:
@@ -176,6 +213,7 @@ async def stream_export(
             rows,
             path=("query",),
             scope=scope_value(credentials.identity, ds),
+            any_of=groups,
         )
     except UserErrors as e:
         return _user_errors(e.errors)
@@ -244,12 +282,15 @@ async def stream_export(
             use="requestExport",
         )
 
-    chunks = encode(
-        source,
-        query,
-        file_format,
-        batch_rows=min(settings.batch_rows, STREAM_BATCH_ROWS),
-        formula_guard=settings.csv_formula_guard,
+    chunks = compressed(
+        encode(
+            source,
+            query,
+            file_format,
+            batch_rows=min(settings.batch_rows, STREAM_BATCH_ROWS),
+            formula_guard=settings.csv_formula_guard,
+        ),
+        packing,
     )
 
     writer = WRITERS[file_format]
@@ -265,6 +306,12 @@ async def stream_export(
         _read_apart(chunks),
         idle_timeout=settings.stream_idle_timeout_seconds,
         on_close=close,
-        media_type=writer.content_type,
-        headers={"Content-Disposition": content_disposition(f"{ds.name}.{writer.extension}")},
+        # A compressed file is sent as the file it is (application/gzip, .gz), never with a
+        # Content-Encoding a client would undo on the way (docs/api.md, "Compression").
+        media_type=packing.content_type or writer.content_type,
+        headers={
+            "Content-Disposition": content_disposition(
+                make_file_name(ds.name, now(), file_format, packing.name, name_label)
+            )
+        },
     )

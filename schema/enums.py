@@ -17,6 +17,14 @@ class FileFormat(enum.Enum):
     JSON = "JSON"
     NDJSON = "NDJSON"
     XLSX = "XLSX"
+    PARQUET = "PARQUET"
+
+
+@strawberry.enum(description="How an export's file is compressed: its name then ends in .gz or .zst.")
+class Compression(enum.Enum):
+    NONE = "NONE"
+    GZIP = "GZIP"
+    ZSTD = "ZSTD"
 
 
 @strawberry.enum

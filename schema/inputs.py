@@ -7,7 +7,7 @@ from typing import Any
 import strawberry
 from strawberry.scalars import JSON
 
-from schema.enums import FileFormat, FilterOp, ImportMode, SortDirection
+from schema.enums import Compression, FileFormat, FilterOp, ImportMode, SortDirection
 
 
 @strawberry.input
@@ -24,6 +24,15 @@ class SortInput:
     direction: SortDirection = SortDirection.ASC
 
 
+@strawberry.input(description="Filters that must all match: one alternative of ExportInput.anyOf.")
+class FilterGroupInput:
+    filters: list[FilterInput]
+
+
+def _filters(filters: list[FilterInput] | None) -> list[dict[str, Any]]:
+    return [{"field": f.field, "op": f.op.value, "value": f.value, "values": f.values} for f in filters or []]
+
+
 @strawberry.input
 class ExportInput:
     dataset: str
@@ -33,18 +42,26 @@ class ExportInput:
     sort: list[SortInput] | None = None
     limit: int | None = None
     notify: bool = False
+    label: str | None = strawberry.field(
+        default=None, description="Shown in the history and part of the file name; at most 100 characters."
+    )
+    compression: Compression = Compression.NONE
+    any_of: list[FilterGroupInput] | None = strawberry.field(
+        default=None, description="Rows match all of `filters` AND every filter of at least one group."
+    )
 
     def to_request(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
             "format": self.format.value,
             "columns": self.columns,
-            "filters": [
-                {"field": f.field, "op": f.op.value, "value": f.value, "values": f.values} for f in self.filters or []
-            ],
+            "filters": _filters(self.filters),
             "sort": [{"field": s.field, "direction": s.direction.value} for s in self.sort or []],
             "limit": self.limit,
             "notify": self.notify,
+            "label": self.label,
+            "compression": self.compression.value,
+            "anyOf": [{"filters": _filters(g.filters)} for g in self.any_of] if self.any_of else None,
         }
 
 

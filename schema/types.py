@@ -12,10 +12,10 @@ from strawberry.scalars import JSON
 
 from api.context import Info
 from dataport.errors import UserError as DomainUserError
-from schema.enums import FileFormat, ImportMode, ImportOutcome, TaskStatus
+from schema.enums import Compression, FileFormat, ImportMode, ImportOutcome, TaskStatus
 from sources.base import Dataset as DomainDataset
 from storage.base import UploadTarget as DomainUploadTarget
-from tasks import exports, imports
+from tasks import exports, file_names, imports
 from tasks.models import Progress as DomainProgress
 from tasks.models import Task
 
@@ -172,6 +172,30 @@ class ExportTask(TaskFields):
     @strawberry.field(description="A fresh signed URL on every read; it lives 15 minutes.")
     async def download_url(self, info: Info) -> str | None:
         return await exports.download_url(info.context.services, info.context.identity, self.task)
+
+    @strawberry.field(description="The request's label, as given (without surrounding spaces).")
+    def label(self) -> str | None:
+        return self.task.request.get("label")
+
+    @strawberry.field(description="{dataset}-{yyyymmddThhmmssZ}[-{label}].{ext}[.gz|.zst]: the download's name.")
+    def file_name(self) -> str | None:
+        return file_names.file_name(self.task)
+
+    @strawberry.field
+    def compression(self) -> Compression:
+        return Compression(self.task.request.get("compression") or "NONE")
+
+    @strawberry.field(description="The request's filters (field, op, value or values), to tell exports apart.")
+    def filters(self) -> JSON:
+        return self.task.request.get("filters") or []
+
+    @strawberry.field(description="The request's anyOf groups ({filters}); null when it had none.")
+    def any_of(self) -> JSON | None:
+        return self.task.request.get("anyOf")
+
+    @strawberry.field(description="The request's row limit; null when it had none.")
+    def limit(self) -> int | None:
+        return self.task.request.get("limit")
 
 
 @strawberry.type

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mimetypes
 import re
 from urllib.parse import quote
 
@@ -18,3 +19,21 @@ def content_disposition(filename: str) -> str:
     if fallback != clean:
         value += f"; filename*=UTF-8''{quote(clean, safe='')}"
     return value
+
+
+# What a compressed export is (and what mimetypes gets wrong or does not know): the file is served
+# as the compressed file it is, never with a Content-Encoding a client would undo on the way.
+_TYPES = {
+    ".gz": "application/gzip",
+    ".zst": "application/zstd",
+    ".parquet": "application/vnd.apache.parquet",
+    ".ndjson": "application/x-ndjson",
+}
+
+
+def media_type(filename: str) -> str:
+    """The ``Content-Type`` of a download named ``filename``: by its last extension, so
+    ``x.csv.gz`` is ``application/gzip`` (``mimetypes`` says ``text/csv``, encoding gzip)."""
+    dot = filename.rfind(".")
+    known = _TYPES.get(filename[dot:].lower()) if dot >= 0 else None
+    return known or mimetypes.guess_type(filename)[0] or "application/octet-stream"

@@ -33,6 +33,7 @@ from tasks.access import (
     scope_value,
     sees_task,
 )
+from tasks.file_names import checked_label, file_name
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
 from tasks.reads import read_counting_poll
@@ -84,18 +85,40 @@ async def request_task(
         raise quota_exceeded(limit, field) from None
 
 
+def _canonical_filters(filters: Any) -> list[dict[str, Any]]:
+    return [
+        {k: f.get(k) for k in ("field", "op", "value", "values") if f.get(k) is not None}
+        for f in filters or []
+        if isinstance(f, dict)
+    ]
+
+
 def canonical_request(data: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an export request that decide its result (and so its id)."""
-    return {
+    """The parts of an export request that decide its result (and so its id).
+
+    ``anyOf``, ``compression`` and ``label`` are there only when given (groups, not NONE, a
+    label): a request without them keeps the id it had before they existed. The label is part of
+    the id on purpose: it names the file (``fileName``, the download's name) and the history's
+    entry, so two requests that differ only in their label are two exports the user wants to tell
+    apart, each with its own name; asking twice with the same label still finds the one task.
+    """
+    request: dict[str, Any] = {
         "columns": data.get("columns"),
-        "filters": [
-            {k: f.get(k) for k in ("field", "op", "value", "values") if f.get(k) is not None}
-            for f in data.get("filters") or []
-        ],
+        "filters": _canonical_filters(data.get("filters")),
         "sort": [{"field": s["field"], "direction": str(s.get("direction") or "ASC")} for s in data.get("sort") or []],
         "limit": data.get("limit"),
         "format": data["format"],
     }
+    groups = data.get("anyOf")
+    if groups:
+        request["anyOf"] = [
+            {"filters": _canonical_filters(g.get("filters"))} if isinstance(g, dict) else g for g in groups
+        ]
+    if (data.get("compression") or "NONE") != "NONE":
+        request["compression"] = data["compression"]
+    if data.get("label"):
+        request["label"] = data["label"]
+    return request
 
 
 async def denied_dataset(services: Services, identity: Identity, name: str, what: str) -> None:
@@ -119,7 +142,15 @@ def task_query(dataset: Dataset, request: dict[str, Any]) -> Query:
     r = request
     scope = scope_from_request(r)
     try:
-        return build_query(dataset, r.get("columns"), r.get("filters"), r.get("sort"), r.get("limit"), scope=scope)
+        return build_query(
+            dataset,
+            r.get("columns"),
+            r.get("filters"),
+            r.get("sort"),
+            r.get("limit"),
+            scope=scope,
+            any_of=r.get("anyOf"),
+        )
     except ScopeMissing:  # asked for before the dataset was scoped: it was asked for every tenant
         raise UserErrors.one(
             f"Dataset '{dataset.name}' now keeps each tenant's rows apart; ask for this export again.",
@@ -137,6 +168,7 @@ async def request_export(services: Services, identity: Identity, data: dict[str,
         raise dataset_not_found(data["dataset"])
     if data["format"] not in WRITERS:
         raise UserErrors.one(f"Format {data['format']} is not supported.", errors.UNSUPPORTED_FORMAT, "input", "format")
+    data = {**data, "label": checked_label(data.get("label"))}
     request = canonical_request(data)
     if dataset.scope is not None:  # part of the id too: another scope never reuses this export
         request["scope"] = scope_for_request(scope_value(identity, dataset))
@@ -354,7 +386,7 @@ async def signed_download_url(services: Services, task: Task, issued_to: Identit
     if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
         return None
     expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    filename = task.object_key.rsplit("/", 1)[-1]
+    filename = file_name(task)
     url = await services.storage.download_url(
         task.object_key, task_id=task.id, filename=filename, expires_at=expires_at
     )

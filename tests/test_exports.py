@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import time
 
 import boto3
@@ -356,7 +357,7 @@ def test_s3_export_is_encrypted_verified_and_downloadable(s3_stack, s3_server):
     )
     objects = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="exports/")["Contents"]
     key = next(o["Key"] for o in objects if task["id"] in o["Key"])
-    assert key.endswith(f"/{task['id']}/samples-1.csv")
+    assert re.search(rf"/{task['id']}/1/samples-\d{{8}}T\d{{6}}Z\.csv$", key), key  # run 1, tasks/file_names.py
     head = s3.head_object(Bucket=settings.s3_bucket, Key=key)
     assert head["ServerSideEncryption"] == "AES256" and head["ContentLength"] == task["fileSize"]
     url = httpx.URL(task["downloadUrl"])  # the api's link, which redirects to a fresh presigned URL

@@ -18,6 +18,7 @@ import { finishSignIn, startSignIn } from "./oidc.js";
 
 const PROGRESS = "progress { processedRows totalRows percent bytes rowsPerSecond etaSeconds }";
 const EXPORT_FIELDS = `id status dataset format run queuePosition rowCount fileSize downloadUrl
+  label fileName compression filters anyOf limit
   createdAt startedAt finishedAt expiresAt ${PROGRESS} error { code message }`;
 const IMPORT_FIELDS = `id status dataset format mode dryRun rowsImported rowsFailed errorReportUrl
   outcome failedSamples preview { newRows updatedRows unchangedRows failedRows samples }
@@ -395,6 +396,9 @@ $("#filter-add").addEventListener("click", addFilter);
 function exportInput(form) {
   const data = new FormData(form);
   const input = { dataset: data.get("dataset"), format: data.get("format") || "CSV", notify: data.get("notify") === "on" };
+  const label = (data.get("label") || "").trim();
+  if (label) input.label = label;
+  if (data.get("compression") && data.get("compression") !== "NONE") input.compression = data.get("compression");
   const boxes = [...$("#column-list").querySelectorAll("input[type=checkbox]")];
   const chosen = boxes.filter((b) => b.checked).map((b) => b.value);
   if (chosen.length !== boxes.length) input.columns = chosen; // all of them: leave it to the dataset's order
@@ -772,6 +776,19 @@ async function loadHistory() {
 
 $("#history-refresh").addEventListener("click", () => withBusy($("#history-refresh"), loadHistory));
 
+/** An export's filters, any-of groups and limit in a line: "site EQ North; any of (…) or (…); limit 100". */
+function exportSummary(task) {
+  const one = (f) => `${f.field} ${f.op}${f.values ? ` ${f.values.join(", ")}` : f.value !== undefined && f.value !== null ? ` ${f.value}` : ""}`;
+  const parts = [];
+  if (task.filters && task.filters.length) parts.push(task.filters.map(one).join("; "));
+  if (task.anyOf && task.anyOf.length) {
+    parts.push(`any of ${task.anyOf.map((g) => `(${(g.filters || []).map(one).join(" and ")})`).join(" or ")}`);
+  }
+  parts.push(task.limit ? `limit ${task.limit.toLocaleString()}` : "no limit");
+  if (task.fileName) parts.push(task.fileName);
+  return parts.join(" · ");
+}
+
 function createCard(entry, { compact }) {
   const el = $("#task-card").content.firstElementChild.cloneNode(true);
   if (compact) el.classList.add("compact");
@@ -853,7 +870,7 @@ function updateCard(card, entry) {
   const el = card.el;
   const uploading = local && local.phase === "upload";
   const title = kind === "export"
-    ? `Export of ${task.dataset} as ${task.format}`
+    ? `Export of ${task.dataset} as ${task.format}${task.label ? ` · “${task.label}”` : ""}`
     : `Import${task.dryRun ? " (dry run)" : ""} into ${task.dataset}${entry.task.fileName ? ` from ${entry.task.fileName}` : ""}`;
   $(".task-title", el).textContent = title;
   el.dataset.status = task.status;
@@ -886,7 +903,9 @@ function updateCard(card, entry) {
   $(".stats", el).textContent = text;
 
   const when = task.finishedAt ? `Finished ${formatTime(task.finishedAt)}` : task.createdAt ? `Asked ${formatTime(task.createdAt)}` : "";
-  $(".result", el).textContent = when;
+  // Exports: what was asked for, so that two exports of one dataset can be told apart.
+  const asked = kind === "export" ? exportSummary(task) : "";
+  $(".result", el).textContent = [when, asked].filter(Boolean).join(" · ");
 
   // Announce status changes and every quarter of the way, not every tick.
   const quarter = percent == null ? null : Math.floor(percent / 25);

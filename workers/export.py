@@ -15,10 +15,12 @@ from dataport.errors import UserErrors
 from dataport.logs import bind_job
 from dataport.services import Services
 from formats import WRITERS
+from formats.compression import compressed, compression_for
 from formats.pipeline import encode
 from sources.base import SourceError
 from storage.base import StorageError
 from tasks.exports import task_query
+from tasks.file_names import file_name
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
@@ -75,7 +77,9 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         raise Failure("DATASET_NOT_FOUND", f"Dataset '{task.dataset}' no longer exists.")
     query = task_query(dataset, task.request)  # under the scope it was asked with
     file_format = WRITERS[task.format]
-    key = f"exports/{task.owner}/{task.id}/{dataset.name}-{task.run}.{file_format.extension}"
+    compression = compression_for(task.request.get("compression"))
+    # One folder a run, the file named as the user downloads it (tasks/file_names.py).
+    key = f"exports/{task.owner}/{task.id}/{task.run}/{file_name(task)}"
 
     source = services.registry.open(dataset)
     try:
@@ -90,10 +94,13 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         progress = ProgressReporter(services.store, task.id, attempt, total, settings.progress_interval_seconds)
         await progress.flush()
         await services.storage.discard_incomplete(key)  # a killed attempt's half-written parts
-        out = await services.storage.open_writer(key, file_format.content_type)
+        out = await services.storage.open_writer(key, compression.content_type or file_format.content_type)
         try:
-            chunks = encode(
-                source, query, task.format, batch_rows=settings.batch_rows, formula_guard=settings.csv_formula_guard
+            chunks = compressed(
+                encode(
+                    source, query, task.format, batch_rows=settings.batch_rows, formula_guard=settings.csv_formula_guard
+                ),
+                compression,
             )
             async with aclosing(chunks):
                 async for chunk, rows in chunks:
