@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dataport.cli_help import plain_help_types
-from dataport.client import FileFormat, ImportMode
+from dataport.client import Compression, FileFormat, ImportMode
 from dataport.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -157,6 +157,11 @@ def export(
     filter: Annotated[list[str] | None, typer.Option("--filter", help="field:op:value, repeatable")] = None,
     columns: Annotated[str | None, typer.Option(help="comma-separated column names")] = None,
     limit: int | None = None,
+    any_of: Annotated[
+        list[str] | None, typer.Option("--any-of", help="N:field:op:value, repeatable: filter group N (1-20)")
+    ] = None,
+    compression: Annotated[Compression, typer.Option(case_sensitive=False)] = Compression.NONE,
+    label: Annotated[str | None, typer.Option(help="shown in the history and part of the file name")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
     url: Annotated[
         str | None,
@@ -176,7 +181,7 @@ def export(
 ) -> None:
     """Request an export over GraphQL, follow its progress, download the file."""
     from dataport.client import ClientError
-    from sources.query import parse_filter_text
+    from sources.query import parse_any_of_text, parse_filter_text
 
     client = _client(url, token, token_file)
     try:
@@ -185,12 +190,20 @@ def export(
         console.print(f"[red]--filter:[/red] {e}")
         raise typer.Exit(2) from None
     try:
+        groups = parse_any_of_text(any_of or [])
+    except ValueError as e:
+        console.print(f"[red]--any-of:[/red] {e}")
+        raise typer.Exit(2) from None
+    try:
         export_input = {
             "dataset": dataset,
             "format": format.value,
             "filters": filters,
             "columns": columns.split(",") if columns else None,
             "limit": limit,
+            "compression": compression.value,
+            "label": label,
+            "anyOf": groups or None,
         }
         task = asyncio.run(_export(client, export_input, out))
     except (ClientError, httpx.TransportError) as e:
@@ -225,7 +238,7 @@ async def _export(client, export_input: dict, out: Path | None) -> dict:
         reason = (task.get("error") or {}).get("message") or task["status"].lower()
         raise ClientError(reason)
     fresh = (await client.execute(EXPORT_TASK, {"id": task["id"]}))["exportTask"]  # a fresh URL
-    target = out or Path(f"{task['dataset']}-{task['run']}.{task['format'].lower()}")
+    target = out or Path(fresh.get("fileName") or f"{task['dataset']}-{task['run']}.{task['format'].lower()}")
     await client.download(fresh["downloadUrl"], target)
     console.print(f"Saved {target}")
     return fresh

@@ -17,7 +17,7 @@ import httpx
 import websockets
 
 TASK_FIELDS = """
-  id status dataset format run attempts rowCount fileSize checksumSha256 downloadUrl queuePosition
+  id status dataset format run attempts rowCount fileSize checksumSha256 downloadUrl queuePosition fileName
   progress { processedRows totalRows percent bytes rowsPerSecond etaSeconds }
   error { code message }
 """
@@ -66,6 +66,15 @@ class FileFormat(enum.StrEnum):
     JSON = "JSON"
     NDJSON = "NDJSON"
     XLSX = "XLSX"
+    PARQUET = "PARQUET"
+
+
+class Compression(enum.StrEnum):
+    """``dataport export --compression``: the contract's ``Compression``."""
+
+    NONE = "NONE"
+    GZIP = "GZIP"
+    ZSTD = "ZSTD"
 
 
 class ImportMode(enum.StrEnum):
