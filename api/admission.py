@@ -8,8 +8,10 @@ nothing in time (issue 19: 200 reads/s offered, ~20/s served, the rest timed out
 served, up to ``api_queue_seconds`` for a slot, and a request still waiting then, or arriving when
 ``MAX_WAITING_FACTOR`` x the limit are waiting already, is refused: ``/graphql`` with a GraphQL body
 (``extensions.code`` ``SERVICE_UNAVAILABLE``, ``extensions.retryAfterSeconds``), the plain routes with
-``{"error": {"code": "SERVICE_UNAVAILABLE", …}}``; both HTTP 503 with ``Retry-After``. A refusal
-costs microseconds, so a process past capacity keeps serving what it admits at full speed.
+``{"error": {"code": "SERVICE_UNAVAILABLE", …}}``; both HTTP 503 with ``Retry-After``. The whole
+budget is for bursts: once the queue has not drained for ``STANDING_AFTER_SECONDS`` the process is
+past its capacity, and newcomers wait ``STANDING_WAIT_SECONDS`` at most (``Slots``). A refusal costs
+microseconds, so a process past capacity keeps serving what it admits at full speed.
 
 A request holds its slot until its response starts (or it ends): a download or stream then
 sends its body without holding one (streams have their own caps, api/stream_slots.py). What is
@@ -48,6 +50,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXEMPT_PREFIXES = ("/uploads/",)
 MAX_WAITING_FACTOR = 4
+# A queue that has not drained for this long stands, and newcomers then wait this long at most.
+STANDING_AFTER_SECONDS = 0.1
+STANDING_WAIT_SECONDS = 0.01
 RETRY_AFTER_SECONDS = 1
 LOG_EVERY_SECONDS = 1.0
 MESSAGE = "Dataport is busy; try again in a moment."
@@ -57,19 +62,38 @@ SHED = Counter("dataport_api_requests_shed", "HTTP requests this api process ref
 
 
 class Slots:
-    """At most ``limit`` holders; waiters are served first come, first served."""
+    """At most ``limit`` holders; waiters are served first come, first served. A queue that has not
+    drained for ``standing_after`` seconds is standing: the process is past its capacity, not taking
+    a burst, and a newcomer then waits ``standing_wait`` at most (CoDel's idea, as in Facebook's
+    servers): under sustained overload the admitted requests keep their latency and the rest are
+    refused at once, instead of every one of them waiting out the whole budget."""
 
-    def __init__(self, limit: int, max_waiting: int) -> None:
+    def __init__(
+        self,
+        limit: int,
+        max_waiting: int,
+        standing_after: float = STANDING_AFTER_SECONDS,
+        standing_wait: float = STANDING_WAIT_SECONDS,
+    ) -> None:
         self.limit = limit
         self.max_waiting = max_waiting
+        self.standing_after = standing_after
+        self.standing_wait = standing_wait
         self.held = 0
+        self.drained_at = time.monotonic()  # when a request last found no queue
         self._waiting: deque[asyncio.Future[None]] = deque()
 
+    def standing(self) -> bool:
+        return time.monotonic() - self.drained_at > self.standing_after
+
     async def acquire(self, wait_seconds: float) -> bool:
-        """Whether a slot was had within ``wait_seconds``."""
+        """Whether a slot was had within ``wait_seconds`` (``standing_wait`` when the queue stands)."""
         if self.held < self.limit and not self._waiting:
             self.held += 1
+            self.drained_at = time.monotonic()
             return True
+        if self.standing():
+            wait_seconds = min(wait_seconds, self.standing_wait)
         if wait_seconds <= 0 or len(self._waiting) >= self.max_waiting:
             return False
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -98,6 +122,7 @@ class Slots:
                 waiter.set_result(None)
                 return
         self.held -= 1
+        self.drained_at = time.monotonic()
 
     @property
     def waiting(self) -> int:

@@ -208,6 +208,7 @@ async def test_the_middleware_refuses_with_the_shape_of_the_route_and_exempts_pr
 async def test_waiting_requests_are_admitted_in_order_and_a_started_response_frees_its_slot():
     gate = Gate()
     app = Admission(gate, Settings(api_max_in_flight=1, api_queue_seconds=60))
+    app.slots.standing_after = 3600  # a burst, however slowly this machine runs the test
     first = asyncio.create_task(_call(app, "/slow"))
     await _until(lambda: app.slots.held == 1)
     waiting = [asyncio.create_task(_call(app, f"/next/{n}")) for n in range(3)]
@@ -222,6 +223,20 @@ async def test_waiting_requests_are_admitted_in_order_and_a_started_response_fre
     assert (await _call(app, "/another"))[0]["status"] == 200
     gate.open.set()
     await streaming
+
+
+async def test_once_the_queue_stands_newcomers_are_refused_after_a_short_wait():
+    gate = Gate()
+    app = Admission(gate, Settings(api_max_in_flight=1, api_queue_seconds=3600))
+    slow = asyncio.create_task(_call(app, "/slow"))
+    await _until(lambda: app.slots.held == 1)
+    app.slots.drained_at -= app.slots.standing_after + 1  # no request has found the queue empty since
+    assert app.slots.standing()
+    # Within its hour-long budget it would wait for /slow; the standing queue refuses it at once.
+    assert (await _call(app, "/graphql"))[0]["status"] == 503
+    gate.open.set()
+    await slow
+    assert not app.slots.standing() and (await _call(app, "/graphql"))[0]["status"] == 200
 
 
 # --- verified tokens, kept --------------------------------------------------------------------
