@@ -21,6 +21,7 @@ import pytest
 import xlsxwriter
 import zstandard
 
+import formats.parquet
 import formats.zip_parts
 from dataport.errors import UserErrors
 from formats.compression import compressed, compression_for
@@ -287,5 +288,8 @@ def _peak(db: Path, file_format: str, rows: int) -> int:
 def test_memory_is_flat_from_10k_to_80k_rows(test_data, file_format):
     small = _peak(test_data.demo_db, file_format, 10_000)
     large = _peak(test_data.demo_db, file_format, 80_000)
-    # Eight times the rows: at most 15 % more peak memory (one row group or two batches of XML).
-    assert large <= small * 1.15, (small, large)
+    # Eight times the rows: at most 15 % more peak memory, besides (Parquet) the rest of the one row
+    # group held at a time, which 10,000 rows do not fill: bounded by ROW_GROUP_BYTES of Arrow
+    # buffers and as much again while the group is encoded, whatever the row count.
+    held = 2 * formats.parquet.ROW_GROUP_BYTES if file_format == "PARQUET" else 0
+    assert large <= small * 1.15 + held, (small, large)
