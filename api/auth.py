@@ -29,6 +29,11 @@ class AuthError(Exception):
     """Missing or bad credentials. The message is safe to show to the client."""
 
 
+class AuthUnavailable(AuthError):
+    """The token could not be checked right now (the identity provider is unreachable): refused,
+    but never remembered, so the same token works as soon as the provider answers again."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Who is asking, and until when (the token's ``exp``, seconds since the epoch)."""
@@ -156,6 +161,8 @@ class Authenticator:
             raise AuthError(cached)
         try:
             credentials = await self._verify(token)
+        except AuthUnavailable:
+            raise
         except AuthError as e:
             self.tokens.refused(token, str(e))
             raise

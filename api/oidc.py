@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import jwt
 
-from api.auth import AuthError
+from api.auth import AuthError, AuthUnavailable
 from dataport.settings import Settings
 from tasks.access import claim_at
 
@@ -123,7 +123,9 @@ class OidcVerifier:
             except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as e:
                 log.warning("The identity provider's keys could not be fetched from %s: %s", self.issuer, e)
                 if not self.keys:
-                    raise AuthError("The identity provider cannot be reached to check the token; try again.") from None
+                    raise AuthUnavailable(
+                        "The identity provider cannot be reached to check the token; try again."
+                    ) from None
 
     async def _fetch_keys(self) -> dict[str, jwt.PyJWK]:
         if self.jwks_uri is None:
