@@ -466,10 +466,6 @@ def _token(settings: Settings, token: str | None, token_file: Path | None, recor
     return issue_token(settings, os.environ.get("USER") or "dev")
 
 
-if __name__ == "__main__":
-    app()
-
-
 def _audit_commands() -> None:
     """``dataport audit verify|export`` (audit/cli.py)."""
     from audit.cli import audit_app
@@ -478,3 +474,7 @@ def _audit_commands() -> None:
 
 
 _audit_commands()
+
+
+if __name__ == "__main__":
+    app()
