@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataport.columns import Column
 from formats.base import Writer, WriterClass
 from formats.csv import CsvWriter
 from formats.json import JsonWriter, NdjsonWriter
 from formats.parquet import ParquetWriter
 from formats.xlsx import XlsxWriter
-from sources.base import Column
 
 # Keyed by the GraphQL FileFormat enum values.
 WRITERS: dict[str, WriterClass] = {

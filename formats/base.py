@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from sources.base import Column, Row
+from dataport.columns import Column, Row
 
 
 class Writer(Protocol):

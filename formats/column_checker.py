@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any, cast
 
+from dataport.columns import Column
 from formats.converters import BOOLEANS, CellError, Refused, converter
 from formats.csv import unguard
-from sources.base import Column
 
 # --- column by column -----------------------------------------------------------------------------
 #

@@ -45,9 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dataport.columns import Column, iso_datetime
 from formats.csv import unguard
 from formats.limits import LongNumber
-from sources.base import Column, iso_datetime
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 EXACT_INT_FLOAT = 2**53  # every integer up to this is exactly a double; past it, some are not

@@ -55,7 +55,7 @@ from typing import Any
 
 import orjson
 
-from sources.base import Column, Row
+from dataport.columns import Column, Row
 
 # A spreadsheet treats text starting with one of these as a formula (tab and CR can hide one).
 GUARD_TRIGGERS = "=+-@\t\r"

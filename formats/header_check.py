@@ -13,8 +13,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 
+from dataport.columns import Column
 from formats.limits import listed
-from sources.base import Column
 
 SHOWN_NAMES = 10
 SHOWN_UNKNOWN = 20

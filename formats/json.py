@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
-from sources.base import Column, Row
+from dataport.columns import Column, Row
 
 
 class JsonWriter:

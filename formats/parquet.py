@@ -24,7 +24,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
-from sources.base import Column, Row
+from dataport.columns import Column, Row
 
 ROW_GROUP_ROWS = 16_384
 ROW_GROUP_BYTES = 16 * 1024 * 1024

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dataport.columns import Column, Row
 from formats.converters import BOOLEANS, INT_MAX, INT_MIN, CellError, Refused, converter
-from sources.base import Column, Row
 
 
 class RowConverter:

@@ -24,9 +24,9 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
+from dataport.columns import Column, Row
 from formats.xlsx_cells import SheetRows
 from formats.zip_parts import ZipBuilder
-from sources.base import Column, Row
 
 CHUNK_BYTES = 1 << 20
 MAX_ROWS = 1_048_576  # the sheet's hard limit, header included

@@ -29,8 +29,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from dataport.columns import Column, Row
 from formats.csv import FAST, ROW_RUN, _numbers, guard_column
-from sources.base import Column, Row
 
 MAX_TEXT = 32_767  # UTF-16 units in one cell
 

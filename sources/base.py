@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+# A dataset is made of columns. What a column and a row are is shared with formats/, which sits
+# below sources/, so it lives in dataport.columns; the source seam names it too.
+from dataport.columns import COLUMN_TYPES as COLUMN_TYPES
+from dataport.columns import NUMERIC_TYPES as NUMERIC_TYPES
+from dataport.columns import Column as Column
+from dataport.columns import Row as Row
+from dataport.columns import iso_datetime as iso_datetime
 
 if TYPE_CHECKING:
     from sources.query import Query
 
-# Column types a dataset may declare. Readers and writers convert by these names.
-COLUMN_TYPES = ("string", "integer", "float", "boolean", "date", "datetime")
-NUMERIC_TYPES = ("integer", "float")
 # What a document's value decoded as JSON must be to be its column's cell as it is (msgspec types a
 # decoding with these; a JSON integer decoded as a float is the float cell the sources make of it).
 # Dates and date-times are text that still has to be checked.
 DECODED_CELL_TYPES = {"string": str | None, "integer": int | None, "float": float | None, "boolean": bool | None}
-
-Row = tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: str = "string"
-    filterable: bool = True
-    sortable: bool = True
-    required: bool = False
-    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,18 +58,6 @@ class Dataset:
 
     def column(self, name: str) -> Column | None:
         return self.by_name.get(name)
-
-
-def iso_datetime(value: dt.datetime) -> str:
-    """The one text form of a date-time in every file, from every source: UTC, ISO 8601, ``Z``,
-    fractions of a second only when there are any."""
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC)
-    # Not strftime: it does not zero-pad years before 1000, which imports would then refuse.
-    text = f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
-    if value.microsecond:
-        text += f".{value.microsecond:06d}".rstrip("0")
-    return text + "Z"
 
 
 class SourceError(Exception):
