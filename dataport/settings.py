@@ -249,8 +249,6 @@ class Settings(BaseSettings):
     @field_validator("kek")
     @classmethod
     def _kek_is_hex(cls, value: SecretStr) -> SecretStr:
-        from storage.keys import parse_keks
-
         parse_keks(value.get_secret_value())  # a ValueError names DATAPORT_KEK, never the key
         return value
 
@@ -263,8 +261,6 @@ class Settings(BaseSettings):
     def key_encryption_keys(self) -> list[bytes]:
         """The KEKs, newest first: the setting, else one kept in ``<data dir>/kek`` (generated once,
         written whole before it appears, so processes starting together read the same key)."""
-        from storage.keys import parse_keks
-
         if keys := parse_keks(self.kek.get_secret_value()):
             return keys
         path = self.data_dir / "kek"
@@ -305,3 +301,23 @@ class Settings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+# A KEK is a 256-bit AES key (storage.encryption.KEY_BYTES, which the key wrapper checks again).
+KEK_BYTES = 32
+
+
+def parse_keks(value: str) -> list[bytes]:
+    """``DATAPORT_KEK``'s comma-separated hex keys, newest first. A ValueError names the setting
+    and the position of a bad key, never the key."""
+    keys: list[bytes] = []
+    for position, part in enumerate((p.strip() for p in value.split(",")), start=1):
+        if not part:
+            continue
+        if len(part) != 2 * KEK_BYTES or any(c not in "0123456789abcdefABCDEF" for c in part):
+            raise ValueError(
+                f"DATAPORT_KEK: key {position} must be 64 hex characters (a 256-bit key), got {len(part)} "
+                "characters; make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        keys.append(bytes.fromhex(part))
+    return keys

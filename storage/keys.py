@@ -69,22 +69,6 @@ def kek_id(kek: bytes) -> str:
     return "kek:" + hashlib.sha256(_ID_LABEL + kek).hexdigest()[:16]
 
 
-def parse_keks(value: str) -> list[bytes]:
-    """``DATAPORT_KEK``'s comma-separated hex keys, newest first. A ValueError names the setting
-    and the position of a bad key, never the key."""
-    keys: list[bytes] = []
-    for position, part in enumerate((p.strip() for p in value.split(",")), start=1):
-        if not part:
-            continue
-        if len(part) != 2 * KEY_BYTES or any(c not in "0123456789abcdefABCDEF" for c in part):
-            raise ValueError(
-                f"DATAPORT_KEK: key {position} must be 64 hex characters (a 256-bit key), got {len(part)} "
-                "characters; make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
-            )
-        keys.append(bytes.fromhex(part))
-    return keys
-
-
 class KmsKeys:
     """Data keys made and unwrapped by AWS KMS (boto3's ``kms`` client, thread-safe)."""
 
