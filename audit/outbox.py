@@ -10,14 +10,14 @@ that feeds them, and several deployments can share one Redis.
 
 The actor's address and user agent come from the request being served: an ASGI middleware
 (``RequestActor``) keeps them in a context variable for the whole request or WebSocket, so the task
-functions, which see only an ``Identity``, can name the whole actor.
+functions, which see only an ``Identity`` (a ``Caller`` here), can name the whole actor.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -25,11 +25,26 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from audit.records import FILE_DOWNLOADED, SYSTEM, Actor, Pending, pending
-from tasks.access import Identity
 
 _CLIENT: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
     "dataport_audit_client", default=(None, None)
 )
+
+
+class _Owner(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class Caller(Protocol):
+    """Who acts, as much of them as a record names: their user id and roles. ``tasks.access.Identity``
+    is one; audit/ sits below tasks/ (whose transitions append records), so it names the shape."""
+
+    @property
+    def owner(self) -> _Owner: ...
+
+    @property
+    def roles(self) -> frozenset[str]: ...
 
 
 def outbox_key(queue_name: str) -> str:
@@ -65,7 +80,7 @@ def client() -> tuple[str | None, str | None]:
     return _CLIENT.get()
 
 
-def actor_of(identity: Identity | None) -> Actor:
+def actor_of(identity: Caller | None) -> Actor:
     """The whole actor: the identity's user and roles, the request's address and user agent."""
     address, agent = _CLIENT.get()
     if identity is None:
@@ -88,7 +103,7 @@ class Outbox:
     async def record(
         self,
         action: str,
-        identity: Identity | None = None,
+        identity: Caller | None = None,
         *,
         task_id: str | None = None,
         dataset: str | None = None,
@@ -105,7 +120,7 @@ class Outbox:
     def _link_key(self, signature: str) -> str:
         return f"{self.key}:link:{signature[:128]}"
 
-    async def issued(self, url: str | None, identity: Identity, ttl_seconds: int) -> None:
+    async def issued(self, url: str | None, identity: Caller, ttl_seconds: int) -> None:
         """Remember who ``url`` (a signed ``/files`` link) was given to."""
         if not self.enabled or not url:
             return
