@@ -25,11 +25,11 @@ from api.readiness import Readiness
 from api.request_limits import VERIFIED, RequestSizeLimit
 from audit.outbox import RequestActor
 from dataport import errors
-from dataport.services import Services
 from dataport.settings import Settings, get_settings
 from schema import schema
 from sources.registry import Registry
 from tasks.fanout import TaskFanout
+from tasks.services import Services
 
 log = logging.getLogger("dataport.api")
 

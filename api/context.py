@@ -13,8 +13,8 @@ from strawberry.types import Info as StrawberryInfo
 
 from api.auth import SIGN_IN, Authenticator, AuthError, Credentials
 from api.graphql_limits import QueryLimits
-from dataport.services import Services
 from tasks.access import Identity, Owner
+from tasks.services import Services
 
 
 class Context(BaseContext):

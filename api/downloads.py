@@ -28,7 +28,6 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from audit.records import ACCESS_DENIED
-from dataport.services import Services
 from storage.base import Storage, StorageError
 from storage.disposition import content_disposition, media_type
 from storage.encrypted import EncryptedStorage, MissingFile, Plaintext
@@ -36,6 +35,7 @@ from storage.local import LocalStorage
 from storage.signing import verify
 from tasks.imports import RESULTS_SUFFIX
 from tasks.models import TaskKind, TaskStatus
+from tasks.services import Services
 
 log = logging.getLogger("dataport.api")
 

@@ -41,7 +41,7 @@ def is_unexpected(error: GraphQLError) -> bool:
     return not (error.extensions or {}).get("code") and not isinstance(original, GraphQLError)
 
 
-# Redis (the task store and queue) not answering, after redis-py's own retries (dataport/services.py).
+# Redis (the task store and queue) not answering, after redis-py's own retries (tasks/services.py).
 STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RETRY_AFTER_SECONDS = 5
 GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"

@@ -24,8 +24,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dataport.services import Services
 from tasks.models import TaskKind
+from tasks.services import Services
 from tasks.store import DURATION_STATUSES, STATS_INDEXED_KEY, STATS_PREFIX, Stats, TaskStore
 from workers.heartbeat import live_workers
 

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dataport.services import Services
 from sources.base import Dataset
 from sources.query import NO_ROWS, build_query
+from tasks.services import Services
 from workers.heartbeat import STALE_SECONDS, live_workers
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")

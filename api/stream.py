@@ -37,7 +37,6 @@ from api.stream_slots import RETRY_AFTER_SECONDS, NoSlot, take_slot
 from audit.records import ACCESS_DENIED, EXPORT_STREAMED, RATE_LIMITED
 from dataport import errors
 from dataport.errors import UserError, UserErrors
-from dataport.services import Services
 from formats import WRITERS
 from formats.compression import compressed, compression_for
 from formats.pipeline import encode
@@ -57,6 +56,7 @@ from tasks.access import readable, scope_value
 from tasks.exports import denied_dataset
 from tasks.file_names import checked_label, make_file_name
 from tasks.models import now
+from tasks.services import Services
 
 STREAM_FORMATS = ("CSV", "JSON", "NDJSON")
 # Rows per read: what a stream holds while its client is slow is a few batches, so they are small.

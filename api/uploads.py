@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse
 
 from audit.outbox import client
 from audit.records import ACCESS_DENIED, FILE_UPLOADED, Actor
-from dataport.services import Services
 from storage.base import UploadRefused, UploadTooLarge
 from storage.signing import verify
 from tasks import imports
 from tasks.models import TaskKind, TaskStatus
+from tasks.services import Services
 
 log = logging.getLogger("dataport.api")
 

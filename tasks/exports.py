@@ -18,7 +18,6 @@ from audit.outbox import actor_of
 from audit.records import ACCESS_DENIED, EXPORT_REQUESTED, TASK_CANCELLED, TASK_RETRIED
 from dataport import errors
 from dataport.errors import UserErrors
-from dataport.services import Services
 from formats import WRITERS
 from sources.base import Dataset, SourceError
 from sources.query import Query, QueryTooComplex, ScopeMissing, build_query
@@ -37,6 +36,7 @@ from tasks.file_names import checked_label, file_name
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
 from tasks.reads import read_counting_poll
+from tasks.services import Services
 from tasks.store import Page, QuotaExceeded, RequestOutcome
 
 EXPORT_JOB = "run_export"

@@ -21,7 +21,6 @@ from audit.outbox import actor_of
 from audit.records import IMPORT_REQUESTED, TASK_CANCELLED
 from dataport import errors
 from dataport.errors import UserErrors
-from dataport.services import Services
 from formats import WRITERS
 from storage.base import UploadTarget
 from storage.local import PARTIAL
@@ -39,6 +38,7 @@ from tasks.access import (
 from tasks.exports import cancelled_by, dataset_not_found, denied_dataset, denied_task, request_task
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
+from tasks.services import Services
 from tasks.store import Page
 
 IMPORT_JOB = "run_import"

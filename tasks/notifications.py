@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from tasks.models import Task, TaskStatus, stamp
 
 if TYPE_CHECKING:
-    from dataport.services import Services
+    from tasks.services import Services
 
 log = logging.getLogger("dataport.notify")
 

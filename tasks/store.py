@@ -156,7 +156,7 @@ class TaskStore:
         """The task, or None when it does not exist or belongs to someone else."""
         # redis-py types the commands shared by its sync and asyncio clients as "Awaitable[T] | T";
         # on redis.asyncio.Redis they always return the awaitable, and the client decodes
-        # responses (dataport.services), so a hash is str to str.
+        # responses (tasks.services), so a hash is str to str.
         h = await cast("Awaitable[dict[str, str]]", self.redis.hgetall(task_key(task_id)))
         if not h or (owner is not None and h.get("owner") != owner):
             return None

@@ -510,7 +510,7 @@ def test_a_killed_worker_is_replaced_and_the_file_is_byte_identical(idle_queue):
 async def test_retention_deletes_the_file_and_shows_the_task_expired(local_stack):
     import datetime as dt
 
-    from dataport.services import Services
+    from tasks.services import Services
     from tasks.store import EXPIRY_KEY
     from workers.cron import expire_tasks
     from workers.worker import worker_settings

@@ -28,11 +28,11 @@ import pytest
 from opensearchpy import OpenSearch
 
 from dataport.errors import UserErrors
-from dataport.services import Services
 from dataport.settings import Settings
 from tasks.ids import random_task_id
 from tasks.imports import column_map_problems
 from tasks.models import Task, TaskKind, TaskStatus, stamp
+from tasks.services import Services
 from workers.imports import run_import
 
 pytestmark = pytest.mark.timeout(120)

@@ -474,7 +474,7 @@ def test_round_trip_export_import_export_is_byte_identical(local_stack: Stack, s
 
 
 async def test_an_import_whose_upload_never_came_expires_with_its_partial_file(local_stack: Stack):
-    from dataport.services import Services
+    from tasks.services import Services
     from tasks.store import EXPIRY_KEY
     from workers.cron import expire_tasks
 

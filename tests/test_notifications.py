@@ -25,12 +25,12 @@ import orjson
 import pytest
 from arq import Retry
 
-from dataport.services import Services
 from dataport.settings import Settings
 from sources.registry import DatasetConfigError, load_registry
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, stamp
 from tasks.notifications import delivery_key, notify_job_id, task_finished
+from tasks.services import Services
 from tests.fixtures.notify import MAIL_FROM, WEBHOOK_SECRET, Hook, NotifyData, NotifyStack, SmtpServer
 from tests.fixtures.stack import SPECIAL_COLUMNS, first_attempt_fails_on_a_lock
 from workers.attempts import claim

@@ -22,12 +22,12 @@ from api.app import create_app
 from api.readiness import reason, redact
 from dataport.logs import JobContextFilter, JsonFormatter, TextFormatter, bind_job
 from dataport.net import free_port
-from dataport.services import Services
 from dataport.settings import Settings
 from sources.base import Column, Dataset
 from sources.registry import Registry
 from tasks.ids import task_id
 from tasks.models import TaskKind, TaskStatus, stamp
+from tasks.services import Services
 from tasks.store import TaskStore, stats_tasks_key
 
 # -- /metrics -------------------------------------------------------------------------------------

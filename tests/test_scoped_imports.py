@@ -26,7 +26,6 @@ import psycopg
 import pytest
 from opensearchpy import OpenSearch
 
-from dataport.services import Services
 from dataport.settings import Settings
 from sources.base import Dataset
 from sources.receipts import find_receipt
@@ -35,6 +34,7 @@ from sources.sinks import open_sink
 from tasks.access import NO_ROWS, scope_for_request
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, stamp
+from tasks.services import Services
 from workers.imports import run_import
 
 pytestmark = pytest.mark.timeout(120)

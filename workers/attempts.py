@@ -18,11 +18,11 @@ import socket
 import redis.exceptions
 from arq import Retry
 
-from dataport.services import Services
 from dataport.settings import Settings
 from sources.base import TransientSourceError
 from tasks.models import Task, TaskStatus, now, parse_stamp, stamp
 from tasks.notifications import NOTIFIED_STATUSES, task_finished
+from tasks.services import Services
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
 TRANSIENT = (TransientSourceError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

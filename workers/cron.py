@@ -7,8 +7,8 @@ import datetime as dt
 import logging
 from typing import Any
 
-from dataport.services import Services
 from tasks.models import FINAL_STATUSES, TaskStatus, now
+from tasks.services import Services
 from tasks.store import EXPIRY_KEY
 
 log = logging.getLogger("dataport.cron")

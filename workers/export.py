@@ -13,7 +13,6 @@ from typing import Any
 
 from dataport.errors import UserErrors
 from dataport.logs import bind_job
-from dataport.services import Services
 from formats import WRITERS
 from formats.compression import compressed, compression_for
 from formats.pipeline import encode
@@ -23,6 +22,7 @@ from tasks.exports import task_query
 from tasks.file_names import file_name
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
+from tasks.services import Services
 from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
 from workers.progress import ProgressReporter, TaskMovedOn
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-from dataport.services import Services
 from formats.column_checker import TEXT, TYPED, ColumnChecker
 from formats.converters import CellError
 from formats.csv import CsvWriter
@@ -27,6 +26,7 @@ from formats.records import Record, RowBatch
 from formats.row_converter import RowConverter
 from sources.base import Column, Dataset, Row
 from storage.base import ObjectWriter
+from tasks.services import Services
 from workers.scoping import Tenant
 
 REPORT_COLUMNS = (Column("row", "integer"), Column("column"), Column("reason"), Column("original"))

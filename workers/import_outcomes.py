@@ -29,11 +29,11 @@ from typing import IO, Any
 
 import orjson
 
-from dataport.services import Services
 from formats.csv import CsvWriter
 from sources.base import Column, Dataset, Row
 from sources.sink_base import describe_key, same_value
 from sources.sinks import RowSink
+from tasks.services import Services
 from workers.import_batches import Batch
 
 INSERTED, UPDATED, UNCHANGED, FAILED = "inserted", "updated", "unchanged", "failed"

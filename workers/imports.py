@@ -33,7 +33,6 @@ from operator import itemgetter
 from typing import IO, Any
 
 from dataport.logs import bind_job
-from dataport.services import Services
 from formats.column_checker import NO_OUTPUT, TEXT, TYPED
 from formats.header_check import header_problems, header_resolver, map_header
 from formats.limits import ParseLimits, capped
@@ -47,6 +46,7 @@ from storage.base import ReadStream, StorageError
 from tasks.imports import report_key, results_key
 from tasks.models import Task, TaskStatus, stamp
 from tasks.notifications import task_finished
+from tasks.services import Services
 from workers import memory
 from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
 from workers.attempts import fail as _fail

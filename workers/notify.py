@@ -46,11 +46,11 @@ import orjson
 from arq import Retry
 
 from dataport.logs import bind_job
-from dataport.services import Services
 from tasks import exports, imports
 from tasks.access import Identity, Owner
 from tasks.models import Task, TaskKind, TaskStatus
 from tasks.notifications import NOTIFIED_STATUSES, delivery_key, email_requested
+from tasks.services import Services
 
 log = logging.getLogger("dataport.notify")
 

@@ -15,13 +15,13 @@ from arq.cron import CronJob
 
 from audit.drain import drain_job, prune_job
 from dataport.processes import new_event_loop
-from dataport.services import Services, redis_settings
 from dataport.settings import Settings
 from sources import helpers
 from sources.registry import Registry
 from tasks.exports import EXPORT_JOB
 from tasks.imports import IMPORT_JOB
 from tasks.notifications import NOTIFY_JOB
+from tasks.services import Services, redis_settings
 from workers import memory
 from workers.attempts import tries_allowed
 from workers.cron import expire_tasks, sweep_incomplete

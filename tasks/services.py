@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 POOL_WAIT_SECONDS = 20
 
 
-def _blip_retry() -> dict:
+def _blip_retry() -> dict[str, Any]:
     """redis-py tries a command again when its connection was refused or lost, pausing 50 ms,
     doubling up to 1 s, with jitter, ten times (about 5 s at most): a Redis restart or failover
     that short is a pause, not an error. Longer outages reach the caller, which decides (a worker
