@@ -39,8 +39,8 @@ from dataport import errors
 from dataport.errors import UserError, UserErrors
 from formats import WRITERS
 from formats.compression import compressed, compression_for
-from formats.pipeline import encode
 from sources.base import SourceError
+from sources.pipeline import encode
 from sources.query import (
     MAX_FILTERS,
     QueryTooComplex,

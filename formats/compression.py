@@ -63,7 +63,7 @@ def compression_for(name: str | None) -> Compression:
 async def compressed(
     chunks: AsyncGenerator[tuple[bytes, int], None], compression: Compression
 ) -> AsyncGenerator[tuple[bytes, int], None]:
-    """``chunks`` (``formats.pipeline.encode``'s ``(bytes, rows)``) compressed: the rows counts
+    """``chunks`` (``sources.pipeline.encode``'s ``(bytes, rows)``) compressed: the rows counts
     pass through as they come, with whatever compressed bytes are ready by then (possibly none).
     Closing this generator closes ``chunks`` at once (the source's cursor is released then)."""
     compressor = compression.compressor()

@@ -255,7 +255,7 @@ PEAK = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from dataport.demo_data import DEMO_COLUMNS
-from formats.pipeline import encode
+from sources.pipeline import encode
 from sources.base import Dataset
 from sources.query import build_query
 from sources.sqlite import SqliteSource

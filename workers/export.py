@@ -15,8 +15,8 @@ from dataport.errors import UserErrors
 from dataport.logs import bind_job
 from formats import WRITERS
 from formats.compression import compressed, compression_for
-from formats.pipeline import encode
 from sources.base import SourceError
+from sources.pipeline import encode
 from storage.base import StorageError
 from tasks.exports import task_query
 from tasks.file_names import file_name

@@ -3,7 +3,8 @@
 Yields the file as ``(chunk, rows_in_chunk)`` pairs. A source that can render CSV itself (the
 PostgreSQL COPY fast path) does so for CSV; every other case goes through the format's writer.
 Because both callers use this function, a streamed file and a worker's file for the same query are
-the same bytes.
+the same bytes. It lives in ``sources/`` because it knows both sides and ``formats/`` sits below
+``sources/`` (the PostgreSQL and OpenSearch sources render CSV with ``formats.csv``).
 """
 
 from __future__ import annotations
