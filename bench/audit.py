@@ -44,10 +44,10 @@ from _common import OUT_DIR, Stack, console, median_of, note_load, stack_env, wr
 from rich.table import Table
 
 from api.auth import issue_token
-from dataport.demo_data import ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port
 from dataport.settings import Settings
+from sources.demo import ensure_demo_database
 
 REQUEST = """mutation($i: ExportInput!) { requestExport(input: $i) { task { id status } userErrors { code } } }"""
 READ = """query($id: ID!) { exportTask(id: $id) { id status rowCount downloadUrl } }"""

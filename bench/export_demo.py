@@ -69,10 +69,10 @@ from rich.table import Table
 
 from api.auth import issue_token
 from dataport.client import DataportClient
-from dataport.demo_data import DEMO_COLUMNS, ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port
 from dataport.settings import Settings
+from sources.demo import DEMO_COLUMNS, ensure_demo_database
 
 RSS_LIMIT = 1.2  # peak RSS of the largest N over the first N
 

@@ -39,10 +39,10 @@ from _common import OUT_DIR, REPO_DIR, Stack, console, stack_env, write_json
 from rich.table import Table
 
 from api.auth import issue_token
-from dataport.demo_data import ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port
 from dataport.settings import Settings
+from sources.demo import ensure_demo_database
 
 PEER_COMMIT = "e91dc90"  # the queue before fair queueing: FIFO, as seen in issue 15
 TASK = "id status createdAt startedAt finishedAt rowCount queuePosition error { code message }"

@@ -80,9 +80,9 @@ import psycopg
 from _common import OUT_DIR, REPO_DIR, console, download, median_of, note_load, stack_env, write_json
 from rich.table import Table
 
-from dataport.demo_data import DEMO_COLUMNS, ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port
+from sources.demo import DEMO_COLUMNS, ensure_demo_database
 from sources.receipts import TABLE as RECEIPTS
 
 sys.path.insert(0, str(REPO_DIR))  # the test fixtures and the fault tests' injections, from tests/

@@ -66,10 +66,10 @@ from rich.table import Table
 
 from api.auth import issue_token
 from dataport.client import DataportClient
-from dataport.demo_data import ensure_demo_database
 from dataport.embedded_redis import EmbeddedRedis
 from dataport.net import free_port
 from dataport.settings import Settings
+from sources.demo import ensure_demo_database
 
 FORMATS = ("CSV", "NDJSON")
 

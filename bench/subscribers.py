@@ -43,11 +43,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(REPO_DIR))
 from api.auth import issue_token  # noqa: E402
-from dataport.demo_data import ensure_demo_database  # noqa: E402
 from dataport.embedded_redis import EmbeddedRedis  # noqa: E402
 from dataport.net import free_port, wait_for_port  # noqa: E402
 from dataport.processes import stop  # noqa: E402
 from dataport.settings import Settings  # noqa: E402
+from sources.demo import ensure_demo_database  # noqa: E402
 from tests.fanout_client import PROGRESS, ReferenceClock, Subscriber, percentile, redis_connections, subscriber  # noqa: E402
 
 KiB = 1024

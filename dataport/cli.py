@@ -139,7 +139,7 @@ def token(
 @app.command("demo-data")
 def demo_data(rows: int = typer.Option(None, help="Rows to generate (default DATAPORT_DEMO_ROWS)")) -> None:
     """(Re)generate the SQLite demo dataset."""
-    from dataport.demo_data import FILE_NAME, generate
+    from sources.demo import FILE_NAME, generate
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)

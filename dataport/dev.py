@@ -72,7 +72,7 @@ def run_dev(settings: Settings, host: str, port: int) -> int:
         "DATAPORT_PUBLIC_URL": os.environ.get("DATAPORT_PUBLIC_URL", f"http://{host}:{port}"),
     }
     if settings.datasets is None:
-        from dataport.demo_data import ensure_demo_database
+        from sources.demo import ensure_demo_database
 
         with console.status("Preparing the demo dataset (first start only)…"):
             ensure_demo_database(settings.data_dir, settings.demo_rows)

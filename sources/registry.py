@@ -56,7 +56,7 @@ class Registry:
 
 def load_registry(settings: Settings) -> Registry:
     if settings.datasets is None:
-        from dataport.demo_data import demo_dataset, ensure_demo_database
+        from sources.demo import demo_dataset, ensure_demo_database
 
         path = ensure_demo_database(settings.data_dir, settings.demo_rows)
         demo = demo_dataset(path, settings.max_export_rows, settings.stream_max_rows)

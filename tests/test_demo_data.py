@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dataport.demo_data import (
+from sources.base import COLUMN_TYPES
+from sources.demo import (
     ASSAYS,
     DEMO_COLUMNS,
     FILE_NAME,
@@ -20,7 +21,6 @@ from dataport.demo_data import (
     ensure_demo_database,
     generate,
 )
-from sources.base import COLUMN_TYPES
 
 ROWS = 2_000
 NAMES = [c.name for c in DEMO_COLUMNS]

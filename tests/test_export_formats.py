@@ -254,7 +254,7 @@ def test_file_names():
 PEAK = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
-from dataport.demo_data import DEMO_COLUMNS
+from sources.demo import DEMO_COLUMNS
 from sources.pipeline import encode
 from sources.base import Dataset
 from sources.query import build_query

@@ -334,7 +334,7 @@ def test_examples_that_touch_the_demo_are_tagged() -> None:
 
 
 def test_column_counts_in_the_docs_are_the_demos() -> None:
-    from dataport.demo_data import DEMO_COLUMNS
+    from sources.demo import DEMO_COLUMNS
 
     for page in DOC_PAGES:
         for claim in re.findall(r"(\d+) columns", page.read_text()):

@@ -7,6 +7,9 @@ Besides plain data the table holds the awkward cells a file format must survive:
 text with commas, double quotes and newlines, text starting with ``=``, ``+``, ``-`` or ``@``
 (the CSV formula guard), negative numbers, NULLs. Booleans are stored as 0/1 integers; the
 column's declared type ``boolean`` tells readers to convert.
+
+It is a SQLite dataset like any other, and the one ``sources.registry`` serves when no datasets file
+is set, so it lives with the sources (``dataport dev`` and ``dataport demo-data`` make it too).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from array import array
 from datetime import date
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
 from sources.base import Column, Dataset
 
@@ -222,7 +226,7 @@ def _create_sql() -> str:
     return f"CREATE TABLE {TABLE} (\n  " + ",\n  ".join(cols) + "\n)"
 
 
-def _base_rows(rng: random.Random, start: int, stop: int) -> list[tuple]:
+def _base_rows(rng: random.Random, start: int, stop: int) -> list[tuple[Any, ...]]:
     """Rows ``start..stop-1`` (1-based ids) without the assays, all from one random stream."""
     r = rng.random
     n_sites, n_proj, n_lith, n_coll = len(SITES), len(PROJECTS), len(LITHOLOGIES), len(COLLECTORS)
@@ -241,6 +245,9 @@ def _base_rows(rng: random.Random, start: int, stop: int) -> list[tuple]:
         else:
             secs = int(r() * 86_400)
             analysed = f"{_ISO_DAYS[day + 3 + int(r() * 60)]}T{_HH_MM[secs // 60]}:{_SS[secs % 60]}Z"
+        hole: str | None
+        depth_from: float | None
+        depth_to: float | None
         if sample_type == "core" or sample_type == "rc chips":
             hole = f"{code}-DH{1 + int(r() * 40):03d}"
             depth_from = int(r() * 85_000) / 100
@@ -308,15 +315,16 @@ def _base_rows(rng: random.Random, start: int, stop: int) -> list[tuple]:
     return rows
 
 
-def _assay_table(name: str, median: float, sd: float, decimals: int, nulls: float) -> tuple:
+def _assay_table(name: str, median: float, sd: float, decimals: int, nulls: float) -> tuple[float | None, ...]:
     """A look-up table for one assay: a cell is ``table[16 random bits]``.
 
     ``_GRID`` lognormal quantiles rounded to the assay's precision, a share of them replaced by NULL
     (spread over the whole range, so missing values do not depend on the level), repeated to 2**16
     entries. Equal values share one float object.
     """
-    mu, scale, same = math.log(median), 10**decimals, {}
-    table: list = [
+    mu, scale = math.log(median), 10**decimals
+    same: dict[float, float] = {}
+    table: list[float | None] = [
         same.setdefault(v, v) for v in (int(math.exp(mu + sd * z) * scale + 0.5) / scale for z in _normal_quantiles())
     ]
     for k in random.Random(f"dataport-demo:nulls:{name}").sample(range(_GRID), round(nulls * _GRID)):
