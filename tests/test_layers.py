@@ -11,6 +11,7 @@ module."""
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def read_sources() -> dict[str, str]:
     return {module_name(f): f.read_text() for pkg in packages() for f in sorted((ROOT / pkg).rglob("*.py"))}
 
 
+# Each source is parsed once per run (the probe reads the tree again).
+parse = functools.cache(ast.parse)
+
+
 def layer_of(module: str) -> int:
     best, found = -1, -1
     for index, (_, prefixes) in enumerate(LAYERS):
@@ -71,7 +76,7 @@ def imports(module: str, text: str, known: set[str]) -> Iterator[tuple[str, int]
     """The project modules ``module`` imports, with the line: ``from a.b import c`` is ``a.b.c``
     when that is a module, else ``a.b``; relative imports are resolved."""
     is_package = any(m.startswith(module + ".") for m in known)
-    for node in ast.walk(ast.parse(text)):
+    for node in ast.walk(parse(text)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno
