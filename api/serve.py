@@ -27,12 +27,16 @@ from sources.registry import Registry
 # uvicorn's options for the api, whatever the number of processes. log_config=None: uvicorn's own
 # and access lines go through the handler dataport/logs.py set up. ws_max_size: a WebSocket frame
 # over the request limit is refused by the protocol (1009) before it is read whole.
+# ws_per_message_deflate off: progress messages are a few hundred bytes, and compressing each one for
+# each subscriber was a third of the api's CPU per push and ~40 KiB of zlib state per socket
+# (bench/results/2026-12-06-subscribers.md).
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "log_level": "info",
         "log_config": None,
         "ws": "websockets-sansio",
         "ws_max_size": settings.max_request_bytes,
+        "ws_per_message_deflate": False,
     }
 
 
@@ -49,13 +53,24 @@ def worker_app() -> FastAPI:
     return settled(create_app(settings, load_registry(settings)))
 
 
+# The collector's thresholds for the api: young collections every 20,000 net allocations instead of
+# 700, and full ones after 50 x 100 of them (still also bounded by CPython's own rule: only when a
+# quarter of the old objects are new). A push to thousands of subscribers allocates a burst of
+# short-lived objects per subscriber; at 700 they were caught alive mid-burst, promoted, and soon
+# set off full collections that walked every subscription's objects: 61 % of the api's CPU with
+# 5,000 idle-then-pushed subscribers, 10 % with these (bench/results/2026-12-06-subscribers.md).
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
 def settled(app: FastAPI) -> FastAPI:
     """The app, with every object made so far (modules, the schema, the datasets: ~100,000) moved
     out of the collector's reach (``gc.freeze``). Python's full collections walk every tracked
     object; with these among them each took 50-100 ms, a pause every request in flight waited out
-    (the p99 of ``bench/api_load.py``); without them, 1-2 ms. They live as long as the process."""
+    (the p99 of ``bench/api_load.py``); without them, 1-2 ms. They live as long as the process.
+    Then the collector runs less often (``GC_THRESHOLDS``)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     return app
 
 

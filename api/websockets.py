@@ -28,10 +28,12 @@ from typing import Any
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 from strawberry.asgi import ASGIWebSocketAdapter
 from strawberry.exceptions import ConnectionRejectionError
-from strawberry.http.exceptions import NonJsonMessageReceived, NonTextMessageReceived
+from strawberry.http.exceptions import NonJsonMessageReceived, NonTextMessageReceived, WebSocketDisconnected
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types.unset import UnsetType
+
+from api.subscription_results import frame
 
 UNAUTHORIZED = 4401
 INVALID_MESSAGE = 4400
@@ -65,6 +67,13 @@ class BoundedWebSocketAdapter(ASGIWebSocketAdapter):
             raise NonTextMessageReceived from e
         except WebSocketDisconnect:
             pass
+
+    async def send_text(self, text: str) -> None:
+        """A text frame already encoded (a shared subscription result, ``api.subscription_results``)."""
+        try:
+            await self.ws.send_text(text)
+        except WebSocketDisconnect as e:
+            raise WebSocketDisconnected from e
 
     async def close(self, code: int, reason: str) -> None:
         if self.ws.application_state == WebSocketState.DISCONNECTED:
@@ -103,27 +112,42 @@ def message_problem(message: object, operations: tuple[str, ...], with_id: tuple
 
 class _TokenBound:
     """The parts both protocols share: the ack only after the view's ``on_ws_connect`` accepted the
-    token; then a larger message bound, and a close when the token expires."""
+    token; then a larger message bound, and a close when the token expires; and every message sent
+    through ``send_message``, where a shared subscription result goes out as the frame encoded once
+    for all its subscribers (``api.subscription_results.frame``)."""
 
     websocket: BoundedWebSocketAdapter
     view: Any
     context: Any
-    _expiry: asyncio.Task | None = None
+    # The expiry is a timer, not a sleeping task: an idle socket costs a TimerHandle, not a Task.
+    _expiry: asyncio.TimerHandle | None = None
+    _closing: asyncio.Task | None = None
 
     def _accepted(self) -> None:
         self.websocket.max_message_bytes = self.view.settings.max_request_bytes
         expires_at = self.context.credentials.expires_at
-        self._expiry = asyncio.create_task(self._close_at(expires_at + EXPIRY_GRACE_SECONDS))
+        delay = max(0.0, expires_at + EXPIRY_GRACE_SECONDS - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
 
-    async def _close_at(self, moment: float) -> None:
-        await asyncio.sleep(max(0.0, moment - time.time()))
-        await self.websocket.close(UNAUTHORIZED, "Unauthorized: the token has expired")
+    def _expire(self) -> None:
+        self._expiry = None
+        self._closing = asyncio.create_task(self.websocket.close(UNAUTHORIZED, "Unauthorized: the token has expired"))
 
     async def _stop_expiry(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+            self._expiry = None
+        if self._closing is not None:
+            self._closing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+                await self._closing
+
+    async def send_message(self, message: Any) -> None:
+        text = frame(message)
+        if text is None:
+            await self.websocket.send_json(message)
+        else:
+            await self.websocket.send_text(text)
 
 
 class TransportWSHandler(_TokenBound, BaseGraphQLTransportWSHandler):

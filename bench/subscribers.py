@@ -17,7 +17,8 @@ GraphQL execution and WebSocket write, plus this process's own reading of N sock
 Reported per size: extra delay p50/p95/p99 over every delivery, the api's Redis connections (the
 most seen, sampled every 100 ms), the api's RSS per idle subscriber ((RSS with N idle - RSS
 before) / N), pushes per subscriber, the api's CPU per snapshot delivered (from the worker's start
-to the last completion: GraphQL execution and the WebSocket write dominate), and the load average.
+to the last completion), this process's own CPU per snapshot read over the same time (the clients:
+on a small machine they compete with the api for the same cores), and the load average.
 Targets (issue 19): p95 extra delay < 250 ms at 1,000 and < 1 s at 5,000; Redis connections
 <= 10; < 100 KiB per idle subscriber.
 """
@@ -117,7 +118,9 @@ async def one_size(count: int, rows: int, redis_url: str, scratch: Path) -> dict
 
         cpu = api.cpu_times()
         cpu_before = cpu.user + cpu.system
+        own_before = time.process_time()
         stack.worker = stack._spawn("worker", log=stack.logs / "worker.log")
+        worker_started = time.monotonic()
         deadline = time.monotonic() + 600
         while not all(s.ended.get("1") for s in subs):
             assert time.monotonic() < deadline, "not every subscription completed"
@@ -125,6 +128,8 @@ async def one_size(count: int, rows: int, redis_url: str, scratch: Path) -> dict
         sampler.cancel()
         cpu = api.cpu_times()
         api_cpu = cpu.user + cpu.system - cpu_before
+        own_cpu = time.process_time() - own_before
+        running = time.monotonic() - worker_started
 
         delays: list[float] = []
         pushes: list[int] = []
@@ -151,6 +156,9 @@ async def one_size(count: int, rows: int, redis_url: str, scratch: Path) -> dict
             "api_redis_connections_max": max(connections),
             # the api's CPU from the worker's start to the last completion, per snapshot delivered
             "api_cpu_us_per_delivery": round(api_cpu / max(1, sum(pushes)) * 1e6),
+            # this process's own (the N clients reading their sockets), to tell whose CPU ran out
+            "loadgen_cpu_us_per_delivery": round(own_cpu / max(1, sum(pushes)) * 1e6),
+            "seconds_from_worker_start_to_last_completion": round(running, 1),
             "api_rss_before_mib": round(rss_before / 2**20, 1),
             "api_rss_idle_mib": round(rss_idle / 2**20, 1),
             "api_rss_per_idle_subscriber_kib": round((rss_idle - rss_before) / count / KiB, 1),
@@ -183,7 +191,7 @@ def main() -> None:
             redis.stop()
     table = Table(title="N subscribers on one export: extra delay over a raw Redis SUBSCRIBE")
     columns = ("subscribers", "p50 ms", "p95 ms", "p99 ms", "pushes", "final", "redis conns", "KiB/idle sub")
-    columns += ("api µs/push", "load")
+    columns += ("api µs/push", "clients µs/push", "load")
     for column in columns:
         table.add_column(column, justify="right")
     for r in results:
@@ -198,6 +206,7 @@ def main() -> None:
             str(r["api_redis_connections_max"]),
             f"{r['api_rss_per_idle_subscriber_kib']:.1f}",
             str(r["api_cpu_us_per_delivery"]),
+            str(r["loadgen_cpu_us_per_delivery"]),
             " ".join(f"{x:.2f}" for x in r["load_average"]),
         )
     console.print(table)

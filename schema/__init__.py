@@ -9,6 +9,7 @@ from strawberry.types import ExecutionContext
 from api.graphql_cache import CachedDocuments
 from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, log_errors
 from api.graphql_limits import GraphQLLimits
+from api.subscription_results import SharedEventExecutor
 from resolvers import audit, mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
 from schema.types import (
@@ -80,4 +81,6 @@ schema = Schema(
         CachedDocuments,  # after the limits: their parser options are part of its key
         MaskUnexpectedErrors,
     ],
+    # A subscription's selection runs once per task snapshot per process, not once per subscriber.
+    execution_context_class=SharedEventExecutor,
 )

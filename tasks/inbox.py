@@ -18,45 +18,65 @@ GONE = None
 
 
 class Inbox:
-    __slots__ = ("_latest", "_ready", "_error")
+    """The newest snapshot per task, and one waiter to wake: a bare future rather than an
+    ``asyncio.Event``, whose every wait looks the running loop up (a ``getpid()`` syscall in 3.11),
+    once per push per subscriber."""
+
+    __slots__ = ("_latest", "_ready", "_waiter", "_error", "_loop")
 
     def __init__(self) -> None:
         self._latest: dict[str, Task | None] = {}
-        self._ready = asyncio.Event()
+        self._ready = False
+        self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # found at the first wait
+
+    def _wake(self) -> None:
+        self._ready = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def offer(self, task: Task) -> None:
         """Keep ``task`` if it is newer than the snapshot of it held now (by version)."""
         held = self._latest.get(task.id)
         if held is None or task.version > held.version:
             self._latest[task.id] = task
-            self._ready.set()
+            self._wake()
 
     def offer_gone(self, task_id: str) -> None:
         """The task was deleted: its watchers end."""
         self._latest[task_id] = GONE
-        self._ready.set()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         """End the subscriber with ``error`` at its next ``take``."""
         self._error = error
-        self._ready.set()
+        self._wake()
 
     async def take(self, within: float | None = None) -> dict[str, Task | None]:
         """Wait for snapshots (at most ``within`` seconds; then ``{}``) and take all held, oldest
         offered first. Raises the error given to ``fail``."""
-        if not self._ready.is_set():
-            if within is None:
-                await self._ready.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._ready.wait(), within)
-                except TimeoutError:
-                    return {}
+        if not self._ready:
+            if within is not None and within <= 0:
+                return {}
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                if within is None:
+                    await self._waiter
+                else:
+                    async with asyncio.timeout(within):
+                        await self._waiter
+            except TimeoutError:
+                return {}
+            finally:
+                self._waiter = None
         if self._error is not None:
             raise self._error
         taken, self._latest = self._latest, {}
-        self._ready.clear()
+        self._ready = False
         return taken
 
     def __len__(self) -> int:

@@ -4,7 +4,9 @@ then every change, ending after a final status), or every task of one owner.
 The inbox is registered *before* the snapshot is read, so no change can fall between the two;
 snapshots carry a version, so one seen twice (a re-read after a reconnect, say) or out of order is
 dropped. The fan-out already coalesces progress and re-reads quiet and missed tasks, once per
-process, so a watcher does no Redis work of its own after its first read.
+process, so a watcher does no Redis work of its own after its first read. Nor does it wake on a
+timer: when Redis has been away too long the hub fails every inbox (``TaskFanout._fail_all``, on
+each sweep), which ends a waiting watcher as surely as a periodic check would, at no cost per push.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from collections.abc import AsyncIterator
 
 from tasks.fanout import TaskFanout
 from tasks.models import Task
-
-# How often a waiting watcher checks that Redis has not been gone too long (the hub decides).
-_CHECK_SECONDS = 5.0
 
 
 async def watch(fanout: TaskFanout, task_id: str) -> AsyncIterator[Task]:
@@ -28,7 +27,7 @@ async def watch(fanout: TaskFanout, task_id: str) -> AsyncIterator[Task]:
         seen = task.version
         while not task.status.is_final:
             fanout.healthy_or_raise()
-            taken = await inbox.take(_CHECK_SECONDS)
+            taken = await inbox.take()
             if task_id not in taken:
                 continue
             latest = taken[task_id]
@@ -50,7 +49,7 @@ async def watch_owner(fanout: TaskFanout, owner: str) -> AsyncIterator[Task]:
             yield task
         while True:
             fanout.healthy_or_raise()
-            for task_id, change in (await inbox.take(_CHECK_SECONDS)).items():
+            for task_id, change in (await inbox.take()).items():
                 if change is None or change.version <= seen.get(task_id, -1):
                     continue  # deleted (GONE), or seen already
                 seen[task_id] = change.version
