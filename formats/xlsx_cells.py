@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dataport.columns import Column, Row
+from formats.converters import EXACT_INT_FLOAT
 from formats.csv import FAST, ROW_RUN, _numbers, guard_column
 
 MAX_TEXT = 32_767  # UTF-16 units in one cell
@@ -99,6 +100,11 @@ def _xml_text(text: str) -> bytes:
     return text.encode("utf-8", "replace")  # a lone surrogate (no XML character) becomes "?"
 
 
+# An integer of 16 digits or more in orjson's text may be past 2**53, which a double (and so
+# Excel) cannot hold exactly: such a column takes the slow path, which writes those as text.
+_LONG_INTEGER = re.compile(rb"[\[,]-?\d{16,}[\],]")
+
+
 def cell_xml(value: Any) -> bytes:
     """One cell by its own type (the slow path, and the reference the fast paths match)."""
     kind = type(value)
@@ -110,6 +116,10 @@ def cell_xml(value: Any) -> bytes:
         number = float(value) if isinstance(value, float) else value
         if isinstance(number, float) and not math.isfinite(number):
             return _NAN if math.isnan(number) else _INFINITE
+        if isinstance(number, int) and abs(number) > EXACT_INT_FLOAT:
+            # Excel holds numbers as doubles and would round this one when the file is opened and
+            # saved; as text its digits survive both Excel and the import's integer column.
+            return _TEXT_OPEN + str(number).encode() + _TEXT_CLOSE
         return _NUM_OPEN + repr(number).encode() + _NUM_CLOSE
     text = value if isinstance(value, str) else str(value)
     if text == "":
@@ -146,7 +156,7 @@ def text_cells(cells: Sequence[Any]) -> list[bytes] | None:
 def number_cells(cells: Sequence[Any]) -> list[bytes] | None:
     """A column of ``int``/``float``/``None`` (finite) as cells; None otherwise."""
     blob = _numbers(cells, rows=False)
-    if blob is None:
+    if blob is None or _LONG_INTEGER.search(blob):
         return None
     return _wrapped(blob[1:-1].replace(b",", b"\0"), _NUM_OPEN, _NUM_CLOSE, EMPTY)
 
@@ -154,7 +164,7 @@ def number_cells(cells: Sequence[Any]) -> list[bytes] | None:
 def number_runs(runs: Sequence[Sequence[Any]]) -> list[bytes] | None:
     """Each row's run of number cells (``int``/``float``/``None``, finite) as that row's cells."""
     blob = _numbers(runs, rows=True)
-    if blob is None:
+    if blob is None or _LONG_INTEGER.search(blob):
         return None
     inner = blob[2:-2].replace(b",", _NUM_CLOSE + _NUM_OPEN).replace(b"]" + _NUM_CLOSE + _NUM_OPEN + b"[", b"\0")
     return _wrapped(inner, _NUM_OPEN, _NUM_CLOSE, EMPTY)

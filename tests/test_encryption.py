@@ -331,7 +331,7 @@ def test_an_encrypted_export_holds_no_plaintext_and_downloads_exactly(backend: s
 
 
 def _stored_path(stack: Stack, task_id: str) -> Path:
-    [path] = [p for p in stack.settings.resolved_files_dir.glob(f"exports/*/{task_id}/*") if p.is_file()]
+    [path] = [p for p in stack.settings.resolved_files_dir.glob(f"exports/*/{task_id}/**/*") if p.is_file()]
     return path
 
 

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 import tracemalloc
+import zipfile
 
 import openpyxl
 import pytest
@@ -623,15 +624,17 @@ def test_round_trip_xlsx():
         assert same(got, want), (got, want)
 
 
-def test_xlsx_export_limits_are_refused_or_documented_not_silent():
-    data = export("XLSX", [("a", 2**63 - 1, 0.1 + 0.2, True, None, None)])
-    record = read_all("XLSX", data)[1][0]
-    row, errors = RowConverter(COLUMNS, unguard_text=True).convert(record.values)
-    # The integer is refused rather than changed; 0.30000000000000004 comes back as 0.3.
-    assert errors == [
-        CellError("n", "9.223372036854776e+18 is too large to be an exact integer here; write it as text or in JSON")
-    ]
-    assert record.values["x"] == 0.3
+def test_xlsx_keeps_integers_a_double_cannot_hold_as_text():
+    """Excel reads number cells as doubles: an integer past 2**53 would be rounded the moment the
+    file is opened and saved, so it is written as a text cell, and the import reads it back exact."""
+    big = [2**63 - 1, -(2**53) - 1, 2**53, 10**15]
+    data = export("XLSX", [("a", n, 0.1 + 0.2, True, None, None) for n in big])
+    sheet = zipfile.ZipFile(io.BytesIO(data)).read("xl/worksheets/sheet1.xml")
+    assert b"<is><t>9223372036854775807</t></is>" in sheet and b"<v>9007199254740992</v>" in sheet
+    records = read_all("XLSX", data)[1]
+    converted = [RowConverter(COLUMNS, unguard_text=True).convert(r.values) for r in records]
+    assert [(row[1], errors) for row, errors in converted] == [(n, []) for n in big]
+    assert records[0].values["x"] == 0.1 + 0.2  # the shortest text that reads back the same double
 
 
 # --- cells -----------------------------------------------------------------------------------------
