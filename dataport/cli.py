@@ -26,6 +26,21 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+# The options by which export and import reach the api, as _client() reads them.
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        envvar="DATAPORT_URL", help="the api; default: the running `dataport dev`'s URL, else http://127.0.0.1:8000"
+    ),
+]
+ApiToken = Annotated[
+    str | None,
+    typer.Option(
+        envvar="DATAPORT_TOKEN", help="default: --token-file, else one for $USER signed like `dataport token`"
+    ),
+]
+ApiTokenFile = Annotated[Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")]
+
 
 def _keys_commands() -> None:
     """``dataport keys rotate`` (dataport/keys_cli.py)."""
@@ -163,21 +178,9 @@ def export(
     compression: Annotated[Compression, typer.Option(case_sensitive=False)] = Compression.NONE,
     label: Annotated[str | None, typer.Option(help="shown in the history and part of the file name")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DATAPORT_URL", help="the api; default: the running `dataport dev`'s URL, else http://127.0.0.1:8000"
-        ),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DATAPORT_TOKEN", help="default: --token-file, else one for $USER signed like `dataport token`"
-        ),
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
-    ] = None,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+    token_file: ApiTokenFile = None,
 ) -> None:
     """Request an export over GraphQL, follow its progress, download the file."""
     from dataport.client import ClientError
@@ -211,10 +214,8 @@ def export(
     console.print(f"{task['rowCount']:,} rows, {task['fileSize']:,} bytes, sha256 {task['checksumSha256']}")
 
 
-async def _export(client, export_input: dict, out: Path | None) -> dict:
-    from dataport.client import EXPORT_TASK, ClientError
-
-    task = await client.request_export(export_input)
+def _progress() -> Progress:
+    """The bar export and import draw: what is happening, how far, how fast, how long yet."""
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -222,7 +223,14 @@ async def _export(client, export_input: dict, out: Path | None) -> dict:
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console) as bar:
+    return Progress(*columns, console=console)
+
+
+async def _export(client, export_input: dict, out: Path | None) -> dict:
+    from dataport.client import EXPORT_TASK, ClientError
+
+    task = await client.request_export(export_input)
+    with _progress() as bar:
         line = bar.add_task("waiting", total=None, rate="")
         async for snapshot in client.follow(task["id"]):
             task = snapshot
@@ -274,21 +282,9 @@ def import_(
     allow_row_errors: Annotated[
         bool, typer.Option("--allow-row-errors", help="exit 0 even when some rows were refused")
     ] = False,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DATAPORT_URL", help="the api; default: the running `dataport dev`'s URL, else http://127.0.0.1:8000"
-        ),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DATAPORT_TOKEN", help="default: --token-file, else one for $USER signed like `dataport token`"
-        ),
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(envvar="DATAPORT_TOKEN_FILE", help="a file holding the token")
-    ] = None,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+    token_file: ApiTokenFile = None,
 ) -> None:
     """Upload a file, import it over GraphQL with a progress bar, save the error report if any."""
     from dataport.client import ClientError
@@ -344,14 +340,7 @@ async def _import(client, import_input: dict, file: Path, report: Path | None, r
     from dataport.client import IMPORT_PROGRESS, ClientError
 
     task = await client.request_import(import_input)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console) as bar:
+    with _progress() as bar:
         sending = bar.add_task("uploading", total=import_input["fileSize"], rate="")
         await asyncio.to_thread(client.upload, task["upload"], file, lambda n: bar.advance(sending, n))
         task = await client.start_import(task["id"])
