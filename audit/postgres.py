@@ -20,7 +20,6 @@ from audit.base import Filters, Page
 from audit.chain import GENESIS, seal_all
 from audit.records import AuditRecord, Pending
 
-SCAN_BATCH = 1000
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 
 
@@ -61,12 +60,7 @@ class PostgresAuditStore:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [t])
                 cursor = await conn.execute(f"SELECT id FROM {t} WHERE id = ANY(%s)", [[r.id for r in records]])
-                taken = {row[0] for row in await cursor.fetchall()}
-                fresh = []
-                for record in records:
-                    if record.id not in taken:
-                        fresh.append(record)
-                        taken.add(record.id)
+                fresh = sql.fresh(records, {row[0] for row in await cursor.fetchall()})
                 if not fresh:
                     return 0
                 cursor = await conn.execute(f"SELECT seq, hash FROM {t} ORDER BY seq DESC LIMIT 1")
@@ -76,30 +70,15 @@ class PostgresAuditStore:
                     head = await cursor.fetchone() or (0, GENESIS)
                 sealed = seal_all(int(head[0]) + 1, str(head[1]), fresh)
                 async with conn.cursor() as cur:
-                    await cur.executemany(
-                        f"INSERT INTO {t} ({sql.SELECT}) VALUES ({','.join(['%s'] * len(sql.COLUMNS))})",
-                        [sql.to_row(r) for r in sealed],
-                    )
+                    await cur.executemany(sql.insert(t, "%s"), [sql.to_row(r) for r in sealed])
                 return len(fresh)
 
     async def scan(self, filters: Filters | None = None) -> AsyncIterator[AuditRecord]:
-        after = -1
-        while True:
-            clause, params = sql.where(filters, "%s")
-            clause += (" AND" if clause else " WHERE") + " seq > %s"
-            query = f"SELECT {sql.SELECT} FROM {self.table}{clause} ORDER BY seq LIMIT {SCAN_BATCH}"
-            rows = await self._fetch(query, [*params, after])
-            for row in rows:
-                yield sql.from_row(row)
-            if len(rows) < SCAN_BATCH:
-                return
-            after = rows[-1][0]
+        async for record in sql.scan(self._fetch, self.table, filters, "%s"):
+            yield record
 
     async def page(self, filters: Filters, first: int, before_seq: int | None = None) -> Page:
-        clause, params = sql.where(filters, "%s", before_seq)
-        query = f"SELECT {sql.SELECT} FROM {self.table}{clause} ORDER BY seq DESC LIMIT {int(first) + 1}"
-        rows = await self._fetch(query, params)
-        return Page([sql.from_row(r) for r in rows[:first]], len(rows) > first)
+        return await sql.page(self._fetch, self.table, filters, "%s", first, before_seq)
 
     async def anchor(self) -> str:
         rows = await self._fetch(f"SELECT hash FROM {self.table}_anchor", [])

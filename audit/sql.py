@@ -1,12 +1,13 @@
-"""What the two SQL stores share: the columns, a record as a row and back, and the filters as a
-WHERE clause (with the driver's placeholder: ``?`` for sqlite3, ``%s`` for psycopg)."""
+"""What the two SQL stores share: the columns, a record as a row and back, the filters as a
+WHERE clause (with the driver's placeholder: ``?`` for sqlite3, ``%s`` for psycopg), and the reads
+(``scan``, ``page``) over a store's own ``fetch``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from audit.base import Filters
+from audit.base import Filters, Page
 from audit.records import Actor, AuditRecord, Pending, dumps, loads
 
 COLUMNS = (
@@ -25,6 +26,10 @@ COLUMNS = (
     "hash",
 )
 SELECT = ", ".join(COLUMNS)
+SCAN_BATCH = 1000
+
+Fetch = Callable[[str, list[Any]], Awaitable[Sequence[Sequence[Any]]]]
+"""A store's query runner: the rows a query with these parameters returns."""
 
 
 def create_table(table: str, seq_type: str) -> list[str]:
@@ -88,3 +93,44 @@ def where(filters: Filters | None, mark: str, before_seq: int | None = None) -> 
             clauses.append(f"{column} {op} {mark}")
             params.append(value)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def insert(table: str, mark: str) -> str:
+    """The INSERT of one row (``to_row``)."""
+    return f"INSERT INTO {table} ({SELECT}) VALUES ({','.join([mark] * len(COLUMNS))})"
+
+
+def fresh(records: Sequence[Pending], known: set[str]) -> list[Pending]:
+    """The records to store: not ``known`` to the table, and each id once even if a batch repeats it."""
+    taken = set(known)
+    kept = []
+    for record in records:
+        if record.id not in taken:
+            kept.append(record)
+            taken.add(record.id)
+    return kept
+
+
+async def scan(fetch: Fetch, table: str, filters: Filters | None, mark: str) -> AsyncIterator[AuditRecord]:
+    """Every record the filters take, oldest first, ``SCAN_BATCH`` rows a query."""
+    after = -1
+    while True:
+        clause, params = where(filters, mark)
+        clause += (" AND" if clause else " WHERE") + f" seq > {mark}"
+        query = f"SELECT {SELECT} FROM {table}{clause} ORDER BY seq LIMIT {SCAN_BATCH}"
+        rows = await fetch(query, [*params, after])
+        for row in rows:
+            yield from_row(row)
+        if len(rows) < SCAN_BATCH:
+            return
+        after = rows[-1][0]
+
+
+async def page(
+    fetch: Fetch, table: str, filters: Filters, mark: str, first: int, before_seq: int | None = None
+) -> Page:
+    """The newest ``first`` records the filters take (before ``before_seq``), and whether there are more."""
+    clause, params = where(filters, mark, before_seq)
+    query = f"SELECT {SELECT} FROM {table}{clause} ORDER BY seq DESC LIMIT {int(first) + 1}"
+    rows = await fetch(query, params)
+    return Page([from_row(r) for r in rows[:first]], len(rows) > first)

@@ -20,7 +20,6 @@ from audit.chain import GENESIS, seal_all
 from audit.records import AuditRecord, Pending
 
 TABLE = "audit_events"
-SCAN_BATCH = 1000
 
 
 class SqliteAuditStore:
@@ -55,23 +54,14 @@ class SqliteAuditStore:
         return int(await self._run(_append, list(records)))
 
     async def scan(self, filters: Filters | None = None) -> AsyncIterator[AuditRecord]:
-        after = -1
-        while True:
-            clause, params = sql.where(filters, "?")
-            clause += (" AND" if clause else " WHERE") + " seq > ?"
-            query = f"SELECT {sql.SELECT} FROM {TABLE}{clause} ORDER BY seq LIMIT {SCAN_BATCH}"
-            rows = await self._run(_fetch, query, [*params, after])
-            for row in rows:
-                yield sql.from_row(row)
-            if len(rows) < SCAN_BATCH:
-                return
-            after = rows[-1][0]
+        async for record in sql.scan(self._rows, TABLE, filters, "?"):
+            yield record
 
     async def page(self, filters: Filters, first: int, before_seq: int | None = None) -> Page:
-        clause, params = sql.where(filters, "?", before_seq)
-        query = f"SELECT {sql.SELECT} FROM {TABLE}{clause} ORDER BY seq DESC LIMIT {int(first) + 1}"
-        rows = await self._run(_fetch, query, params)
-        return Page([sql.from_row(r) for r in rows[:first]], len(rows) > first)
+        return await sql.page(self._rows, TABLE, filters, "?", first, before_seq)
+
+    async def _rows(self, query: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        return list(await self._run(_fetch, query, params))
 
     async def anchor(self) -> str:
         rows = await self._run(_fetch, f"SELECT hash FROM {TABLE}_anchor", [])
@@ -102,21 +92,14 @@ def _append(conn: sqlite3.Connection, records: list[Pending]) -> int:
                 ids[start : start + 500],
             )
         }
-        fresh, taken = [], set(known)
-        for record in records:  # a record twice in one batch is stored once too
-            if record.id not in taken:
-                fresh.append(record)
-                taken.add(record.id)
+        fresh = sql.fresh(records, known)  # a record twice in one batch is stored once too
         if fresh:
             head = conn.execute(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
             if head is None:
                 anchor = conn.execute(f"SELECT seq, hash FROM {TABLE}_anchor").fetchone()
                 head = anchor or (0, GENESIS)
             sealed = seal_all(int(head[0]) + 1, str(head[1]), fresh)
-            conn.executemany(
-                f"INSERT INTO {TABLE} ({sql.SELECT}) VALUES ({','.join('?' * len(sql.COLUMNS))})",
-                [sql.to_row(r) for r in sealed],
-            )
+            conn.executemany(sql.insert(TABLE, "?"), [sql.to_row(r) for r in sealed])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
