@@ -73,39 +73,37 @@ async def verify(records: AsyncIterator[AuditRecord], anchor: str) -> Report:
     seen: set[str] = set()
     async for record in records:
         count += 1
-        if record.id in seen:
-            return Report(
-                count, expected, Break(record.seq, record.id, "duplicate", f"record {record.id} appears twice")
-            )
+        broken = _link_break(record, expected, seen)
+        if broken is not None:
+            return Report(count, expected, broken)
         seen.add(record.id)
-        if link_hash(record.prev_hash, record.pending) != record.hash:
-            return Report(
-                count,
-                expected,
-                Break(
-                    record.seq,
-                    record.id,
-                    "changed",
-                    f"record {record.id} (#{record.seq}, {record.action} at {record.at}) was changed: "
-                    "its content no longer gives its hash",
-                ),
-            )
-        if record.prev_hash != expected:
-            return Report(
-                count,
-                expected,
-                Break(
-                    record.seq,
-                    record.id,
-                    "deleted",
-                    f"the link before record {record.id} (#{record.seq}, {record.action} at {record.at}) is broken: "
-                    f"its prev_hash {record.prev_hash[:12]}… is not the hash of the record before it "
-                    f"({expected[:12]}…)",
-                    record.prev_hash,
-                ),
-            )
         expected = record.hash
     return Report(count, expected, None)
+
+
+def _link_break(record: AuditRecord, expected: str, seen: set[str]) -> Break | None:
+    """What is wrong with ``record`` as the link after one hashed ``expected`` (ids ``seen`` before it)."""
+    if record.id in seen:
+        return Break(record.seq, record.id, "duplicate", f"record {record.id} appears twice")
+    if link_hash(record.prev_hash, record.pending) != record.hash:
+        return Break(
+            record.seq,
+            record.id,
+            "changed",
+            f"record {record.id} (#{record.seq}, {record.action} at {record.at}) was changed: "
+            "its content no longer gives its hash",
+        )
+    if record.prev_hash != expected:
+        return Break(
+            record.seq,
+            record.id,
+            "deleted",
+            f"the link before record {record.id} (#{record.seq}, {record.action} at {record.at}) is broken: "
+            f"its prev_hash {record.prev_hash[:12]}… is not the hash of the record before it "
+            f"({expected[:12]}…)",
+            record.prev_hash,
+        )
+    return None
 
 
 async def classify(broken: Break, records: AsyncIterator[AuditRecord]) -> Break:
