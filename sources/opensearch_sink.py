@@ -68,12 +68,12 @@ from sources.opensearch import (
     REQUEST_TIMEOUT_SECONDS,
     RETRY_DELAYS,
     OrjsonSerializer,
-    error_reason,
     explain_error,
     is_transient,
     redact,
 )
 from sources.opensearch.cells import cell_converter
+from sources.opensearch.retries import back_off, gave_up
 from sources.receipts import Receipt
 from sources.sink_base import (
     DuplicateKeyError,
@@ -497,24 +497,8 @@ class OpenSearchSink:
                         f"dataset '{self.dataset.name}': {explain_error(e, what, self.index, self.dataset.url)}"
                     ) from e
                 if attempt == tries - 1:
-                    raise SinkError(
-                        f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
-                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
-                        f"overloaded or down.",
-                        transient=True,
-                    ) from e
-                delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
-                log.info(
-                    "index '%s': %s failed (%s %s); try %d of %d in %.1f s",
-                    self.index,
-                    what,
-                    e.status_code,
-                    error_reason(e),
-                    attempt + 2,
-                    tries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                    raise SinkError(gave_up(self.dataset.url, what, started, tries, e), transient=True) from e
+                await back_off(log, self.index, what, e, attempt, self.retry_delays)
             except SerializationError as e:
                 raise SinkError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
         raise AssertionError("unreachable")

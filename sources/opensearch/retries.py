@@ -35,6 +35,34 @@ RETRY_DELAYS = (0.7, 1.4, 2.8)
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 
+def gave_up(url: str, what: str, started: float, tries: int, error: TransportError) -> str:
+    """Why a request that failed ``tries`` times since ``started`` (``time.monotonic``) is given up."""
+    return (
+        f"OpenSearch at {redact(url)} failed {tries} times while {what} over "
+        f"{time.monotonic() - started:.1f} s (last: {error.status_code} {error_reason(error)}); it may be "
+        f"overloaded or down."
+    )
+
+
+async def back_off(
+    logger: logging.Logger, index: str, what: str, error: TransportError, attempt: int, delays: tuple[float, ...]
+) -> None:
+    """The pause after try ``attempt`` (from 0) failed with a passing ``error``: ``delays[attempt]``,
+    ±20 %, said at INFO."""
+    delay = delays[attempt] * random.uniform(0.8, 1.2)
+    logger.info(
+        "index '%s': %s failed (%s %s); try %d of %d in %.1f s",
+        index,
+        what,
+        error.status_code,
+        error_reason(error),
+        attempt + 2,
+        len(delays) + 1,
+        delay,
+    )
+    await asyncio.sleep(delay)
+
+
 class Requests:
     """``_call``: one request, retried, its answer digested."""
 
@@ -107,23 +135,8 @@ class Requests:
                         f"unanswered page, so the read has to start again."
                     ) from e
                 if attempt == tries - 1:
-                    raise TransientSourceError(
-                        f"OpenSearch at {redact(self.dataset.url)} failed {tries} times while {what} over "
-                        f"{time.monotonic() - started:.1f} s (last: {e.status_code} {error_reason(e)}); it may be "
-                        f"overloaded or down."
-                    ) from e
-                delay = self.retry_delays[attempt] * random.uniform(0.8, 1.2)
-                log.info(
-                    "index '%s': %s failed (%s %s); try %d of %d in %.1f s",
-                    self.index,
-                    what,
-                    e.status_code,
-                    error_reason(e),
-                    attempt + 2,
-                    tries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                    raise TransientSourceError(gave_up(self.dataset.url, what, started, tries, e)) from e
+                await back_off(log, self.index, what, e, attempt, self.retry_delays)
             except SerializationError as e:
                 raise SourceError(f"OpenSearch sent an answer that is not JSON while {what}: {e}") from e
         raise AssertionError("unreachable")
