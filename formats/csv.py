@@ -298,6 +298,34 @@ def _bools(cells: Sequence[Any]) -> list[bytes] | None:
     return list(map(_BOOL_FIELD.__getitem__, cells))
 
 
+def segments(columns: Sequence[Column], formula_guard: bool) -> list[tuple[str, int, int]]:
+    """The fast path's pieces, for CSV and XLSX alike: ("run", start, stop) for ``ROW_RUN`` or more
+    adjacent number columns, else (kind, index, index + 1) with kind "number", "boolean", "guarded"
+    (text under the formula guard) or "text"."""
+    kinds = [_kind(c, formula_guard) for c in columns]
+    pieces: list[tuple[str, int, int]] = []
+    i = 0
+    while i < len(kinds):
+        j = i + 1
+        while kinds[i] == "number" and j < len(kinds) and kinds[j] == "number":
+            j += 1
+        if kinds[i] == "number" and j - i >= ROW_RUN:
+            pieces.append(("run", i, j))
+            i = j
+            continue
+        pieces.append((kinds[i], i, i + 1))
+        i += 1
+    return pieces
+
+
+def _kind(column: Column, formula_guard: bool) -> str:
+    if column.type in ("integer", "float"):
+        return "number"
+    if column.type == "boolean":
+        return "boolean"
+    return "guarded" if column.type == "string" and formula_guard else "text"
+
+
 class CsvWriter:
     extension = "csv"
     content_type = "text/csv; charset=utf-8"
@@ -315,31 +343,8 @@ class CsvWriter:
         self._column_csv = csv.writer(
             self._column_buffer, delimiter="\0", lineterminator="\r\n,", quoting=csv.QUOTE_MINIMAL
         )
-        # The fast path's pieces: ("run", start, stop) for a long run of number columns, else
-        # (kind, index, index + 1) with kind "number", "boolean", "guarded" or "text".
-        self._segments: list[tuple[str, int, int]] = []
-        i, n = 0, len(self.columns)
-        while i < n:
-            kind = self._kind(self.columns[i])
-            j = i + 1
-            if kind == "number":
-                while j < n and self._kind(self.columns[j]) == "number":
-                    j += 1
-                if j - i >= ROW_RUN:
-                    self._segments.append(("run", i, j))
-                    i = j
-                    continue
-                j = i + 1
-            self._segments.append((kind, i, j))
-            i = j
+        self._segments = segments(self.columns, formula_guard)
         self._runs = any(kind == "run" for kind, _, _ in self._segments)
-
-    def _kind(self, column: Column) -> str:
-        if column.type in ("integer", "float"):
-            return "number"
-        if column.type == "boolean":
-            return "boolean"
-        return "guarded" if column.type == "string" and self.formula_guard else "text"
 
     def begin(self) -> bytes:
         names = [c.name for c in self.columns]

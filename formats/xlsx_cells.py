@@ -31,7 +31,7 @@ from typing import Any
 
 from dataport.columns import Column, Row
 from formats.converters import EXACT_INT_FLOAT
-from formats.csv import FAST, ROW_RUN, _numbers, guard_column
+from formats.csv import FAST, _numbers, guard_column, segments
 
 MAX_TEXT = 32_767  # UTF-16 units in one cell
 
@@ -183,28 +183,7 @@ class SheetRows:
         self.columns = tuple(columns)
         self.formula_guard = formula_guard
         self.next_row = 1
-        # (kind, start, stop): "run" for ROW_RUN or more adjacent number columns, else one column
-        # of kind "number", "boolean", "guarded" (text under the formula guard) or "text".
-        self._segments: list[tuple[str, int, int]] = []
-        kinds = [self._kind(c) for c in self.columns]
-        i = 0
-        while i < len(kinds):
-            j = i + 1
-            while kinds[i] == "number" and j < len(kinds) and kinds[j] == "number":
-                j += 1
-            if kinds[i] == "number" and j - i >= ROW_RUN:
-                self._segments.append(("run", i, j))
-                i = j
-                continue
-            self._segments.append((kinds[i], i, i + 1))
-            i += 1
-
-    def _kind(self, column: Column) -> str:
-        if column.type in ("integer", "float"):
-            return "number"
-        if column.type == "boolean":
-            return "boolean"
-        return "guarded" if column.type == "string" and self.formula_guard else "text"
+        self._segments = segments(self.columns, formula_guard)  # as CsvWriter's
 
     def header(self) -> bytes:
         names = [c.name for c in self.columns]
