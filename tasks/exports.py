@@ -250,10 +250,16 @@ async def get_export(services: Services, identity: Identity, identifier: str, co
         task = await read_counting_poll(services.redis, identifier, TaskKind.EXPORT, owner)
     else:
         task = await services.store.get(identifier)
-    if task is None or task.kind is not TaskKind.EXPORT:
+    return await seen_task(services, identity, task, TaskKind.EXPORT)
+
+
+async def seen_task(services: Services, identity: Identity, task: Task | None, kind: TaskKind) -> Task | None:
+    """``task`` if it is a ``kind`` task the caller may see; None for a missing one, one of the other
+    kind and another owner's alike (the last recorded in the audit log as denied)."""
+    if task is None or task.kind is not kind:
         return None
     if not sees_task(identity, task.owner):
-        await denied_task(services, identity, task, "another owner's export")
+        await denied_task(services, identity, task, f"another owner's {kind.value}")
         return None
     return task
 
@@ -385,12 +391,16 @@ async def signed_download_url(services: Services, task: Task, issued_to: Identit
     under the scope it ran with, moments before; the worker has no token to check)."""
     if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
         return None
-    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    filename = file_name(task)
-    url = await services.storage.download_url(
-        task.object_key, task_id=task.id, filename=filename, expires_at=expires_at
-    )
-    await services.audit.issued(url, issued_to, services.settings.download_url_ttl_seconds)  # names the downloader
+    return await issue_url(services, task.object_key, task.id, file_name(task), issued_to)
+
+
+async def issue_url(services: Services, key: str, task_id: str, filename: str, issued_to: Identity) -> str:
+    """A signed URL of the stored file ``key``, valid for DATAPORT_DOWNLOAD_URL_TTL_SECONDS, its
+    issue recorded in the audit log under ``issued_to`` (which names the downloader)."""
+    ttl = services.settings.download_url_ttl_seconds
+    expires_at = now() + dt.timedelta(seconds=ttl)
+    url = await services.storage.download_url(key, task_id=task_id, filename=filename, expires_at=expires_at)
+    await services.audit.issued(url, issued_to, ttl)
     return url
 
 

@@ -33,9 +33,16 @@ from tasks.access import (
     readable,
     scope_for_request,
     scope_value,
-    sees_task,
 )
-from tasks.exports import cancelled_by, dataset_not_found, denied_dataset, denied_task, request_task
+from tasks.exports import (
+    cancelled_by,
+    dataset_not_found,
+    denied_dataset,
+    denied_task,
+    issue_url,
+    request_task,
+    seen_task,
+)
 from tasks.ids import random_task_id
 from tasks.models import Task, TaskKind, TaskStatus, now, stamp
 from tasks.services import Services
@@ -337,13 +344,7 @@ async def cancel_import(services: Services, identity: Identity, identifier: str)
 
 async def get_import(services: Services, identity: Identity, identifier: str) -> Task | None:
     """The caller's import (any user's, for an admin); None for a missing one and another's alike."""
-    task = await services.store.get(identifier)
-    if task is None or task.kind is not TaskKind.IMPORT:
-        return None
-    if not sees_task(identity, task.owner):
-        await denied_task(services, identity, task, "another owner's import")
-        return None
-    return task
+    return await seen_task(services, identity, await services.store.get(identifier), TaskKind.IMPORT)
 
 
 async def list_imports(
@@ -366,12 +367,7 @@ async def signed_report_url(services: Services, task: Task, issued_to: Identity)
     """The report's signed URL without the caller check (see ``exports.signed_download_url``)."""
     if not task.report_key or not task.status.is_final or task.status is TaskStatus.EXPIRED:
         return None
-    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    url = await services.storage.download_url(
-        task.report_key, task_id=task.id, filename=task.report_key.rsplit("/", 1)[-1], expires_at=expires_at
-    )
-    await services.audit.issued(url, issued_to, services.settings.download_url_ttl_seconds)  # names the downloader
-    return url
+    return await issue_url(services, task.report_key, task.id, task.report_key.rsplit("/", 1)[-1], issued_to)
 
 
 async def results_url(services: Services, identity: Identity, task: Task) -> str | None:
@@ -380,15 +376,9 @@ async def results_url(services: Services, identity: Identity, task: Task) -> str
         return None
     if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
-    expires_at = now() + dt.timedelta(seconds=services.settings.download_url_ttl_seconds)
-    url = await services.storage.download_url(
-        task.results_key,
-        task_id=task.id + RESULTS_SUFFIX,
-        filename=task.results_key.rsplit("/", 1)[-1],
-        expires_at=expires_at,
+    return await issue_url(
+        services, task.results_key, task.id + RESULTS_SUFFIX, task.results_key.rsplit("/", 1)[-1], identity
     )
-    await services.audit.issued(url, identity, services.settings.download_url_ttl_seconds)
-    return url
 
 
 def preview_of(services: Services, identity: Identity, task: Task) -> dict[str, Any] | None:
