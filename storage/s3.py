@@ -417,42 +417,38 @@ class S3Storage:
 
         return await self._call("ListMultipartUploads", prefix, _list)
 
+    async def _abort(self, upload: MultipartUploadTypeDef) -> bool:
+        """Abort one open multipart upload (as ``incomplete_uploads`` lists it): True, or False for
+        one that was gone already."""
+        try:
+            await self._call(
+                "AbortMultipartUpload",
+                upload["Key"],
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
+        except StorageError as e:
+            if not _caused_by(e, "NoSuchUpload"):
+                raise
+            return False
+        return True
+
     async def discard_incomplete(self, key: str) -> None:
         """Abort the open multipart uploads of ``key`` (of every key under it when it ends in /)."""
         for upload in await self.incomplete_uploads(key):
             if upload["Key"] != key and not key.endswith("/"):
                 continue  # same prefix, another object
-            try:
-                await self._call(
-                    "AbortMultipartUpload",
-                    upload["Key"],
-                    self.client.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=upload["Key"],
-                    UploadId=upload["UploadId"],
-                )
-            except StorageError as e:
-                if not _caused_by(e, "NoSuchUpload"):
-                    raise
+            await self._abort(upload)
 
     async def sweep_incomplete(self, older_than: dt.datetime) -> int:
         swept = 0
         for upload in await self.incomplete_uploads(""):
             if upload["Initiated"] >= older_than:
                 continue  # may belong to a job that is still writing
-            try:
-                await self._call(
-                    "AbortMultipartUpload",
-                    upload["Key"],
-                    self.client.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=upload["Key"],
-                    UploadId=upload["UploadId"],
-                )
+            if await self._abort(upload):
                 swept += 1
-            except StorageError as e:
-                if not _caused_by(e, "NoSuchUpload"):
-                    raise
         return swept
 
     async def verify(self, key: str) -> StoredObject | None:
