@@ -1,4 +1,4 @@
-"""One attempt of a job, as exports and imports both run it: claim, retry, fail.
+"""One attempt of a job, as exports and imports both run it: claim, retry, fail, succeed.
 
 An attempt claims its task (PENDING, or PROCESSING left by a dead worker) by bumping ``attempts``;
 every later write is fenced on that number, so a stale attempt can never overwrite a newer one or
@@ -23,6 +23,7 @@ from sources.base import TransientSourceError
 from tasks.models import Task, TaskStatus, now, parse_stamp, stamp
 from tasks.notifications import NOTIFIED_STATUSES, task_finished
 from tasks.services import Services
+from tasks.store import TransitionResult
 
 # Failures that may pass on their own: the next attempt runs after a short pause.
 TRANSIENT = (TransientSourceError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -152,3 +153,26 @@ async def fail(services: Services, task: Task, attempt: int, code: str, message:
     if failed.ok:
         await task_finished(services, task)
     return "failed"
+
+
+async def succeed(
+    services: Services, task: Task, attempt: int, message: str, rows: int, size: int, **fields: object
+) -> TransitionResult:
+    """The attempt's last write: SUCCEEDED, every one of ``rows`` processed, ``size`` bytes, nothing
+    left to wait for, and the job's own ``fields``. Not ``ok`` when the task moved on (cancelled)."""
+    return await services.store.transition(
+        task.id,
+        TaskStatus.SUCCEEDED,
+        message,
+        allowed_from=[TaskStatus.PROCESSING],
+        fence_attempt=attempt,
+        fields={
+            "finished_at": stamp(),
+            "processed_rows": rows,
+            "total_rows": rows,
+            "bytes": size,
+            "eta_seconds": 0,
+            "row_count": rows,
+            **fields,
+        },
+    )

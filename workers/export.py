@@ -20,10 +20,10 @@ from sources.pipeline import encode
 from storage.base import StorageError
 from tasks.exports import task_query
 from tasks.file_names import file_name
-from tasks.models import Task, TaskStatus, stamp
+from tasks.models import Task
 from tasks.notifications import task_finished
 from tasks.services import Services
-from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail
+from workers.attempts import TRANSIENT, Failure, claim, fail, retry_or_fail, succeed
 from workers.progress import ProgressReporter, TaskMovedOn
 
 log = logging.getLogger("dataport.worker")
@@ -118,23 +118,16 @@ async def _export(services: Services, task: Task, attempt: int) -> None:
         await services.storage.delete(key)
         raise StorageError(f"the stored file does not match what was written ({verified})")
 
-    finished = await services.store.transition(
-        task.id,
-        TaskStatus.SUCCEEDED,
+    finished = await succeed(
+        services,
+        task,
+        attempt,
         f"{progress.rows:,} rows, {stored.size:,} bytes written",
-        allowed_from=[TaskStatus.PROCESSING],
-        fence_attempt=attempt,
-        fields={
-            "finished_at": stamp(),
-            "processed_rows": progress.rows,
-            "total_rows": progress.rows,
-            "bytes": stored.size,
-            "eta_seconds": 0,
-            "row_count": progress.rows,
-            "file_size": stored.size,
-            "checksum_sha256": stored.sha256,
-            "object_key": key,
-        },
+        progress.rows,
+        stored.size,
+        file_size=stored.size,
+        checksum_sha256=stored.sha256,
+        object_key=key,
     )
     if not finished.ok:  # cancelled at the last moment: the file must not outlive the task
         await services.storage.delete(key)

@@ -44,11 +44,11 @@ from sources.sink_base import SinkError
 from sources.sinks import KEYED_MODES, RowSink, open_sink
 from storage.base import ReadStream, StorageError
 from tasks.imports import report_key, results_key
-from tasks.models import Task, TaskStatus, stamp
+from tasks.models import Task
 from tasks.notifications import task_finished
 from tasks.services import Services
 from workers import memory
-from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail
+from workers.attempts import TRANSIENT, Failure, claim, retry_or_fail, succeed
 from workers.attempts import fail as _fail
 from workers.import_batches import (  # noqa: F401 (REPORT_COLUMNS, first_cells: imported from here by tests)
     REPORT_COLUMNS,
@@ -251,26 +251,19 @@ async def _import(services: Services, task: Task, attempt: int) -> str:
         else f"{written:,} rows written{outcomes.summary()}, {failed:,} failed"
         + (" (committed by an earlier attempt whose worker stopped)" if committed is not None else "")
     )
-    finished = await services.store.transition(
-        task.id,
-        TaskStatus.SUCCEEDED,
+    finished = await succeed(
+        services,
+        task,
+        attempt,
         message,
-        allowed_from=[TaskStatus.PROCESSING],
-        fence_attempt=attempt,
-        fields={
-            "finished_at": stamp(),
-            "processed_rows": progress.rows,
-            "total_rows": progress.rows,
-            "bytes": size,
-            "eta_seconds": 0,
-            "rows_imported": valid if dry_run else written,
-            "rows_failed": failed,
-            "row_count": progress.rows,
-            "report_key": report_at,
-            "results_key": results_at,
-            # A run keeps it too: its failed rows' samples are shown inline (ImportTask.failedSamples).
-            "preview": outcomes.preview.as_json(),
-        },
+        progress.rows,
+        size,
+        rows_imported=valid if dry_run else written,
+        rows_failed=failed,
+        report_key=report_at,
+        results_key=results_at,
+        # A run keeps it too: its failed rows' samples are shown inline (ImportTask.failedSamples).
+        preview=outcomes.preview.as_json(),
     )
     if finished.ok:
         await task_finished(services, task)
