@@ -31,9 +31,9 @@ from dataport.errors import UserErrors
 from dataport.settings import Settings
 from tasks.ids import random_task_id
 from tasks.imports import column_map_problems
-from tasks.models import Task, TaskKind, TaskStatus, stamp
+from tasks.models import Task, TaskStatus
 from tasks.services import Services
-from workers.imports import run_import
+from tests.import_jobs import csv_file, read_csv, run_import_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,14 +137,6 @@ lab = {{ type = "string" }}
         client.close()
 
 
-def csv_file(header: list[str], rows: list[list[Any]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return out.getvalue().encode()
-
-
 @dataclass
 class Ran:
     task: Task
@@ -156,16 +148,6 @@ class Ran:
         assert self.task.preview is not None
         found: dict[str, Any] = orjson.loads(self.task.preview)
         return found
-
-
-async def _read(services: Services, key: str | None) -> list[dict[str, str]]:
-    if not key:
-        return []
-    stream = await services.storage.open_stream(key)
-    try:
-        return list(csv.DictReader(io.StringIO(stream.read().decode())))
-    finally:
-        stream.close()
 
 
 async def run(
@@ -184,38 +166,22 @@ async def run(
     identifier = random_task_id()
     file_name = f"assays.{file_format.lower()}"
     key = f"imports/modes/{identifier}/{file_name}"
-    writer = await services.storage.open_writer(key, "application/octet-stream")
-    await writer.write(content)
-    await writer.complete()
     request: dict[str, Any] = {"mode": mode, "dryRun": dry_run, "maxErrors": None, "fileName": file_name}
     if results:
         request["results"] = True
     if column_map:
         request["columnMap"] = column_map
-    await services.store.request(
+    task = await run_import_task(
+        services,
         identifier,
-        {
-            "id": identifier,
-            "kind": TaskKind.IMPORT.value,
-            "owner": "modes-user",
-            "email": None,
-            "dataset": f"assays_{source}",
-            "format": file_format,
-            "request": orjson.dumps(request).decode(),
-            "notify": False,
-            "status": TaskStatus.PENDING.value,
-            "created_at": stamp(),
-            "object_key": key,
-            "attempts": 0,
-            "processed_rows": 0,
-            "bytes": 0,
-        },
-        reuse_seconds=-1,
+        owner="modes-user",
+        dataset=f"assays_{source}",
+        file_format=file_format,
+        key=key,
+        content=content,
+        request=request,
     )
-    await run_import({"services": services, "job_try": 1, "job_id": f"import:{identifier}:1"}, identifier, 1)
-    task = await services.store.get(identifier)
-    assert task is not None
-    return Ran(task, await _read(services, task.report_key), await _read(services, task.results_key))
+    return Ran(task, await read_csv(services, task.report_key), await read_csv(services, task.results_key))
 
 
 def succeeded(ran: Ran) -> None:

@@ -12,8 +12,6 @@ and their claim is the text ``"42"`` (an integer column against a string claim).
 
 from __future__ import annotations
 
-import csv
-import io
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -33,9 +31,9 @@ from sources.sink_base import RowScope, SinkError
 from sources.sinks import open_sink
 from tasks.access import NO_ROWS, scope_for_request
 from tasks.ids import random_task_id
-from tasks.models import Task, TaskKind, TaskStatus, stamp
+from tasks.models import Task, TaskStatus
 from tasks.services import Services
-from workers.imports import run_import
+from tests.import_jobs import csv_file, read_csv, run_import_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,14 +145,6 @@ name = {{ type = "string" }}
         client.close()
 
 
-def csv_file(header: list[str], rows: list[list[Any]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return out.getvalue().encode()
-
-
 def ndjson_file(records: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(r) + b"\n" for r in records)
 
@@ -176,43 +166,20 @@ async def run(
     identifier = random_task_id()
     file_name = f"orders.{file_format.lower()}"
     key = f"imports/tenant/{identifier}/{file_name}"
-    writer = await services.storage.open_writer(key, "application/octet-stream")
-    await writer.write(content)
-    await writer.complete()
     request: dict[str, Any] = {"mode": mode, "dryRun": dry_run, "maxErrors": None, "fileName": file_name}
     if request_scope:
         request["scope"] = scope_for_request(scope)
-    await services.store.request(
+    task = await run_import_task(
+        services,
         identifier,
-        {
-            "id": identifier,
-            "kind": TaskKind.IMPORT.value,
-            "owner": "tenant-user",
-            "email": None,
-            "dataset": f"orders_{source}",
-            "format": file_format,
-            "request": orjson.dumps(request).decode(),
-            "notify": False,
-            "status": TaskStatus.PENDING.value,
-            "created_at": stamp(),
-            "object_key": key,
-            "attempts": 0,
-            "processed_rows": 0,
-            "bytes": 0,
-        },
-        reuse_seconds=-1,
+        owner="tenant-user",
+        dataset=f"orders_{source}",
+        file_format=file_format,
+        key=key,
+        content=content,
+        request=request,
     )
-    await run_import({"services": services, "job_try": 1, "job_id": f"import:{identifier}:1"}, identifier, 1)
-    task = await services.store.get(identifier)
-    assert task is not None
-    report: list[dict[str, str]] = []
-    if task.report_key:
-        stream = await services.storage.open_stream(task.report_key)
-        try:
-            report = list(csv.DictReader(io.StringIO(stream.read().decode())))
-        finally:
-            stream.close()
-    return task, report
+    return task, await read_csv(services, task.report_key)
 
 
 def succeeded(task: Task) -> None:
