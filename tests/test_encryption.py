@@ -28,6 +28,7 @@ from storage.encryption import CHUNK_SIZE, HEADER_SIZE, TAG, IntegrityError
 from storage.keys import Keyring, KeyUnavailable, kek_id
 from storage.local import LocalStorage
 from tests.client import Api
+from tests.fixtures.s3 import client_for
 from tests.fixtures.stack import Stack, _stack
 from tests.test_imports import Target, csv_bytes, fresh_ids, good_rows
 
@@ -296,15 +297,7 @@ def stored_files(stack: Stack) -> dict[str, bytes]:
     if settings.storage == "local":
         root = settings.resolved_files_dir
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
-        region_name=settings.s3_region,
-    )
+    s3 = client_for(settings)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=settings.s3_bucket)
             for o in page.get("Contents", [])]  # fmt: skip
     return {k: s3.get_object(Bucket=settings.s3_bucket, Key=k)["Body"].read() for k in keys}

@@ -10,12 +10,12 @@ import json
 import re
 import time
 
-import boto3
 import httpx
 import pytest
 import websockets
 
 from tests.client import Api
+from tests.fixtures.s3 import client_for
 from tests.fixtures.stack import DEMO_ROWS, SPECIAL_COLUMNS, SPECIAL_ROWS, first_attempt_fails_on_a_lock
 
 NAMES = [c.name for c in SPECIAL_COLUMNS]
@@ -348,13 +348,7 @@ def test_s3_export_is_encrypted_verified_and_downloadable(s3_stack, s3_server):
     assert hashlib.sha256(content).hexdigest() == task["checksumSha256"] and len(content) == task["fileSize"]
     assert task["rowCount"] == 20_000 and content.count(b"\r\n") >= 20_001
     settings = s3_stack.settings
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
-        region_name=settings.s3_region,
-    )
+    s3 = client_for(settings)
     objects = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="exports/")["Contents"]
     key = next(o["Key"] for o in objects if task["id"] in o["Key"])
     assert re.search(rf"/{task['id']}/1/samples-\d{{8}}T\d{{6}}Z\.csv$", key), key  # run 1, tasks/file_names.py
@@ -545,13 +539,7 @@ def test_cancel_on_s3_leaves_no_multipart_upload_and_no_object(s3_stack):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     settings = s3_stack.settings
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
-        region_name=settings.s3_region,
-    )
+    s3 = client_for(settings)
     prefix = f"exports/{_owner_of(api)}/{task['id']}/"
     assert s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=prefix).get("Uploads")
     assert api.mutate("cancelExport", task["id"])["task"]["status"] == "CANCELLED"
