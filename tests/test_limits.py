@@ -20,10 +20,11 @@ from redis.asyncio import Redis
 
 from dataport import errors
 from dataport.settings import Settings
-from tasks.models import TaskStatus, stamp
+from tasks.models import TaskStatus
 from tasks.store import QuotaExceeded, TaskStore
 from tests.client import PAYLOAD, Api
 from tests.fixtures.stack import Stack
+from tests.task_fields import pending_task
 
 _addresses = (f"198.51.100.{n % 250}" if n < 250 else f"203.0.113.{n % 250}" for n in itertools.count(1))
 MUTATIONS = (
@@ -210,19 +211,8 @@ async def test_the_quota_holds_when_many_requests_race(redis_url):
 
     async def ask(n: int) -> str:
         tid = f"race{uuid.uuid4().hex[:20]}"
-        fields = {
-            "id": tid,
-            "kind": "export",
-            "owner": owner,
-            "dataset": "samples",
-            "format": "CSV",
-            "request": "{}",
-            "status": "PENDING",
-            "created_at": stamp(),
-            "attempts": 0,
-        }
         try:
-            await stores[n % 2].request(tid, fields, reuse_seconds=600, max_active=5)
+            await stores[n % 2].request(tid, pending_task(tid, owner), reuse_seconds=600, max_active=5)
         except QuotaExceeded:
             return "refused"
         return tid

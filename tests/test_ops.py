@@ -29,6 +29,7 @@ from tasks.ids import task_id
 from tasks.models import TaskKind, TaskStatus, stamp
 from tasks.services import Services
 from tasks.store import TaskStore, stats_tasks_key
+from tests.task_fields import pending_task
 
 # -- /metrics -------------------------------------------------------------------------------------
 
@@ -167,21 +168,7 @@ async def store(redis_url) -> AsyncIterator[TaskStore]:
 async def _new(store: TaskStore, kind: str = "export") -> str:
     owner = f"ops-{uuid.uuid4().hex[:8]}"
     tid = task_id(owner, kind, "samples", {"n": uuid.uuid4().hex})
-    await store.request(
-        tid,
-        {
-            "id": tid,
-            "kind": kind,
-            "owner": owner,
-            "dataset": "samples",
-            "format": "CSV",
-            "request": "{}",
-            "status": "PENDING",
-            "created_at": stamp(),
-            "attempts": 0,
-        },
-        reuse_seconds=600,
-    )
+    await store.request(tid, pending_task(tid, owner, kind), reuse_seconds=600)
     return tid
 
 
@@ -216,21 +203,7 @@ async def test_every_status_change_moves_the_task_between_the_counts(store):
     key = (TaskKind.EXPORT, TaskStatus.SUCCEEDED)
     assert after.durations[key].count >= before.durations[key].count + 1
 
-    rerun = await store.request(
-        tid,
-        {
-            "id": tid,
-            "kind": "export",
-            "owner": "x",
-            "dataset": "samples",
-            "format": "CSV",
-            "request": "{}",
-            "status": "PENDING",
-            "created_at": stamp(),
-            "attempts": 0,
-        },
-        reuse_seconds=-1,
-    )
+    rerun = await store.request(tid, pending_task(tid, "x"), reuse_seconds=-1)
     assert rerun.outcome == "rerun" and await _statuses_of(store, tid) == ["PENDING"]
     await store.transition(tid, TaskStatus.CANCELLED, "stop", fields={"finished_at": stamp()})
     assert await _statuses_of(store, tid) == ["CANCELLED"]
