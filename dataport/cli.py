@@ -24,7 +24,7 @@ plain_help_types()  # `--help` says TEXT, PATH, USER: no `<bool>`, `<str>` or `{
 app = typer.Typer(
     help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
 
 # The options by which export and import reach the api, as _client() reads them.
 ApiUrl = Annotated[

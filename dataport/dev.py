@@ -31,7 +31,7 @@ from dataport.net import wait_for_port
 from dataport.processes import die_with_parent, stop
 from dataport.settings import Settings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
 
 
 def port_in_use(host: str, port: int) -> bool:

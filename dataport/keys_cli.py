@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 keys_app = typer.Typer(help="Encryption keys of the stored files (docs/encryption.md).", no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
 
 
 @keys_app.command("rotate")

@@ -156,8 +156,11 @@ def test_import_command_uploads_follows_and_saves_the_report(dev, tmp_path):
     with fixes.open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     result = _dataport("import", "samples", str(fixes), "--mode", "upsert", *server, env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # a partial import is not a success...
     assert "2 rows written, 1 failed" in result.stderr  # messages go to stderr, as for export
+    assert "--allow-row-errors" in result.stderr
+    accepted = _dataport("import", "samples", str(fixes), "--mode", "upsert", "--allow-row-errors", *server, env=env)
+    assert accepted.returncode == 0, accepted.stderr  # ...unless the caller accepts refused rows
     report = list(csv.reader(io.StringIO((tmp_path / "fixes-errors.csv").read_text(), newline="")))
     assert report[0] == ["row", "column", "reason", "original"] and report[1][:2] == ["2", "sample_id"]
     after = tmp_path / "after.csv"

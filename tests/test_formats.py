@@ -379,6 +379,8 @@ def same_xlsx_cell(got, want) -> bool:
     """Excel numbers are doubles written with 16 significant digits: equal to about 1e-15."""
     if want == "":
         return got is None  # xlsxwriter writes "" as an empty cell
+    if isinstance(want, int) and not isinstance(want, bool) and abs(want) > 2**53:
+        return got == str(want)  # a text cell, so that Excel cannot round it (formats/xlsx_cells.py)
     if isinstance(want, int | float) and not isinstance(want, bool):
         return type(got) in (int, float) and math.isclose(got, want, rel_tol=1e-15)
     return type(got) is type(want) and got == want
