@@ -9,6 +9,7 @@ GraphiQL's files are vendored (``web/vendor``): its test blocks every request th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -159,8 +160,16 @@ def page(browser, server, request) -> Iterator[Page]:
         base_url=server.url, viewport={"width": 1280, "height": 1000}, locale="en-US", accept_downloads=True
     )
     context.set_default_timeout(60_000)
+    with watched_page(context, re.sub(r"^test_", "", request.node.name)) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def watched_page(context, shot_prefix: str) -> Iterator[Page]:
+    """A page of ``context`` for a fixture to yield: on leaving, its last screenshot is taken,
+    ``context`` closed, and an uncaught error in the page fails the test."""
     page = context.new_page()
-    page.shot_prefix = re.sub(r"^test_", "", request.node.name)
+    page.shot_prefix = shot_prefix
     page_errors: list[str] = []
     page.on("pageerror", lambda error: page_errors.append(str(error)))
     try:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests import test_web as web
-from tests.test_web import IMPORT_HEADER, Server, shot, sign_in
+from tests.test_web import IMPORT_HEADER, Server, shot, sign_in, watched_page
 
 try:
     from playwright.sync_api import Page, expect
@@ -43,18 +43,11 @@ def view(request, browser, server) -> Iterator[Page]:
         accept_downloads=True,
     )
     context.set_default_timeout(30_000)
-    page = context.new_page()
-    page.width = VIEWPORTS[name]["width"]
-    page.user = f"{request.node.originalname.removeprefix('test_')[:40]}-{name}"
-    page.shot_prefix = f"web_history-{request.node.originalname.removeprefix('test_')}-{name}"
-    page_errors: list[str] = []
-    page.on("pageerror", lambda error: page_errors.append(str(error)))
-    try:
+    test = request.node.originalname.removeprefix("test_")
+    with watched_page(context, f"web_history-{test}-{name}") as page:
+        page.width = VIEWPORTS[name]["width"]
+        page.user = f"{test[:40]}-{name}"
         yield page
-    finally:
-        shot(page, "last")
-        context.close()
-    assert page_errors == [], f"uncaught errors in the page: {page_errors}"
 
 
 def fits(page: Page, what: str) -> None:
