@@ -12,15 +12,15 @@ from typing import IO, Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
 
 from audit import chain
 from audit.base import AuditStore, Filters, store_from_settings
 from audit.records import AuditRecord, dumps, time_text
+from dataport.logs import message_console
 from dataport.settings import get_settings
 
 audit_app = typer.Typer(help="The audit log: check its hash chain, write its records out.", no_args_is_help=True)
-console = Console(stderr=True)
+console = message_console()
 
 CSV_COLUMNS = (
     "seq",

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import httpx
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dataport.cli_help import plain_help_types
 from dataport.client import Compression, FileFormat, ImportMode
+from dataport.logs import message_console
 from dataport.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ plain_help_types()  # `--help` says TEXT, PATH, USER: no `<bool>`, `<str>` or `{
 app = typer.Typer(
     help="Dataport: exports and imports as a GraphQL service.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
+console = message_console()
 
 # The options by which export and import reach the api, as _client() reads them.
 ApiUrl = Annotated[

@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from api.auth import issue_token
 from dataport.dev_record import new_record, remove_record, write_record
 from dataport.embedded_redis import EmbeddedRedis
+from dataport.logs import message_console
 from dataport.net import wait_for_port
 from dataport.processes import die_with_parent, stop
 from dataport.settings import Settings
 
-console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
+console = message_console()
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import typer
-from rich.console import Console
+
+from dataport.logs import message_console
 
 keys_app = typer.Typer(help="Encryption keys of the stored files (docs/encryption.md).", no_args_is_help=True)
-console = Console(stderr=True, soft_wrap=True)  # a path or URL in a message stays whole for copying
+console = message_console()
 
 
 @keys_app.command("rotate")

@@ -19,7 +19,10 @@ import json
 import logging
 import re
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LogFormat = Literal["json", "text"]
 
@@ -134,3 +137,11 @@ def configure_logging(log_format: LogFormat = "json", level: str | int = "INFO")
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def message_console() -> Console:
+    """The console every command writes its messages to: stderr, never hard-wrapped, since a path
+    or URL broken over two lines (rich wraps at 80 columns without a terminal) cannot be copied."""
+    from rich.console import Console  # here: the api and workers log without ever loading rich
+
+    return Console(stderr=True, soft_wrap=True)
