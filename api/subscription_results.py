@@ -31,9 +31,11 @@ is looked up first. Queries and mutations never build per-event executors and ar
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -149,12 +151,25 @@ class SharedResults:
 
     # -- keys -------------------------------------------------------------------------------------
 
-    def key(self, executor: Executor, payload: object) -> Key | None:
-        """The snapshot key of ``payload`` under this subscription, or None: not a task snapshot, or
-        a document whose text is unknown (parsed without locations), or variables that are not JSON."""
+    @staticmethod
+    def key(prefix: Key, payload: object) -> Key | None:
+        """The snapshot key of ``payload`` under a subscription whose keys start with ``prefix``, or
+        None: not a task snapshot."""
         task = getattr(payload, "task", None)
+        if not isinstance(task, Task):
+            return None
+        return (prefix, type(payload).__name__, task.id, task.version, task.run, task.created_at)
+
+    def prefix(self, executor: Executor) -> Key | None:
+        """What a subscription's snapshot keys share: its document, operation, variables and, for a
+        selection with a caller's field, the caller; the same for every event, so worked out once per
+        subscription (``SharedEventExecutor.shared_prefix``). None: a document whose text is unknown
+        (parsed without locations), variables that are not JSON, or a caller that cannot be told."""
+        return self._prefix(executor)
+
+    def _prefix(self, executor: Executor) -> Key | None:
         location = executor.operation.loc
-        if not isinstance(task, Task) or location is None:
+        if location is None:
             return None
         text = location.source.body
         shape = self._shapes.get((text, location.start))
@@ -172,8 +187,7 @@ class SharedResults:
             caller = caller_key(executor.context_value)
             if caller is None:
                 return None
-        kind = type(payload).__name__
-        return (text, location.start, variables, kind, task.id, task.version, task.run, task.created_at, caller)
+        return (text, location.start, variables, caller)
 
     def _shape(self, executor: Executor) -> tuple[str | None, bool]:
         """The operation's name and whether it selects a caller's field."""
@@ -250,7 +264,11 @@ class SharedResults:
         error masking makes new error objects for each subscriber)."""
         if len(payload) != 1:
             return None
-        data = payload.get("data")
+        return self.encoded(payload.get("data"))
+
+    def encoded(self, data: object) -> str | None:
+        """``{"data": data}`` as JSON, encoded once per shared result; None when ``data`` is not a
+        shared result's."""
         entry = self._by_data.get(id(data))
         if entry is None or entry.result is None or entry.result.data is not data:
             return None
@@ -319,12 +337,36 @@ class _SharedEvent:
         return SHARED.result(self.key, execute)
 
 
+# Set in a WebSocket operation's task (``api/subscription_push.py``) and told the subscription's
+# executor at each event it executes, for the snapshots pushed past the generator chain afterwards.
+EXECUTOR_LISTENER: ContextVar[Callable[[SharedEventExecutor], None] | None] = ContextVar(
+    "dataport_executor_listener", default=None
+)
+
+
 class SharedEventExecutor(StrawberryGraphQLCoreExecutionContext):
     """Strawberry's executor, with subscription events of task snapshots executed once per process
     (``SharedResults``); the schema's ``execution_context_class``."""
 
+    @functools.cached_property
+    def shared_prefix(self) -> Key | None:
+        return SHARED.prefix(self)
+
     def build_per_event_executor(self, payload: Any) -> Any:
-        key = SHARED.key(self, payload)
+        told = EXECUTOR_LISTENER.get()
+        if told is not None:
+            told(self)
+        prefix = self.shared_prefix
+        key = None if prefix is None else SHARED.key(prefix, payload)
         if key is None:
             return super().build_per_event_executor(payload)
         return _SharedEvent(self, payload, key)
+
+    def shared_result(self, payload: object) -> ExecutionResult | Awaitable[ExecutionResult] | None:
+        """``payload``'s result from the process's shared results (executed now if nobody has asked
+        for it yet), or None when this subscription's results are not shared."""
+        prefix = self.shared_prefix
+        key = None if prefix is None else SHARED.key(prefix, payload)
+        if key is None:
+            return None
+        return _SharedEvent(self, payload, key).execute_operation(False)

@@ -33,6 +33,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import Bas
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types.unset import UnsetType
 
+from api.subscription_push import start_push
 from api.subscription_results import frame
 
 UNAUTHORIZED = 4401
@@ -151,6 +152,12 @@ class _TokenBound:
 
 
 class TransportWSHandler(_TokenBound, BaseGraphQLTransportWSHandler):
+    async def run_operation(self, operation: Any) -> None:
+        """Strawberry's, with the operation's direct push (``api/subscription_push.py``) started in
+        its task first."""
+        start_push(operation.id, "next", self.websocket.send_text)
+        await super().run_operation(operation)
+
     async def handle_message(self, message: Any) -> None:
         problem = message_problem(message, ("subscribe",), ("complete",))
         if problem:
@@ -201,6 +208,14 @@ class LegacyWSHandler(_TokenBound, BaseGraphQLWSHandler):
             deadline.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await deadline
+
+    async def handle_async_results(
+        self, operation_id: str, query: str, operation_name: str | None, variables: dict[str, object] | None
+    ) -> None:
+        """Strawberry's, with the operation's direct push (``api/subscription_push.py``) started in
+        its task first."""
+        start_push(operation_id, "data", self.websocket.send_text)
+        await super().handle_async_results(operation_id, query, operation_name, variables)
 
     async def _close_unless_acknowledged(self) -> None:
         await asyncio.sleep(CONNECTION_INIT_SECONDS)

@@ -11,14 +11,19 @@ each sweep), which ends a waiting watcher as surely as a periodic check would, a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tasks.fanout import TaskFanout
 from tasks.models import Task
 
+# Writes a progress snapshot to the subscriber itself and says whether it did
+# (``api/subscription_push.py``): what it wrote is not yielded.
+Push = Callable[[Task], Awaitable[bool]]
 
-async def watch(fanout: TaskFanout, task_id: str) -> AsyncIterator[Task]:
-    """The task's snapshot, then each newer one, until a final status (or the task is deleted)."""
+
+async def watch(fanout: TaskFanout, task_id: str, push: Push | None = None) -> AsyncIterator[Task]:
+    """The task's snapshot, then each newer one, until a final status (or the task is deleted).
+    With ``push``, each snapshot after the first is offered to it and yielded only if it declines."""
     with fanout.task_inbox(task_id) as inbox:
         task = (await fanout.read([task_id])).get(task_id)
         if task is None:
@@ -36,12 +41,13 @@ async def watch(fanout: TaskFanout, task_id: str) -> AsyncIterator[Task]:
             if latest.version <= seen:
                 continue
             task, seen = latest, latest.version
-            yield task
+            if push is None or not await push(task):
+                yield task
 
 
-async def watch_owner(fanout: TaskFanout, owner: str) -> AsyncIterator[Task]:
+async def watch_owner(fanout: TaskFanout, owner: str, push: Push | None = None) -> AsyncIterator[Task]:
     """The owner's active tasks as they are now, then every change of any of their tasks; endless
-    (the subscriber ends it)."""
+    (the subscriber ends it). ``push``: as for ``watch``, per task."""
     seen: dict[str, int] = {}
     with fanout.owner_inbox(owner) as inbox:
         for task in await fanout.active(owner):
@@ -53,4 +59,5 @@ async def watch_owner(fanout: TaskFanout, owner: str) -> AsyncIterator[Task]:
                 if change is None or change.version <= seen.get(task_id, -1):
                     continue  # deleted (GONE), or seen already
                 seen[task_id] = change.version
-                yield change
+                if push is None or not await push(change):
+                    yield change

@@ -179,6 +179,7 @@ async def test_many_subscribers_with_one_query_cost_one_execution_per_snapshot(s
     token = _token(shared_stack, user)
     executions = _metric(shared_stack, "dataport_subscription_executions")
     results = _metric(shared_stack, "dataport_subscription_results")
+    direct = _metric(shared_stack, "dataport_subscription_direct_pushes")
     gate = asyncio.Semaphore(20)
 
     async def one() -> Subscriber:
@@ -214,6 +215,10 @@ async def test_many_subscribers_with_one_query_cost_one_execution_per_snapshot(s
         assert executed == len(by_snapshot), (executed, sorted(by_snapshot))
         assert handed == sum(len(p) for p in delivered)
         assert handed >= (SUBSCRIBERS + 1) * 3
+        # Every snapshot after each subscription's first went straight to its socket, on both
+        # protocols (api/subscription_push.py); the first ones went through Strawberry.
+        pushed = _metric(shared_stack, "dataport_subscription_direct_pushes") - direct
+        assert pushed == handed - (SUBSCRIBERS + 1), (pushed, handed)
     finally:
         legacy_reader.cancel()
         await asyncio.gather(*(s.close() for s in subs), return_exceptions=True)

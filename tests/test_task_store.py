@@ -157,6 +157,49 @@ async def test_snapshots_are_published_and_watch_ends_on_a_final_status(store, r
     assert rows_seen == sorted(rows_seen) and 300 in rows_seen
 
 
+async def test_watch_offers_every_snapshot_after_the_first_to_its_push_and_yields_what_it_declines(store, redis_url):
+    """The direct push's contract (api/subscription_push.py): the first snapshot is always yielded;
+    each later one goes to the push, and only what it declines is yielded, in version order, so the
+    two together are exactly the snapshots a watcher without a push sees."""
+    tid = (await _new(store)).task.id
+    fanout = TaskFanout.connect(store.redis, redis_url)
+    fanout.interval = 0.0  # every snapshot goes out: nothing coalesced away
+    await fanout.start()
+    pushed: list[int] = []
+    yielded: list[int] = []
+
+    async def push(task) -> bool:
+        if task.progress.processed_rows % 200:  # declines 200, 400, …
+            pushed.append(task.version)
+            return True
+        return False
+
+    async def follow():
+        async for task in watch(fanout, tid, push):
+            yielded.append(task.version)
+
+    follower = asyncio.create_task(follow())
+    try:
+        while not yielded:
+            await asyncio.sleep(0.01)
+        await store.transition(tid, TaskStatus.PROCESSING, "go", fields={"attempts": 1})
+        for rows in range(100, 1100, 100):
+            await store.progress(tid, 1, {"processed_rows": rows})
+            await asyncio.sleep(0.03)
+        await store.transition(tid, TaskStatus.SUCCEEDED, "done", fields={"processed_rows": 1100})
+        await asyncio.wait_for(follower, 5)
+    finally:
+        follower.cancel()
+        await fanout.stop()
+    final = (await store.get(tid)).version
+    every = sorted(pushed + yielded)
+    assert len(set(every)) == len(every)  # nothing twice
+    assert pushed == sorted(pushed) and yielded == sorted(yielded)
+    assert yielded[0] == every[0]  # the first snapshot is yielded, never pushed
+    assert pushed[-1] == final  # the final one goes to the push too
+    assert len(pushed) >= 5 and len(yielded) >= 3  # the odd hundreds pushed; PROCESSING, 200, 400, … yielded
+
+
 async def test_history_pages_newest_first_with_status_filter(store):
     owner = f"o-{uuid.uuid4().hex[:8]}"
     ids = []
