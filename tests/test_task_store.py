@@ -167,6 +167,7 @@ async def test_watch_offers_every_snapshot_after_the_first_to_its_push_and_yield
     await fanout.start()
     pushed: list[int] = []
     yielded: list[int] = []
+    first = asyncio.Event()
 
     async def push(task) -> bool:
         if task.progress.processed_rows % 200:  # declines 200, 400, …
@@ -177,11 +178,11 @@ async def test_watch_offers_every_snapshot_after_the_first_to_its_push_and_yield
     async def follow():
         async for task in watch(fanout, tid, push):
             yielded.append(task.version)
+            first.set()
 
     follower = asyncio.create_task(follow())
     try:
-        while not yielded:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(first.wait(), 5)
         await store.transition(tid, TaskStatus.PROCESSING, "go", fields={"attempts": 1})
         for rows in range(100, 1100, 100):
             await store.progress(tid, 1, {"processed_rows": rows})
