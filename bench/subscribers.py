@@ -72,6 +72,7 @@ from tasks.store import channel  # noqa: E402
 from tests.fanout_client import PROGRESS, Subscriber, percentile, redis_connections, subscriber  # noqa: E402
 
 KiB = 1024
+Snapshot = tuple[str, int, int | None]  # status, processed rows, total rows
 
 
 class RedisClock(asyncio.Protocol):
@@ -104,12 +105,16 @@ class RedisClock(asyncio.Protocol):
         self._buffer = data[pos:]
 
     @property
-    def seen(self) -> dict[tuple[str, int], float]:
-        """When each snapshot, by status and processed rows, was first published."""
-        seen: dict[tuple[str, int], float] = {}
+    def seen(self) -> dict[Snapshot, float]:
+        """When each snapshot, by status, processed rows and total rows, was first published. The
+        total tells apart the two PROCESSING snapshots with 0 rows (before and after the source
+        counted its rows, a progress interval apart): keyed on rows alone, the second one's delay
+        was measured from the first one's publication."""
+        seen: dict[Snapshot, float] = {}
         for at, payload in self.messages:
             fields = json.loads(payload)
-            seen.setdefault((fields["status"], int(fields.get("processed_rows") or 0)), at)
+            rows, total = int(fields.get("processed_rows") or 0), fields.get("total_rows")
+            seen.setdefault((fields["status"], rows, int(total) if total else None), at)
         return seen
 
 
@@ -317,11 +322,12 @@ async def one_size(count: int, rows: int, redis_url: str, scratch: Path, generat
             finals += bool(snapshots) and snapshots[-1][1]["status"] == "SUCCEEDED"
             order = []
             for at, snap in snapshots[1:]:  # the first is read, not published
-                key = (snap["status"], snap["progress"]["processedRows"])
+                progress = snap["progress"]
+                key = (snap["status"], progress["processedRows"], progress["totalRows"])
                 if key in published:
                     delays.append(at - seen[key])
                     order.append(published[key])
-            # non-decreasing: two versions can share a key (PROCESSING with 0 rows, before and after the total)
+            # non-decreasing: two versions can share a key (a write that changed no number shown)
             out_of_order += any(a > b for a, b in zip(order, order[1:], strict=False))
         if out_of_order or problems:
             console.print(f"[red]{out_of_order} subscribers out of order; problems: {problems[:3]}[/red]")
