@@ -57,7 +57,9 @@ class RequestSizeLimit:
         try:
             verified: object = await self.authenticator.authenticate(header.decode("latin-1") if header else None)
         except AuthError as e:
-            verified = e
+            # Without its traceback: this frame, which holds the scope, would keep itself alive
+            # (scope → state → the error → its traceback → this frame) until a cyclic collection.
+            verified = e.with_traceback(None)
         scope.setdefault("state", {})[VERIFIED] = verified
         if isinstance(verified, AuthError):
             return self.settings.max_anonymous_request_bytes, True

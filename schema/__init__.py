@@ -7,9 +7,9 @@ from graphql import GraphQLError
 from strawberry.types import ExecutionContext
 
 from api.graphql_cache import CachedDocuments
-from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, log_errors
+from api.graphql_errors import MaskUnexpectedErrors, code_client_errors, forget_tracebacks, log_errors
+from api.graphql_executor import Executor
 from api.graphql_limits import GraphQLLimits
-from api.subscription_results import SharedEventExecutor
 from resolvers import audit, mutations, queries, subscriptions
 from resolvers.auth import IsAuthenticated
 from schema.types import (
@@ -65,9 +65,11 @@ class Subscription:
 
 class Schema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
-        """A traceback for our own failures only, never for a refused request (api/graphql_errors.py)."""
+        """A traceback for our own failures only, never for a refused request (api/graphql_errors.py);
+        then none kept (``forget_tracebacks``)."""
         code_client_errors(errors)
         log_errors(errors)
+        forget_tracebacks(errors)
 
 
 schema = Schema(
@@ -81,6 +83,7 @@ schema = Schema(
         CachedDocuments,  # after the limits: their parser options are part of its key
         MaskUnexpectedErrors,
     ],
-    # A subscription's selection runs once per task snapshot per process, not once per subscriber.
-    execution_context_class=SharedEventExecutor,
+    # A subscription's selection runs once per task snapshot per process, not once per subscriber;
+    # and no execution is left for the cyclic collector (api/graphql_executor.py).
+    execution_context_class=Executor,
 )
