@@ -25,14 +25,16 @@ from sources.registry import Registry
 
 
 # uvicorn's options for the api, whatever the number of processes. log_config=None: uvicorn's own
-# and access lines go through the handler dataport/logs.py set up. ws_max_size: a WebSocket frame
-# over the request limit is refused by the protocol (1009) before it is read whole.
+# and access lines go through the handler dataport/logs.py set up. log_level=None: uvicorn leaves its
+# loggers' levels alone, so they follow DATAPORT_LOG_LEVEL like every other logger (uvicorn's "info"
+# set them to INFO, and at WARNING the api still wrote an access line per request). ws_max_size: a
+# WebSocket frame over the request limit is refused by the protocol (1009) before it is read whole.
 # ws_per_message_deflate off: progress messages are a few hundred bytes, and compressing each one for
 # each subscriber was a third of the api's CPU per push and ~40 KiB of zlib state per socket
 # (bench/results/2026-12-06-subscribers.md).
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
-        "log_level": "info",
+        "log_level": None,
         "log_config": None,
         "ws": "websockets-sansio",
         "ws_max_size": settings.max_request_bytes,

@@ -8,6 +8,7 @@ Run: ``python -m pytest tests/test_api_scale.py -q`` (needs the test servers of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -126,6 +127,24 @@ def test_a_poll_is_counted_once_with_the_read_and_only_when_asked_for(two_proces
         hints = [_gql(client, token, POLL, {"id": task_id})["exportTask"]["pollAfterSeconds"] for _ in range(3)]
     base = Settings().poll_base_seconds
     assert hints == pytest.approx([base, base + 0.693, base + 2 * 0.693], abs=0.01)
+
+
+def test_at_warning_level_the_api_writes_no_access_line(tmp_path_factory, redis_url, test_data):
+    """DATAPORT_LOG_LEVEL is the level of uvicorn's loggers too: at WARNING, no line per request."""
+    extra = {"DATAPORT_STORAGE": "local", "DATAPORT_LOG_LEVEL": "WARNING"}
+    stacks = _stack("quiet", tmp_path_factory, redis_url, test_data, extra, workers=0)
+    stack = next(stacks)
+    try:
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            for _ in range(3):
+                assert client.get("/healthz").status_code == 200
+            _export(client, stack.token(f"user-{uuid.uuid4().hex[:8]}"))
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(stacks)  # stops the api: its log is complete
+    lines = [json.loads(line) for line in (stack.data_dir / "api.log").read_text().splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert all(line["level"] in ("WARNING", "ERROR", "CRITICAL") for line in lines)
 
 
 # --- no reference cycles on the request path ----------------------------------------------------
