@@ -7,7 +7,7 @@ from graphql import GraphQLError
 
 from api.context import Info
 from audit.records import ACCESS_DENIED
-from resolvers.selection import selects
+from resolvers.selection import selected
 from schema.enums import TaskStatus
 from schema.types import Dataset, Edge, ExportTask, ExportTaskConnection, ImportTask, ImportTaskConnection, PageInfo
 from tasks import exports, imports
@@ -34,9 +34,12 @@ async def listed_owner(info: Info, owner: str | None) -> str:
 
 
 async def export_task(info: Info, id: strawberry.ID) -> ExportTask | None:
-    # One round trip for a polling client: the read counts the poll pollAfterSeconds would count.
-    counting = selects(info, "pollAfterSeconds")
-    task = await exports.get_export(info.context.services, info.context.identity, id, count_poll=counting)
+    # One round trip for a polling client: the read counts the poll pollAfterSeconds would count and
+    # finds the queue position queuePosition would (tasks/reads.py).
+    counting, position = selected(info, "pollAfterSeconds", "queuePosition")
+    task = await exports.get_export(
+        info.context.services, info.context.identity, id, count_poll=counting, with_position=position
+    )
     return ExportTask(task=task) if task else None
 
 

@@ -35,7 +35,7 @@ from tasks.access import (
 from tasks.file_names import checked_label, file_name
 from tasks.ids import task_id
 from tasks.models import FINAL_STATUSES, Task, TaskKind, TaskStatus, now, stamp
-from tasks.reads import read_counting_poll
+from tasks.reads import read_task
 from tasks.services import Services
 from tasks.store import Page, QuotaExceeded, RequestOutcome
 
@@ -242,12 +242,22 @@ async def _count_within_limit(
     return matching
 
 
-async def get_export(services: Services, identity: Identity, identifier: str, count_poll: bool = False) -> Task | None:
+async def get_export(
+    services: Services,
+    identity: Identity,
+    identifier: str,
+    count_poll: bool = False,
+    with_position: bool = False,
+) -> Task | None:
     """The caller's export (any user's, for an admin); None for a missing one and another's alike.
-    ``count_poll``: the client asks for ``pollAfterSeconds``, so count its poll in the same round trip."""
-    if count_poll:
+    ``count_poll``: the client asks for ``pollAfterSeconds``, so count its poll in the same round
+    trip; ``with_position``: it asks for ``queuePosition``, so read that in it too (tasks/reads.py)."""
+    if count_poll or with_position:
         owner = None if identity.admin else identity.owner.id
-        task = await read_counting_poll(services.redis, identifier, TaskKind.EXPORT, owner)
+        queue_name = services.settings.queue_name if with_position else None
+        task = await read_task(
+            services.redis, identifier, TaskKind.EXPORT, owner, count_poll=count_poll, queue_name=queue_name
+        )
     else:
         task = await services.store.get(identifier)
     return await seen_task(services, identity, task, TaskKind.EXPORT)
@@ -415,6 +425,8 @@ async def poll_after_seconds(services: Services, task: Task) -> float | None:
 async def queue_position(services: Services, task: Task) -> int | None:
     if task.status is not TaskStatus.PENDING:
         return None
+    if task.position_read:  # read with the task, in its round trip (tasks/reads.py)
+        return task.queue_position
     return await queue.position(services.arq, services.settings.queue_name, queue.job_id_for(task))
 
 

@@ -102,6 +102,9 @@ class Task:
     polls: int = 0
     # This read counted the poll already (tasks/reads.py): pollAfterSeconds must not count it again.
     poll_counted: bool = False
+    # This read found the task's place in the queue too (tasks/reads.py): None when not waiting.
+    position_read: bool = False
+    queue_position: int | None = None
     notify: bool = False  # the request asked for an email when the task ends
     # Imports only.
     rows_imported: int = 0
@@ -115,7 +118,9 @@ class Task:
     retrying_since: str | None = None
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Task:
+    def from_hash(cls, h: dict[str, str], **read: Any) -> Task:
+        """The task a hash holds; ``read``: what the read learnt beside it (``poll_counted``,
+        ``position_read``, ``queue_position``: tasks/reads.py)."""
         return cls(
             id=h["id"],
             kind=TaskKind(h["kind"]),
@@ -156,6 +161,7 @@ class Task:
             preview=h.get("preview") or None,
             upload_expires_at=parse_time(h.get("upload_expires_at")),
             retrying_since=h.get("retrying_since") or None,
+            **read,
         )
 
 

@@ -11,7 +11,7 @@
 --   {queue}:fair              hash: vtime (the largest tag a worker has started), seq (arrivals)
 --   {queue}:fair:last:{owner} the tag after the owner's last job (its next job goes no earlier)
 --
--- The first ARGV names the entry point.
+-- The first ARGV names the entry point. tasks/queue.py puts tasks/queue_position.lua before this file.
 
 local entry = ARGV[1]
 
@@ -52,36 +52,10 @@ end
 
 -- KEYS: queue
 -- ARGV: 'position', job id, now (ms), CEILING, in-progress key prefix, counted job id prefixes
---       (space separated: exports and imports, not notifications or cron jobs, which take moments)
--- 1 for the next job to start; nil when the job is not waiting (gone, or running). The jobs ahead
--- are the waiting ones a worker takes first: those of a lower score, and for a tagged job also
--- every due job of arq's own scores (workers take those first); for a due job of arq's own scores,
--- only those of its kind ahead of it.
+-- queue_position (tasks/queue_position.lua, put before this file): 1 for the next job to start; nil
+-- when the job is not waiting.
 if entry == 'position' then
-  local id, now, ceiling, prefix = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  local score = tonumber(redis.call('ZSCORE', KEYS[1], id) or '')
-  if not score or redis.call('EXISTS', prefix .. id) == 1 then return nil end
-  local ahead
-  if score < ceiling then
-    local rank = redis.call('ZRANK', KEYS[1], id)
-    ahead = rank > 0 and redis.call('ZRANGE', KEYS[1], 0, rank - 1) or {}
-    for _, due in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3])) do ahead[#ahead + 1] = due end
-  elseif score <= now then
-    ahead = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], '(' .. string.format('%d', score))
-  else
-    ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', score))
-  end
-  local counted = {}
-  for p in string.gmatch(ARGV[6], '%S+') do counted[#counted + 1] = p end
-  local waiting = 1
-  for _, other in ipairs(ahead) do
-    local kind_counts = false
-    for _, p in ipairs(counted) do
-      if string.sub(other, 1, #p) == p then kind_counts = true end
-    end
-    if kind_counts and redis.call('EXISTS', prefix .. other) == 0 then waiting = waiting + 1 end
-  end
-  return waiting
+  return queue_position(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 end
 
 return redis.error_reply('unknown entry point ' .. tostring(entry))

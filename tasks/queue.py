@@ -37,12 +37,17 @@ from arq.utils import timestamp_ms
 
 from tasks.models import Task, TaskKind
 
-_SCRIPT = files("tasks").joinpath("queue.lua").read_text()
+# queue_position.lua defines the function that queue.lua's 'position' and the polled read of a task
+# (tasks/reads.py) both call.
+POSITION_LUA = files("tasks").joinpath("queue_position.lua").read_text()
+_SCRIPT = POSITION_LUA + files("tasks").joinpath("queue.lua").read_text()
 _scripts: weakref.WeakKeyDictionary[ArqRedis, Any] = weakref.WeakKeyDictionary()
 # Arrivals told apart within one tag; tags below 2**30 keep every tagged score below CEILING.
 TIE = 1024
 # Scores from here up are arq's own (real time, in ms); below are fair tags (queue.lua).
 CEILING = 2**40
+# The job id prefixes a queue position counts: exports and imports, not notifications or cron jobs.
+COUNTED = " ".join(f"{kind.value}:" for kind in TaskKind)
 # How long an owner's last tag is remembered: longer than a job can wait in the queue (a day).
 LAST_TAG_TTL_MS = 2 * expires_extra_ms
 
@@ -102,18 +107,14 @@ async def position(arq: ArqRedis, queue_name: str, job_id: str) -> int | None:
     in-progress key are running, not waiting, and do not count; due jobs of arq's own scores count
     as ahead of every tagged job, since workers take them first. Only exports and imports count:
     a notification or the cron job ahead takes a moment, not a turn."""
-    rank = await _script(arq)(
-        keys=[queue_name],
-        args=[
-            "position",
-            job_id,
-            timestamp_ms(),
-            CEILING,
-            in_progress_key_prefix,
-            " ".join(f"{kind.value}:" for kind in TaskKind),
-        ],
-    )
+    rank = await _script(arq)(keys=[queue_name], args=["position", job_id, *position_args()])
     return None if rank is None else int(rank)
+
+
+def position_args() -> list[object]:
+    """queue_position.lua's arguments after the job id: now, CEILING, arq's in-progress key prefix
+    and the job id prefixes that count (exports and imports)."""
+    return [timestamp_ms(), CEILING, in_progress_key_prefix, COUNTED]
 
 
 async def depth(arq: ArqRedis, queue_name: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import redis.asyncio
 
 from api import token_cache
 from api.admission import Admission
@@ -29,6 +30,7 @@ from api.graphql_limits import DEFAULT_LIMITS, QueryLimits
 from dataport.settings import Settings
 from schema import schema
 from sources.registry import load_registry
+from tasks import queue
 from tasks.services import Services
 from tests.fixtures.stack import Stack, _stack
 
@@ -36,10 +38,12 @@ READ = "query($id: ID!) { exportTask(id: $id) { id status } }"
 POLL = "query($id: ID!) { exportTask(id: $id) { id pollAfterSeconds } }"
 REQUEST = """mutation($input: ExportInput!) { requestExport(input: $input) {
   task { id } userErrors { code message } } }"""
-# What a polling page asks for (bench/api_load.py's READ).
+# What a polling page asks for (bench/api_load.py's READ): the task, its place in the queue and the
+# poll hint, answered in one round trip to Redis (tasks/reads.py).
 FULL_POLL = """query($id: ID!) { exportTask(id: $id) { id status dataset format run queuePosition
   pollAfterSeconds rowCount fileSize downloadUrl createdAt startedAt finishedAt expiresAt
   progress { processedRows totalRows percent bytes rowsPerSecond etaSeconds } error { code message } } }"""
+POSITION = "query($id: ID!) { exportTask(id: $id) { queuePosition } }"
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,41 @@ def test_a_poll_is_counted_once_with_the_read_and_only_when_asked_for(two_proces
         hints = [_gql(client, token, POLL, {"id": task_id})["exportTask"]["pollAfterSeconds"] for _ in range(3)]
     base = Settings().poll_base_seconds
     assert hints == pytest.approx([base, base + 0.693, base + 2 * 0.693], abs=0.01)
+
+
+async def test_a_polled_read_is_one_round_trip_to_redis_and_answers_as_the_queue_does(two_processes, redis_url):
+    token = two_processes.token(f"user-{uuid.uuid4().hex[:8]}")
+    with httpx.Client(base_url=two_processes.url, timeout=30) as client:
+        task_id = _export(client, token, sample=11)
+        for _ in range(2):  # each process loads the script once (EVALSHA's first NOSCRIPT)
+            _gql(client, token, FULL_POLL, {"id": task_id})
+    commands: list[str] = []
+    async with redis.asyncio.Redis.from_url(redis_url) as monitoring, redis.asyncio.Redis.from_url(redis_url) as r:
+        async with monitoring.monitor() as monitor:
+
+            async def listen() -> None:
+                while True:
+                    command = await monitor.next_command()
+                    if command["client_type"] != "lua":  # not the commands the scripts run inside
+                        commands.append(command["command"])
+                    if "poll-read-done" in command["command"]:
+                        return
+
+            listener = asyncio.create_task(listen())
+            async with httpx.AsyncClient(base_url=two_processes.url, timeout=30) as client:
+                body = {"query": FULL_POLL, "variables": {"id": task_id}}
+                response = await client.post("/graphql", json=body, headers=_auth(token))
+            await r.echo("poll-read-done")
+            await asyncio.wait_for(listener, 10)
+        read = response.json()["data"]["exportTask"]
+        mine = [command for command in commands if task_id in command]
+        assert len(mine) == 1 and mine[0].startswith("EVALSHA"), mine  # was the read's script, then the queue's
+        # The position it answered is the queue's own answer, and a read of the position alone agrees.
+        job = f"export:{task_id}:{read['run']}"
+        assert read["queuePosition"] == await queue.position(r, two_processes.env["DATAPORT_QUEUE_NAME"], job)
+    with httpx.Client(base_url=two_processes.url, timeout=30) as client:
+        assert _gql(client, token, POSITION, {"id": task_id})["exportTask"]["queuePosition"] == read["queuePosition"]
+    assert read["status"] == "PENDING" and read["queuePosition"] >= 1 and read["pollAfterSeconds"] > 0
 
 
 def test_at_warning_level_the_api_writes_no_access_line(tmp_path_factory, redis_url, test_data):
