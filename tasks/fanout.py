@@ -10,9 +10,12 @@ local subscriber that wants it: the watchers of that task (``exportProgress``/``
   blocks and never queues, so a client that stops reading cannot hold up the others or grow a
   backlog; when it reads again it gets the newest state.
 - **Coalescing.** A task's progress goes out at most ``MAX_PUSHES_PER_SECOND`` times a second,
-  whatever the number of subscribers; its first snapshot and every status change go at once (the
-  newest pending progress rides along). Snapshots not newer than the last one (by ``version``) are
-  dropped.
+  whatever the number of subscribers: a token bucket per task, refilled at that rate and holding at
+  most ``BURST`` pushes, so a snapshot that comes a little early (a worker's progress writes are a
+  quarter of a second apart, give or take a batch and the loop's jitter) goes at once instead of
+  waiting out a whole interval; one that finds the bucket empty waits, replaced by any newer one,
+  until a push is due. Its first snapshot and every status change go at once (and spend a push).
+  Snapshots not newer than the last one (by ``version``) are dropped.
 - **Reconnects.** redis-py resubscribes after a reconnect; the hub sees the new ``psubscribe``
   confirmation (or its own new connection after a longer outage) and re-reads the snapshots of
   every task being watched, so a final status published while it was away is not lost.
@@ -50,6 +53,11 @@ log = logging.getLogger("dataport.fanout")
 PATTERN = channel("*")
 _PREFIX = channel("").encode()
 MAX_PUSHES_PER_SECOND = 4.0
+# Pushes a task may have in hand. With one, a snapshot arriving 240 ms after the last push waited
+# another 10 ms, and one arriving 10 ms *before* a push due by the clock waited 240: strict spacing
+# locked progress onto the hub's timer instead of the worker's writes, a quarter of a second of
+# made-up delay (bench/results/2026-12-06-subscribers.md). Two still average out to the rate.
+BURST = 2.0
 QUIET_SECONDS = 5.0
 HEALTH_CHECK_SECONDS = 5
 # Watchers wait through a Redis outage this long, then end with SERVICE_UNAVAILABLE.
@@ -57,18 +65,22 @@ GIVE_UP_SECONDS = 60.0
 
 
 class _TaskState:
-    """What the hub remembers of one task it dispatches: the newest version, when it last went out,
-    and the newest snapshot held back by the rate limit."""
+    """What the hub remembers of one task it dispatches: the newest version and status, its bucket
+    of pushes (``tokens``, as of ``refilled_at``), and the newest snapshot held back for want of one."""
 
-    __slots__ = ("version", "status", "sent_at", "heard_at", "pending", "timer")
+    __slots__ = ("version", "status", "tokens", "refilled_at", "heard_at", "pending", "timer")
 
     def __init__(self) -> None:
         self.version = -1
         self.status = ""
-        self.sent_at = 0.0
-        self.heard_at = time.monotonic()
+        self.tokens = BURST
+        self.refilled_at = self.heard_at = time.monotonic()
         self.pending: Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+
+    def refill(self, rate: float, now: float) -> None:
+        self.tokens = min(BURST, self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
 
 
 class TaskFanout:
@@ -77,7 +89,7 @@ class TaskFanout:
         ``subscriber``: a client of the hub's own whose one connection carries the subscription."""
         self.redis = redis
         self.subscriber = subscriber
-        self.interval = 1.0 / max_pushes_per_second
+        self.rate = max_pushes_per_second
         self._by_task: dict[str, set[Inbox]] = {}
         self._by_owner: dict[str, set[Inbox]] = {}
         self._owner_tasks: dict[str, set[str]] = {}  # unfinished tasks heard of, per watched owner
@@ -89,7 +101,13 @@ class TaskFanout:
         self.resubscribed = 0  # how many times the subscription came back (tests, logs)
 
     @classmethod
-    def connect(cls, redis: Redis, url: str, name: str = "dataport-fanout") -> TaskFanout:
+    def connect(
+        cls,
+        redis: Redis,
+        url: str,
+        name: str = "dataport-fanout",
+        max_pushes_per_second: float = MAX_PUSHES_PER_SECOND,
+    ) -> TaskFanout:
         """A hub reading through ``redis`` and subscribing on one new connection to ``url``, named
         ``name`` in CLIENT LIST. Short blips are retried by redis-py (which resubscribes); PINGs
         every few seconds notice a connection that died silently."""
@@ -101,7 +119,7 @@ class TaskFanout:
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        return cls(redis, subscriber)
+        return cls(redis, subscriber, max_pushes_per_second)
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -279,22 +297,24 @@ class TaskFanout:
         state = self._states.get(task.id)
         if state is None:
             state = self._states[task.id] = _TaskState()
-        state.heard_at = time.monotonic()
+        now = state.heard_at = time.monotonic()
         if task.version <= state.version:
             return
         first, changed = state.version < 0, task.status.value != state.status
         state.version, state.status = task.version, task.status.value
-        wait = state.sent_at + self.interval - time.monotonic()
-        if first or changed or wait <= 0:
+        state.refill(self.rate, now)
+        if first or changed or state.tokens >= 1:
             self._send(task, state)
             return
         state.pending = task
         if state.timer is None:
+            wait = (1 - state.tokens) / self.rate
             state.timer = asyncio.get_running_loop().call_later(wait, self._flush, task.id)
 
     def _flush(self, task_id: str) -> None:
         state = self._states.get(task_id)
         if state is not None and state.pending is not None:
+            state.refill(self.rate, time.monotonic())
             self._send(state.pending, state)
 
     def _send(self, task: Task, state: _TaskState) -> None:
@@ -302,7 +322,7 @@ class TaskFanout:
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
-        state.sent_at = time.monotonic()
+        state.tokens = max(0.0, state.tokens - 1)
         for inbox in self._by_task.get(task.id, ()):
             inbox.offer(task)
         owners = self._by_owner.get(task.owner)

@@ -162,8 +162,7 @@ async def test_watch_offers_every_snapshot_after_the_first_to_its_push_and_yield
     each later one goes to the push, and only what it declines is yielded, in version order, so the
     two together are exactly the snapshots a watcher without a push sees."""
     tid = (await _new(store)).task.id
-    fanout = TaskFanout.connect(store.redis, redis_url)
-    fanout.interval = 0.0  # every snapshot goes out: nothing coalesced away
+    fanout = TaskFanout.connect(store.redis, redis_url, max_pushes_per_second=1e6)  # nothing coalesced away
     await fanout.start()
     pushed: list[int] = []
     yielded: list[int] = []
