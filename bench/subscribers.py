@@ -105,16 +105,16 @@ class RedisClock(asyncio.Protocol):
         self._buffer = data[pos:]
 
     @property
-    def seen(self) -> dict[Snapshot, float]:
-        """When each snapshot, by status, processed rows and total rows, was first published. The
-        total tells apart the two PROCESSING snapshots with 0 rows (before and after the source
-        counted its rows, a progress interval apart): keyed on rows alone, the second one's delay
-        was measured from the first one's publication."""
-        seen: dict[Snapshot, float] = {}
+    def seen(self) -> dict[Snapshot, list[float]]:
+        """When each snapshot, by status, processed rows and total rows, was published: every time,
+        in order. A key can come twice (the worker writes PROCESSING with 0 rows twice as it starts,
+        and a write may change no number shown); a subscriber's n-th delivery of a key is matched
+        with its n-th publication, never a later one, so a delay is never understated."""
+        seen: dict[Snapshot, list[float]] = {}
         for at, payload in self.messages:
             fields = json.loads(payload)
             rows, total = int(fields.get("processed_rows") or 0), fields.get("total_rows")
-            seen.setdefault((fields["status"], rows, int(total) if total else None), at)
+            seen.setdefault((fields["status"], rows, int(total) if total else None), []).append(at)
         return seen
 
 
@@ -321,11 +321,14 @@ async def one_size(count: int, rows: int, redis_url: str, scratch: Path, generat
             pushes.append(len(snapshots))
             finals += bool(snapshots) and snapshots[-1][1]["status"] == "SUCCEEDED"
             order = []
+            delivered: Counter[Snapshot] = Counter()
             for at, snap in snapshots[1:]:  # the first is read, not published
                 progress = snap["progress"]
                 key = (snap["status"], progress["processedRows"], progress["totalRows"])
                 if key in published:
-                    delays.append(at - seen[key])
+                    times = seen[key]
+                    delays.append(at - times[min(delivered[key], len(times) - 1)])
+                    delivered[key] += 1
                     order.append(published[key])
             # non-decreasing: two versions can share a key (a write that changed no number shown)
             out_of_order += any(a > b for a, b in zip(order, order[1:], strict=False))
