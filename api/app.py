@@ -19,7 +19,7 @@ from api.admission import Admission
 from api.auth import Authenticator, claim_value, issue_token
 from api.context import Context
 from api.graphql_errors import RETRY_AFTER_SECONDS, STORE_DOWN, STORE_DOWN_MESSAGE
-from api.graphql_view import GraphQLView
+from api.graphql_view import GraphQLHTTP, GraphQLView
 from api.metrics import ServiceMetrics, exposition
 from api.readiness import Readiness
 from api.request_limits import VERIFIED, RequestSizeLimit
@@ -68,16 +68,17 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         return ctx
 
     # api/graphql_view.py: bodies it cannot read are 400s, WebSockets need a token to be acknowledged.
-    app.include_router(
-        GraphQLView(
-            schema,
-            settings,
-            context_getter=context,
-            graphql_ide="graphiql",
-            subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
-        ),
-        prefix="/graphql",
+    graphql = GraphQLView(
+        schema,
+        settings,
+        context_getter=context,
+        graphql_ide="graphiql",
+        subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
     )
+    app.include_router(graphql, prefix="/graphql")  # its WebSockets; HTTP is GraphQLHTTP's, below
+    # Innermost: GET and POST /graphql go straight to the view, past FastAPI's routing and
+    # dependency injection (api/graphql_view.py), after admission control like every request.
+    app.add_middleware(GraphQLHTTP, view=graphql, context_getter=context)
     # Past capacity, 503 + Retry-After at once (api/admission.py); inside the size limit, so a body
     # is read before its request takes a slot.
     app.add_middleware(Admission, settings=settings)

@@ -13,7 +13,7 @@ import gc
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ from api.app import create_app
 from api.auth import Authenticator, AuthError, issue_token
 from api.graphql_cache import DOCUMENTS
 from api.graphql_limits import DEFAULT_LIMITS, QueryLimits
+from api.graphql_view import GraphQLHTTP
 from dataport.settings import Settings
 from schema import schema
 from sources.registry import load_registry
@@ -193,21 +194,22 @@ def test_at_warning_level_the_api_writes_no_access_line(tmp_path_factory, redis_
 REQUEST_PATH = {"api", "audit", "fastapi", "graphql", "resolvers", "schema", "starlette", "strawberry", "tasks"}
 
 
-async def _asgi(app: Any, query: str, variables: dict[str, Any], token: str) -> dict[str, Any]:
-    """One POST /graphql through the whole ASGI app, in this process, without an HTTP client."""
-    body = json.dumps({"query": query, "variables": variables}).encode()
-    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {token}".encode())]
+async def _http(
+    app: Any, method: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = (), query: bytes = b""
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One request to /graphql through an ASGI app, in this process, without an HTTP client:
+    the status, the headers and the body."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
         "path": "/graphql",
         "raw_path": b"/graphql",
-        "query_string": b"",
+        "query_string": query,
         "root_path": "",
-        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        "headers": [(k.encode(), v.encode()) for k, v in headers] + [(b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
@@ -221,52 +223,103 @@ async def _asgi(app: Any, query: str, variables: dict[str, Any], token: str) -> 
         sent.append(message)
 
     await app(scope, receive, send)
-    assert sent[0]["status"] == 200, sent
-    return json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    answer = [(k.decode(), v.decode()) for k, v in sent[0]["headers"]]
+    return sent[0]["status"], answer, b"".join(m.get("body", b"") for m in sent[1:])
 
 
-async def test_a_request_leaves_nothing_for_the_cyclic_collector(redis_url, test_data, tmp_path):
-    """Every request is freed by reference counting as it ends: a polled read, a read refused for
-    its token, a missing task and a new export. A cycle left per request made the collector free
-    ~20,000 objects at once every 150 reads, a 10-20 ms pause (api/graphql_executor.py)."""
+async def _asgi(app: Any, query: str, variables: dict[str, Any], token: str) -> dict[str, Any]:
+    """A GraphQL POST through the whole ASGI app; its answer."""
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    headers = (("content-type", "application/json"), ("authorization", f"Bearer {token}"))
+    status, _, answer = await _http(app, "POST", body, headers)
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+@pytest.fixture
+async def in_process(redis_url, test_data, tmp_path) -> AsyncIterator[tuple[Any, Settings]]:
+    """The api in this process (its services started, no lifespan) and its settings."""
     settings = Settings(
         redis_url=redis_url,
         data_dir=tmp_path,
-        jwt_secret="cycles-" + "s" * 40,
+        jwt_secret="in-process-" + "s" * 40,
         storage="local",
         datasets=str(test_data.datasets_file),
-        queue_name=f"dataport:queue:cycles:{uuid.uuid4().hex[:6]}",
+        queue_name=f"dataport:queue:in-process:{uuid.uuid4().hex[:6]}",
     )
     registry = load_registry(settings)
     app = create_app(settings, registry)
     app.state.services = await Services.start(settings, registry)
-    token = issue_token(settings, f"user-{uuid.uuid4().hex[:8]}", ttl=600)
     try:
-        task_id = (await _asgi(app, REQUEST, _export_input(1), token))["data"]["requestExport"]["task"]["id"]
-        requests = [
-            (FULL_POLL, {"id": task_id}, token),
-            (FULL_POLL, {"id": task_id}, "not-a-token"),
-            (FULL_POLL, {"id": "no-such-task"}, token),
-            (REQUEST, _export_input(2), token),
-        ]
-        for request in requests:  # once first: documents parsed and validated, scripts loaded
-            await _asgi(app, *request)
-        gc.collect()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            answers = [await _asgi(app, *request) for request in requests for _ in range(5)]
-            gc.collect()
-            ours = (o for o in gc.garbage if type(o).__module__.split(".")[0] in REQUEST_PATH)
-            left = sorted({type(o).__qualname__ for o in ours})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
+        yield app, settings
     finally:
         await app.state.services.close()
+
+
+async def test_a_request_leaves_nothing_for_the_cyclic_collector(in_process):
+    """Every request is freed by reference counting as it ends: a polled read, a read refused for
+    its token, a missing task and a new export. A cycle left per request made the collector free
+    ~20,000 objects at once every 150 reads, a 10-20 ms pause (api/graphql_executor.py)."""
+    app, settings = in_process
+    token = issue_token(settings, f"user-{uuid.uuid4().hex[:8]}", ttl=600)
+    task_id = (await _asgi(app, REQUEST, _export_input(1), token))["data"]["requestExport"]["task"]["id"]
+    requests = [
+        (FULL_POLL, {"id": task_id}, token),
+        (FULL_POLL, {"id": task_id}, "not-a-token"),
+        (FULL_POLL, {"id": "no-such-task"}, token),
+        (REQUEST, _export_input(2), token),
+    ]
+    for request in requests:  # once first: documents parsed and validated, scripts loaded
+        await _asgi(app, *request)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        answers = [await _asgi(app, *request) for request in requests for _ in range(5)]
+        gc.collect()
+        ours = (o for o in gc.garbage if type(o).__module__.split(".")[0] in REQUEST_PATH)
+        left = sorted({type(o).__qualname__ for o in ours})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
     assert answers[0]["data"]["exportTask"]["id"] == task_id
     assert answers[5]["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
     assert answers[10]["data"]["exportTask"] is None and answers[15]["data"]["requestExport"]["task"]
     assert left == []
+
+
+async def test_graphql_over_http_answers_as_through_fastapis_routes(in_process, test_data, tmp_path):
+    """``GraphQLHTTP`` takes GET and POST /graphql past FastAPI's routing and dependency injection
+    (api/graphql_view.py); an app without it, whose requests take the router's routes, gives the
+    same answers, byte for byte, to good requests and to every kind of refusal."""
+    app, settings = in_process
+    routed = create_app(settings, app.state.services.registry)
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not GraphQLHTTP]
+    routed.state.services = app.state.services
+    token = issue_token(settings, f"user-{uuid.uuid4().hex[:8]}", ttl=600)
+    task_id = (await _asgi(app, REQUEST, _export_input(3), token))["data"]["requestExport"]["task"]["id"]
+    signed_in = (("authorization", f"Bearer {token}"),)
+    as_json = (*signed_in, ("content-type", "application/json"))
+
+    def body(query: str, **extra: Any) -> bytes:
+        return json.dumps({"query": query, **extra}).encode()
+
+    requests: list[tuple[Any, ...]] = [
+        ("POST", body(READ, variables={"id": task_id}), as_json),
+        ("POST", body(POSITION, variables={"id": task_id}), (("content-type", "application/json"),)),
+        ("POST", body("{ noSuchField }"), (*as_json, ("accept", "application/graphql-response+json"))),
+        ("POST", body(REQUEST, variables={"input": {"dataset": "no-such-dataset"}}), as_json),
+        ("POST", b"{", as_json),
+        ("POST", b'[{"query": "{ __typename }"}, {"query": "{ __typename }"}]', as_json),
+        ("POST", b"{ __typename }", (*signed_in, ("content-type", "text/plain"))),
+        ("GET", b"", (*signed_in, ("accept", "application/json")), b"query=%7B+__typename+%7D"),
+        ("GET", b"", (*signed_in, ("accept", "application/json")), b"query=mutation+%7B+__typename+%7D"),
+        ("GET", b"", (("accept", "text/html"),)),
+    ]
+    for request in requests:
+        fast, through_routes = await _http(app, *request), await _http(routed, *request)
+        assert fast == through_routes, request
+    statuses = [(await _http(app, *request))[0] for request in requests]
+    assert statuses == [200, 200, 400, 200, 400, 400, 400, 200, 400, 200]
 
 
 # --- admission control against a real api -----------------------------------------------------
