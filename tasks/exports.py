@@ -385,10 +385,15 @@ async def delete_export(services: Services, identity: Identity, identifier: str)
     return task
 
 
+def has_file(task: Task) -> bool:
+    """Whether the task has a file to download (``download_url`` is None at once otherwise)."""
+    return task.status is TaskStatus.SUCCEEDED and bool(task.object_key)
+
+
 async def download_url(services: Services, identity: Identity, task: Task) -> str | None:
     """A fresh signed URL on every read, valid for the configured 15 minutes; only for a caller who
     may read the file's rows now (``may_read_rows_of``)."""
-    if task.status is not TaskStatus.SUCCEEDED or not task.object_key:
+    if not has_file(task):
         return None
     if not may_read_rows_of(identity, services.registry.get(task.dataset), task.request):
         return None
@@ -419,6 +424,11 @@ async def poll_after_seconds(services: Services, task: Task) -> float | None:
     if task.status in FINAL_STATUSES:
         return None
     polls = task.polls if task.poll_counted else await services.store.count_poll(task.id)
+    return poll_hint(services, polls)
+
+
+def poll_hint(services: Services, polls: int) -> float:
+    """``poll_after_seconds`` after ``polls`` polls."""
     return round(services.settings.poll_base_seconds + polls * math.log(2), 3)
 
 
