@@ -112,6 +112,19 @@ class GraphQLView(GraphQLRouter):
 
     # -- responses --------------------------------------------------------------------------------
 
+    def create_response(self, response_data: Any, sub_response: Response) -> Response:
+        """The router's response, its body encoded by orjson (Strawberry's json.dumps was ~2 % of
+        a polled read's CPU). The same JSON, but for characters past ASCII, which are sent as UTF-8
+        instead of escaped; a value orjson refuses (an integer past 64 bits) falls back to json."""
+        try:
+            body = orjson.dumps(response_data)
+        except TypeError:
+            encoded = self.encode_json(response_data)
+            body = encoded.encode() if isinstance(encoded, str) else encoded
+        response = Response(body, media_type="application/json", status_code=sub_response.status_code or 200)
+        response.headers.raw.extend(sub_response.headers.raw)
+        return response
+
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         response = await super().process_result(request, result)
         if isinstance(result, PreExecutionError) and _accepts_graphql_response(request):

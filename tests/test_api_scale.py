@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 import redis.asyncio
+from starlette.responses import Response
 
 from api import token_cache
 from api.admission import Admission
@@ -27,7 +28,7 @@ from api.app import create_app
 from api.auth import Authenticator, AuthError, issue_token
 from api.graphql_cache import DOCUMENTS
 from api.graphql_limits import DEFAULT_LIMITS, QueryLimits
-from api.graphql_view import GraphQLHTTP
+from api.graphql_view import GraphQLHTTP, GraphQLView
 from dataport.settings import Settings
 from schema import schema
 from sources.registry import load_registry
@@ -320,6 +321,15 @@ async def test_graphql_over_http_answers_as_through_fastapis_routes(in_process, 
         assert fast == through_routes, request
     statuses = [(await _http(app, *request))[0] for request in requests]
     assert statuses == [200, 200, 400, 200, 400, 400, 400, 200, 400, 200]
+
+
+def test_a_response_is_encoded_by_orjson_and_what_it_refuses_by_json():
+    view = GraphQLView(schema, Settings())
+    data = {"data": {"label": "été", "n": 1}}
+    assert view.create_response(data, Response()).body == '{"data":{"label":"été","n":1}}'.encode()
+    wide = {"data": {"n": 2**70}}  # past orjson's 64 bits: a JSON scalar may hold one
+    response = view.create_response(wide, Response())
+    assert json.loads(response.body) == wide and response.headers["content-type"] == "application/json"
 
 
 # --- admission control against a real api -----------------------------------------------------
