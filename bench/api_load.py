@@ -31,6 +31,11 @@ How to read the table: per phase, p50/p95/p99 latency (ms) of the answered reque
 from errors), the generator's CPU share (near 100 % means the generator, not the api, is the limit)
 and the machine's 1-minute load average when the phase ended. The target line compares the api at
 200/s with the floor at 200/s in the same run. The JSON goes to ``--out``.
+
+``server CPU/req`` is the server's CPU over the phase divided by the requests sent. The same code
+costs more per request the sparser the requests: between requests 5 ms apart the process sleeps
+and wakes to cold caches, so at 200/s a read costs about twice what back-to-back reads do, and
+~1.5x what it costs at 400-800/s; the floor shows the same. Compare CPU figures at one rate.
 """
 
 from __future__ import annotations
