@@ -27,16 +27,12 @@ task (``start_push``); the executor tells it which executor the subscription has
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
-import orjson
 from graphql import ExecutionResult
-from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from api.subscription_results import EXECUTOR_LISTENER, SHARED, SharedEventExecutor
+from api.subscription_results import EXECUTOR_LISTENER, SHARED, SharedEventExecutor, message_head
 from tasks.models import Task
 
 SendText = Callable[[str], Awaitable[None]]
@@ -49,7 +45,7 @@ class DirectPush:
     __slots__ = ("head", "send_text", "executor", "present", "alive")
 
     def __init__(self, operation_id: str, message_type: str, send_text: SendText) -> None:
-        self.head = '{"id":' + orjson.dumps(operation_id).decode() + ',"type":"' + message_type + '","payload":'
+        self.head = message_head(operation_id, message_type)
         self.send_text = send_text
         self.executor: SharedEventExecutor | None = None
         self.present: Callable[[Task], object] | None = None  # what the resolver yields for a task
@@ -80,7 +76,7 @@ class DirectPush:
         except Exception:  # the socket is gone: Strawberry's own send finds that out and ends the operation
             self.alive = False
             return False
-        COUNTS.pushed += 1
+        SHARED.pushed += 1
         return True
 
 
@@ -102,23 +98,3 @@ def direct_push(present: Callable[[Task], object]) -> DirectPush | None:
     if push is not None:
         push.present = present
     return push
-
-
-class _Counts(Collector):
-    """Snapshots written directly, at ``/metrics`` (read at scrape time: nothing to update per push
-    but an int)."""
-
-    def __init__(self) -> None:
-        self.pushed = 0
-
-    def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "dataport_subscription_direct_pushes",
-            "Progress snapshots written straight to a subscriber's WebSocket, past the subscription's "
-            "generator chain (api/subscription_push.py)",
-            value=self.pushed,
-        )
-
-
-COUNTS = _Counts()
-REGISTRY.register(COUNTS)

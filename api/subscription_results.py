@@ -148,6 +148,7 @@ class SharedResults:
         self._caller_fields: tuple[GraphQLSchema, frozenset[str]] | None = None
         self.executions = 0  # selections executed (``/metrics``: ``_Metrics``)
         self.shared = 0  # results handed out without executing
+        self.pushed = 0  # of all handed out, those written past the generator chain (subscription_push)
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -165,9 +166,6 @@ class SharedResults:
         selection with a caller's field, the caller; the same for every event, so worked out once per
         subscription (``SharedEventExecutor.shared_prefix``). None: a document whose text is unknown
         (parsed without locations), variables that are not JSON, or a caller that cannot be told."""
-        return self._prefix(executor)
-
-    def _prefix(self, executor: Executor) -> Key | None:
         location = executor.operation.loc
         if location is None:
             return None
@@ -299,9 +297,20 @@ class _Metrics(Collector):
             "Task snapshot results handed to subscriptions, executed or shared",
             value=SHARED.executions + SHARED.shared,
         )
+        yield CounterMetricFamily(
+            "dataport_subscription_direct_pushes",
+            "Progress snapshots written straight to a subscriber's WebSocket, past the subscription's "
+            "generator chain (api/subscription_push.py)",
+            value=SHARED.pushed,
+        )
 
 
 REGISTRY.register(_Metrics())
+
+
+def message_head(operation_id: object, message_type: str) -> str:
+    """A ``next``/``data`` message up to its payload, which follows with a closing brace."""
+    return '{"id":' + orjson.dumps(operation_id).decode() + ',"type":"' + message_type + '","payload":'
 
 
 def frame(message: Mapping[str, Any]) -> str | None:
@@ -316,7 +325,7 @@ def frame(message: Mapping[str, Any]) -> str | None:
     encoded = SHARED.payload(payload)
     if encoded is None:
         return None
-    return '{"id":' + orjson.dumps(message.get("id")).decode() + ',"type":"' + kind + '","payload":' + encoded + "}"
+    return message_head(message.get("id"), kind) + encoded + "}"
 
 
 class _SharedEvent:

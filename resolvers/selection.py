@@ -14,14 +14,10 @@ from graphql import FieldNode, FragmentSpreadNode, InlineFragmentNode, Selection
 from api.context import Info
 
 
-def selects(info: Info, name: str) -> bool:
-    """Whether ``name`` is selected directly under the field being resolved (through fragments too;
-    ``@skip``/``@include`` are not evaluated, so a field they might drop counts as selected)."""
-    return selected(info, name)[0]
-
-
 def selected(info: Info, *names: str) -> tuple[bool, ...]:
-    """``selects`` for each of ``names``, in one walk."""
+    """Whether each of ``names`` is selected directly under the field being resolved, in one walk
+    (through fragments too; ``@skip``/``@include`` are not evaluated, so a field they might drop
+    counts as selected)."""
     raw = info._raw_info
     fragments = raw.fragments
     wanted = set(names)
