@@ -574,6 +574,9 @@ async function runImport(entry, target, file) {
   try {
     const { startImport } = await api.query(Q.startImport, { id: entry.task.id });
     entry.local = null;
+    // The subscription may have pushed the end while startImport was answered, and track() below
+    // ignores a read older than that: without this render the card kept "starting the import…".
+    render(entry);
     if (startImport.userErrors.length) {
       // A storage notification may have started it already: then just follow it.
       const { importTask } = await api.query(Q.importTask, { id: entry.task.id });
